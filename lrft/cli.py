@@ -1,0 +1,166 @@
+"""The `lrft` command line: thin Typer commands over the library.
+
+Results go to stdout (`--json` for pipelines), logs to stderr. Exit codes: 0 ok, 1 a bug (with its
+traceback), 2 a user mistake (one clear message, no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lrft import console
+from lrft.errors import LrftError
+
+app = typer.Typer(
+    name="lrft",
+    help="Fine-tune transformers with low-rank adapters: lora, tlora (tri-matrix), talora (task-aware), lorta.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # a bug prints its plain traceback
+    rich_markup_mode=None,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+
+
+def user_errors(fn):
+    """LrftError → its message on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LrftError as e:
+            console.err.print(f"error: {e}", markup=False, style="red")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.lr=1e-3")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="delete the run dir's checkpoints and start over")] = False,
+    json_out: JsonOpt = False,
+):
+    """Train an adapter: load → (calibrate) → inject → train → evaluate → save. Resumes by itself."""
+    from lrft.recipe import load_recipe
+    from lrft.train import train as run_training
+
+    r = load_recipe(recipe, overrides or [])
+    console.log(f"run {r.name}: {r.adapter.method} on {r.data.task} with {r.model.name} → {r.run_dir}")
+    summary = run_training(r, restart=restart)
+    if json_out:
+        console.emit_json(summary)
+    else:
+        final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
+        console.log(f"done in {summary['train_seconds']:.0f} s: {final}")
+        console.log(f"adapter: {r.run_dir / 'adapter'}")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    target: Annotated[Path, typer.Argument(help="a run dir from `lrft train`, or a merged model dir")],
+    task: Annotated[str | None, typer.Option(help="task to evaluate on (needed for a model dir), e.g. glue/mrpc")] = None,
+    data_path: Annotated[str | None, typer.Option("--data-path", help="local dir with the task's files")] = None,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", min=1, help="evaluate the first N examples")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    best: Annotated[bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")] = False,
+    json_out: JsonOpt = False,
+):
+    """Evaluate a trained run (rebuilt from its own files) or a merged model dir."""
+    from lrft.evaluate import evaluate_target
+
+    metrics = evaluate_target(target, task, data_path, max_samples, batch_size, best)
+    if json_out:
+        console.emit_json(metrics)
+    else:
+        for k, v in metrics.items():
+            typer.echo(f"{k}\t{v:.4f}" if isinstance(v, float) else f"{k}\t{v}")
+
+
+@app.command()
+@user_errors
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="a run dir from `lrft train`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the merged model dir")],
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the base model's)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace --out if it exists")] = False,
+    json_out: JsonOpt = False,
+):
+    """Fold the adapter into the base weights; writes a plain Hugging Face model dir and checks parity."""
+    from lrft.merge import merge_run
+
+    report = merge_run(run_dir, out, dtype, force)
+    if json_out:
+        console.emit_json(report)
+    else:
+        console.log(f"merged model written to {out}")
+
+
+@app.command("count-params")
+@user_errors
+def count_params_cmd(
+    method: Annotated[str, typer.Option(help="adapter method, or 'full' for full fine-tuning")],
+    rank: Annotated[int, typer.Option(help="rank r")] = 8,
+    model: Annotated[str, typer.Option(help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
+    targets: Annotated[str | None, typer.Option(help="comma-separated target module names (default: query, value)")] = None,
+    num_labels: Annotated[int, typer.Option("--num-labels", min=1, help="classification labels of the head")] = 2,
+    json_out: JsonOpt = False,
+):
+    """Count trainable parameters of a method on a model, from its config alone (no weights)."""
+    from lrft import methods
+    from lrft.params import count_params, render
+
+    if method != "full":
+        methods.get(method)
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    counts = count_params(method, rank, model, names, num_labels)
+    if json_out:
+        console.emit_json(counts)
+    else:
+        typer.echo(render(counts))
+
+
+@app.command()
+@user_errors
+def init(
+    method: Annotated[str, typer.Option(help="adapter method")] = "tlora",
+    task: Annotated[str, typer.Option(help="task, e.g. glue/mrpc")] = "glue/mrpc",
+    model: Annotated[str, typer.Option(help="model alias, dir or hub id")] = "minilm",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+):
+    """Write a commented recipe for a method, task and model."""
+    from lrft import methods
+    from lrft.checkpoint import atomic_write_text
+    from lrft.recipe import commented_yaml, validate
+
+    m = methods.get(method)
+    if output is not None and output.exists() and not force:
+        raise LrftError(f"--output: {output} already exists; pass --force to overwrite it")
+    name = output.stem if output is not None else f"{task.replace('/', '_')}_{method}"
+    recipe = validate({"name": name, "model": {"name": model}, "data": {"task": task},
+                       "adapter": {"method": method, "params": {}}, "train": {"lr": m.suggested_lr}})
+    text = commented_yaml(recipe, [
+        f"lrft recipe: {m.summary}",
+        f"run:       lrft train {output or 'recipe.yaml'}",
+        f"override:  lrft train {output or 'recipe.yaml'} train.lr=1e-3 adapter.params.rank=16",
+    ])
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(output, text)
+        console.log(f"wrote {output}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,20 @@
+"""The method registry: the single place a new adapter method is added."""
+
+from __future__ import annotations
+
+from lrft.errors import unknown_choice
+from lrft.methods import lora, tlora
+from lrft.methods.base import Adapter, BuildContext, Built, Method, MethodParams, Target
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, tlora.METHOD)}
+
+
+def get(name: str) -> Method:
+    """The method called `name`; an LrftError with a did-you-mean otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise unknown_choice("adapter.method", name, REGISTRY) from None
+
+
+__all__ = ["REGISTRY", "get", "Adapter", "BuildContext", "Built", "Method", "MethodParams", "Target"]

@@ -1,0 +1,69 @@
+"""LoRA (Hu et al. 2021), the baseline: ΔW = (α/r)·B·A, B zero at init.
+
+A ∈ R^{r×in} is Kaiming-uniform (a=√5) and B ∈ R^{out×r} zero, exactly as PEFT, so given the same
+A and B the outputs equal PEFT's. Dropout acts on the branch input. rsLoRA scales by α/√r.
+Trainable per module: r·(in + out).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from lrft.methods.base import (Adapter, BuildContext, Built, Dropout, Method, MethodParams, Target,
+                               seeded_generator)
+
+
+class LoRAParams(MethodParams):
+    alpha: float = Field(16.0, gt=0, description="scale numerator: ΔW = (alpha / rank)·B·A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the branch input, as PEFT")
+    rslora: bool = Field(False, description="scale by alpha / sqrt(rank) instead (rsLoRA)")
+
+
+class LoRA(Adapter):
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
+        self.scale = scale
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+
+    def delta_weight(self):
+        return (self.B.float() @ self.A.float()) * self.scale
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def build(targets: list[Target], p: LoRAParams, ctx: BuildContext) -> Built:
+    gen = seeded_generator(ctx.seed)
+    scale = lora_scale(p.alpha, p.rank, p.rslora)
+    adapters = {}
+    for t in targets:
+        out_f, in_f = t.shape
+        adapters[t.name] = LoRA(in_f, out_f, p.rank, scale, p.dropout, gen)
+    return Built(adapters)
+
+
+def count(targets: list[Target], p: LoRAParams, ctx: BuildContext) -> int:
+    return sum(p.rank * (t.shape[0] + t.shape[1]) for t in targets)
+
+
+METHOD = Method(
+    name="lora",
+    summary="LoRA: ΔW = (α/r)·B·A, A and B trained",
+    params=LoRAParams,
+    build=build,
+    count=count,
+    suggested_lr=5e-4,
+)

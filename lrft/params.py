@@ -1,0 +1,93 @@
+"""`lrft count-params`: trainable and total parameter counts from a model config, without weights.
+
+The model is instantiated on the meta device (no memory, no download for the built-in presets), its
+target Linears are found as in training, and each method's closed-form count is applied to them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrft import methods
+from lrft.errors import LrftError
+from lrft.methods.base import BuildContext
+from lrft.models import default_targets, find_targets
+
+# Public config values of the papers' models (../shared/DESIGN.md §5), so counts work offline.
+PRESETS: dict[str, tuple[str, str, dict]] = {
+    "roberta-base": ("RobertaConfig", "RobertaForSequenceClassification", dict(
+        vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, type_vocab_size=1)),
+    "roberta-large": ("RobertaConfig", "RobertaForSequenceClassification", dict(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1)),
+    "llama2-7b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False)),
+    "t5-base": ("T5Config", "T5ForConditionalGeneration", dict(
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
+        feed_forward_proj="relu", tie_word_embeddings=True)),
+}
+DEFAULT_MODEL = "roberta-large"
+
+
+def meta_model(model: str, num_labels: int):
+    """The model built from its config on the meta device: shapes only, no weights."""
+    import transformers
+
+    from lrft.models import quiet_transformers, resolve
+
+    quiet_transformers()
+    if model in PRESETS:
+        config_cls, model_cls, values = PRESETS[model]
+        config = getattr(transformers, config_cls)(**values, num_labels=num_labels)
+        cls = getattr(transformers, model_cls)
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(resolve(model), num_labels=num_labels)
+        except (OSError, ValueError) as e:
+            raise LrftError(f"--model: no config for {model!r} ({str(e).splitlines()[0]}); use a local model dir, "
+                            f"a hub id, or one of the presets: {', '.join(PRESETS)}") from None
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        cls = getattr(transformers, arch, None) or transformers.AutoModel
+        if cls.__name__.endswith("Model") and config.model_type in ("bert", "roberta"):
+            cls = transformers.AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+
+
+def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: list[str] | None = None,
+                 num_labels: int = 2) -> dict:
+    """Counts of the method, of LoRA at the same rank, and of full fine-tuning."""
+    if rank <= 0:
+        raise LrftError(f"--rank: {rank} is not a positive rank; use e.g. --rank 8")
+    net = meta_model(model, num_labels)
+    total = sum(p.numel() for p in net.parameters())
+    patterns = targets or default_targets(net.config)
+    found = find_targets(net, patterns)
+    lora = methods.get("lora")
+    lora_count = lora.count(found, lora.params(rank=rank), BuildContext(model_config=net.config))
+    if method == "full":
+        trainable = total
+    else:
+        m = methods.get(method)
+        trainable = m.count(found, m.params(rank=rank), BuildContext(model_config=net.config))
+    return {"method": method, "rank": rank, "model": model, "architecture": type(net).__name__,
+            "targets": patterns, "modules": len(found), "trainable": trainable, "lora": lora_count, "full": total}
+
+
+def render(counts: dict) -> str:
+    full, lora, n = counts["full"], counts["lora"], counts["trainable"]
+
+    def vs(other: int, what: str) -> str:
+        if n == other:
+            return f"same as {what}"
+        return f"{other / n:,.1f}× fewer than {what}" if n < other else f"{n / other:,.1f}× more than {what}"
+
+    return "\n".join([
+        f"model    {counts['model']} ({counts['architecture']}), {full:,} parameters",
+        f"targets  {', '.join(counts['targets'])} ({counts['modules']} modules)",
+        f"full FT  {full:>14,}",
+        f"lora     {lora:>14,}  (rank {counts['rank']})",
+        f"{counts['method']:<8} {n:>14,}  ({100 * n / full:.4f} % of the model; {vs(lora, 'LoRA')}; {vs(full, 'full FT')})",
+    ])

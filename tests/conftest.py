@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny models built from configs (no downloads), tiny data, the real data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["good", "bad", "great", "awful", "film", "movie", "plot", "the", "was", "a", "very", "not", "and", "it"]
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+
+    vocab = len(tiny_vocab())
+    values = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=128, type_vocab_size=2, num_labels=2, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    values.update(kw)
+    return BertConfig(**values)
+
+
+def tiny_vocab() -> list[str]:
+    letters = list(string.ascii_lowercase + string.digits + ".,!?'\"-")
+    return SPECIALS + WORDS + letters + ["##" + c for c in letters]
+
+
+def tiny_bert(seed: int = 0, **kw):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**kw)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny BERT with a real WordPiece tokenizer, loadable by model.name."""
+    from transformers import BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    (d / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(d)
+    tiny_bert(seed=0).save_pretrained(d)
+    return d
+
+
+def make_sentences(n: int, seed: int) -> list[dict]:
+    """Sentences whose label is 1 iff they contain a positive word: learnable in a few steps."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(["good", "great"] if label else ["bad", "awful"])
+        filler = rng.sample(["the", "film", "movie", "plot", "was", "very", "and", "it"], 4)
+        out.append({"text": " ".join(filler[:2] + [word] + filler[2:]), "label": label})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-data")
+    for split, n, seed in (("train", 64, 1), ("dev", 32, 2)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_sentences(n, seed)))
+    return d
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir, tiny_data_dir):
+    """Write a recipe for the tiny model and data; returns a function taking section overrides."""
+
+    def write(method: str = "lora", name: str = "tiny", **sections) -> Path:
+        recipe = {
+            "name": name,
+            "seed": 0,
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"task": "text-classification", "path": str(tiny_data_dir), "max_length": 16},
+            "adapter": {"method": method, "params": {"rank": 4}},
+            "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1},
+            "output": {"dir": str(tmp_path / "runs")},
+        }
+        for key, value in sections.items():
+            recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data (GLUE, GSM8K) named by $LRFT_DATA_DIR; integration tests skip without it."""
+    env = os.environ.get("LRFT_DATA_DIR")
+    if not env or not (Path(env) / "glue").is_dir():
+        pytest.skip("LRFT_DATA_DIR is not set to a dir holding glue/ (set LRFT_DATA_DIR=../shared/data)")
+    return Path(env)
+
+
+@pytest.fixture
+def cli():
+    """Run the lrft CLI in-process; returns (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from lrft.cli import app
+
+    def run(*args: str):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result.exit_code, result.stdout, result.stderr
+
+    return run

@@ -1,0 +1,193 @@
+"""The CLI end to end on a tiny model: init, train, eval, merge, count-params, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+RUN_FILES = ["recipe.yaml", "metrics.jsonl", "adapter_stats.jsonl", "summary.json", "adapter/adapter.safetensors",
+             "adapter/adapter_config.json", "best_adapter/adapter.safetensors"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lora", "tlora"])
+def test_train_eval_merge_end_to_end(cli, tiny_recipe, tmp_path, tiny_data_dir, method):
+    recipe = tiny_recipe(method, name=f"e2e_{method}")
+    code, out, err = cli("train", recipe, "train.epochs=2", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    run = tmp_path / "runs" / f"e2e_{method}"
+    for f in RUN_FILES:
+        assert (run / f).is_file(), f
+    assert summary["steps"] == 8 and summary["epochs"] == 2.0
+    assert set(summary) >= {"final", "best", "trainable_params", "total_params", "train_seconds",
+                            "median_step_time_s", "peak_rss_mib"}
+    metrics = read_jsonl(run / "metrics.jsonl")
+    train_lines = [m for m in metrics if m["type"] == "train"]
+    assert [m["step"] for m in train_lines] == list(range(1, 9))
+    assert all({"step", "epoch", "loss", "lr", "step_time_s"} <= set(m) for m in train_lines)
+    assert [m["step"] for m in metrics if m["type"] == "eval"] == [4, 8]
+    stats = read_jsonl(run / "adapter_stats.jsonl")
+    assert {s["epoch"] for s in stats} == {0, 1, 2} and len(stats) == 3 * 4  # 4 targets (q, v × 2 layers)
+    key = "alpha" if method == "tlora" else "delta_norm"
+    assert all(key in s for s in stats)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["method"] == method and config["base_model"]["model_type"] == "bert"
+    assert len(config["targets"]) == 4 and config["label_names"] == ["0", "1"]
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["adapter"]["params"]["rank"] == 4 and saved["train"]["epochs"] == 2  # the resolved recipe
+
+    code, out, err = cli("eval", run, "--json")
+    assert code == 0, err
+    evaluated = json.loads(out)
+    assert evaluated["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+    assert evaluated["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
+
+    merged = tmp_path / "merged"
+    code, out, err = cli("merge", run, "--out", merged, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["max_abs_logit_diff"] <= 1e-4
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert not any("adapter" in n for n, _ in plain.named_parameters())
+    code, out, err = cli("eval", merged, "--task", "text-classification", "--data-path", tiny_data_dir, "--json")
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+
+
+def test_golden_loss_from_fixed_seed(cli, tiny_recipe, tmp_path):
+    """Pins the whole pipeline (data order, init, optimizer, schedule) on the tiny model."""
+    code, _, err = cli("train", tiny_recipe("tlora", name="golden"), "train.max_steps=4")
+    assert code == 0, err
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "runs" / "golden" / "metrics.jsonl") if m["type"] == "train"]
+    assert losses == pytest.approx([0.690556, 0.691880, 0.678120, 0.703235], abs=2e-5)
+
+
+def test_rerun_resumes_and_matches_uninterrupted_run(cli, tiny_recipe, tmp_path):
+    sched = {"scheduler": "constant", "warmup_ratio": 0.0}
+    straight = tiny_recipe("tlora", name="straight", train={"epochs": 2, **sched})
+    assert cli("train", straight)[0] == 0
+    split = tiny_recipe("tlora", name="split", train={"epochs": 1, **sched})
+    assert cli("train", split)[0] == 0
+    code, _, err = cli("train", split, "train.epochs=2")
+    assert code == 0 and "resuming from step-000000004" in err
+    a = load_file(tmp_path / "runs" / "straight" / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "runs" / "split" / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [m["step"] for m in read_jsonl(tmp_path / "runs" / "split" / "metrics.jsonl") if m["type"] == "train"]
+    assert steps == list(range(1, 9))  # nothing logged twice
+
+
+def test_changed_recipe_is_not_resumed_silently(cli, tiny_recipe):
+    recipe = tiny_recipe("lora", name="changed")
+    assert cli("train", recipe, "train.max_steps=2")[0] == 0
+    code, _, err = cli("train", recipe, "train.max_steps=2", "adapter.params.rank=2")
+    assert code == 2 and "adapter.params.rank changed" in err and "--restart" in err
+    code, _, err = cli("train", recipe, "train.max_steps=2", "adapter.params.rank=2", "--restart")
+    assert code == 0, err
+
+
+def test_init_writes_a_valid_commented_recipe(cli, tmp_path):
+    out = tmp_path / "my.yaml"
+    code, _, err = cli("init", "--method", "tlora", "--task", "glue/rte", "--model", "minilm", "-o", out)
+    assert code == 0, err
+    text = out.read_text()
+    assert text.startswith("# lrft recipe: tri-matrix TLoRA") and "task: glue/rte" in text
+    from lrft.recipe import load_recipe
+
+    r = load_recipe(out)
+    assert r.adapter.method == "tlora" and r.train.lr == 1e-2 and r.name == "my"
+    code, _, err = cli("init", "--method", "lora", "-o", out)
+    assert code == 2 and "already exists" in err and out.read_text() == text
+    assert cli("init", "--method", "lora", "-o", out, "--force")[0] == 0
+
+
+@pytest.mark.parametrize("args, rank, trainable, lora", [
+    (["--method", "tlora", "--rank", "8"], 8, 3120, 786432),
+    (["--method", "tlora", "--rank", "16"], 16, 12336, 1572864),
+    (["--method", "tlora", "--rank", "32"], 32, 49200, 3145728),
+])
+def test_count_params_reproduces_tlora_table_1(cli, args, rank, trainable, lora):
+    code, out, _ = cli("count-params", *args, "--json")
+    counts = json.loads(out)
+    assert code == 0 and counts["trainable"] == trainable and counts["lora"] == lora
+    assert counts["model"] == "roberta-large" and counts["targets"] == ["query", "value"]
+
+
+@pytest.mark.parametrize("args, full", [
+    (["--method", "full", "--num-labels", "3"], 355_362_819),
+    (["--method", "full", "--model", "roberta-base"], 124_647_170),
+    (["--method", "full", "--model", "llama2-7b"], 6_738_415_616),
+    (["--method", "full", "--model", "t5-base"], 222_903_552),
+])
+def test_count_params_preset_totals(cli, args, full):
+    code, out, _ = cli("count-params", *args, "--json")
+    counts = json.loads(out)
+    assert code == 0 and counts["full"] == full and counts["trainable"] == full
+
+
+def test_count_params_text_output(cli):
+    code, out, _ = cli("count-params", "--method", "tlora", "--rank", "8")
+    assert code == 0 and "3,120" in out and "786,432" in out and "252.1× fewer than LoRA" in out
+
+
+@pytest.mark.parametrize("case", ["missing_recipe", "yaml", "unknown_method", "rank_too_large", "rank_zero",
+                                  "no_target", "data_dir", "model_dir", "bad_override"])
+def test_bad_input_is_one_clear_line(cli, tiny_recipe, tmp_path, case):
+    recipe = tiny_recipe("lora", name="bad")
+    args, expect = {
+        "missing_recipe": ([tmp_path / "nope.yaml"], "recipe: no file at"),
+        "yaml": ([tmp_path / "broken.yaml"], "YAML syntax error at line"),
+        "unknown_method": ([recipe, "adapter.method=tlroa"], "did you mean 'tlora'"),
+        "rank_too_large": ([recipe, "adapter.params.rank=64"], "adapter.params.rank: 64 is larger than the targeted layer"),
+        "rank_zero": ([recipe, "adapter.params.rank=0"], "adapter.params.rank: input should be greater than 0"),
+        "no_target": ([recipe, "adapter.target_modules=[qkv]"], "'qkv' matched no Linear layer; this model's Linear layers end with:"),
+        "data_dir": ([recipe, f"data.path={tmp_path / 'nodata'}"], "data.path: no directory at"),
+        "model_dir": ([recipe, f"model.name={tmp_path}"], "has no config.json"),
+        "bad_override": ([recipe, "train.lr"], "override 'train.lr': expected key=value"),
+    }[case]
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    code, out, err = cli("train", *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert expect in lines[-1] and lines[-1].startswith("error:") and "Traceback" not in err
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing written half-way
+
+
+def test_merge_and_eval_refusals(cli, tiny_recipe, tmp_path):
+    recipe = tiny_recipe("lora", name="m")
+    assert cli("train", recipe, "train.max_steps=1")[0] == 0
+    run = tmp_path / "runs" / "m"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    code, _, err = cli("merge", run, "--out", tmp_path / "taken")
+    assert code == 2 and "already exists" in err and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    code, _, err = cli("merge", run, "--out", tmp_path / "x", "--dtype", "float8")
+    assert code == 2 and "--dtype: unknown 'float8'" in err
+    code, _, err = cli("eval", tmp_path)
+    assert code == 2 and "neither an lrft run dir" in err
+    code, _, err = cli("eval", tmp_path / "runs" / "m", "--task", "glue/rte")
+    assert code == 2 and "trained on text-classification" in err
+
+
+def test_real_process_exit_codes(tmp_path):
+    """Outside the test runner: exit 2 and one line for bad input, results on stdout."""
+    run = subprocess.run([sys.executable, "-m", "lrft", "train", str(tmp_path / "none.yaml")], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "lrft", "count-params", "--method", "tlora", "--rank", "8", "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and json.loads(run.stdout)["trainable"] == 3120

@@ -1,0 +1,115 @@
+"""Recipes: overrides, strict validation with every problem in one message, shipped recipes valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lrft.errors import ConfigError, LrftError
+from lrft.recipe import apply_overrides, commented_yaml, load_recipe, validate
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+MINIMAL = {"model": {"name": "minilm"}, "data": {"task": "glue/mrpc"}, "adapter": {"method": "tlora"}}
+
+
+def write(tmp_path, text: str, name="r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_minimal_recipe_gets_defaults_and_name_from_stem(tmp_path):
+    r = load_recipe(write(tmp_path, yaml.safe_dump(MINIMAL), "my_run.yaml"))
+    assert r.name == "my_run" and r.run_dir == Path("runs/my_run")
+    assert r.adapter.params == {"rank": 8, "dropout": 0.5, "alpha_init": 1.0}
+    assert r.train.lr == 5e-4 and r.train.scheduler == "linear"
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    p = write(tmp_path, yaml.safe_dump(MINIMAL))
+    r = load_recipe(p, ["train.lr=1e-3", "adapter.params.rank=16", "adapter.target_modules=[query,key]",
+                        "data.max_train_samples=100", "seed=7", "train.max_grad_norm=null"])
+    assert r.train.lr == 1e-3 and r.adapter.params["rank"] == 16 and r.adapter.target_modules == ["query", "key"]
+    assert r.data.max_train_samples == 100 and r.seed == 7 and r.train.max_grad_norm is None
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    bad = {"model": {"name": "minilm"}, "data": {"task": "glue/mrcp", "max_lenght": 64},
+           "adapter": {"method": "tlora", "params": {"rank": 0, "dropuot": 0.1}},
+           "train": {"lr": "fast", "epochs": -1, "lrr": 1}}
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, yaml.safe_dump(bad)))
+    msg = str(e.value)
+    for expected in ["data.task: unknown task 'glue/mrcp' (did you mean 'glue/mrpc'?)",
+                     "data.max_lenght: unknown key (did you mean 'max_length'?)",
+                     "adapter.params.rank: input should be greater than 0 (got 0)",
+                     "adapter.params.dropuot: unknown key (did you mean 'dropout'?)",
+                     "train.lr: input should be a valid number", "train.epochs: input should be greater than 0",
+                     "train.lrr: unknown key (did you mean 'lr'?)"]:
+        assert expected in msg, msg
+    assert len(e.value.problems) == 7
+
+
+def test_unknown_method_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"adapter.method: unknown method 'tlroa' \(did you mean 'tlora'\?\)"):
+        validate({**MINIMAL, "adapter": {"method": "tlroa"}})
+
+
+def test_missing_sections_and_conflicts():
+    with pytest.raises(ConfigError) as e:
+        validate({"data": {"task": "glue/mrpc"}, "train": {"warmup_steps": 10, "warmup_ratio": 0.1}})
+    msg = str(e.value)
+    assert "model: required" in msg and "adapter: required" in msg
+    assert "set train.warmup_steps or train.warmup_ratio, not both" in msg
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
+def test_run_names_cannot_escape_the_output_dir(name):
+    with pytest.raises(ConfigError, match="name:"):
+        validate({**MINIMAL, "name": name})
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    with pytest.raises(LrftError, match=r"r.yaml: YAML syntax error at line \d+, column \d+"):
+        load_recipe(write(tmp_path, "model:\n  name: minilm\n  bad: [unclosed\n"))
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(LrftError, match="recipe: no file at"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(LrftError, match="a recipe is a YAML mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(LrftError, match="expected key=value"):
+        apply_overrides({}, [bad])
+
+
+def test_override_into_scalar_is_refused():
+    with pytest.raises(LrftError, match="'seed' is not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_commented_yaml_round_trips():
+    r = validate({**MINIMAL, "name": "x"})
+    text = commented_yaml(r, ["header"])
+    assert text.startswith("# header") and "# rank r of the low-rank update" in text
+    assert validate(yaml.safe_load(text)).model_dump() == r.model_dump()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    r = load_recipe(path)
+    assert r.name == path.stem
+    text = path.read_text()
+    assert text.startswith("#") and "lrft train recipes/" in text, "recipes open with a comment showing the run command"
+
+
+def test_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    assert {"quickstart", "glue_mrpc_tlora", "glue_rte_tlora", "glue_sst2_tlora", "glue_qnli_tlora",
+            "glue_mrpc_lora", "glue_rte_lora", "glue_sst2_lora", "glue_qnli_lora"} <= names
