@@ -114,16 +114,23 @@ def count_params_cmd(
     model: Annotated[str, typer.Option(help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
     targets: Annotated[str | None, typer.Option(help="comma-separated target module names (default: query, value)")] = None,
     num_labels: Annotated[int, typer.Option("--num-labels", min=1, help="classification labels of the head")] = 2,
+    calibrated: Annotated[Path | None, typer.Option(
+        "--calibrated", help="a finished run dir: its exact count (talora's calibrated per-module ranks)")] = None,
     json_out: JsonOpt = False,
 ):
     """Count trainable parameters of a method on a model, from its config alone (no weights)."""
     from lrft import methods
-    from lrft.params import count_params, render
+    from lrft.params import count_params, count_run, render
 
     if method != "full":
         methods.get(method)
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
-    counts = count_params(method, rank, model, names, num_labels)
+    if calibrated is not None:
+        counts = count_run(calibrated)
+        if counts["method"] != method:
+            raise LrftError(f"--calibrated: {calibrated} is a {counts['method']} run, not {method}")
+    else:
+        counts = count_params(method, rank, model, names, num_labels)
     if json_out:
         console.emit_json(counts)
     else:

@@ -136,6 +136,20 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[Target]:
     return targets
 
 
+def weights_checksum(targets: list[Target]) -> str:
+    """A cheap content checksum of the target weights: names, shapes, sums and a strided sample."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in targets:
+        w = t.module.weight.detach()
+        flat = w.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(f"{t.name}{tuple(w.shape)}{float(w.double().sum()):.6e}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The task head(s) by name (classifier for BERT/RoBERTa, score for Llama)."""
     return {n: m for n, m in model.named_children() if n in HEAD_NAMES}

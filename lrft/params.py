@@ -6,6 +6,8 @@ target Linears are found as in training, and each method's closed-form count is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lrft import methods
@@ -57,8 +59,12 @@ def meta_model(model: str, num_labels: int):
 
 
 def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: list[str] | None = None,
-                 num_labels: int = 2) -> dict:
-    """Counts of the method, of LoRA at the same rank, and of full fine-tuning."""
+                 num_labels: int = 2, params: dict | None = None, saved_meta: dict | None = None) -> dict:
+    """Counts of the method, of LoRA at the same rank, and of full fine-tuning.
+
+    `params` are the method's other parameters; `saved_meta` a trained adapter's meta (talora's
+    calibrated per-module ranks), which makes the count exact for that run.
+    """
     if rank <= 0:
         raise LrftError(f"--rank: {rank} is not a positive rank; use e.g. --rank 8")
     net = meta_model(model, num_labels)
@@ -71,9 +77,26 @@ def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: li
         trainable = total
     else:
         m = methods.get(method)
-        trainable = m.count(found, m.params(rank=rank), BuildContext(model_config=net.config))
+        ctx = BuildContext(model_config=net.config, saved_meta=saved_meta)
+        trainable = m.count(found, m.params(**{**(params or {}), "rank": rank}), ctx)
     return {"method": method, "rank": rank, "model": model, "architecture": type(net).__name__,
             "targets": patterns, "modules": len(found), "trainable": trainable, "lora": lora_count, "full": total}
+
+
+def count_run(run_dir) -> dict:
+    """The exact count of a trained run (`--calibrated`): its base model, targets, params and saved meta."""
+    from lrft.checkpoint import read_json
+    from lrft.run import ADAPTER_DIR, read_recipe
+
+    recipe = read_recipe(run_dir)
+    config = read_json(Path(run_dir) / ADAPTER_DIR / "adapter_config.json", "adapter config (has the run finished?)")
+    labels = config.get("label_names")
+    counts = count_params(config["method"], config["params"]["rank"], recipe.model.name, config["target_modules"],
+                          1 if config.get("problem") == "regression" else len(labels or [0, 1]), config["params"],
+                          config.get("meta"))
+    counts["run"] = str(run_dir)
+    counts["per_module"] = {k: v["rank"] for k, v in (config.get("meta") or {}).get("modules", {}).items()}
+    return counts
 
 
 def render(counts: dict) -> str:

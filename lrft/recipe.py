@@ -81,6 +81,15 @@ class TrainConfig(Section):
         return self
 
 
+class CalibrationConfig(Section):
+    samples: int = Field(32, gt=0, description="training examples run through the model before training (methods that calibrate)")
+    batch_size: int = Field(8, gt=0, description="examples per calibration batch")
+    seed: int | None = Field(None, description="seed of the sample draw (default: the recipe's seed)")
+    cache: str | None = Field(None, description="reuse the statistics of another run (its dir or calibration/ dir) if they match")
+    dtype: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of the covariances")
+    center: bool = Field(False, description="subtract the mean from the covariance (the paper's Algorithm 1 does not)")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="runs are written to <dir>/<name>/")
 
@@ -92,6 +101,7 @@ class Recipe(Section):
     data: DataConfig
     adapter: AdapterConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @property

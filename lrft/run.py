@@ -26,34 +26,44 @@ ADAPTER_DIR = "adapter"
 
 
 @dataclass
-class Adapted:
-    """A base model with adapters injected, and what built them."""
+class Base:
+    """A loaded base model, its tokenizer and the Linear layers the recipe targets."""
 
     model: nn.Module
     tokenizer: object
     targets: list[Target]
-    built: Built
-    method: methods.Method
-    params: object
     task: Task
     label_names: list[str] | None
 
 
-def build(recipe: Recipe, task: Task, label_names: list[str] | None, calibration=None,
-          saved_meta: dict | None = None) -> Adapted:
-    """Load the base model, find the targets, build and inject the method's adapters."""
+@dataclass
+class Adapted(Base):
+    """A base model with adapters injected, and what built them."""
+
+    built: Built
+    method: methods.Method
+    params: object
+
+
+def load_base(recipe: Recipe, task: Task, label_names: list[str] | None) -> Base:
+    """Load the base model and find the targets; check the rank fits them."""
     num_labels = 1 if task.problem == "regression" else len(label_names)
     model, tokenizer = load_for_classification(recipe.model, num_labels, label_names, task.problem == "regression")
     patterns = recipe.adapter.target_modules or default_targets(model.config)
     targets = find_targets(model, patterns)
+    check_rank(recipe.method_params().rank, targets)
+    return Base(model, tokenizer, targets, task, label_names)
+
+
+def adapt(base: Base, recipe: Recipe, calibration=None, saved_meta: dict | None = None) -> Adapted:
+    """Build the method's adapters (from calibration statistics, or a saved adapter's meta) and inject them."""
     method = methods.get(recipe.adapter.method)
     params = recipe.method_params()
-    check_rank(params.rank, targets)
-    ctx = BuildContext(seed=recipe.seed, model_config=model.config, calibration=calibration, saved_meta=saved_meta)
-    built = method.build(targets, params, ctx)
-    inject(model, targets, built)
-    set_head_trainable(model, recipe.train.train_head)
-    return Adapted(model, tokenizer, targets, built, method, params, task, label_names)
+    ctx = BuildContext(seed=recipe.seed, model_config=base.model.config, calibration=calibration, saved_meta=saved_meta)
+    built = method.build(base.targets, params, ctx)
+    inject(base.model, base.targets, built)
+    set_head_trainable(base.model, recipe.train.train_head)
+    return Adapted(base.model, base.tokenizer, base.targets, base.task, base.label_names, built, method, params)
 
 
 def check_rank(rank: int, targets: list[Target]) -> None:
@@ -104,7 +114,8 @@ def load_run(run_dir: Path, adapter_dir: Path | None = None) -> tuple[Recipe, Ad
         raise LrftError(f"{adapter_dir}: adapter of method {config.get('method')!r} but the run's recipe says "
                         f"{recipe.adapter.method!r}; the run dir was mixed with another run's files")
     recipe.adapter.target_modules = config["target_modules"]
-    a = build(recipe, get_task(config["task"]), config.get("label_names"), saved_meta=config.get("meta"))
+    base = load_base(recipe, get_task(config["task"]), config.get("label_names"))
+    a = adapt(base, recipe, saved_meta=config.get("meta"))
     load_saved_state(a.model, state, str(adapter_dir))
     a.model.eval()
     return recipe, a, config

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrft import console
+from lrft import calibrate, console, methods
 from lrft.checkpoint import (append_jsonl, atomic_write_json, atomic_write_text, list_checkpoints, load_tree,
                              save_adapter, save_checkpoint)
 from lrft.data import encode, get_task, load_task_data
@@ -30,7 +30,7 @@ from lrft.evaluate import evaluate
 from lrft.inject import adapted, adapter_modules, saved_state
 from lrft.models import head_modules
 from lrft.recipe import Recipe, validate
-from lrft.run import ADAPTER_DIR, RECIPE_FILE, adapter_config, build
+from lrft.run import ADAPTER_DIR, RECIPE_FILE, adapt, adapter_config, load_base
 
 CKPT_DIR = "checkpoints"
 # Recipe keys that may change between a run and its resumption without making it another run.
@@ -80,7 +80,25 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
                         f"not {metric_for_best!r}")
     console.log(f"data: {task.name} from {data.source}: {len(data.train)} train, "
                 + ", ".join(f"{len(s)} eval{k}" for k, s in data.evals.items()))
-    a = build(recipe, task, data.label_names)
+    base = load_base(recipe, task, data.label_names)
+    train_features = encode(data.train, base.tokenizer, recipe.data.max_length)
+    eval_features = {k: encode(s, base.tokenizer, recipe.data.max_length) for k, s in data.evals.items()}
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(base.tokenizer, return_tensors="pt")
+
+    # ---- calibration (methods that ask for it), before any optimizer exists
+    method = methods.get(recipe.adapter.method)
+    needs = method.calibration(recipe.method_params())
+    stats = None
+    if needs:
+        base.model.to(accelerator.device)
+        model_id = {"model": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype}
+        stats = calibrate.obtain(base.model, base.targets, train_features, collate, needs, recipe.calibration,
+                                 recipe.seed, model_id, run_dir, accelerator)
+    a = adapt(base, recipe, calibration=stats)
+    if stats is not None and main:
+        calibrate.save(run_dir / calibrate.DIR, stats, a.built.meta.get("modules"))
     model = a.model
     trainable = sum(p.numel() for p in adapter_modules(model))
     head_params = [p for m in head_modules(model).values() for p in m.parameters() if p.requires_grad]
@@ -88,12 +106,6 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
     console.log(f"model: {recipe.model.name} ({model.config.model_type}), {len(a.targets)} targets "
                 f"({', '.join(sorted({t.kind for t in a.targets}))}); {a.method.name} trains {trainable:,} adapter "
                 f"params + {sum(p.numel() for p in head_params):,} head params of {total:,}")
-
-    train_features = encode(data.train, a.tokenizer, recipe.data.max_length)
-    eval_features = {k: encode(s, a.tokenizer, recipe.data.max_length) for k, s in data.evals.items()}
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(a.tokenizer, return_tensors="pt")
 
     # ---- optimizer and schedule
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
@@ -227,6 +239,7 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
         "train_examples": len(train_features), "trainable_params": trainable,
         "head_params": sum(p.numel() for p in head_params), "total_params": total,
         "train_seconds": round(progress.train_seconds, 2),
+        "calibration_seconds": round(stats.seconds, 2) if stats is not None else None,
         "median_step_time_s": round(statistics.median(progress.step_times), 4) if progress.step_times else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

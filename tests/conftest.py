@@ -39,6 +39,24 @@ def tiny_bert(seed: int = 0, **kw):
     return BertForSequenceClassification(tiny_bert_config(**kw)).eval()
 
 
+def tiny_llama_config(**kw):
+    """A tiny Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=len(tiny_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    values.update(kw)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed: int = 0, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny BERT with a real WordPiece tokenizer, loadable by model.name."""

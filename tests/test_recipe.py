@@ -23,7 +23,7 @@ def write(tmp_path, text: str, name="r.yaml") -> Path:
 def test_minimal_recipe_gets_defaults_and_name_from_stem(tmp_path):
     r = load_recipe(write(tmp_path, yaml.safe_dump(MINIMAL), "my_run.yaml"))
     assert r.name == "my_run" and r.run_dir == Path("runs/my_run")
-    assert r.adapter.params == {"rank": 8, "dropout": 0.5, "alpha_init": 1.0}
+    assert r.adapter.params == {"rank": 8, "dropout": 0.5, "alpha_init": 1.0, "init": "random"}
     assert r.train.lr == 5e-4 and r.train.scheduler == "linear"
 
 
@@ -112,4 +112,5 @@ def test_shipped_recipes_validate(path):
 def test_recipes_are_shipped():
     names = {p.stem for p in RECIPES}
     assert {"quickstart", "glue_mrpc_tlora", "glue_rte_tlora", "glue_sst2_tlora", "glue_qnli_tlora",
-            "glue_mrpc_lora", "glue_rte_lora", "glue_sst2_lora", "glue_qnli_lora"} <= names
+            "glue_mrpc_lora", "glue_rte_lora", "glue_sst2_lora", "glue_qnli_lora", "glue_mrpc_talora", "glue_rte_talora",
+            "glue_sst2_talora", "glue_mrpc_lorta", "glue_rte_lorta", "glue_sst2_lorta"} <= names

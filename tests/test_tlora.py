@@ -11,7 +11,7 @@ from tests.test_methods import batch, build
 
 
 def test_only_b_and_alpha_train():
-    model, found, p, _ = build("tlora")
+    model, found, p, *_ = build("tlora")
     names = {n for n, t in model.named_parameters() if t.requires_grad and ".adapter." in n}
     assert names == {f"{t.name}.adapter.{k}" for t in found for k in ("B", "alpha")}
     assert sum(t.numel() for t in adapter_modules(model)) == len(found) * (p.rank ** 2 + 1)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from lrft.errors import unknown_choice
-from lrft.methods import lora, tlora
+from lrft.methods import lora, lorta, talora, tlora
 from lrft.methods.base import Adapter, BuildContext, Built, Method, MethodParams, Target
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, tlora.METHOD)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, tlora.METHOD, talora.METHOD, lorta.METHOD)}
 
 
 def get(name: str) -> Method:

@@ -1,9 +1,11 @@
 """What every adapter method provides: a params schema, adapters for the targeted Linears, a count.
 
 An adapter is the branch added to one frozen Linear (y = x W0ᵀ + b + Δh). It never builds the dense
-ΔW in its forward pass; `delta_weight()` gives the dense ΔW (out, in) in fp32 for merge, analysis
-and tests. A method builds the adapters of all targets at once, which serves per-module methods
-(lora, tlora), budgeted ones (talora) and shared-factor ones (lorta) with one signature.
+ΔW in its forward pass. Every method is, per module, exactly a rank-r LoRA: `lora_factors()` gives
+(lora_A r×in, lora_B out×r) with every scale folded into lora_B, so ΔW = lora_B·lora_A. Merge,
+analysis (low-rank SVD through the factors), PEFT export and tests all start from there.
+A method builds the adapters of all targets at once, which serves per-module methods (lora, tlora),
+budgeted ones (talora) and shared-factor ones (lorta) with one signature.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class BuildContext:
 
     seed: int = 0
     model_config: Any = None  # the transformers config: layer and head counts (lorta)
-    calibration: Any = None  # per-module statistics from lrft.calibrate, for methods that need it
+    calibration: Any = None  # lrft.calibrate.Statistics, for methods whose `calibration(params)` asks for it
     saved_meta: dict | None = None  # `meta` of a saved adapter: rebuild shapes without calibrating
 
 
@@ -57,9 +59,14 @@ class Adapter(nn.Module):
         """Δh for input x (..., in) → (..., out), without materialising ΔW."""
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        """Dense ΔW of shape (out, in) in fp32, with every scale applied."""
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """(lora_A r×in, lora_B out×r) in fp32 with every scale folded into lora_B: ΔW = lora_B·lora_A."""
         raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW of shape (out, in) in fp32, with every scale applied."""
+        lora_A, lora_B = self.lora_factors()
+        return lora_B @ lora_A
 
     def stats(self) -> dict[str, float]:
         """Numbers logged per epoch to adapter_stats.jsonl (later analyses read them)."""
@@ -87,7 +94,8 @@ class Method:
     # the built adapters in the tests)
     count: Callable[[list[Target], Any, BuildContext], int]
     suggested_lr: float = 5e-4  # what `lrft init` writes into train.lr
-    needs_calibration: bool = False
+    # the statistics ("covariance", "importance") the method needs from lrft.calibrate for these params
+    calibration: Callable[[Any], frozenset[str]] = lambda params: frozenset()
 
 
 class Dropout(nn.Module):

@@ -2,7 +2,7 @@
 
 A ∈ R^{r×in} is Kaiming-uniform (a=√5) and B ∈ R^{out×r} zero, exactly as PEFT, so given the same
 A and B the outputs equal PEFT's. Dropout acts on the branch input. rsLoRA scales by α/√r.
-Trainable per module: r·(in + out).
+Trainable per module: r·(in + out). The layer also serves talora, whose A is given and may be frozen.
 """
 
 from __future__ import annotations
@@ -25,20 +25,30 @@ class LoRAParams(MethodParams):
 
 
 class LoRA(Adapter):
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, dropout: float,
-                 generator: torch.Generator | None = None):
+    """Δh = scale · Dropout(x) Aᵀ Bᵀ with A (r×in) given, B (out×r) zero; A is a buffer unless train_a."""
+
+    def __init__(self, A: torch.Tensor, out_features: int, scale: float, dropout: float, train_a: bool = True):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
+        if train_a:
+            self.A = nn.Parameter(A)
+        else:
+            self.register_buffer("A", A)
+        self.B = nn.Parameter(torch.zeros(out_features, A.shape[0]))
         self.scale = scale
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
         return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
 
-    def delta_weight(self):
-        return (self.B.float() @ self.A.float()) * self.scale
+    def lora_factors(self):
+        return self.A.float(), self.B.float() * self.scale
+
+
+def kaiming_a(rank: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """LoRA's A (r×in): Kaiming-uniform with a=√5, the init of nn.Linear and of PEFT."""
+    A = torch.empty(rank, in_features)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    return A
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -51,7 +61,7 @@ def build(targets: list[Target], p: LoRAParams, ctx: BuildContext) -> Built:
     adapters = {}
     for t in targets:
         out_f, in_f = t.shape
-        adapters[t.name] = LoRA(in_f, out_f, p.rank, scale, p.dropout, gen)
+        adapters[t.name] = LoRA(kaiming_a(p.rank, in_f, gen), out_f, scale, p.dropout)
     return Built(adapters)
 
 

@@ -1,0 +1,279 @@
+"""Calibration: per-target statistics from a few training samples, before any optimizer exists.
+
+For every target Linear i, over the calibration samples:
+  covariance C_i = (1/T)·Σ x xᵀ over the T non-padding input tokens (attention mask respected;
+  `center` subtracts the mean), accumulated on the CPU in float32 or float64 so GPU memory stays flat;
+  importance S_i = mean over batches of mean(|W_i ⊙ ∂L/∂W_i|), with gradients enabled for the target
+  weights only (the task loss: classification, or the masked response loss of a causal LM).
+Samples are drawn from the training split with `calibration.seed`; batches are formed the same way
+whatever the number of processes, each process runs every world-th batch, and the sums are
+all-reduced, so every rank builds the identical adapter. Statistics are cached (safetensors + JSON)
+in the run dir's calibration/ and reused on resume; `calibration.cache` reuses another run's when
+the fingerprint (model, target weights, calibration examples, settings) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lrft import console
+from lrft.checkpoint import atomic_dir, atomic_write_json
+from lrft.errors import LrftError
+from lrft.methods.base import Target
+from lrft.models import weights_checksum
+
+STATS_FILE = "statistics.safetensors"
+INFO_FILE = "calibration.json"
+PLOT_FILE = "importance.png"
+DIR = "calibration"
+
+
+@dataclass
+class Statistics:
+    covariance: dict[str, torch.Tensor] = field(default_factory=dict)  # name → (in × in), on the CPU
+    importance: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(k for k, v in (("covariance", self.covariance), ("importance", self.importance)) if v)
+
+
+def obtain(model, targets: list[Target], features: list[dict], collate, needs: frozenset[str], cfg, seed: int,
+           model_id: dict, run_dir: Path, accelerator=None) -> Statistics:
+    """The statistics `needs` asks for: from calibration.cache, the run dir's cache, or a fresh pass."""
+    if not features:
+        raise LrftError("calibration: the method needs training examples to calibrate on, and the training split is empty")
+    if cfg.samples > len(features):
+        raise LrftError(f"calibration.samples: {cfg.samples} is more than the {len(features)} training examples; "
+                        f"use calibration.samples ≤ {len(features)}")
+    cal_seed = seed if cfg.seed is None else cfg.seed
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cal_seed))[:cfg.samples].tolist()
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    fingerprint = {**model_id, "targets": {t.name: list(t.shape) for t in targets}, "weights": weights_checksum(targets),
+                   "examples": _examples_hash(features, order), "samples": cfg.samples, "batch_size": cfg.batch_size,
+                   "center": cfg.center, "dtype": cfg.dtype}
+    if cfg.cache:
+        stats = load(Path(cfg.cache), "calibration.cache")
+        _check(stats, fingerprint, needs, f"calibration.cache: {cfg.cache}")
+        console.log(f"calibration: reusing statistics from {cfg.cache}")
+        return stats
+    own = run_dir / DIR
+    if (own / STATS_FILE).is_file():
+        stats = load(own, str(own))
+        if stats.fingerprint == fingerprint and needs <= stats.kinds:
+            console.log(f"calibration: reusing the run's statistics in {own}")
+            return stats
+    stats = run(model, targets, features, batches, collate, needs, cfg, accelerator)
+    stats.fingerprint = fingerprint
+    return stats
+
+
+def run(model, targets: list[Target], features: list[dict], batches: list[list[int]], collate, needs: frozenset[str],
+        cfg, accelerator=None) -> Statistics:
+    """One pass over the calibration batches with hooks on the targets; hooks are always removed."""
+    t0 = time.perf_counter()
+    dtype = getattr(torch, cfg.dtype)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    sums = {t.name: torch.zeros(t.shape[1], t.shape[1], dtype=dtype) for t in targets} if "covariance" in needs else {}
+    means = {t.name: torch.zeros(t.shape[1], dtype=dtype) for t in targets} if cfg.center and sums else {}
+    tokens = {t.name: 0 for t in targets}
+    importance = {t.name: 0.0 for t in targets}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def record(name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            mask = current_mask[0]
+            rows = x.reshape(-1, x.shape[-1])
+            if mask is not None and mask.numel() == rows.shape[0]:  # inputs of a decoder see other lengths
+                rows = rows[mask.reshape(-1).bool()]
+            tokens[name] += rows.shape[0]
+            if sums:
+                rows = rows.to(dtype)
+                sums[name] += (rows.T @ rows).cpu()
+                if means:
+                    means[name] += rows.sum(0).cpu()
+        return hook
+
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [t.module.register_forward_pre_hook(record(t.name)) for t in targets]
+    want_grad = "importance" in needs
+    try:
+        model.eval()  # dropout off: statistics of the model as it is
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in targets:
+            t.module.weight.requires_grad_(want_grad)
+        for j, batch_idx in enumerate(batches):
+            if j % world != rank:
+                continue
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in batch_idx]).items()}
+            current_mask[0] = batch.get("attention_mask")
+            with torch.set_grad_enabled(want_grad):
+                loss = model(**batch).loss
+            if want_grad:
+                loss.backward()
+                for t in targets:
+                    w = t.module.weight
+                    grad = w.grad if w.grad is not None else torch.zeros_like(w)
+                    importance[t.name] += float((w.detach().float() * grad.float()).abs().mean())
+                    w.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+    # Sum over processes, module by module (each tensor visits the accelerator device once).
+    if world > 1:
+        for name in list(sums):
+            sums[name] = _all_reduce(sums[name], device)
+            if means:
+                means[name] = _all_reduce(means[name], device)
+        names = [t.name for t in targets]
+        reduced = _all_reduce(torch.tensor([[tokens[n], importance[n]] for n in names], dtype=torch.float64), device)
+        tokens = {n: int(reduced[i, 0]) for i, n in enumerate(names)}
+        importance = {n: float(reduced[i, 1]) for i, n in enumerate(names)}
+
+    stats = Statistics(samples=sum(len(b) for b in batches))
+    for t in targets:
+        n = tokens[t.name]
+        if n == 0:
+            raise LrftError(f"calibration: no non-padding tokens reached {t.name}; check the data")
+        if sums:
+            cov = sums[t.name] / n
+            if means:
+                mu = means[t.name] / n
+                cov = cov - torch.outer(mu, mu)
+            stats.covariance[t.name] = cov
+        if want_grad:
+            stats.importance[t.name] = importance[t.name] / len(batches)
+        stats.tokens[t.name] = n
+        _check_finite(stats, t.name)
+    stats.seconds = time.perf_counter() - t0
+    console.log(f"calibration: {stats.samples} samples, {max(stats.tokens.values()):,} tokens, "
+                f"{', '.join(sorted(needs))} of {len(targets)} modules in {stats.seconds:.1f} s")
+    return stats
+
+
+def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    on_device = t.to(device)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def _check_finite(stats: Statistics, name: str) -> None:
+    bad = []
+    if name in stats.covariance and not torch.isfinite(stats.covariance[name]).all():
+        bad.append("covariance")
+    if name in stats.importance and not math.isfinite(stats.importance[name]):
+        bad.append("importance")
+    if bad:
+        raise LrftError(f"calibration: the {' and '.join(bad)} of {name} is not finite (NaN or Inf); the model "
+                        f"overflows on the calibration data: use model.dtype float32 or fewer/shorter samples")
+
+
+def _examples_hash(features: list[dict], order: list[int]) -> str:
+    h = hashlib.sha256()
+    for i in order:
+        f = features[i]
+        for key in sorted(f):
+            h.update(key.encode())
+            h.update(json.dumps(f[key]).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- files
+
+def save(directory: Path, stats: Statistics, plan: dict | None) -> None:
+    """statistics.safetensors, calibration.json (per module S_i, r_i, α_i, s_i, tokens) and the plot."""
+    modules = {name: {"importance": stats.importance.get(name), "tokens": stats.tokens[name],
+                      **{k: v for k, v in (plan or {}).get(name, {}).items() if k != "importance"}}
+               for name in stats.tokens}
+    info = {"samples": stats.samples, "seconds": round(stats.seconds, 3), "statistics": sorted(stats.kinds),
+            "fingerprint": stats.fingerprint, "modules": modules}
+    with atomic_dir(directory) as tmp:
+        save_file({f"covariance.{k}": v.contiguous() for k, v in stats.covariance.items()} or
+                  {"empty": torch.zeros(0)}, str(tmp / STATS_FILE))
+        atomic_write_json(tmp / INFO_FILE, info)
+        if stats.importance:
+            plot(modules, tmp / PLOT_FILE)
+
+
+def load(directory: Path, what: str) -> Statistics:
+    directory = Path(directory)
+    if directory.is_dir() and not (directory / STATS_FILE).is_file() and (directory / DIR / STATS_FILE).is_file():
+        directory = directory / DIR  # a run dir was given
+    try:
+        tensors = load_file(str(directory / STATS_FILE))
+        info = json.loads((directory / INFO_FILE).read_text(encoding="utf-8"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LrftError(f"{what}: no readable calibration statistics in {directory} ({e}); point it at a run dir "
+                        f"or its calibration/ dir") from None
+    mods = info["modules"]
+    return Statistics(
+        covariance={k.removeprefix("covariance."): v for k, v in tensors.items() if k.startswith("covariance.")},
+        importance={k: m["importance"] for k, m in mods.items() if m.get("importance") is not None},
+        tokens={k: m["tokens"] for k, m in mods.items()}, fingerprint=info["fingerprint"],
+        samples=info["samples"], seconds=info["seconds"])
+
+
+def _check(stats: Statistics, fingerprint: dict, needs: frozenset[str], what: str) -> None:
+    differ = [k for k in fingerprint if stats.fingerprint.get(k) != fingerprint[k]]
+    if differ:
+        raise LrftError(f"{what} was computed for another setup ({', '.join(differ)} differ); remove calibration.cache "
+                        f"to calibrate this run afresh")
+    if not needs <= stats.kinds:
+        raise LrftError(f"{what} holds {', '.join(sorted(stats.kinds)) or 'nothing'} but this method needs "
+                        f"{', '.join(sorted(needs))}; remove calibration.cache to calibrate afresh")
+
+
+def plot(modules: dict[str, dict], path: Path) -> None:
+    """Bar chart of importance share and allocated rank per module, grouped by layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(modules)
+    labels = [_short(n) for n in names]
+    total = sum(m["importance"] for m in modules.values()) or 1.0
+    has_rank = all("rank" in m for m in modules.values())
+    fig, axes = plt.subplots(2 if has_rank else 1, 1, figsize=(max(6, 0.28 * len(names)), 6 if has_rank else 3.5),
+                             sharex=True, squeeze=False)
+    axes[0, 0].bar(range(len(names)), [modules[n]["importance"] / total for n in names], color="tab:blue")
+    axes[0, 0].set_ylabel("importance share S_i/ΣS")
+    if has_rank:
+        axes[1, 0].bar(range(len(names)), [modules[n]["rank"] for n in names], color="tab:orange")
+        axes[1, 0].set_ylabel("allocated rank r_i")
+    axes[-1, 0].set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
+    axes[0, 0].set_title("calibration: importance and rank per layer and module")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(name: str) -> str:
+    """'bert.encoder.layer.3.attention.self.query' → 'L3 query'."""
+    import re
+
+    m = re.search(r"\.(\d+)\.(.*)$", name)
+    return f"L{m.group(1)} {m.group(2).split('.')[-1] if 'attention.output' not in m.group(2) else 'attn.out'}" if m else name

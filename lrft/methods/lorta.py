@@ -1,0 +1,153 @@
+"""LoRTA (Hounie et al.): every attention update of every layer, head and matrix is one CP tensor.
+
+Factors, all trainable and owned once by `Factors` (registered on the model as lrft_shared):
+A ∈ R^{d×r}, B ∈ R^{d_h×r}, C_H ∈ R^{H×r}, C_L ∈ R^{L×r}, C_M ∈ R^{M×r} (M = targeted kinds among
+q, k, v, o). With c = C_H[h] ⊙ C_L[l] ⊙ C_M[m] and s = α/r, for layer l, kind m, head h:
+  q, k, v (heads split the output):  ΔW[h·d_h:(h+1)·d_h, :] = s · B diag(c) Aᵀ
+  o       (heads split the input):   ΔW[:, h·d_h:(h+1)·d_h] = s · A diag(c) Bᵀ
+Grouped-query attention (k, v with H_kv < H heads): k and v take their head factor from a second
+C_KV ∈ R^{H_kv×r}, one row per kv head; q and o keep C_H. No head of k/v is tied to a query head.
+Either way ΔW = U·Vᵀ with A on one side and S_lm = [B diag(c_h)]_h, the (H·d_h × r) stack over heads,
+on the other; S_lm costs O(d·r) to build, so the forward is two thin matmuls, as LoRA's.
+Init as the official PEFT LoRTA code: A and every C Kaiming-uniform (a=√5), B zero (model unchanged).
+Trainable: (d + d_h + H + L + M)·r, plus H_kv·r when k or v is targeted under GQA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from lrft.errors import LrftError
+from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, Target, seeded_generator
+
+KINDS = ("q", "k", "v", "o")
+KIND_NAMES = {"q": ("query", "q_proj", "q"), "k": ("key", "k_proj", "k"), "v": ("value", "v_proj", "v"),
+              "o": ("attention.output.dense", "o_proj", "o", "out_proj")}
+SUPPORTED = "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_NAMES.items())
+
+
+class LoRTAParams(MethodParams):
+    alpha: float = Field(1.0, gt=0, description="scale numerator: ΔW = (alpha / rank)·CP tensor slice (paper GLUE: 1)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the branch input")
+
+
+def _kaiming(rows: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    t = torch.empty(rows, rank)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+    return t
+
+
+class Factors(nn.Module):
+    """The CP factors, stored once for the whole model."""
+
+    def __init__(self, d: int, head_dim: int, heads: int, kv_heads: int | None, layers: int, kinds: list[str],
+                 rank: int, gen: torch.Generator):
+        super().__init__()
+        self.kinds = kinds
+        self.A = nn.Parameter(_kaiming(d, rank, gen))
+        self.B = nn.Parameter(torch.zeros(head_dim, rank))
+        self.C_H = nn.Parameter(_kaiming(heads, rank, gen))
+        self.C_L = nn.Parameter(_kaiming(layers, rank, gen))
+        self.C_M = nn.Parameter(_kaiming(len(kinds), rank, gen))
+        self.C_KV = nn.Parameter(_kaiming(kv_heads, rank, gen)) if kv_heads else None
+
+    def head_stack(self, layer: int, kind: str) -> torch.Tensor:
+        """S_lm (heads·d_h × r): row h·d_h + i is B[i] ⊙ C_H[h] ⊙ C_L[l] ⊙ C_M[m]."""
+        heads = self.C_KV if kind in ("k", "v") and self.C_KV is not None else self.C_H
+        c = heads * (self.C_L[layer] * self.C_M[self.kinds.index(kind)])
+        return (c[:, None, :] * self.B[None, :, :]).reshape(-1, self.B.shape[1])
+
+
+class Branch(Adapter):
+    """One adapted Linear: its (layer, kind) slice of the shared tensor, applied without a dense ΔW."""
+
+    def __init__(self, factors: Factors, layer: int, kind: str, scale: float, dropout: float):
+        super().__init__()
+        object.__setattr__(self, "factors", factors)  # a reference, not a submodule: lrft_shared owns it
+        self.layer, self.kind, self.scale = layer, kind, scale
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x):
+        f, x = self.factors, self.dropout(x)
+        S = f.head_stack(self.layer, self.kind)
+        if self.kind == "o":  # ΔW = s·A Sᵀ
+            return F.linear(F.linear(x, S.T), f.A) * self.scale
+        return F.linear(F.linear(x, f.A.T), S) * self.scale  # ΔW = s·S Aᵀ
+
+    def lora_factors(self):
+        A, S = self.factors.A.float(), self.factors.head_stack(self.layer, self.kind).float()
+        return (S.T, A * self.scale) if self.kind == "o" else (A.T, S * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, kind={self.kind}, scale={self.scale:g}"
+
+
+def kind_of(t: Target) -> str:
+    for kind, names in KIND_NAMES.items():
+        if any(t.name == n or t.name.endswith("." + n) for n in names):
+            return kind
+    raise LrftError(f"adapter.target_modules: lorta adapts attention projections only, and {t.name} is not one; "
+                    f"supported kinds ({SUPPORTED})")
+
+
+def geometry(targets: list[Target], config) -> dict:
+    """Layer, head and kind layout of the targets, checked against the model config."""
+    heads = getattr(config, "num_attention_heads", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not heads or not layers:
+        raise LrftError("adapter.method: lorta needs num_attention_heads and num_hidden_layers in the model config")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    if heads * head_dim != d:
+        raise LrftError(f"adapter.method: lorta needs hidden_size = heads × head_dim (the paper's d_h = d/H), but this "
+                        f"model has hidden size {d} and {heads} heads × {head_dim} dims; use lora or talora for it")
+    seen: dict[tuple[int, str], str] = {}
+    for t in targets:
+        kind = kind_of(t)
+        if t.layer is None or t.layer >= layers:
+            raise LrftError(f"adapter.target_modules: {t.name} is not inside one of the model's {layers} numbered layers")
+        if (t.layer, kind) in seen:
+            raise LrftError(f"adapter.target_modules: {seen[(t.layer, kind)]} and {t.name} are both layer {t.layer} "
+                            f"kind {kind}; lorta needs one attention block per layer (encoder-decoder models are not supported)")
+        seen[(t.layer, kind)] = t.name
+        n_heads = kv_heads if kind in ("k", "v") else heads
+        out_f, in_f = t.shape
+        want = (d, n_heads * head_dim) if kind == "o" else (n_heads * head_dim, d)
+        if (out_f, in_f) != want:
+            raise LrftError(f"adapter.target_modules: {t.name} is {out_f}×{in_f}, but the config's {n_heads} heads × "
+                            f"{head_dim} dims and hidden size {d} say {want[0]}×{want[1]}")
+    kinds = [k for k in KINDS if any(k == key[1] for key in seen)]
+    gqa = kv_heads != heads and any(k in ("k", "v") for k in kinds)
+    return {"hidden": d, "head_dim": head_dim, "heads": heads, "kv_heads": kv_heads if gqa else None,
+            "layers": layers, "kinds": kinds,
+            "head_mapping": "k, v use their own head factor C_KV (one row per kv head)" if gqa else "C_H for every kind"}
+
+
+def build(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> Built:
+    g = geometry(targets, ctx.model_config)
+    factors = Factors(g["hidden"], g["head_dim"], g["heads"], g["kv_heads"], g["layers"], g["kinds"], p.rank,
+                      seeded_generator(ctx.seed))
+    scale = p.alpha / p.rank
+    adapters = {t.name: Branch(factors, t.layer, kind_of(t), scale, p.dropout) for t in targets}
+    return Built(adapters, shared=factors, meta=g)
+
+
+def count(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> int:
+    g = geometry(targets, ctx.model_config)
+    return (g["hidden"] + g["head_dim"] + g["heads"] + g["layers"] + len(g["kinds"]) + (g["kv_heads"] or 0)) * p.rank
+
+
+METHOD = Method(
+    name="lorta",
+    summary="LoRTA: one low-rank CP tensor (A, B, C_heads, C_layers, C_matrices) for all attention updates",
+    params=LoRTAParams,
+    build=build,
+    count=count,
+    suggested_lr=3e-2,
+)
