@@ -68,18 +68,20 @@ def train(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    target: Annotated[Path, typer.Argument(help="a run dir from `lrft train`, or a merged model dir")],
-    task: Annotated[str | None, typer.Option(help="task to evaluate on (needed for a model dir), e.g. glue/mrpc")] = None,
+    target: Annotated[Path, typer.Argument(help="a run dir from `lrft train`, or a model: merged dir, alias or hub id")],
+    task: Annotated[str | None, typer.Option(help="task to evaluate on (needed for a model), e.g. glue/mrpc, gsm8k")] = None,
     data_path: Annotated[str | None, typer.Option("--data-path", help="local dir with the task's files")] = None,
     max_samples: Annotated[int | None, typer.Option("--max-samples", min=1, help="evaluate the first N examples")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     best: Annotated[bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")] = False,
+    predictions: Annotated[Path | None, typer.Option(
+        help="generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)")] = None,
     json_out: JsonOpt = False,
 ):
-    """Evaluate a trained run (rebuilt from its own files) or a merged model dir."""
+    """Evaluate a trained run (rebuilt from its own files) or a model (merged dir, alias, hub id) on a task."""
     from lrft.evaluate import evaluate_target
 
-    metrics = evaluate_target(target, task, data_path, max_samples, batch_size, best)
+    metrics = evaluate_target(target, task, data_path, max_samples, batch_size, best, predictions)
     if json_out:
         console.emit_json(metrics)
     else:
@@ -167,6 +169,35 @@ def init(
     else:
         atomic_write_text(output, text)
         console.log(f"wrote {output}")
+
+
+@app.command()
+@user_errors
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="a run dir from `lrft train`")],
+    against: Annotated[Path | None, typer.Option("--against", help="another run on the same base model to compare with")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write the analysis (default: RUN_DIR/analysis)")] = None,
+    module: Annotated[str | None, typer.Option(
+        "--module", help="module for the element-wise ΔW (difference) heatmap (default: the first in common)")] = None,
+    modules: Annotated[str | None, typer.Option(
+        "--modules", help="analyse only modules whose name contains one of these comma-separated substrings")] = None,
+    json_out: JsonOpt = False,
+):
+    """Spectra, norms, histograms and training curves of a run's updates ΔW; similarities against another run."""
+    from lrft.analyze import analyze as run_analysis
+
+    result = run_analysis(run_dir, against, out, module, modules)
+    if json_out:
+        console.emit_json(result)
+        return
+    typer.echo(f"report\t{Path(result['out']) / 'report.html'}")
+    for name, m in result["run"]["modules"].items():
+        typer.echo(f"{name}\t‖ΔW‖_F {m['fro_norm']:.4g}\teffective rank {m['effective_rank']:.3g}")
+    if against is not None:
+        for key, value in (("cosine", result["cosine"]["mean"]), ("subspace φ left", result["subspace"]["left"]["mean"]),
+                           ("subspace φ right", result["subspace"]["right"]["mean"]),
+                           ("relative Frobenius distance", result["rel_frobenius"]["mean"])):
+            typer.echo(f"mean {key}\t{'—' if value is None else f'{value:.4f}'}")
 
 
 def main() -> None:

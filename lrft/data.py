@@ -41,7 +41,7 @@ class Columns:
 @dataclass(frozen=True)
 class Task:
     name: str
-    problem: str  # "classification" or "regression"
+    problem: str  # "classification", "regression" or "causal_lm"
     label_names: tuple[str, ...] | None  # None: regression, or learned from the data
     metrics: tuple[str, ...]
     main_metric: str  # what best-checkpoint tracking maximises
@@ -50,6 +50,7 @@ class Task:
     local_columns: Columns | None = None
     headerless: tuple[int, int | None, int] | None = None  # (text, pair, label) positions (CoLA)
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("", "dev", "validation"),)
+    generate: bool = False  # scored on greedy generations (exact match) besides the response loss
 
     @property
     def num_labels(self) -> int:
@@ -83,6 +84,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
           Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",))),
     # Users' own data: data.path is a dir with train.{jsonl,json,csv,tsv} and dev (or validation) files.
     Task("text-classification", "classification", None, ("accuracy", "f1_macro"), "accuracy"),
+    # Causal LMs (lrft.lm_data): the response loss is tracked during training, generations are scored at the end.
+    Task("gsm8k", "causal_lm", None, ("exact_match", "perplexity"), "loss", eval_splits=(EvalSplit("", "test", "test"),),
+         generate=True),
+    Task("instruction", "causal_lm", None, ("perplexity",), "loss"),
 ]}
 
 
@@ -124,7 +129,11 @@ class TaskData:
 
 def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     """Examples of `task` per the recipe's `data` section, from a local dir or the hub."""
-    if task.name == "text-classification":
+    if task.problem == "causal_lm":
+        from lrft import lm_data
+
+        data = lm_data.load(task, data_cfg, need_train)
+    elif task.name == "text-classification":
         if not data_cfg.path:
             raise LrftError("data.path: the text-classification task reads your files; set data.path to a "
                             "dir with train.jsonl (or .json/.csv/.tsv) and dev.jsonl")
@@ -271,9 +280,9 @@ def _load_hub(task: Task, need_train: bool) -> TaskData:
 _TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
-def _find_split_file(path: Path, stems: tuple[str, ...]) -> Path | None:
+def _find_split_file(path: Path, stems: tuple[str, ...], suffixes: tuple[str, ...] = _TEXT_SUFFIXES) -> Path | None:
     for stem in stems:
-        for suffix in _TEXT_SUFFIXES:
+        for suffix in suffixes:
             if (path / f"{stem}{suffix}").is_file():
                 return path / f"{stem}{suffix}"
     return None
@@ -351,8 +360,28 @@ def _read_records(path: Path) -> list[tuple[int, dict, Path]]:
 
 # ----------------------------------------------------------------------------------- tokenization
 
+def features(task: Task, split, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
+    """Tokenized, unpadded features of a split for the task's model (the collator pads each batch)."""
+    if task.problem == "causal_lm":
+        from lrft.lm_data import encode_prompts
+
+        return encode_prompts(split, tokenizer, max_length, what)
+    return encode(split, tokenizer, max_length)
+
+
+def collator(task: Task, tokenizer):
+    """Pads a list of features into a batch of tensors."""
+    if task.problem == "causal_lm":
+        from lrft.lm_data import CausalCollator
+
+        return CausalCollator(tokenizer.pad_token_id)
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
 def encode(split: Split, tokenizer, max_length: int) -> list[dict]:
-    """Tokenized features per example (unpadded; the collator pads each batch)."""
+    """Tokenized classification features per example (unpadded)."""
     if len(split) == 0:
         return []
     enc = tokenizer(split.text, split.pair, truncation=True, max_length=max_length)

@@ -1,12 +1,17 @@
-"""Evaluation: logits over an evaluation split, batched by length, scored with the task's metrics.
+"""Evaluation: the task's metrics on its evaluation splits, for classifiers and causal LMs.
 
-Under several processes each one scores a strided shard and the predictions are gathered, so the
-metrics are those of the whole split, computed once.
+Classifiers: logits over the split, batched by length, scored with the task's metrics. Causal LMs:
+the response loss averaged over response tokens, its perplexity, and for generation tasks (gsm8k)
+greedy generations (batched, left-padded, with a KV cache) scored by exact match of the final answer.
+Under several processes each one takes a strided shard and the results are gathered, so metrics
+are those of the whole split, computed once.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,92 +19,167 @@ import torch
 from lrft.data import Task, compute_metrics
 
 
+@dataclass
+class EvalSet:
+    """One evaluation split: features for the loss (and logits), and prompts for generation tasks."""
+
+    features: list[dict]
+    prompts: list[dict] = field(default_factory=list)
+
+
 @torch.no_grad()
 def predict(model, features: list[dict], collate, batch_size: int, device, rank: int = 0, world: int = 1,
-            autocast=None) -> tuple[np.ndarray, np.ndarray, float]:
-    """(example indices, logits, summed loss) of this process's shard of `features`."""
+            autocast=None, keep_logits: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(example indices, logits, summed loss, loss weight) of this process's shard of `features`.
+
+    The loss of a batch is weighted by its examples (classifiers) or its response tokens (causal LMs,
+    whose logits are not kept), so the average is over the whole split whatever the batching.
+    """
     was_training = model.training
     model.eval()
     mine = list(range(rank, len(features), world))
     # Similar lengths in a batch waste little on padding; order is restored by index afterwards.
     mine.sort(key=lambda i: len(features[i]["input_ids"]))
-    logits, loss_sum = [], 0.0
+    logits, loss_sum, weight = [], 0.0, 0
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         with autocast() if autocast else nullcontext():
             out = model(**batch)
-        logits.append(out.logits.float().cpu())
-        loss_sum += float(out.loss) * len(idx)
+        n = int((batch["labels"][:, 1:] != -100).sum()) if not keep_logits else len(idx)
+        if keep_logits:
+            logits.append(out.logits.float().cpu())
+        loss_sum += float(out.loss) * n
+        weight += n
     model.train(was_training)
     stacked = torch.cat(logits).numpy() if logits else np.zeros((0, 1), dtype=np.float32)
-    return np.asarray(mine, dtype=np.int64), stacked, loss_sum
+    return np.asarray(mine, dtype=np.int64), stacked, loss_sum, weight
 
 
-def evaluate(model, evals: dict[str, list[dict]], task: Task, collate, batch_size: int, accelerator=None) -> dict:
-    """The task's metrics (and mean loss) on every evaluation split; suffixed keys for extra splits."""
+@torch.no_grad()
+def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_size: int, device,
+             rank: int = 0, world: int = 1) -> list[dict]:
+    """Greedy completions of this process's shard of `prompts`, each with its index."""
+    from lrft.lm_data import extract_answer
+
+    was_training = model.training
+    model.eval()
+    mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]["prompt_ids"]))
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        width = max(len(prompts[i]["prompt_ids"]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i]["prompt_ids"])) + prompts[i]["prompt_ids"] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i]["prompt_ids"])) + [1] * len(prompts[i]["prompt_ids"])
+                             for i in idx])
+        tokens = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
+            answer = extract_answer(completion)
+            gold = prompts[i]["gold"]
+            out.append({"index": i, "prompt": prompts[i]["prompt"], "completion": completion, "answer": answer,
+                        "gold": gold, "correct": answer is not None and answer == gold})
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, batch_size: int, accelerator=None,
+             tokenizer=None, max_new_tokens: int = 256, generation: bool = False) -> tuple[dict, list[dict]]:
+    """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names.
+
+    `generation` also scores greedy generations (tasks with `generate`); predictions are its records.
+    """
     from accelerate.utils import gather_object
 
     device = accelerator.device if accelerator else next(model.parameters()).device
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     autocast = accelerator.autocast if accelerator else None
-    results = {}
-    for suffix, features in evals.items():
-        idx, logits, loss_sum = predict(model, features, collate, batch_size, device, rank, world, autocast)
+    causal = task.problem == "causal_lm"
+    results, predictions = {}, []
+    for suffix, split in evals.items():
+        idx, logits, loss_sum, weight = predict(model, split.features, collate, batch_size, device, rank, world,
+                                                autocast, keep_logits=not causal)
         if world > 1:
-            parts = gather_object([(idx, logits, loss_sum)])
+            parts = gather_object([(idx, logits, loss_sum, weight)])
             idx = np.concatenate([p[0] for p in parts])
             logits = np.concatenate([p[1] for p in parts])
-            loss_sum = sum(p[2] for p in parts)
-        order = np.argsort(idx)
-        labels = np.asarray([features[i]["labels"] for i in idx[order]])
-        metrics = compute_metrics(task, logits[order], labels)
-        metrics["loss"] = loss_sum / max(len(features), 1)
+            loss_sum, weight = sum(p[2] for p in parts), sum(p[3] for p in parts)
+        loss = loss_sum / max(weight, 1)
+        if causal:
+            metrics = {"perplexity": math.exp(min(loss, 50.0))}
+            if generation and task.generate:
+                core = accelerator.unwrap_model(model) if accelerator else model
+                records = generate(core, split.prompts, tokenizer, max_new_tokens, batch_size, device, rank, world)
+                if world > 1:
+                    records = [r for part in gather_object([records]) for r in part]
+                records.sort(key=lambda r: r["index"])
+                metrics["exact_match"] = sum(r["correct"] for r in records) / max(len(records), 1)
+                predictions += [{"split": suffix or "main", **r} for r in records]
+        else:
+            order = np.argsort(idx)
+            labels = np.asarray([split.features[i]["labels"] for i in idx[order]])
+            metrics = compute_metrics(task, logits[order], labels)
+        metrics["loss"] = loss
         results.update({f"{k}{suffix}": v for k, v in metrics.items()})
-    return results
+    return results, predictions
 
 
 def evaluate_target(target, task_name: str | None, data_path: str | None, max_samples: int | None,
-                    batch_size: int, best: bool = False) -> dict:
-    """`lrft eval`: a run dir (adapter rebuilt from its files) or a plain model dir, on its task."""
+                    batch_size: int, best: bool = False, predictions_path=None) -> dict:
+    """`lrft eval`: a run dir (adapter rebuilt from its files), or a model (dir, alias, hub id) on a task."""
     from pathlib import Path
 
-    from transformers import DataCollatorWithPadding
-
-    from lrft.data import encode, get_task, load_task_data
+    from lrft.data import collator, get_task, load_task_data
     from lrft.errors import LrftError
+    from lrft.lm_data import write_predictions
+    from lrft.models import load_model
     from lrft.recipe import DataConfig, ModelConfig
     from lrft.run import RECIPE_FILE, load_run
 
     target = Path(target)
     if (target / RECIPE_FILE).is_file():
         recipe, a, config = load_run(target, target / "best_adapter" if best else None)
-        model, tokenizer, task, label_names = a.model, a.tokenizer, a.task, a.label_names
+        model, tokenizer, task = a.model, a.tokenizer, a.task
         data_cfg = recipe.data.model_copy()
         if task_name and task_name != task.name:
             raise LrftError(f"--task: the run was trained on {task.name}, not {task_name}")
-    elif (target / "config.json").is_file():
-        if not task_name:
-            raise LrftError(f"--task: {target} is a model dir; say which task to evaluate on, e.g. --task glue/mrpc")
-        from lrft.models import load_for_classification
-
-        task = get_task(task_name)
-        cfg = _read_model_labels(target)
-        label_names = cfg or list(task.label_names or [])
-        model, tokenizer = load_for_classification(ModelConfig(name=str(target)), task.num_labels or len(label_names),
-                                                   label_names or None, task.problem == "regression")
-        data_cfg = DataConfig(task=task.name)
+        predictions_path = predictions_path or target / "predictions.jsonl"
     else:
-        raise LrftError(f"{target}: neither an lrft run dir ({RECIPE_FILE}) nor a model dir (config.json)")
+        if not task_name:
+            raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE_FILE}); to evaluate it as a model, "
+                            f"say which task, e.g. --task glue/mrpc")
+        task = get_task(task_name)
+        label_names = _read_model_labels(target) or list(task.label_names or [])
+        data_cfg = DataConfig(task=task.name)
+        model, tokenizer = load_model(ModelConfig(name=str(target)), task, label_names or None)
     if data_path:
         data_cfg.path = data_path
     data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
     data = load_task_data(task, data_cfg, need_train=False)
-    evals = {k: encode(s, tokenizer, data_cfg.max_length) for k, s in data.evals.items()}
+    evals = eval_sets(task, data.evals, tokenizer, data_cfg.max_length)
     model.eval()
-    metrics = evaluate(model, evals, task, DataCollatorWithPadding(tokenizer, return_tensors="pt"), batch_size)
-    return {"task": task.name, "examples": sum(len(v) for v in evals.values()), **metrics}
+    metrics, predictions = evaluate(model, evals, task, collator(task, tokenizer), batch_size, tokenizer=tokenizer,
+                                    max_new_tokens=data_cfg.max_new_tokens, generation=True)
+    if predictions and predictions_path:
+        write_predictions(Path(predictions_path), predictions)
+    return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()), **metrics}
+
+
+def eval_sets(task: Task, splits: dict, tokenizer, max_length: int) -> dict[str, EvalSet]:
+    """EvalSets of a task's evaluation splits (prompts only for generation tasks)."""
+    from lrft.data import features
+
+    out = {}
+    for suffix, split in splits.items():
+        prompts = []
+        if task.generate:
+            from lrft.lm_data import prompt_features
+
+            prompts = prompt_features(split, tokenizer)
+        out[suffix] = EvalSet(features(task, split, tokenizer, max_length, "evaluation examples"), prompts)
+    return out
 
 
 def _read_model_labels(model_dir) -> list[str] | None:
@@ -107,6 +187,9 @@ def _read_model_labels(model_dir) -> list[str] | None:
     import json
     from pathlib import Path
 
-    id2label = json.loads((Path(model_dir) / "config.json").read_text()).get("id2label") or {}
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    id2label = json.loads(config.read_text()).get("id2label") or {}
     names = [id2label[k] for k in sorted(id2label, key=int)]
     return None if all(n.startswith("LABEL_") for n in names) else names

@@ -120,10 +120,20 @@ def load_saved_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every ΔW into its base weight (added in fp32, cast back) and remove the adapters."""
+    """Fold every ΔW into its base weight and remove the adapters, one module at a time.
+
+    The sum is formed in fp32 and cast back to the weight's dtype; a non-finite result stops the merge
+    before anything is written (the weights are left half-merged in memory only).
+    """
+    from lrft.errors import LrftError
+
     for name, wrapper in list(adapted(model).items()):
         w = wrapper.base.weight
-        w.copy_((w.float() + wrapper.adapter.delta_weight().to(w.device)).to(w.dtype))
+        merged = w.float() + wrapper.adapter.delta_weight().to(w.device)
+        if not torch.isfinite(merged).all():
+            raise LrftError(f"merge: {name} holds NaN or Inf after adding its update; the adapter is broken "
+                            f"(check the run's metrics.jsonl for a diverged loss)")
+        w.copy_(merged.to(w.dtype))
         _set_submodule(model, name, wrapper.base)
     if hasattr(model, SHARED_NAME):
         delattr(model, SHARED_NAME)

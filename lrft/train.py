@@ -24,9 +24,10 @@ import torch
 from lrft import calibrate, console, methods
 from lrft.checkpoint import (append_jsonl, atomic_write_json, atomic_write_text, list_checkpoints, load_tree,
                              save_adapter, save_checkpoint)
-from lrft.data import encode, get_task, load_task_data
+from lrft.data import collator, features, get_task, load_task_data
 from lrft.errors import LrftError
-from lrft.evaluate import evaluate
+from lrft.evaluate import eval_sets, evaluate
+from lrft.lm_data import write_predictions
 from lrft.inject import adapted, adapter_modules, saved_state
 from lrft.models import head_modules
 from lrft.recipe import Recipe, validate
@@ -81,11 +82,9 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
     console.log(f"data: {task.name} from {data.source}: {len(data.train)} train, "
                 + ", ".join(f"{len(s)} eval{k}" for k, s in data.evals.items()))
     base = load_base(recipe, task, data.label_names)
-    train_features = encode(data.train, base.tokenizer, recipe.data.max_length)
-    eval_features = {k: encode(s, base.tokenizer, recipe.data.max_length) for k, s in data.evals.items()}
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(base.tokenizer, return_tensors="pt")
+    train_features = features(task, data.train, base.tokenizer, recipe.data.max_length, "training examples")
+    evals = eval_sets(task, data.evals, base.tokenizer, recipe.data.max_length)
+    collate = collator(task, base.tokenizer)
 
     # ---- calibration (methods that ask for it), before any optimizer exists
     method = methods.get(recipe.adapter.method)
@@ -148,8 +147,13 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
             save_checkpoint(run_dir / CKPT_DIR, progress.step, tree, cfg.keep_last)
         accelerator.wait_for_everyone()
 
-    def run_eval() -> None:
-        metrics = evaluate(model, eval_features, task, collate, cfg.eval_batch_size, accelerator)
+    def run_eval(generation: bool = False) -> None:
+        """Metrics on the evaluation splits; `generation` also scores generations (the first and last eval)."""
+        metrics, predictions = evaluate(model, evals, task, collate, cfg.eval_batch_size, accelerator, a.tokenizer,
+                                        recipe.data.max_new_tokens, generation)
+        if predictions and main:
+            name = "predictions.jsonl" if progress.step else "predictions_step0.jsonl"
+            write_predictions(run_dir / name, predictions)
         record = {"type": "eval", "step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4), **metrics}
         if main:
             append_jsonl(metrics_path, record)
@@ -165,6 +169,8 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
                              adapter_config(recipe, a, trainable))
 
     # ---- train
+    if cfg.eval_on_start and progress.step == 0 and progress.last_eval_step is None:
+        run_eval(generation=True)
     model.train()
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.batch_size // cfg.grad_accum
@@ -214,7 +220,7 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
             if bar is not None:
                 bar.update(progress.step, loss_total)
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                run_eval()
+                run_eval(generation=task.generate and progress.step == total_steps)
             if cfg.save_every and progress.step % cfg.save_every == 0 and progress.batch < len(batches):
                 checkpoint()
         if progress.batch >= len(batches):  # an epoch ended
@@ -223,14 +229,14 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
             if main:
                 _write_stats(stats_path, unwrapped, epoch=progress.epoch, step=progress.step)
             if not cfg.eval_every:
-                run_eval()
+                run_eval(generation=task.generate and progress.step == total_steps)
         checkpoint()
     if bar is not None:
         bar.close()
 
-    # ---- final evaluation and outputs
+    # ---- final evaluation (generation tasks generate at the last step only) and outputs
     if progress.last_eval_step != progress.step:
-        run_eval()
+        run_eval(generation=task.generate)
         checkpoint()
     summary = {
         "name": recipe.name, "task": task.name, "method": a.method.name, "model": recipe.model.name,

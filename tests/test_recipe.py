@@ -113,4 +113,5 @@ def test_recipes_are_shipped():
     names = {p.stem for p in RECIPES}
     assert {"quickstart", "glue_mrpc_tlora", "glue_rte_tlora", "glue_sst2_tlora", "glue_qnli_tlora",
             "glue_mrpc_lora", "glue_rte_lora", "glue_sst2_lora", "glue_qnli_lora", "glue_mrpc_talora", "glue_rte_talora",
-            "glue_sst2_talora", "glue_mrpc_lorta", "glue_rte_lorta", "glue_sst2_lorta"} <= names
+            "glue_sst2_talora", "glue_mrpc_lorta", "glue_rte_lorta", "glue_sst2_lorta", "gsm8k_lora", "gsm8k_talora",
+            "gsm8k_lorta", "gsm8k_tlora", "instruction_alpaca"} <= names

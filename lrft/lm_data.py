@@ -1,0 +1,240 @@
+"""Causal-LM data: prompt/response examples, their tokenization with prompt labels masked, answers.
+
+Tasks: `gsm8k` (question → worked answer, final answer after `####`) from `data.path`,
+`$LRFT_DATA_DIR/gsm8k/{train,test}.jsonl` or the hub (openai/gsm8k); `instruction`, users' own
+json/jsonl files in the alpaca layout (`instruction`, optional `input`, `output`) or the chat layout
+(`messages` with roles, the last one the assistant's answer to learn).
+
+A prompt is rendered with the tokenizer's chat template when it has one, else in a plain
+"### Instruction / ### Response" format. The loss covers the response tokens only (prompt labels are
+-100). Examples longer than `data.max_length` are cut at the end and counted; an example with no
+response token left is left out with a warning, never trained on as an empty sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lrft import console
+from lrft.errors import LrftError
+
+IGNORE = -100
+
+
+@dataclass
+class PromptSplit:
+    """Causal-LM examples: the prompt as chat messages, the response to learn, the gold answer if any."""
+
+    prompts: list[list[dict]]
+    responses: list[str]
+    answers: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int | None) -> PromptSplit:
+        if n is None or n >= len(self):
+            return self
+        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n])
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def load(task, data_cfg, need_train: bool):
+    """TaskData of a causal-LM task."""
+    from lrft.data import DATA_DIR_ENV, TaskData
+
+    if task.name == "gsm8k":
+        local = Path(data_cfg.path) if data_cfg.path else (Path(os.environ[DATA_DIR_ENV]) / "gsm8k"
+                                                             if os.environ.get(DATA_DIR_ENV) else None)
+        if local is None:
+            return _gsm8k_hub(task, need_train)
+        where = "data.path" if data_cfg.path else DATA_DIR_ENV
+        files = {"train": local / "train.jsonl"} if need_train else {}
+        files[""] = local / "test.jsonl"
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise LrftError(f"{where}: missing {', '.join(missing)}; a gsm8k dir holds train.jsonl and test.jsonl "
+                            f"(one {{question, answer}} object per line)")
+        splits = {k: _gsm8k_split(_records(f, ("question", "answer"))) for k, f in files.items()}
+        return TaskData(task, splits.pop("train", PromptSplit([], [], [])), splits, None, str(local))
+    if not data_cfg.path:
+        raise LrftError("data.path: the instruction task reads your files; set data.path to a dir with train.jsonl "
+                        "and dev.jsonl in the alpaca layout (instruction, input, output) or the chat layout (messages)")
+    from lrft.data import _find_split_file
+
+    path = Path(data_cfg.path)
+    if not path.is_dir():
+        raise LrftError(f"data.path: no directory at {path}; it should hold train.jsonl and dev.jsonl")
+    train_file = _find_split_file(path, ("train",), (".jsonl", ".json"))
+    eval_file = _find_split_file(path, ("dev", "validation", "test"), (".jsonl", ".json"))
+    if (need_train and train_file is None) or eval_file is None:
+        raise LrftError(f"data.path: {path} needs train and dev (or validation) files, as .jsonl or .json")
+    train = _instruction_split(train_file) if need_train else PromptSplit([], [], [])
+    return TaskData(task, train, {"": _instruction_split(eval_file)}, None, str(path))
+
+
+def _gsm8k_hub(task, need_train: bool):
+    import datasets
+
+    from lrft.data import DATA_DIR_ENV, TaskData
+
+    try:
+        ds = datasets.load_dataset("openai/gsm8k", "main")
+    except Exception as e:  # offline, unknown dataset, ...: say what to do instead
+        raise LrftError(f"data: could not load gsm8k from the hub (openai/gsm8k): {type(e).__name__}; set "
+                        f"{DATA_DIR_ENV} to a dir holding gsm8k/train.jsonl and test.jsonl, or data.path") from None
+
+    def split(name: str) -> PromptSplit:
+        return _gsm8k_split([(i + 1, r) for i, r in enumerate(ds[name])])
+
+    return TaskData(task, split("train") if need_train else PromptSplit([], [], []), {"": split("test")}, None,
+                    "hub:openai/gsm8k/main")
+
+
+def _records(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    from lrft.data import _read_records
+
+    out = []
+    for line_no, rec, _ in _read_records(path):
+        missing = [k for k in required if not isinstance(rec.get(k), str)]
+        if missing:
+            raise LrftError(f"{path}:{line_no}: no text field {missing[0]!r} (fields: {', '.join(rec) or 'none'})")
+        out.append((line_no, rec))
+    if not out:
+        raise LrftError(f"{path}: no examples in the file")
+    return out
+
+
+def _gsm8k_split(records) -> PromptSplit:
+    prompts = [[{"role": "user", "content": r["question"]}] for _, r in records]
+    responses = [r["answer"] for _, r in records]
+    return PromptSplit(prompts, responses, [gold_answer(a) for a in responses])
+
+
+def _instruction_split(path: Path) -> PromptSplit:
+    prompts, responses = [], []
+    for line_no, rec in _records(path):
+        if "messages" in rec:
+            msgs = rec["messages"]
+            ok = (isinstance(msgs, list) and len(msgs) >= 2 and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs))
+            if not ok or msgs[-1]["role"] != "assistant":
+                raise LrftError(f"{path}:{line_no}: 'messages' must be a list of {{role, content}} turns ending with "
+                                f"the assistant's answer")
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]])
+            responses.append(msgs[-1]["content"])
+        elif isinstance(rec.get("instruction"), str) and isinstance(rec.get("output"), str):
+            extra = rec.get("input") or ""
+            prompts.append([{"role": "user", "content": rec["instruction"] + (f"\n\n{extra}" if extra else "")}])
+            responses.append(rec["output"])
+        else:
+            raise LrftError(f"{path}:{line_no}: expected the alpaca layout (instruction, input, output) or the chat "
+                            f"layout (messages); found fields {', '.join(rec) or 'none'}")
+    return PromptSplit(prompts, responses, [None] * len(prompts))
+
+
+# ------------------------------------------------------------------------------------ tokenization
+
+def render(tokenizer, prompt: list[dict], response: str | None) -> str:
+    """The prompt (and response) as text: the chat template if the tokenizer has one, else a plain format."""
+    if getattr(tokenizer, "chat_template", None):
+        if response is None:
+            return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    turns = "".join(f"### {'Instruction' if m['role'] == 'user' else m['role'].capitalize()}:\n{m['content']}\n\n"
+                    for m in prompt)
+    text = f"{turns}### Response:\n"
+    return text if response is None else text + response + (tokenizer.eos_token or "")
+
+
+def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
+    """Training features: input ids of prompt + response, labels -100 on the prompt, cut to max_length."""
+    prompt_text = [render(tokenizer, p, None) for p in split.prompts]
+    full_text = [render(tokenizer, p, r) for p, r in zip(split.prompts, split.responses)]
+    special = not getattr(tokenizer, "chat_template", None)  # a template writes its own special tokens
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=special)["input_ids"]
+    features, cut, empty = [], 0, 0
+    for p_ids, f_ids, p_text, f_text in zip(prompt_ids, full_ids, prompt_text, full_text):
+        if f_ids[:len(p_ids)] != p_ids:  # the boundary merged into one token: tokenize the response apart
+            f_ids = p_ids + tokenizer(f_text[len(p_text):], add_special_tokens=False)["input_ids"]
+        labels = [IGNORE] * len(p_ids) + f_ids[len(p_ids):]
+        if len(f_ids) > max_length:
+            cut += 1
+            f_ids, labels = f_ids[:max_length], labels[:max_length]
+        if all(t == IGNORE for t in labels):
+            empty += 1
+            continue
+        features.append({"input_ids": f_ids, "attention_mask": [1] * len(f_ids), "labels": labels})
+    if cut or empty:
+        console.warn(f"{cut} of {len(split)} {what} were cut to data.max_length={max_length} tokens"
+                     + (f"; {empty} kept no response token and were left out" if empty else ""))
+    if not features and len(split):
+        raise LrftError(f"data.max_length: {max_length} tokens leave no response token to learn in any of the "
+                        f"{len(split)} {what}; raise data.max_length")
+    return features
+
+
+def prompt_features(split: PromptSplit, tokenizer) -> list[dict]:
+    """Generation inputs: the rendered prompt's ids, the user's question and the gold answer."""
+    special = not getattr(tokenizer, "chat_template", None)
+    ids = tokenizer([render(tokenizer, p, None) for p in split.prompts], add_special_tokens=special)["input_ids"]
+    return [{"prompt_ids": i, "prompt": p[-1]["content"], "gold": a} for i, p, a in zip(ids, split.prompts, split.answers)]
+
+
+class CausalCollator:
+    """Right-pads input ids (pad id), attention masks (0) and labels (-100) of a batch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])
+
+        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0),
+                "labels": pad("labels", IGNORE)}
+
+
+# ----------------------------------------------------------------------------------------- answers
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+def _normalize(number: str) -> str:
+    text = number.replace(",", "").replace("$", "").rstrip(".")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def gold_answer(answer: str) -> str | None:
+    """GSM8K's final answer: the number after '####'."""
+    _, sep, tail = answer.rpartition("####")
+    found = re.search(_NUMBER, tail) if sep else None
+    return _normalize(found.group(0)) if found else None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The number after '####' in a completion, else its last number."""
+    if "####" in completion:
+        answer = gold_answer(completion)
+        if answer is not None:
+            return answer
+    numbers = re.findall(_NUMBER, completion)
+    return _normalize(numbers[-1]) if numbers else None
+
+
+def write_predictions(path: Path, predictions: list[dict]) -> None:
+    from lrft.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))

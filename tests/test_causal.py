@@ -1,0 +1,198 @@
+"""Causal LMs: gsm8k and instruction data, response-only labels, generation eval, merge, GGUF input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lrft.data import get_task, load_task_data
+from lrft.errors import LrftError
+from lrft.lm_data import IGNORE, PromptSplit, encode_prompts, extract_answer, gold_answer, render
+from lrft.recipe import DataConfig
+from tests.conftest import save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def causal_recipe(tmp_path, model_dir, data_dir, method="lora", name="lm", **sections):
+    recipe = {"name": name, "seed": 0, "model": {"name": str(model_dir)},
+              "data": {"task": "gsm8k", "path": str(data_dir), "max_length": 48, "max_new_tokens": 8},
+              "adapter": {"method": method, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                          "params": {"rank": 4}},
+              "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
+              "calibration": {"samples": 8, "batch_size": 4},
+              "output": {"dir": str(tmp_path / "runs")}}
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def test_gsm8k_from_a_local_dir(tiny_gsm8k_dir):
+    data = load_task_data(get_task("gsm8k"), DataConfig(task="gsm8k", path=str(tiny_gsm8k_dir)))
+    assert len(data.train) == 48 and len(data.evals[""]) == 12
+    assert data.train.prompts[0] == [{"role": "user", "content": data.train.prompts[0][0]["content"]}]
+    assert data.train.answers[0] == data.train.responses[0].split("####")[-1].strip()
+
+
+@pytest.mark.integration
+def test_real_gsm8k_files(data_dir, monkeypatch):
+    monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
+    data = load_task_data(get_task("gsm8k"), DataConfig(task="gsm8k"))
+    assert len(data.train) == 7473 and len(data.evals[""]) == 1319
+    assert data.train.answers[0] == "72" and all(a is not None for a in data.evals[""].answers)
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"question": "q"}', r"train.jsonl:2: no text field 'answer'"),
+    ("not json", r"train.jsonl:2: not valid JSON"),
+])
+def test_gsm8k_bad_lines_name_file_and_line(tmp_path, line, match):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n' + line + "\n")
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(LrftError, match=match):
+        load_task_data(get_task("gsm8k"), DataConfig(task="gsm8k", path=str(tmp_path)))
+
+
+def test_instruction_alpaca_and_chat_layouts(tmp_path):
+    rows = [{"instruction": "say hi", "input": "", "output": "hi"},
+            {"instruction": "add", "input": "1 and 2", "output": "3"},
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                          {"role": "assistant", "content": "hey"}]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.json").write_text(json.dumps(rows[:1]))
+    data = load_task_data(get_task("instruction"), DataConfig(task="instruction", path=str(tmp_path)))
+    assert data.train.prompts[1] == [{"role": "user", "content": "add\n\n1 and 2"}]
+    assert data.train.prompts[2][0]["role"] == "system" and data.train.responses[2] == "hey"
+    assert len(data.evals[""]) == 1
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": "x", "completion": "y"}, r"train.jsonl:1: expected the alpaca layout .* or the chat layout"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"train.jsonl:1: 'messages' must be a list .* ending with"),
+])
+def test_instruction_bad_records(tmp_path, row, match):
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    with pytest.raises(LrftError, match=match):
+        load_task_data(get_task("instruction"), DataConfig(task="instruction", path=str(tmp_path)))
+
+
+def test_labels_cover_the_response_only(tokenizer):
+    split = PromptSplit([[{"role": "user", "content": "what is 1 plus 2?"}]], ["1 plus 2 is 3. #### 3"], ["3"])
+    (f,) = encode_prompts(split, tokenizer, max_length=128)
+    prompt_len = len(tokenizer(render(tokenizer, split.prompts[0], None), add_special_tokens=False)["input_ids"])
+    assert f["labels"][:prompt_len] == [IGNORE] * prompt_len
+    assert f["labels"][prompt_len:] == f["input_ids"][prompt_len:]
+    response = tokenizer.decode(f["input_ids"][prompt_len:])
+    assert "1 plus 2 is 3" in response and response.strip().endswith("[SEP]")  # the turn's end is learned
+
+
+def test_plain_prompt_format_without_a_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path, chat=False))
+    text = render(tok, [{"role": "user", "content": "what is 1 plus 2?"}], "3")
+    assert text.startswith("### Instruction:\nwhat is 1 plus 2?\n\n### Response:\n3") and text.endswith("[SEP]")
+    (f,) = encode_prompts(PromptSplit([[{"role": "user", "content": "a"}]], ["b"], [None]), tok, 64)
+    assert f["labels"].count(IGNORE) < len(f["labels"])
+
+
+def test_truncation_is_counted_and_empty_examples_left_out(tokenizer, capsys):
+    long = PromptSplit([[{"role": "user", "content": "the film " * 30}], [{"role": "user", "content": "a"}]],
+                       ["good", "bad " * 40], [None, None])
+    feats = encode_prompts(long, tokenizer, max_length=24, what="training examples")
+    assert len(feats) == 1 and len(feats[0]["input_ids"]) == 24
+    err = capsys.readouterr().err
+    assert "2 of 2 training examples were cut to data.max_length=24 tokens; 1 kept no response token" in err
+    with pytest.raises(LrftError, match=r"data.max_length: 8 tokens leave no response token to learn"):
+        encode_prompts(long.head(1), tokenizer, max_length=8)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so 48 + 24 = 72\n#### 72", "72"), ("It costs $1,200.", "1200"), ("#### 3.50", "3.5"),
+    ("no number here", None), ("first 3 then 7", "7"), ("#### -4", "-4"),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_gold_answer():
+    assert gold_answer("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == "72"
+    assert gold_answer("#### 1,000") == "1000" and gold_answer("no marker 5") is None
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+@pytest.mark.parametrize("method", ["lora", "tlora", "talora", "lorta"])
+def test_every_method_trains_a_causal_lm(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir, method):
+    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, method, name=f"lm_{method}")
+    code, out, err = cli("train", recipe, "train.max_steps=2", "--json")
+    assert code == 0, err
+    final = json.loads(out)["final"]
+    assert {"exact_match", "perplexity", "loss"} <= set(final) and 0 <= final["exact_match"] <= 1
+
+
+def test_gsm8k_train_eval_merge_end_to_end(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir):
+    from transformers import AutoModelForCausalLM
+
+    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, "lora", train={"eval_on_start": True})
+    code, out, err = cli("train", recipe, "train.epochs=2", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    run = tmp_path / "runs" / "lm"
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert [e["step"] for e in evals] == [0, 6, 12]
+    assert "exact_match" in evals[0] and "exact_match" not in evals[1] and "exact_match" in evals[2]
+    preds = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 12 and {"prompt", "completion", "answer", "gold", "correct"} <= set(preds[0])
+    assert (run / "predictions_step0.jsonl").is_file()
+    assert summary["final"]["exact_match"] == sum(p["correct"] for p in preds) / 12
+
+    code, out, err = cli("eval", run, "--max-samples", "6", "--json")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == 6 and "exact_match" in json.loads(out)
+
+    merged = tmp_path / "merged"
+    code, out, err = cli("merge", run, "--out", merged, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["generation_identical"] and report["tied_embeddings"]
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    code, out, err = cli("eval", merged, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir, "--json")
+    assert code == 0, err
+    assert json.loads(out)["exact_match"] == pytest.approx(summary["final"]["exact_match"])
+
+    code, out, err = cli("merge", run, "--out", tmp_path / "bf16", "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["dtype"] == "bfloat16" and 0 < report["max_abs_logit_diff_vs_fp32_merge"] < 0.5
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing", "model.gguf_file: no file"),
+    ("not_gguf", "is not a GGUF file (it does not start with 'GGUF')"),
+    ("type", "model.type: classification does not fit data.task gsm8k, which needs causal_lm"),
+])
+def test_bad_causal_inputs(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir, case, expect):
+    (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    model = {"missing": {"name": str(tmp_path), "gguf_file": "none.gguf"},
+             "not_gguf": {"name": str(tmp_path), "gguf_file": "fake.gguf"},
+             "type": {"type": "classification"}}[case]
+    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, "lora", name="bad", model=model)
+    code, _, err = cli("train", recipe, "train.max_steps=1")
+    assert code == 2 and expect in err and err.count("error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs" / "bad").exists()
