@@ -76,12 +76,14 @@ def eval_cmd(
     best: Annotated[bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")] = False,
     predictions: Annotated[Path | None, typer.Option(
         help="generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)")] = None,
+    base: Annotated[str | None, typer.Option(help="PEFT adapter dirs: the base model (default: the one it names)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="use a base model whose weights differ from the adapter's")] = False,
     json_out: JsonOpt = False,
 ):
-    """Evaluate a trained run (rebuilt from its own files) or a model (merged dir, alias, hub id) on a task."""
+    """Evaluate a trained run or PEFT LoRA dir (rebuilt on its base model), or a model (merged dir, alias, hub id)."""
     from lrft.evaluate import evaluate_target
 
-    metrics = evaluate_target(target, task, data_path, max_samples, batch_size, best, predictions)
+    metrics = evaluate_target(target, task, data_path, max_samples, batch_size, best, predictions, base, force)
     if json_out:
         console.emit_json(metrics)
     else:
@@ -92,20 +94,34 @@ def eval_cmd(
 @app.command()
 @user_errors
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="a run dir from `lrft train`")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the merged model dir")],
+    run_dir: Annotated[Path, typer.Argument(help="a run dir from `lrft train`, or a PEFT LoRA adapter dir")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the merged model (or PEFT adapter) dir")],
+    format: Annotated[str, typer.Option(help="hf: a merged model dir; peft: the adapter as a standard PEFT LoRA dir")] = "hf",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the base model's)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace --out if it exists")] = False,
+    task: Annotated[str | None, typer.Option(help="PEFT adapter dirs: the task of its parity data, e.g. glue/mrpc")] = None,
+    base: Annotated[str | None, typer.Option(help="PEFT adapter dirs: the base model (default: the one it names)")] = None,
+    data_path: Annotated[str | None, typer.Option("--data-path", help="local dir with the parity data's task files")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="replace --out if it exists; use a base model whose weights differ from the adapter's")] = False,
     json_out: JsonOpt = False,
 ):
-    """Fold the adapter into the base weights; writes a plain Hugging Face model dir and checks parity."""
-    from lrft.merge import merge_run
+    """Fold the adapter into the base weights (an HF model dir, parity checked) or export it in PEFT's format."""
+    if format not in ("hf", "peft"):
+        raise LrftError(f"--format: unknown {format!r}; choose hf (a merged model) or peft (a PEFT LoRA adapter)")
+    if format == "peft":
+        from lrft.peft_format import export_run
 
-    report = merge_run(run_dir, out, dtype, force)
+        if dtype is not None:
+            raise LrftError("--dtype: a PEFT export keeps the adapter in float32; drop --dtype or use --format hf")
+        report = export_run(run_dir, out, force)
+    else:
+        from lrft.merge import merge_run
+
+        report = merge_run(run_dir, out, dtype, force, task, base, data_path)
     if json_out:
         console.emit_json(report)
     else:
-        console.log(f"merged model written to {out}")
+        console.log(f"{'PEFT adapter' if format == 'peft' else 'merged model'} written to {out}")
 
 
 @app.command("count-params")

@@ -127,25 +127,27 @@ def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, batch_size: 
 
 
 def evaluate_target(target, task_name: str | None, data_path: str | None, max_samples: int | None,
-                    batch_size: int, best: bool = False, predictions_path=None) -> dict:
-    """`lrft eval`: a run dir (adapter rebuilt from its files), or a model (dir, alias, hub id) on a task."""
+                    batch_size: int, best: bool = False, predictions_path=None, base: str | None = None,
+                    force: bool = False) -> dict:
+    """`lrft eval`: a run dir or PEFT LoRA dir (adapter rebuilt on its base), or a model (dir, alias, hub id)."""
     from pathlib import Path
 
     from lrft.data import collator, get_task, load_task_data
     from lrft.errors import LrftError
     from lrft.lm_data import write_predictions
     from lrft.models import load_model
+    from lrft.peft_format import open_adapted
     from lrft.recipe import DataConfig, ModelConfig
-    from lrft.run import RECIPE_FILE, load_run
+    from lrft.run import RECIPE_FILE
 
     target = Path(target)
-    if (target / RECIPE_FILE).is_file():
-        recipe, a, config = load_run(target, target / "best_adapter" if best else None)
+    opened = open_adapted(target, task_name, base, force, best)
+    if opened is not None:
+        recipe, a, _ = opened
         model, tokenizer, task = a.model, a.tokenizer, a.task
         data_cfg = recipe.data.model_copy()
-        if task_name and task_name != task.name:
-            raise LrftError(f"--task: the run was trained on {task.name}, not {task_name}")
-        predictions_path = predictions_path or target / "predictions.jsonl"
+        if (target / RECIPE_FILE).is_file():
+            predictions_path = predictions_path or target / "predictions.jsonl"
     else:
         if not task_name:
             raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE_FILE}); to evaluate it as a model, "

@@ -21,7 +21,7 @@ from lrft.checkpoint import atomic_dir
 from lrft.data import collator, features, load_task_data
 from lrft.errors import LrftError
 from lrft.inject import merge
-from lrft.run import load_run
+from lrft.peft_format import open_adapted
 
 PARITY_TOL_FP32 = 1e-4
 PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
@@ -30,14 +30,24 @@ GENERATION_PROMPTS, GENERATION_TOKENS = 3, 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = False) -> dict:
-    """Write the merged model to `out` (atomically) and return the parity report."""
+def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = False, task: str | None = None,
+              base: str | None = None, data_path: str | None = None) -> dict:
+    """Write the merged model to `out` (atomically) and return the parity report.
+
+    `run_dir` is an lrft run dir or a PEFT LoRA dir (then `task` and `base` may be needed).
+    """
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise LrftError(f"--dtype: unknown {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if out.exists() and not force:
         raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
-    recipe, a, config = load_run(run_dir)
+    opened = open_adapted(run_dir, task, base, force)
+    if opened is None:
+        raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
+                        f"(adapter_config.json + adapter_model.safetensors)")
+    recipe, a, config = opened
+    if data_path:
+        recipe.data.path = data_path
     task, model = a.task, a.model
     causal = task.problem == "causal_lm"
     batch, prompts = _parity_inputs(recipe, a)

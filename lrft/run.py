@@ -12,13 +12,13 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from lrft import __version__, methods
+from lrft import __version__, console, methods
 from lrft.checkpoint import load_adapter
 from lrft.data import Task, get_task
 from lrft.errors import LrftError
 from lrft.inject import inject, load_saved_state, set_head_trainable
 from lrft.methods.base import BuildContext, Built, Target
-from lrft.models import default_targets, find_targets, load_model
+from lrft.models import default_targets, find_targets, load_model, weights_checksum
 from lrft.recipe import Recipe, validate
 
 RECIPE_FILE = "recipe.yaml"
@@ -34,6 +34,7 @@ class Base:
     targets: list[Target]
     task: Task
     label_names: list[str] | None
+    fingerprint: str  # checksum of the target weights: an adapter is refused on a base that differs
 
 
 @dataclass
@@ -51,7 +52,7 @@ def load_base(recipe: Recipe, task: Task, label_names: list[str] | None) -> Base
     patterns = recipe.adapter.target_modules or default_targets(model.config)
     targets = find_targets(model, patterns)
     check_rank(recipe.method_params().rank, targets)
-    return Base(model, tokenizer, targets, task, label_names)
+    return Base(model, tokenizer, targets, task, label_names, weights_checksum(targets))
 
 
 def adapt(base: Base, recipe: Recipe, calibration=None, saved_meta: dict | None = None) -> Adapted:
@@ -62,7 +63,8 @@ def adapt(base: Base, recipe: Recipe, calibration=None, saved_meta: dict | None 
     built = method.build(base.targets, params, ctx)
     inject(base.model, base.targets, built)
     set_head_trainable(base.model, recipe.train.train_head)
-    return Adapted(base.model, base.tokenizer, base.targets, base.task, base.label_names, built, method, params)
+    return Adapted(base.model, base.tokenizer, base.targets, base.task, base.label_names, base.fingerprint, built, method,
+                   params)
 
 
 def check_rank(rank: int, targets: list[Target]) -> None:
@@ -82,7 +84,9 @@ def adapter_config(recipe: Recipe, a: Adapted, trainable: int) -> dict:
         "target_modules": recipe.adapter.target_modules or default_targets(a.model.config),
         "targets": [t.name for t in a.targets],
         "base_model": {"name": recipe.model.name, "revision": recipe.model.revision,
-                       "model_type": a.model.config.model_type, "dtype": recipe.model.dtype},
+                       "commit": getattr(a.model.config, "_commit_hash", None), "gguf_file": recipe.model.gguf_file,
+                       "model_type": a.model.config.model_type, "dtype": recipe.model.dtype,
+                       "fingerprint": a.fingerprint},
         "task": a.task.name,
         "problem": a.task.problem,
         "label_names": a.label_names,
@@ -100,7 +104,19 @@ def read_recipe(run_dir: Path) -> Recipe:
     return validate(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
 
 
-def load_run(run_dir: Path, adapter_dir: Path | None = None) -> tuple[Recipe, Adapted, dict]:
+def check_fingerprint(config: dict, base: Base, source, force: bool) -> None:
+    """Refuse (or, with force, warn about) an adapter whose base model's target weights differ from this one's."""
+    expected = (config.get("base_model") or {}).get("fingerprint")
+    if expected is None or expected == base.fingerprint:
+        return
+    what = (f"{source}: the adapter was trained on a base model whose target weights differ from those of "
+            f"{config['base_model'].get('name')!r} now (fingerprint {expected} vs {base.fingerprint})")
+    if not force:
+        raise LrftError(f"{what}; load the base it was trained on, or pass --force to use this one anyway")
+    console.warn(f"{what}; going on because of --force")
+
+
+def load_run(run_dir: Path, adapter_dir: Path | None = None, force: bool = False) -> tuple[Recipe, Adapted, dict]:
     """The run's base model with its trained adapter (and head) loaded, ready to evaluate or merge."""
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
@@ -114,6 +130,7 @@ def load_run(run_dir: Path, adapter_dir: Path | None = None) -> tuple[Recipe, Ad
                         f"{recipe.adapter.method!r}; the run dir was mixed with another run's files")
     recipe.adapter.target_modules = config["target_modules"]
     base = load_base(recipe, get_task(config["task"]), config.get("label_names"))
+    check_fingerprint(config, base, adapter_dir, force)
     a = adapt(base, recipe, saved_meta=config.get("meta"))
     load_saved_state(a.model, state, str(adapter_dir))
     a.model.eval()

@@ -180,6 +180,7 @@ def retarget(src: Path, dst: Path, old: str, new: str) -> Path:
     state, config = load_adapter(dst / "adapter")
     config["target_modules"] = [new if t == old else t for t in config["target_modules"]]
     config["targets"] = [re.sub(rf"\.{old}$", f".{new}", t) for t in config["targets"]]
+    config["base_model"].pop("fingerprint")  # it checksums the trained run's targets, which this copy no longer has
     state = {re.sub(rf"\.{old}\.adapter\.", f".{new}.adapter.", k): v for k, v in state.items()}
     save_adapter(dst / "adapter", state, config)
     stats = (dst / "adapter_stats.jsonl").read_text().replace(f".{old}\"", f".{new}\"")

@@ -1,0 +1,223 @@
+"""The PEFT LoRA format: export any lrft adapter exactly, and read PEFT LoRA adapters back in.
+
+Every lrft method is per module exactly a rank-r LoRA: `Adapter.lora_factors()` gives lora_A (r×in)
+and lora_B (out×r) with every scale folded into lora_B. The export writes them as PEFT's
+`base_model.model.<module>.lora_{A,B}.weight` with lora_alpha = r (scaling 1), per-module ranks
+(talora) through `rank_pattern` and `alpha_pattern`, a trained task head in `modules_to_save`. So the
+served LoRA computes what lrft trained, with no approximation: tlora → (Aᵀ, α·CᵀBᵀ), talora → (A,
+s_i·B), lorta → (Aᵀ, s·S_lm) for q/k/v and (S_lmᵀ, s·A) for o. Before the dir gets its name, each
+module's exported factors are checked against the lrft forward on a probe input.
+
+Reading: a PEFT LoRA dir (LoraConfig, safetensors) becomes lrft `lora` adapters with its per-module
+ranks and scales, so `lrft eval` and `lrft merge` work on adapters trained elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lrft import console
+from lrft.checkpoint import atomic_dir, read_json
+from lrft.errors import LrftError
+from lrft.inject import adapted, inject
+from lrft.methods.base import Built, Target
+from lrft.methods.lora import LoRA
+from lrft.models import head_modules, resolve
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PROVENANCE = "lrft_export.json"  # PEFT's config keeps PEFT's keys only; where the adapter came from goes here
+PREFIX = "base_model.model."
+EXPORT_TOL = 1e-5
+TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+def is_peft_dir(path: Path) -> bool:
+    config = Path(path) / CONFIG
+    if not config.is_file() or not (Path(path) / WEIGHTS).is_file():
+        return False
+    try:
+        return "peft_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------- export
+
+def export_run(run_dir: Path, out: Path, force: bool = False) -> dict:
+    """Write the run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
+    from lrft.run import load_run
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
+    recipe, a, config = load_run(run_dir, force=force)
+    state, ranks = {}, {}
+    for name, wrapper in adapted(a.model).items():
+        lora_A, lora_B = (t.detach().contiguous() for t in wrapper.adapter.lora_factors())
+        state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_A, lora_B
+        ranks[name] = lora_A.shape[0]
+    heads = list(head_modules(a.model)) if config.get("head_trained") else []
+    for head in heads:
+        for key, value in a.model.get_submodule(head).state_dict().items():
+            state[f"{PREFIX}{head}.{key}"] = value.detach().contiguous()
+    worst = _check_export(a.model, state)
+    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank; the others are patterns
+    others = {n: k for n, k in ranks.items() if k != r}
+    base = config["base_model"]
+    peft_config = {
+        "peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem],
+        "base_model_name_or_path": _portable_name(recipe.model.name, recipe.model.gguf_file),
+        "revision": base.get("revision"), "r": r, "lora_alpha": r, "rank_pattern": others,
+        "alpha_pattern": dict(others), "target_modules": sorted(ranks), "modules_to_save": heads or None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+    }
+    report = {"run_dir": str(run_dir), "out": str(out), "format": "peft", "method": config["method"],
+              "modules": len(ranks), "rank": r, "rank_pattern": len(others), "modules_to_save": heads,
+              "max_abs_branch_diff": worst}
+    with atomic_dir(out, overwrite=force) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+        provenance = {"lrft_method": config["method"], "lrft_params": config["params"], "run_dir": str(run_dir),
+                      "base_model": base, "task": config["task"], "label_names": config.get("label_names")}
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    console.log(f"PEFT LoRA adapter written to {out}: {len(ranks)} modules, rank {r}"
+                + (f" ({len(others)} modules with their own rank)" if others else "")
+                + f"; exported factors match the lrft branches to {worst:.2g}")
+    return report
+
+
+@torch.no_grad()
+def _check_export(model, state: dict[str, torch.Tensor]) -> float:
+    """max |lrft branch − exported LoRA branch| over every module, on a probe input (eval mode)."""
+    worst = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for name, wrapper in adapted(model).items():
+        ad = wrapper.adapter
+        was = ad.training
+        ad.eval()
+        x = torch.randn(8, wrapper.in_features, generator=gen)
+        got = x @ state[f"{PREFIX}{name}.lora_A.weight"].T @ state[f"{PREFIX}{name}.lora_B.weight"].T
+        want = ad(x.to(next(iter(ad.lora_factors())).device)).float().cpu()
+        ad.train(was)
+        diff = float((got - want).abs().max())
+        scale = max(float(want.abs().max()), 1.0)
+        if diff > EXPORT_TOL * scale:
+            raise RuntimeError(f"PEFT export of {name} differs from the lrft branch by {diff:.3g}")
+        worst = max(worst, diff)
+    return worst
+
+
+def _portable_name(name: str, gguf_file: str | None) -> str:
+    """A hub id stays one; an alias, a local dir or a GGUF becomes the local HF dir PEFT users can load."""
+    return resolve(name, gguf_file) if (gguf_file or Path(name).expanduser().exists() or "/" not in name) else name
+
+
+# ------------------------------------------------------------------------------------------- import
+
+def load_peft(path: Path, task_name: str | None, base_name: str | None = None, force: bool = False):
+    """(recipe, adapted, config) of a PEFT LoRA dir on its base model, like `lrft.run.load_run`."""
+    from lrft.data import get_task
+    from lrft.methods import get
+    from lrft.recipe import validate
+    from lrft.run import Adapted, check_fingerprint, load_base
+
+    path = Path(path)
+    config = read_json(path / CONFIG, "PEFT adapter config")
+    if config.get("peft_type") != "LORA":
+        raise LrftError(f"{path}: a PEFT {config.get('peft_type')} adapter; lrft reads LoRA adapters only")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if config.get(key) == bad:
+            raise LrftError(f"{path}: {key}={bad} is not supported; lrft reads plain LoRA adapters of Linear layers")
+    provenance = _read_provenance(path)
+    task_name = task_name or provenance.get("task")
+    if not task_name:
+        raise LrftError(f"--task: {path} is a PEFT adapter; say which task it is for, e.g. --task glue/mrpc")
+    base_name = base_name or config.get("base_model_name_or_path")
+    if not base_name:
+        raise LrftError(f"--base: {path} names no base model (base_model_name_or_path); give one with --base")
+    tensors = load_file(str(path / WEIGHTS))
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = re.match(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])(?:\.\w+)?\.weight$", key)
+        if m:
+            factors.setdefault(m.group(1), {})[m.group(2)] = value.float()
+        elif key.startswith(PREFIX):
+            heads[key[len(PREFIX):].replace(".modules_to_save.default.", ".")] = value
+    task = get_task(task_name)
+    label_names = provenance.get("label_names") or (list(task.label_names) if task.label_names else None)
+    if label_names is None and task.problem == "classification":  # users' own labels: as many as the head has
+        rows = [v.shape[0] for k, v in heads.items() if k.endswith("weight")]
+        if not rows:
+            raise LrftError(f"{path}: no trained head and no label names; lrft cannot tell how many labels "
+                            f"{task.name} has here")
+        label_names = [str(i) for i in range(rows[-1])]
+    names = sorted(factors)
+    r = int(config.get("r", 8))
+    recipe = validate({"name": "peft_import", "model": {"name": base_name, "revision": config.get("revision")},
+                       "data": {"task": task.name}, "adapter": {"method": "lora", "target_modules": names,
+                                                              "params": {"rank": min(f["A"].shape[0] for f in factors.values())}},
+                       "train": {"train_head": bool(heads)}})
+    base = load_base(recipe, task, label_names)
+    check_fingerprint(provenance, base, path, force)  # exported by lrft: the base it was trained on is known
+    adapters = {}
+    for t in base.targets:
+        A, B = factors[t.name]["A"], factors[t.name]["B"]
+        rank = A.shape[0]
+        alpha = float(_pattern(config.get("alpha_pattern") or {}, t.name, config.get("lora_alpha", r)))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        if B.shape != (t.shape[0], rank) or A.shape[1] != t.shape[1]:
+            raise LrftError(f"{path}: {t.name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do not fit "
+                            f"the base layer ({t.shape[0]}×{t.shape[1]}); give the adapter's base model with --base")
+        adapters[t.name] = LoRA(A.clone(), t.shape[0], scale, 0.0)
+        with torch.no_grad():
+            adapters[t.name].B.copy_(B)
+    built = Built(adapters, meta={"peft": str(path)})
+    inject(base.model, base.targets, built)
+    own = base.model.state_dict()
+    for key, value in heads.items():
+        if key not in own or own[key].shape != value.shape:
+            raise LrftError(f"{path}: the saved head tensor {key} does not fit {base_name} for {task.name}")
+        own[key].copy_(value)
+    base.model.eval()
+    a = Adapted(base.model, base.tokenizer, base.targets, task, label_names, base.fingerprint, built, get("lora"),
+                recipe.method_params())
+    return recipe, a, {"method": "lora", "source": "peft", "task": task.name, "params": recipe.adapter.params,
+                       "base_model": {"name": base_name}}
+
+
+def _pattern(patterns: dict, name: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module name it ends with (as a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _read_provenance(path: Path) -> dict:
+    p = path / PROVENANCE
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def open_adapted(target: Path, task: str | None = None, base: str | None = None, force: bool = False,
+                 best: bool = False):
+    """(recipe, adapted, config) of an lrft run dir or a PEFT LoRA dir: what eval and merge work on."""
+    from lrft.run import RECIPE_FILE, load_run
+
+    target = Path(target)
+    if (target / RECIPE_FILE).is_file():
+        recipe, a, config = load_run(target, target / "best_adapter" if best else None, force=force)
+        if task and task != a.task.name:
+            raise LrftError(f"--task: the run was trained on {a.task.name}, not {task}")
+        return recipe, a, config
+    if is_peft_dir(target):
+        return load_peft(target, task, base, force)
+    return None
