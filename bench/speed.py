@@ -1,13 +1,19 @@
-"""Training step time of lrft methods against PEFT LoRA, on the same real batches, in one process.
+"""Training step time of every lrft method against PEFT LoRA, on the same real batches, in one process.
 
-    LRFT_DATA_DIR=../shared/data python bench/speed.py                      # MiniLM on MRPC, rank 8
+    LRFT_DATA_DIR=../shared/data python bench/speed.py                            # MiniLM, MRPC batches, rank 8
+    LRFT_DATA_DIR=../shared/data python bench/speed.py --model smollm2 --task gsm8k --batch-size 8 --rounds 3
     python bench/speed.py --methods lora,tlora --rank 8 --rounds 5 --steps 4 --json
 
 Each variant gets its own copy of the base model and an AdamW optimizer over its trainable params.
 Variants run in rounds, alternating, so drifts of the machine (thermal, other load) hit all alike.
 Reported per variant: median step time (forward + backward + optimizer step), tokens/s, memory
-saved for backward (the activations a method keeps; the part of memory that differs between
-methods), trainable params, and the ratio of the median step time to PEFT LoRA's.
+saved for backward (the activations a method keeps: the part of memory that differs between
+methods), trainable params, and the step time relative to PEFT LoRA (and to lrft lora): each timed
+step is paired with the reference's step on the same batch in the same round, and the ratio is the
+median of those paired ratios, with its interquartile range (machine noise of a few % between
+moments cancels in the pairs; a ratio of medians over different moments does not). talora's calibration pass is timed on the same batches and reported as a fraction of an
+epoch of its own training. Peak RSS is the whole process's (all variants); on a GPU the peak GPU
+memory of each variant's steps is reported too.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import resource
 import statistics
 import sys
@@ -25,26 +32,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lrft import methods  # noqa: E402
-from lrft.data import encode, get_task, load_task_data  # noqa: E402
-from lrft.inject import adapter_modules, inject, set_head_trainable  # noqa: E402
+from lrft import calibrate, methods  # noqa: E402
+from lrft.data import collator, features, get_task, load_task_data  # noqa: E402
+from lrft.inject import inject, set_head_trainable  # noqa: E402
 from lrft.methods.base import BuildContext  # noqa: E402
-from lrft.models import find_targets, load_for_classification  # noqa: E402
-from lrft.recipe import DataConfig, ModelConfig  # noqa: E402
+from lrft.models import find_targets, load_model  # noqa: E402
+from lrft.recipe import CalibrationConfig, DataConfig, ModelConfig  # noqa: E402
+
+ATTENTION = {"bert": "query,key,value,attention.output.dense", "llama": "q_proj,k_proj,v_proj,o_proj"}
 
 
-def real_batches(tokenizer, task_name: str, n_batches: int, batch_size: int, max_length: int):
-    from transformers import DataCollatorWithPadding
-
-    task = get_task(task_name)
-    data = load_task_data(task, DataConfig(task=task_name, max_train_samples=n_batches * batch_size))
-    feats = encode(data.train, tokenizer, max_length)
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    return [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)][:n_batches]
+def real_batches(task, tokenizer, n_batches: int, batch_size: int, max_length: int):
+    """The first n_batches·batch_size training examples, tokenized and collated as training does."""
+    data = load_task_data(task, DataConfig(task=task.name))
+    feats = features(task, data.train.head(n_batches * batch_size), tokenizer, max_length, "benchmark examples")
+    collate = collator(task, tokenizer)
+    batches = [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)][:n_batches]
+    return batches, feats, collate, len(data.train)
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """'tlora:dropout=0,alpha_init=2' → ('tlora', {'dropout': 0.0, ...}); values parsed as YAML."""
+    """'tlora:dropout=0;alpha_init=2' → ('tlora', {'dropout': 0, 'alpha_init': 2}); values parsed as YAML."""
     import yaml
 
     method, _, rest = spec.partition(":")
@@ -52,19 +60,30 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return method, {k: yaml.safe_load(v) for k, v in params.items()}
 
 
-def lrft_variant(base, method: str, params: dict, rank: int, targets: list[str]):
+def lrft_variant(base, method: str, params: dict, rank: int, targets: list[str], feats, collate) -> tuple:
+    """An adapted copy of the base model; talora (and task-aware tlora) calibrate first, timed."""
     model = copy.deepcopy(base)
     m = methods.get(method)
     found = find_targets(model, targets)
-    inject(model, found, m.build(found, m.params(rank=rank, **params), BuildContext(seed=0, model_config=model.config)))
+    p = m.params(rank=rank, **params)
+    stats, seconds = None, None
+    if m.calibration(p):
+        cfg = CalibrationConfig()
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:cfg.samples].tolist()
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        t0 = time.perf_counter()
+        stats = calibrate.run(model, found, feats, batches, collate, m.calibration(p), cfg)
+        seconds = time.perf_counter() - t0
+    inject(model, found, m.build(found, p, BuildContext(seed=0, model_config=model.config, calibration=stats)))
     set_head_trainable(model, True)
-    return model
+    return model, seconds
 
 
-def peft_variant(base, rank: int, targets: list[str], alpha: float):
+def peft_variant(base, rank: int, targets: list[str], causal: bool):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="SEQ_CLS")
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
+                     task_type="CAUSAL_LM" if causal else "SEQ_CLS")
     return get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -91,12 +110,23 @@ class SavedBytes:
         self.ctx.__exit__(*exc)
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, list[float]]:
+    """Median and interquartile range of times[i] / reference[i] (the same batch, the same round)."""
+    ratios = sorted(t / r for t, r in zip(times, reference))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return round(statistics.median(ratios), 3), [round(q[0], 3), round(q[2], 3)]
+
+
 def step(model, opt, batch) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     loss = model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -104,9 +134,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--task", default="glue/mrpc")
-    ap.add_argument("--methods", default="lora,tlora",
-                    help="lrft variants to compare with PEFT LoRA, e.g. lora,tlora,tlora:dropout=0;alpha_init=2")
-    ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--methods", default="lora,tlora,talora,lorta",
+                    help="lrft variants to compare with PEFT LoRA, e.g. lora,tlora:dropout=0;alpha_init=2")
+    ap.add_argument("--targets", default=None, help="comma-separated (default: the attention q, k, v, o)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
@@ -119,16 +149,24 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    targets = args.targets.split(",")
-    base, tok = load_for_classification(ModelConfig(name=args.model), 2, None, False)
-    base.train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = get_task(args.task)
+    causal = task.problem == "causal_lm"
+    base, tok = load_model(ModelConfig(name=args.model), task, list(task.label_names or ["0", "1"]))
+    targets = (args.targets or ATTENTION.get(base.config.model_type, "query,value")).split(",")
     n_batches = args.rounds * args.steps + args.warmup
-    batches = real_batches(tok, args.task, n_batches, args.batch_size, args.max_length)
-    variants = {"peft-lora": peft_variant(base, args.rank, targets, alpha=16.0)}
+    batches, feats, collate, train_size = real_batches(task, tok, n_batches, args.batch_size, args.max_length)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    base.to(device).train()
+    variants, calibration = {"peft-lora": peft_variant(base, args.rank, targets, causal)}, {}
     for spec in args.methods.split(","):
-        variants[spec] = lrft_variant(base, *parse_variant(spec), args.rank, targets)
+        model, seconds = lrft_variant(base, *parse_variant(spec), args.rank, targets, feats, collate)
+        variants[spec] = model.to(device)
+        if seconds is not None:
+            calibration[spec] = seconds
     opts = {k: torch.optim.AdamW([p for p in v.parameters() if p.requires_grad], lr=1e-4) for k, v in variants.items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    peak_gpu: dict[str, int] = {k: 0 for k in variants}
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     timed_tokens: dict[str, int] = {k: 0 for k in variants}
     for name, model in variants.items():  # warm-up: allocator, kernels, optimizer state
@@ -137,9 +175,13 @@ def main(argv=None) -> dict:
     cursor = args.warmup
     for _ in range(args.rounds):
         for name, model in variants.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             for j in range(args.steps):
                 times[name].append(step(model, opts[name], batches[cursor + j]))
                 timed_tokens[name] += tokens[cursor + j]
+            if device.type == "cuda":
+                peak_gpu[name] = max(peak_gpu[name], torch.cuda.max_memory_allocated())
         cursor += args.steps
     saved = {}
     for name, model in variants.items():
@@ -147,26 +189,39 @@ def main(argv=None) -> dict:
             model(**batches[0]).loss.backward()
         model.zero_grad(set_to_none=True)
         saved[name] = s.bytes
-    ref = statistics.median(times["peft-lora"])
+    steps_per_epoch = math.ceil(train_size / args.batch_size)
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"variant": name, "median_step_s": round(med, 4), "tokens_per_s": round(timed_tokens[name] / sum(ts), 1),
-                     "saved_for_backward_mib": round(saved[name] / 2**20, 1),
-                     "trainable": sum(p.numel() for p in variants[name].parameters() if p.requires_grad),
-                     "ratio_to_peft_lora": round(med / ref, 3)})
+        to_peft = paired_ratio(ts, times["peft-lora"])
+        row = {"variant": name, "median_step_s": round(med, 4), "tokens_per_s": round(timed_tokens[name] / sum(ts), 1),
+               "saved_for_backward_mib": round(saved[name] / 2**20, 1),
+               "trainable": sum(p.numel() for p in variants[name].parameters() if p.requires_grad),
+               "ratio_to_peft_lora": to_peft[0], "ratio_to_peft_lora_iqr": to_peft[1],
+               "ratio_to_lrft_lora": paired_ratio(ts, times["lora"])[0] if "lora" in times else None}
+        if name in calibration:
+            row["calibration_s"] = round(calibration[name], 2)
+            row["calibration_fraction_of_epoch"] = round(calibration[name] / (med * steps_per_epoch), 4)
+        if device.type == "cuda":
+            row["peak_gpu_mib"] = round(peak_gpu[name] / 2**20, 1)
+        rows.append(row)
     result = {"model": args.model, "task": args.task, "rank": args.rank, "targets": targets, "batch_size": args.batch_size,
-              "threads": torch.get_num_threads(), "rounds": args.rounds, "steps_per_round": args.steps,
+              "device": str(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "steps_per_round": args.steps, "steps_per_epoch": steps_per_epoch,
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.model} on {args.task}, rank {args.rank}, targets {args.targets}, batch {args.batch_size}, "
-              f"{torch.get_num_threads()} threads, {args.rounds}×{args.steps} timed steps per variant")
-        print(f"{'variant':<20}{'median s/step':>15}{'tokens/s':>11}{'saved MiB':>11}{'trainable':>11}{'× PEFT':>9}")
+        print(f"{args.model} on {args.task}, rank {args.rank}, targets {','.join(targets)}, batch {args.batch_size}, "
+              f"{device}, {torch.get_num_threads()} threads, {args.rounds}×{args.steps} timed steps per variant")
+        print(f"{'variant':<18}{'median s/step':>14}{'tokens/s':>10}{'saved MiB':>10}{'trainable':>11}"
+              f"{'× PEFT':>8}{'(IQR)':>14}{'× lora':>8}")
         for r in rows:
-            print(f"{r['variant']:<20}{r['median_step_s']:>15.4f}{r['tokens_per_s']:>11.1f}{r['saved_for_backward_mib']:>11.1f}"
-                  f"{r['trainable']:>11,}{r['ratio_to_peft_lora']:>9.3f}")
+            iqr = "{:.3f}-{:.3f}".format(*r["ratio_to_peft_lora_iqr"])
+            print(f"{r['variant']:<18}{r['median_step_s']:>14.4f}{r['tokens_per_s']:>10.1f}{r['saved_for_backward_mib']:>10.1f}"
+                  f"{r['trainable']:>11,}{r['ratio_to_peft_lora']:>8.3f}{iqr:>14}{r['ratio_to_lrft_lora'] or float('nan'):>8.3f}"
+                  + (f"   calibration {r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an "
+                     f"epoch" if "calibration_s" in r else ""))
         print(f"peak RSS of the process: {result['peak_rss_mib']} MiB")
     return result
 

@@ -43,9 +43,30 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _remove_stale(directory: Path, prefix: str = ".") -> None:
+    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` files and dirs that killed writers left in `directory`."""
+    if not directory.is_dir():
+        return
+    for p in directory.glob(f"{prefix}*"):
+        _, sep, pid = p.name.rpartition(".tmp-") if ".tmp-" in p.name else p.name.rpartition(".old-")
+        if sep and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path.parent, f".{path.name}.")
     tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
@@ -68,6 +89,7 @@ def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary dir; on success it replaces `final` in one rename, on failure it vanishes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(final.parent, f".{final.name}.")
     tmp = _tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -200,6 +222,7 @@ def load_tree(directory: Path) -> dict:
 def save_checkpoint(root: Path, step: int, tree: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep_last`."""
     final = Path(root) / f"{CKPT_PREFIX}{step:09d}"
+    _remove_stale(Path(root), f".{CKPT_PREFIX}")  # any step's write a kill interrupted
     with atomic_dir(final) as tmp:
         save_tree(tmp, tree)
     for old in list_checkpoints(root)[:-keep_last]:

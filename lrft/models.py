@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+
+# What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 from lrft.errors import LrftError
 from lrft.methods.base import Target
@@ -150,6 +154,16 @@ def dequantized(gguf_path: Path) -> str:
     return str(cache)
 
 
+def _common(model_cfg) -> dict:
+    """from_pretrained options every load shares: the revision, remote code (only when asked, with a
+    warning), and safetensors weights only, so no pickle file is ever loaded."""
+    from lrft import console
+
+    if model_cfg.trust_remote_code:
+        console.warn(f"model.trust_remote_code is true: running Python code from {model_cfg.name}'s repository")
+    return {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+
+
 def load_config(model_cfg, **overrides):
     from transformers import AutoConfig
 
@@ -157,7 +171,7 @@ def load_config(model_cfg, **overrides):
     try:
         return AutoConfig.from_pretrained(source, revision=model_cfg.revision,
                                           trust_remote_code=model_cfg.trust_remote_code, **overrides)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise LrftError(f"model.name: could not load the config of {model_cfg.name!r}: {_first_line(e)}") from None
 
 
@@ -175,12 +189,14 @@ def load_for_causal_lm(model_cfg):
 
     quiet_transformers()
     source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
-    common = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    common = _common(model_cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, model_cfg.dtype), **common)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True,
+                                                     **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError) as e:
-        raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: {_first_line(e)}") from None
+    except LOAD_ERRORS as e:
+        raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: {_load_problem(e)}") from None
+    _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -199,20 +215,38 @@ def load_for_classification(model_cfg, num_labels: int, label_names: list[str] |
     if regression:
         kw["problem_type"] = "regression"
     config = load_config(model_cfg, **kw)
-    common = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    common = _common(model_cfg)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, dtype=getattr(torch, model_cfg.dtype),
+            source, config=config, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True,
             # a checkpoint fine-tuned with another label count (e.g. roberta-large-mnli) gets a new head
             ignore_mismatched_sizes=True, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError) as e:
-        raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_first_line(e)}") from None
+    except LOAD_ERRORS as e:
+        raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_load_problem(e)}") from None
+    _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder backbones (Llama) have no pad token
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _check_tokenizer(tokenizer, name: str) -> None:
+    """transformers makes up a tokenizer of special tokens only for a dir without tokenizer files;
+    every word would become [UNK], silently."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise LrftError(f"model.name: {name} has no usable tokenizer ({len(tokenizer)} tokens, all special); add its "
+                        f"tokenizer files (tokenizer.json or vocab.txt, tokenizer_config.json) to the model dir")
+
+
+def _load_problem(e: Exception) -> str:
+    """What went wrong loading weights, in words a user can act on."""
+    text = _first_line(e)
+    if "safetensors" in text.lower() and ("no file" in text.lower() or "not found" in text.lower()
+                                         or "does not appear" in text.lower()):
+        return f"{text} (lrft loads safetensors weights only, never pickle files: convert the .bin weights)"
+    return f"{type(e).__name__}: {text}" if isinstance(e, SafetensorError) else text
 
 
 def _first_line(e: Exception) -> str:

@@ -68,6 +68,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps spent warming up")
     warmup_steps: int | None = Field(None, ge=0, description="warmup steps (instead of warmup_ratio)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
+    skip_nonfinite: bool = Field(False, description="skip batches whose loss or gradients are NaN/Inf (counted) instead of stopping")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end of each epoch)")
     eval_on_start: bool = Field(False, description="evaluate the base model before the first step (a before/after baseline)")

@@ -51,6 +51,7 @@ class Progress:
     last_eval: dict | None = None  # metrics of the latest evaluation, at step last_eval_step
     last_eval_step: int | None = None
     train_seconds: float = 0.0
+    skipped_nonfinite: int = 0  # batches skipped by train.skip_nonfinite
     step_times: list[float] = field(default_factory=list)
     metrics_bytes: int = 0  # length of metrics.jsonl / adapter_stats.jsonl at the checkpoint
     stats_bytes: int = 0
@@ -59,10 +60,14 @@ class Progress:
 def train(recipe: Recipe, restart: bool = False) -> dict:
     """Run the recipe to the end; returns the summary written to summary.json."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     cfg = recipe.train
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    # On a machine without an accelerator, cpu=True is also what lets several processes (torchrun, or
+    # `accelerate launch --multi_gpu`) form a gloo process group instead of each training alone.
+    no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and no_accelerator),
+                              mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
     console.set_main_process(accelerator.is_main_process)
     main = accelerator.is_main_process
     run_dir = recipe.run_dir
@@ -121,12 +126,18 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
                               num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        console.log(f"{world} processes ({accelerator.distributed_type.value}), {cfg.batch_size // world} examples "
+                    f"of each batch per process")
+        # Every rank started from the same seed (same model init); from here each draws its own dropout masks.
+        set_seed(recipe.seed + rank)
 
     # ---- resume or start
     progress = Progress()
     metrics_path, stats_path = run_dir / "metrics.jsonl", run_dir / "adapter_stats.jsonl"
     if resume_from is not None:
-        progress = _restore(resume_from, unwrapped, optimizer, scheduler)
+        progress = _restore(resume_from, unwrapped, optimizer, scheduler, accelerator.process_index)
         if main:
             _truncate(metrics_path, progress.metrics_bytes)
             _truncate(stats_path, progress.stats_bytes)
@@ -139,11 +150,12 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
         _write_stats(stats_path, unwrapped, epoch=0, step=0)
 
     def checkpoint():
+        rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]  # each process's own dropout stream
         if main:
             progress.metrics_bytes = _size(metrics_path)
             progress.stats_bytes = _size(stats_path)
             tree = {"model": saved_state(unwrapped, include_head=cfg.train_head), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "progress": vars(progress)}
+                    "scheduler": scheduler.state_dict(), "rng": rng, "progress": vars(progress)}
             save_checkpoint(run_dir / CKPT_DIR, progress.step, tree, cfg.keep_last)
         accelerator.wait_for_everyone()
 
@@ -172,7 +184,6 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
     if cfg.eval_on_start and progress.step == 0 and progress.last_eval_step is None:
         run_eval(generation=True)
     model.train()
-    world, rank = accelerator.num_processes, accelerator.process_index
     micro = cfg.batch_size // cfg.grad_accum
     window_losses: list[float] = []
     bar = _progress_bar(total_steps, progress.step)
@@ -191,32 +202,52 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
                 sync = accelerator.no_sync(model) if j < len(chunks) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss = model(**inputs).loss
-                    if not torch.isfinite(loss):
-                        raise LrftError(f"train: the loss became {float(loss)} at step {progress.step + 1}; "
-                                        f"lower train.lr (now {cfg.lr}) or use precision fp32")
+                    # Backward even on a non-finite loss: DDP's gradient all-reduce then carries the NaN to
+                    # every process, so all of them take the same decision below (no rank skips a collective).
                     accelerator.backward(loss / len(chunks))
                 loss_total += float(loss.detach()) / len(chunks)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-            optimizer.step()
+            if world > 1:
+                loss_total = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "mean"))
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            # fp16's loss scaler skips steps with inf gradients by itself; elsewhere they are a real failure
+            bad_grad = cfg.precision != "fp16" and not torch.isfinite(torch.as_tensor(grad_norm)).all()
+            if not math.isfinite(loss_total) or bad_grad:
+                what = f"the loss became {loss_total}" if not math.isfinite(loss_total) else \
+                    f"the gradient norm became {float(grad_norm)}"
+                if not cfg.skip_nonfinite:
+                    last = list_checkpoints(run_dir / CKPT_DIR)
+                    raise LrftError(f"train: {what} at step {progress.step + 1}; stopped, the last good checkpoint is "
+                                    f"{last[-1].name if last else 'none'}; lower train.lr (now {cfg.lr}), use precision "
+                                    f"fp32, or set train.skip_nonfinite=true to skip such batches")
+                optimizer.zero_grad(set_to_none=True)
+                progress.skipped_nonfinite += 1
+                console.warn(f"step {progress.step + 1}: {what}; batch skipped "
+                             f"({progress.skipped_nonfinite} so far, train.skip_nonfinite)")
+                loss_total = math.nan
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.batch += 1
             step_time = time.perf_counter() - t0
             progress.step_times.append(round(step_time, 5))
-            window_losses.append(loss_total)
+            if math.isfinite(loss_total):
+                window_losses.append(loss_total)
             progress.train_seconds = time.perf_counter() - t_start
             if progress.step % cfg.log_every == 0 or progress.step == total_steps:
                 lr = scheduler.get_last_lr()[0]
                 record = {"type": "train", "step": progress.step, "epoch": round(progress.step / steps_per_epoch, 4),
-                          "loss": sum(window_losses) / len(window_losses), "lr": lr, "step_time_s": step_time}
+                          "loss": sum(window_losses) / len(window_losses) if window_losses else None, "lr": lr,
+                          "step_time_s": step_time}
                 window_losses = []
                 if main:
                     append_jsonl(metrics_path, record)
                 if bar is None:
                     console.log(f"step {progress.step}/{total_steps} epoch {record['epoch']:.2f} "
-                                f"loss {record['loss']:.4f} lr {lr:.2e} {step_time:.2f} s/step")
+                                f"loss {record['loss'] if record['loss'] is None else round(record['loss'], 4)} "
+                                f"lr {lr:.2e} {step_time:.2f} s/step")
             if bar is not None:
                 bar.update(progress.step, loss_total)
             if cfg.eval_every and progress.step % cfg.eval_every == 0:
@@ -246,6 +277,7 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
         "head_params": sum(p.numel() for p in head_params), "total_params": total,
         "train_seconds": round(progress.train_seconds, 2),
         "calibration_seconds": round(stats.seconds, 2) if stats is not None else None,
+        "skipped_nonfinite": progress.skipped_nonfinite,
         "median_step_time_s": round(statistics.median(progress.step_times), 4) if progress.step_times else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -297,14 +329,15 @@ def _rng_state() -> dict:
     return state
 
 
-def _restore(path: Path, model, optimizer, scheduler) -> Progress:
+def _restore(path: Path, model, optimizer, scheduler, rank: int) -> Progress:
     from lrft.inject import load_saved_state
 
     tree = load_tree(path)
     load_saved_state(model, tree["model"], str(path))
     optimizer.load_state_dict(tree["optimizer"])
     scheduler.load_state_dict(tree["scheduler"])
-    rng = tree["rng"]
+    states = tree["rng"] if isinstance(tree["rng"], list) else [tree["rng"]]
+    rng = states[rank] if rank < len(states) else states[0]  # another process count: the main process's stream
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -37,7 +37,10 @@ def test_minilm_mrpc_train_eval_merge(short_run, cli, tmp_path, method):
     assert summary["total_params"] > 22_000_000
     assert 0.0 < summary["final"]["accuracy"] < 1.0 and "f1" in summary["final"]
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model"] == {"name": "minilm", "revision": None, "model_type": "bert", "dtype": "float32"}
+    base = config["base_model"]
+    assert {k: base[k] for k in ("name", "revision", "model_type", "dtype", "gguf_file")} == {
+        "name": "minilm", "revision": None, "model_type": "bert", "dtype": "float32", "gguf_file": None}
+    assert len(base["fingerprint"]) == 16  # checksum of the target weights, checked by eval and merge
     assert config["label_names"] == ["not_equivalent", "equivalent"]
 
     code, out, err = cli("eval", run, "--json")
@@ -89,3 +92,19 @@ def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path,
     assert report["max_abs_logit_diff"] <= 1e-4 and report["generation_identical"] and report["tied_embeddings"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.model_type == "llama" and not hasattr(merged.config, "quantization_config")
+
+
+def test_speed_suite_smoke(data_dir, monkeypatch):
+    """bench/speed.py for 2 timed steps on real MRPC batches: every variant runs and gets a ratio."""
+    import runpy
+    import sys
+
+    monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--rounds", "1", "--steps", "2", "--warmup", "0", "--batch-size", "8",
+                                      "--json"])
+    speed = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "speed.py"), run_name="bench")
+    result = speed["main"]()
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"peft-lora", "lora", "tlora", "talora", "lorta"}
+    assert all(r["ratio_to_peft_lora"] > 0 and r["trainable"] > 0 for r in rows.values())
+    assert 0 < rows["talora"]["calibration_fraction_of_epoch"] < 1

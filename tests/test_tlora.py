@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lrft.inject import adapted, adapter_modules
@@ -68,3 +69,23 @@ def test_branch_dropout_is_on_the_output():
     kept = out != 0
     full = x @ w.adapter.delta_weight().T
     torch.testing.assert_close(out[kept], 2 * full[kept], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.3])
+def test_dropout_masks_keep_1_minus_p_and_rescale(p):
+    """The CPU bit mask (p = 0.5) and the uniform threshold (other p): fair bits, right rate and scale."""
+    from lrft.methods.base import Dropout
+
+    drop = Dropout(p).train()
+    torch.manual_seed(0)
+    mask = drop.keep_mask(torch.empty(4096, 32))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - (1 - p)) < 0.01
+    column_rates = mask.mean(0)  # with the bit mask, column j holds bit j of every word
+    assert (column_rates - (1 - p)).abs().max() < 0.04
+    x = torch.ones(1000, 100)
+    out = drop(x)
+    values = out.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / (1 - p))
+    assert abs(out.mean().item() - 1) < 0.02
+    assert torch.equal(drop.eval()(x), x)

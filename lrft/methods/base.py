@@ -99,26 +99,45 @@ class Method:
 
 
 class Dropout(nn.Module):
-    """Dropout for adapter branches; on the CPU it avoids `bernoulli_`, which costs there.
+    """Dropout for adapter branches, with a CPU path that avoids drawing one random float per element.
 
-    Measured on 2 CPU cores for a (32, 64, 384) branch output, forward + backward: F.dropout 12.5 ms,
-    this 4.0 ms. Same distribution: an element is kept iff U ≥ p with U ~ Uniform[0, 1), and kept
-    elements are scaled by 1/(1-p). GPUs keep F.dropout, a fused kernel there.
+    An element is kept with probability 1 - p and kept elements are scaled by 1/(1 - p), as F.dropout.
+    On the CPU, the mask for p = 0.5 (tri-matrix TLoRA's default) unpacks the bits of one random
+    32-bit word per 32 elements; other p threshold a uniform draw (cheaper than bernoulli_ there).
+    Measured on 2 CPU cores, forward + backward of the tlora branch at (32, 64, 384): 6.7 ms with a
+    float uniform per element, 3.0 ms with the bit mask and the scale folded into the r×out core.
+    GPUs keep F.dropout, a fused kernel there.
     """
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.scale = 1.0 / (1.0 - p)
+
+    @property
+    def active(self) -> bool:
+        return self.training and self.p > 0
+
+    def keep_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0/1 mask of like's shape and dtype, 1 with probability 1 - p (not scaled)."""
+        if like.device.type == "cpu" and self.p == 0.5:
+            words = torch.randint(-2**31, 2**31, (-(-like.numel() // 32),), dtype=torch.int32)
+            bits = (words.unsqueeze(1) >> _BIT_SHIFTS) & 1
+            return bits.view(-1)[:like.numel()].view(like.shape).to(like.dtype)
+        return (torch.rand_like(like) >= self.p).to(like.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.active:
             return x
         if x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, True)
-        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * self.keep_mask(x) * self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def seeded_generator(seed: int) -> torch.Generator:

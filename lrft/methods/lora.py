@@ -38,7 +38,8 @@ class LoRA(Adapter):
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+        # the scale goes on the small out×r factor, not on the large output: one full pass fewer
+        return F.linear(F.linear(self.dropout(x), self.A), self.B * self.scale)
 
     def lora_factors(self):
         return self.A.float(), self.B.float() * self.scale

@@ -75,9 +75,9 @@ class Branch(Adapter):
     def forward(self, x):
         f, x = self.factors, self.dropout(x)
         S = f.head_stack(self.layer, self.kind)
-        if self.kind == "o":  # ΔW = s·A Sᵀ
-            return F.linear(F.linear(x, S.T), f.A) * self.scale
-        return F.linear(F.linear(x, f.A.T), S) * self.scale  # ΔW = s·S Aᵀ
+        if self.kind == "o":  # ΔW = s·A Sᵀ; the scale rides on a small d×r factor, not on the output
+            return F.linear(F.linear(x, S.T), f.A * self.scale)
+        return F.linear(F.linear(x, f.A.T), S * self.scale)  # ΔW = s·S Aᵀ
 
     def lora_factors(self):
         A, S = self.factors.A.float(), self.factors.head_stack(self.layer, self.kind).float()

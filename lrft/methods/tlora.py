@@ -44,8 +44,13 @@ class TriMatrix(Adapter):
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
-        # (αB)C is r×out: folding it first leaves two large matmuls, as in LoRA.
-        return self.dropout((x @ self.A) @ ((self.alpha * self.B) @ self.C))
+        # (αB)C is r×out: folding it first leaves two large matmuls, as in LoRA. Dropout's 1/(1-p)
+        # rescale goes into that small core too, so the large output only takes the 0/1 mask.
+        core = (self.alpha * self.B) @ self.C
+        if not self.dropout.active or x.device.type != "cpu":
+            return self.dropout((x @ self.A) @ core)
+        y = (x @ self.A) @ (core * self.dropout.scale)
+        return y * self.dropout.keep_mask(y)
 
     def lora_factors(self):
         return self.A.float().T, self.alpha.float() * (self.B.float() @ self.C.float()).T

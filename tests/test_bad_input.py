@@ -1,0 +1,311 @@
+"""The bad-input catalogue: every user mistake gets one clear line, exit code 2, and changes no file.
+
+Each case builds its own bad input under a scratch dir, runs the CLI, and checks: exit code 2; a
+single `error:` line that contains the expected words (the field or file, the value, the fix); no
+traceback; every file that existed before is byte-identical afterwards and no new file appeared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import make_problems, save_tiny_llama
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir, tiny_data_dir, tiny_llama_dir):
+    """A finished lora run, a finished talora run and copies of the tiny inputs, shared by the cases."""
+    from typer.testing import CliRunner
+
+    from lrft.cli import app
+
+    root = tmp_path_factory.mktemp("world")
+    shutil.copytree(tiny_model_dir, root / "model")
+    shutil.copytree(tiny_data_dir, root / "data")
+    base = {"seed": 0, "model": {"name": str(root / "model")},
+            "data": {"task": "text-classification", "path": str(root / "data"), "max_length": 16},
+            "train": {"max_steps": 2, "batch_size": 16}, "calibration": {"samples": 16, "batch_size": 8},
+            "output": {"dir": str(root / "runs")}}
+    for name, method in (("good", "lora"), ("ta", "talora")):
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name, "adapter": {"method": method,
+                                                                                           "params": {"rank": 4}}}))
+        result = CliRunner().invoke(app, ["train", str(root / f"{name}.yaml")])
+        assert result.exit_code == 0, result.stderr
+    return root
+
+
+def recipe(world: Path, **changes) -> dict:
+    r = yaml.safe_load((world / "good.yaml").read_text())
+    r["name"] = "new"
+    for dotted, value in changes.items():
+        node = r
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return r
+
+
+# Each case: (args, the words its error line must contain, a setup(world, scratch) writing its inputs).
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _recipe_file(scratch: Path, world: Path, **changes) -> Path:
+    return _write(scratch / "r.yaml", yaml.safe_dump(recipe(world, **changes)))
+
+
+def _data_dir(scratch: Path, train: str, dev: str = '{"text": "good film", "label": 1}\n', suffix=".jsonl",
+              eval_stem: str = "dev") -> Path:
+    _write(scratch / "d" / f"train{suffix}", train)
+    _write(scratch / "d" / f"{eval_stem}{suffix}", dev)
+    return scratch / "d"
+
+
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+
+CASES = {
+    # ------------------------------------------------------------------------------------ recipes
+    "recipe missing": (lambda w, s: ["train", s / "none.yaml"], ["recipe: no file at", "lrft init"]),
+    "yaml syntax": (lambda w, s: ["train", _write(s / "r.yaml", "model: [\n")], ["YAML syntax error at line"]),
+    "recipe not a mapping": (lambda w, s: ["train", _write(s / "r.yaml", "- a\n- b\n")], ["a recipe is a YAML mapping"]),
+    "unknown top key": (lambda w, s: ["train", _recipe_file(s, w, trian={"lr": 1})], ["trian: unknown key", "did you mean 'train'"]),
+    "unknown nested key": (lambda w, s: ["train", _recipe_file(s, w, **{"train.learning_rate": 1e-3})],
+                           ["train.learning_rate: unknown key", "known keys here"]),
+    "wrong type": (lambda w, s: ["train", _recipe_file(s, w, **{"train.lr": "fast"})], ["train.lr", "valid number", "'fast'"]),
+    "zero epochs": (lambda w, s: ["train", _recipe_file(s, w, **{"train.epochs": 0})], ["train.epochs", "greater than 0"]),
+    "warmup ratio 1": (lambda w, s: ["train", _recipe_file(s, w, **{"train.warmup_ratio": 1.0})], ["train.warmup_ratio", "less than 1"]),
+    "warmup twice": (lambda w, s: ["train", _recipe_file(s, w, **{"train.warmup_steps": 5, "train.warmup_ratio": 0.1})],
+                     ["set train.warmup_steps or train.warmup_ratio, not both"]),
+    "batch vs accumulation": (lambda w, s: ["train", _recipe_file(s, w, **{"train.grad_accum": 3})],
+                              ["train.batch_size (16) must be a multiple of train.grad_accum (3)"]),
+    "unknown precision": (lambda w, s: ["train", _recipe_file(s, w, **{"train.precision": "fp8"})], ["train.precision", "'fp8'"]),
+    "unknown method": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "loar"})],
+                       ["adapter.method: unknown method 'loar'", "did you mean 'lora'"]),
+    "unknown task": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mprc"})],
+                     ["data.task: unknown task 'glue/mprc'", "did you mean 'glue/mrpc'"]),
+    "escaping run name": (lambda w, s: ["train", _recipe_file(s, w, name="../../etc")], ["name: '../../etc' is not a plain run name"]),
+    "rank zero": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.params.rank": 0})], ["adapter.params.rank", "greater than 0"]),
+    "rank too large": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.params.rank": 99})],
+                       ["adapter.params.rank: 99 is larger than the targeted layer", "use a rank ≤ 32"]),
+    "unknown method param": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.params.dropuot": 0.1})],
+                             ["adapter.params.dropuot: unknown key", "did you mean 'dropout'"]),
+    "dropout out of range": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.params.dropout": 1.5})],
+                             ["adapter.params.dropout", "less than 1"]),
+    "talora ablation typo": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "talora",
+                                                                          "adapter.params.init": "svd"})],
+                             ["adapter.params.init", "'task-aware', 'weight-svd' or 'random'"]),
+    "targets match nothing": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.target_modules": ["qkv"]})],
+                              ["'qkv' matched no Linear layer", "Linear layers end with"]),
+    "lorta outside attention": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "lorta",
+                                                                             "adapter.target_modules": ["intermediate.dense"]})],
+                                ["lorta adapts attention projections only", "supported kinds"]),
+    "model type vs task": (lambda w, s: ["train", _recipe_file(s, w, **{"model.type": "causal_lm"})],
+                           ["model.type: causal_lm does not fit data.task text-classification"]),
+    "metric for best": (lambda w, s: ["train", _recipe_file(s, w, **{"train.metric_for_best": "bleu"})],
+                        ["train.metric_for_best", "not 'bleu'"]),
+    "override syntax": (lambda w, s: ["train", w / "good.yaml", "train.lr"], ["override 'train.lr': expected key=value"]),
+    "override into a value": (lambda w, s: ["train", w / "good.yaml", "seed.x=1"], ["'seed' is not a section"]),
+    "changed recipe on resume": (lambda w, s: ["train", w / "good.yaml", "adapter.params.rank=2", "train.max_steps=3"],
+                                 ["holds a checkpoint of another recipe", "adapter.params.rank changed", "--restart"]),
+    "calibration samples": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "talora",
+                                                                         "calibration.samples": 500})],
+                            ["calibration.samples: 500 is more than the 64 training examples"]),
+    "budget too small": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "talora", "adapter.params.rank": 2,
+                                                                      "adapter.params.min_rank": 3})],
+                         ["adapter.params.min_rank: 3 × 4 modules exceeds the budget 8"]),
+    "calibration cache of another setup": (
+        lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "talora", "calibration.seed": 9,
+                                                     "calibration.cache": str(w / "runs" / "ta")})],
+        ["calibration.cache:", "was computed for another setup (examples differ)"]),
+    # -------------------------------------------------------------------------------- CLI arguments
+    "count-params rank": (lambda w, s: ["count-params", "--method", "lora", "--rank", "0"], ["--rank: 0 is not a positive rank"]),
+    "count-params method": (lambda w, s: ["count-params", "--method", "dora"], ["adapter.method: unknown 'dora'"]),
+    "count-params model": (lambda w, s: ["count-params", "--method", "lora", "--model", str(s / "nowhere")],
+                           ["model.name: no directory at"]),
+    "count-params calibrated": (lambda w, s: ["count-params", "--method", "talora", "--calibrated", w / "runs" / "good"],
+                                ["--calibrated:", "is a lora run, not talora"]),
+    "merge format": (lambda w, s: ["merge", w / "runs" / "good", "--out", s / "m", "--format", "gguf"], ["--format: unknown 'gguf'"]),
+    "merge dtype": (lambda w, s: ["merge", w / "runs" / "good", "--out", s / "m", "--dtype", "int4"], ["--dtype: unknown 'int4'"]),
+    "merge out exists": (lambda w, s: ["merge", w / "runs" / "good", "--out", _write(s / "taken" / "keep.txt", "mine").parent],
+                         ["--out:", "already exists", "--force"]),
+    "init exists": (lambda w, s: ["init", "--method", "lora", "-o", _write(s / "my.yaml", "# mine\n")],
+                    ["--output:", "already exists", "--force"]),
+    "init method": (lambda w, s: ["init", "--method", "qlora"], ["adapter.method: unknown 'qlora'"]),
+    "eval model without task": (lambda w, s: ["eval", w / "model"], ["--task:", "is not an lrft run dir"]),
+    "eval wrong task": (lambda w, s: ["eval", w / "runs" / "good", "--task", "glue/rte"],
+                        ["--task: the run was trained on text-classification, not glue/rte"]),
+    "analyze unknown module": (lambda w, s: ["analyze", w / "runs" / "good", "--out", s / "a", "--module", "nope"],
+                               ["--module", "nope"]),
+    # ----------------------------------------------------------------------------------- data files
+    "data path missing": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(s / "nodata")})],
+                          ["data.path: no directory at"]),
+    "glue dir without files": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mrpc",
+                                                                            "data.path": str(_write(s / "g" / "x.txt", "").parent)})],
+                               ["data: missing", "train.tsv", "a local glue/mrpc dir needs"]),
+    "glue missing column": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mrpc", "data.path": str(
+        _data_dir(s, "a\tb\n1\t2\n", "a\tb\n", suffix=".tsv"))})], ["no column '#1 String' or 'sentence1'"]),
+    "glue wrong label": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mrpc", "data.path": str(
+        _data_dir(s, MRPC_HEADER + "7\t1\t2\ta\tb\n", MRPC_HEADER, suffix=".tsv"))})],
+                         ["train.tsv:2: label '7' is not one of 0..1"]),
+    "glue wrong field count": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mrpc", "data.path": str(
+        _data_dir(s, MRPC_HEADER + "1\t1\t2\tonly four\n", MRPC_HEADER, suffix=".tsv"))})],
+                               ["train.tsv:2: expected 5 tab-separated fields, found 4"]),
+    "empty training file": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/sst2", "data.path": str(
+        _data_dir(s, "sentence\tlabel\n", "sentence\tlabel\nok\t1\n", suffix=".tsv"))})],
+                            ["the training split of glue/sst2", "is empty"]),
+    "not utf-8": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(_data_dir(s, b'{"text": "\xff\xfe", "label": 1}\n'))})],
+                  ["train.jsonl: not UTF-8 text", "convert the file to UTF-8"]),
+    "malformed jsonl line": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(
+        _data_dir(s, '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n'))})], ["train.jsonl:2: not valid JSON"]),
+    "jsonl missing field": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(
+        _data_dir(s, '{"txt": "a", "label": 1}\n'))})], ["train.jsonl:1: no field 'text'", "data.text_column"]),
+    "label not in label names": (lambda w, s: ["train", _recipe_file(s, w, **{"data.label_names": ["0", "1"], "data.path": str(
+        _data_dir(s, '{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n'))})], ["train.jsonl:2: label 5 is not one of data.label_names"]),
+    "gsm8k line without answer": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "gsm8k", "data.path": str(
+        _data_dir(s, '{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n', '{"question": "q", "answer": "#### 1"}\n',
+                  eval_stem="test"))}),
+        "model.name=" + str(s / "llama")], ["train.jsonl:2: no text field 'answer'"]),
+    "instruction layout": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "instruction", "data.path": str(
+        _data_dir(s, '{"prompt": "a", "completion": "b"}\n'))}), "model.name=" + str(s / "llama")],
+        ["train.jsonl:1: expected the alpaca layout"]),
+    "nothing left to learn": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "gsm8k", "data.max_length": 8, "data.path": str(
+        _data_dir(s, "".join(json.dumps(r) + "\n" for r in make_problems(4, 0)),
+                  "".join(json.dumps(r) + "\n" for r in make_problems(2, 1)), eval_stem="test"))}),
+        "model.name=" + str(s / "llama")],
+        ["data.max_length: 8 tokens leave no response token to learn"]),
+    # ------------------------------------------------------------------------------------ model dirs
+    "model dir without config": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_write(s / "m" / "x.txt", "").parent)})],
+                                 ["has no config.json"]),
+    "corrupt safetensors": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_broken_model(w, s, b"garbage"))})],
+                            ["model.name: could not load", "SafetensorError"]),
+    "pickle weights only": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_broken_model(w, s, None))})],
+                            ["lrft loads safetensors weights only, never pickle files"]),
+    "no tokenizer": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_model_without_tokenizer(w, s))})],
+                     ["has no usable tokenizer", "add its tokenizer files"]),
+    "gguf missing": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(s), "model.gguf_file": "none.gguf"})],
+                     ["model.gguf_file: no file"]),
+    "not a gguf": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_write(s / "f.gguf", b"PK\x03\x04").parent),
+                                                                "model.gguf_file": "f.gguf"})],
+                   ["is not a GGUF file"]),
+    # -------------------------------------------------------------------------------------- run dirs
+    "run without adapter": (lambda w, s: ["eval", _unfinished_run(w, s)], ["no trained adapter in", "rerun `lrft train`"]),
+    "foreign adapter": (lambda w, s: ["merge", _foreign_run(w, s), "--out", s / "m"],
+                        ["adapter of method 'talora' but the run's recipe says 'lora'"]),
+    "corrupt adapter file": (lambda w, s: ["eval", _corrupt_adapter_run(w, s)],
+                             ["adapter.safetensors: not a readable safetensors file"]),
+    "adapter for another base": (lambda w, s: ["eval", _run_on_changed_base(w, s)],
+                                 ["target weights differ", "--force"]),
+    "not a run dir": (lambda w, s: ["merge", w / "data", "--out", s / "m"],
+                      ["neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir"]),
+    "analyze another base": (lambda w, s: ["analyze", w / "runs" / "good", "--against", _run_on_renamed_base(w, s),
+                                           "--out", s / "a"], ["base model"]),
+}
+
+
+def _broken_model(world: Path, scratch: Path, weights: bytes | None) -> Path:
+    d = scratch / "broken"
+    shutil.copytree(world / "model", d)
+    if weights is None:
+        (d / "model.safetensors").unlink()
+        torch.save({}, d / "pytorch_model.bin")  # what lrft must refuse to unpickle
+    else:
+        (d / "model.safetensors").write_bytes(weights)
+    return d
+
+
+def _model_without_tokenizer(world: Path, scratch: Path) -> Path:
+    d = scratch / "notok"
+    d.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(world / "model" / name, d / name)
+    return d
+
+
+def _copy_run(world: Path, scratch: Path, name: str = "good") -> Path:
+    d = scratch / "run"
+    shutil.copytree(world / "runs" / name, d, ignore=shutil.ignore_patterns("checkpoints"))
+    return d
+
+
+def _unfinished_run(world: Path, scratch: Path) -> Path:
+    d = _copy_run(world, scratch)
+    shutil.rmtree(d / "adapter")
+    return d
+
+
+def _foreign_run(world: Path, scratch: Path) -> Path:
+    d = _copy_run(world, scratch)
+    shutil.rmtree(d / "adapter")
+    shutil.copytree(world / "runs" / "ta" / "adapter", d / "adapter")
+    return d
+
+
+def _corrupt_adapter_run(world: Path, scratch: Path) -> Path:
+    d = _copy_run(world, scratch)
+    (d / "adapter" / "adapter.safetensors").write_bytes(b"\x00" * 64)
+    return d
+
+
+def _run_on_changed_base(world: Path, scratch: Path) -> Path:
+    from tests.conftest import tiny_bert
+
+    d = _copy_run(world, scratch)
+    shutil.copytree(world / "model", scratch / "other")
+    tiny_bert(seed=3).save_pretrained(scratch / "other")
+    r = yaml.safe_load((d / "recipe.yaml").read_text())
+    r["model"]["name"] = str(scratch / "other")
+    (d / "recipe.yaml").write_text(yaml.safe_dump(r))
+    return d
+
+
+def _run_on_renamed_base(world: Path, scratch: Path) -> Path:
+    d = _copy_run(world, scratch)
+    config = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    config["base_model"]["name"] = "FacebookAI/roberta-base"
+    (d / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    return d
+
+
+CAUSAL_CASES = {"gsm8k line without answer", "instruction layout", "nothing left to learn"}  # on a tiny Llama
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_line(case, world, tmp_path, cli, monkeypatch):
+    make_args, expected = CASES[case]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    if case in CAUSAL_CASES:
+        (scratch / "llama").mkdir()
+        save_tiny_llama(scratch / "llama")
+    monkeypatch.chdir(tmp_path)
+    args = make_args(world, scratch)
+    before_world, before_scratch = snapshot(world), snapshot(scratch)
+    code, out, err = cli(*args)
+    assert code == 2, f"{case}: exit {code}\n{err}"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"{case}: {err}"
+    message = err[err.index("error:"):]
+    for words in expected:
+        assert words in message, f"{case}: {words!r} not in {message!r}"
+    assert "Traceback" not in err and out == ""
+    assert snapshot(world) == before_world, f"{case}: the shared runs or inputs changed"
+    assert snapshot(scratch) == before_scratch, f"{case}: files were written or changed"
