@@ -205,7 +205,8 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             row["peak_gpu_mib"] = round(peak_gpu[name] / 2**20, 1)
         rows.append(row)
-    result = {"model": args.model, "task": args.task, "rank": args.rank, "targets": targets, "batch_size": args.batch_size,
+    result = {"command": "python bench/speed.py " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--json"),
+              "model": args.model, "task": args.task, "rank": args.rank, "targets": targets, "batch_size": args.batch_size,
               "device": str(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "steps_per_round": args.steps, "steps_per_epoch": steps_per_epoch,
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rows": rows}

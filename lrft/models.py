@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-# What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
-LOAD_ERRORS = (OSError, ValueError, SafetensorError)
-
 from lrft.errors import LrftError
 from lrft.methods.base import Target
+
+# What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 @dataclass(frozen=True)
 class Alias:

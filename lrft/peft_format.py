@@ -26,7 +26,7 @@ from lrft import console
 from lrft.checkpoint import atomic_dir, read_json
 from lrft.errors import LrftError
 from lrft.inject import adapted, inject
-from lrft.methods.base import Built, Target
+from lrft.methods.base import Built
 from lrft.methods.lora import LoRA
 from lrft.models import head_modules, resolve
 

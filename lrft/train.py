@@ -114,7 +114,6 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
     # ---- optimizer and schedule
     steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
     groups = [{"params": list(adapter_modules(model)), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if head_params:
         groups.append({"params": head_params, "lr": cfg.head_lr or cfg.lr, "weight_decay": cfg.weight_decay})
@@ -137,7 +136,7 @@ def train(recipe: Recipe, restart: bool = False) -> dict:
     progress = Progress()
     metrics_path, stats_path = run_dir / "metrics.jsonl", run_dir / "adapter_stats.jsonl"
     if resume_from is not None:
-        progress = _restore(resume_from, unwrapped, optimizer, scheduler, accelerator.process_index)
+        progress = _restore(resume_from, unwrapped, optimizer, scheduler, rank)
         if main:
             _truncate(metrics_path, progress.metrics_bytes)
             _truncate(stats_path, progress.stats_bytes)

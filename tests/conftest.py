@@ -95,12 +95,16 @@ def make_problems(n: int, seed: int) -> list[dict]:
     return out
 
 
+def write_splits(d: Path, make, splits) -> Path:
+    """`split.jsonl` files of make(n, seed) records, for each (split, n, seed)."""
+    for split, n, seed in splits:
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make(n, seed)))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_gsm8k_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-gsm8k")
-    for split, n, seed in (("train", 48, 3), ("test", 12, 4)):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_problems(n, seed)))
-    return d
+    return write_splits(tmp_path_factory.mktemp("tiny-gsm8k"), make_problems, (("train", 48, 3), ("test", 12, 4)))
 
 
 @pytest.fixture(scope="session")
@@ -130,10 +134,7 @@ def make_sentences(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-data")
-    for split, n, seed in (("train", 64, 1), ("dev", 32, 2)):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_sentences(n, seed)))
-    return d
+    return write_splits(tmp_path_factory.mktemp("tiny-data"), make_sentences, (("train", 64, 1), ("dev", 32, 2)))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_modules, saved_state
 from lrft.methods.lorta import Branch
-from tests.test_methods import batch, build, randomize
+from tests.test_methods import build, randomize
 from tests.conftest import tiny_bert, tiny_llama
 
 BERT_QKVO = ["query", "key", "value", "attention.output.dense"]

@@ -195,3 +195,12 @@ def test_bf16_base_trains_fp32_adapter(method, arch):
     params = list(adapter_modules(model))
     assert all(p.dtype == torch.float32 for p in params)
     assert any(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+@pytest.mark.parametrize("method, arch", MATRIX)
+def test_delta_norm_from_factors_equals_dense(method, arch):
+    model, *_ = build_arch(method, arch)
+    randomize(model)
+    for wrapper in adapted(model).values():
+        with torch.no_grad():
+            assert wrapper.adapter.delta_norm() == pytest.approx(float(wrapper.adapter.delta_weight().norm()), rel=1e-4)

@@ -68,9 +68,14 @@ class Adapter(nn.Module):
         lora_A, lora_B = self.lora_factors()
         return lora_B @ lora_A
 
+    def delta_norm(self) -> float:
+        """‖ΔW‖_F from the factors: ‖B·A‖²_F = Σ (BᵀB) ⊙ (AAᵀ), two r×r products instead of a dense ΔW."""
+        lora_A, lora_B = self.lora_factors()
+        return float(((lora_B.T @ lora_B) * (lora_A @ lora_A.T)).sum().clamp_min(0).sqrt())
+
     def stats(self) -> dict[str, float]:
         """Numbers logged per epoch to adapter_stats.jsonl (later analyses read them)."""
-        return {"delta_norm": float(self.delta_weight().norm())}
+        return {"delta_norm": self.delta_norm()}
 
 
 @dataclass

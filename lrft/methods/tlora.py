@@ -56,7 +56,7 @@ class TriMatrix(Adapter):
         return self.A.float().T, self.alpha.float() * (self.B.float() @ self.C.float()).T
 
     def stats(self):
-        return {"alpha": float(self.alpha), "B_norm": float(self.B.norm()), "delta_norm": float(self.delta_weight().norm())}
+        return {"alpha": float(self.alpha), "B_norm": float(self.B.norm()), "delta_norm": self.delta_norm()}
 
 
 def random_factors(in_f: int, out_f: int, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,256 @@
+"""The results table: which runs it needs, running them, and docs/RESULTS.md generated from their run dirs.
+
+    python bench/results.py plan                      # every row's `lrft train` command
+    LRFT_DATA_DIR=../shared/data python bench/results.py run [--only mrpc] [--seeds 42]   # finished runs are skipped
+    python bench/results.py report                    # docs/RESULTS.md + docs/results_params_accuracy.png
+
+Every number in RESULTS.md comes from a run dir's summary.json, metrics.jsonl and recipe.yaml (or a
+bench/speed.py JSON), never from hand edits; each row lists the command that regenerates it.
+Observations that need judgement live in docs/results_notes.md, which the report includes as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = Path("results/runs")  # relative to the repository root; not committed
+BENCH = Path("results/bench")
+DOCS = ROOT / "docs"
+SEEDS = (42, 1, 2)
+
+LORA_MINILM = ["adapter.method=lora", "adapter.params={rank: 8, alpha: 16}", "train.lr=5e-4"]
+
+
+@dataclass(frozen=True)
+class Row:
+    task: str  # glue/mrpc, glue/rte, glue/sst2, gsm8k
+    method: str
+    rank: int
+    seed: int
+    recipe: str
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.split('/')[-1]}_{self.method}_r{self.rank}_s{self.seed}"
+
+    def command(self) -> list[str]:
+        return ["lrft", "train", self.recipe, *self.overrides, f"seed={self.seed}", f"name={self.name}",
+                f"output.dir={RUNS}"]
+
+
+def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
+    """MiniLM on MRPC, RTE, SST-2 (8,000 training sentences) for the four methods at the papers' ranks
+    and rank 8; SmolLM2 on GSM8K at equal rank. Seeds beyond the first run on MRPC only."""
+    rows = []
+    for task in ("glue/mrpc", "glue/rte", "glue/sst2"):
+        t = task.split("/")[-1]
+        sub = ("data.max_train_samples=8000",) if t == "sst2" else ()
+        quick = ("recipes/quickstart.yaml", (f"data.task={task}", *sub))
+        configs = [
+            ("lora", 8, quick[0], (*quick[1], *LORA_MINILM)),
+            ("tlora", 8, *quick),
+            ("tlora", 32, quick[0], (*quick[1], "adapter.params.rank=32", "train.lr=1e-2")),
+            ("talora", 8, f"recipes/glue_{t}_talora.yaml", ("adapter.params.rank=8", "adapter.params.alpha=8")),
+            ("talora", 32, f"recipes/glue_{t}_talora.yaml", ()),
+            ("lorta", 4, f"recipes/glue_{t}_lorta.yaml", ("adapter.params.rank=4",)),
+            ("lorta", 8, f"recipes/glue_{t}_lorta.yaml", ()),
+        ]
+        for seed in seeds if t == "mrpc" else seeds[:1]:
+            rows += [Row(task, m, r, seed, recipe, tuple(o)) for m, r, recipe, o in configs]
+    rows += [Row("gsm8k", m, 8, seeds[0], f"recipes/gsm8k_{m}.yaml", ()) for m in ("lora", "talora", "lorta", "tlora")]
+    return rows
+
+
+def run(rows: list[Row]) -> None:
+    for row in rows:
+        if (ROOT / RUNS / row.name / "summary.json").is_file():
+            continue
+        print(f"[results] {shlex.join(row.command())}", flush=True)
+        done = subprocess.run(row.command(), cwd=ROOT)
+        if done.returncode != 0:
+            print(f"[results] {row.name} failed with exit code {done.returncode}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def load(row: Row) -> dict | None:
+    run = ROOT / RUNS / row.name
+    if not (run / "summary.json").is_file():
+        return None
+    summary = json.loads((run / "summary.json").read_text())
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"type": "eval"' in l]
+    return {"summary": summary, "evals": evals}
+
+
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "—"
+    m = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
+    """Markdown rows and plot points of one GLUE task, one line per (method, rank) over its seeds."""
+    metric = {"glue/mrpc": ("accuracy", "f1"), "glue/rte": ("accuracy",), "glue/sst2": ("accuracy",)}[task]
+    lines = [f"| method | rank | trainable | {' | '.join(m for m in metric)} | seeds | train time (min) | command |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in metric) + " | ---: | ---: | --- |"]
+    points = []
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        if row.task == task:
+            groups.setdefault((row.method, row.rank), []).append(row)
+    for (method, rank), group in groups.items():
+        done = [(r, d) for r in group if (d := load(r))]
+        if not done:
+            continue
+        finals = [d["summary"]["final"] for _, d in done]
+        values = {m: [f[m] for f in finals] for m in metric}
+        minutes = statistics.mean(d["summary"]["train_seconds"] for _, d in done) / 60
+        trainable = done[0][1]["summary"]["trainable_params"]
+        cmd = shlex.join(done[0][0].command()).replace(f"seed={done[0][0].seed}", "seed=N")
+        lines.append(f"| {method} | {rank} | {trainable:,} | " + " | ".join(mean_std(values[m]) for m in metric)
+                     + f" | {len(done)} | {minutes:.1f} | `{cmd}` |")
+        points.append({"task": task, "method": method, "rank": rank, "trainable": trainable,
+                       "mean": statistics.mean(values["accuracy"]),
+                       "std": statistics.stdev(values["accuracy"]) if len(done) > 1 else 0.0})
+    return lines, points
+
+
+def gsm8k_table(rows: list[Row]) -> list[str]:
+    lines = ["| method | rank | trainable | exact match before | exact match after | perplexity after | train time (min) "
+             "| command |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in rows:
+        if row.task != "gsm8k" or not (d := load(row)):
+            continue
+        summary = d["summary"]
+        before = next((e["exact_match"] for e in d["evals"] if e["step"] == 0 and "exact_match" in e), None)
+        after = summary["final"]
+        lines.append(f"| {row.method} | {row.rank} | {summary['trainable_params']:,} | "
+                     f"{'—' if before is None else f'{100 * before:.0f} %'} | {100 * after['exact_match']:.0f} % | "
+                     f"{after['perplexity']:.3f} | {summary['train_seconds'] / 60:.1f} | `{shlex.join(row.command())}` |")
+    return lines
+
+
+def speed_tables() -> list[str]:
+    out = []
+    for path in sorted((ROOT / BENCH).glob("*.json")):
+        b = json.loads(path.read_text())
+        out += [f"**{b['model']}, {b['task']} batches**, rank {b['rank']}, targets {', '.join(b['targets'])}, batch "
+                f"{b['batch_size']}, {b['device']} with {b['threads']} threads, {b['rounds']}×{b['steps_per_round']} "
+                f"timed steps per variant (`{b.get('command', 'python bench/speed.py')}`):", "",
+                "| variant | median s/step | tokens/s | saved for backward (MiB) | trainable | × PEFT LoRA (IQR) | "
+                "× lrft lora | calibration |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in b["rows"]:
+            calib = (f"{r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an epoch"
+                     if "calibration_s" in r else "")
+            iqr = "–".join(f"{x:.3f}" for x in r["ratio_to_peft_lora_iqr"])
+            out.append(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                       f"{r['saved_for_backward_mib']:.0f} | {r['trainable']:,} | {r['ratio_to_peft_lora']:.3f} ({iqr}) | "
+                       f"{r['ratio_to_lrft_lora']:.3f} | {calib} |")
+        out.append("")
+    return out
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("glue/mrpc", "glue/rte", "glue/sst2") if any(p["task"] == t for p in points)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
+    colors = {"lora": "tab:blue", "tlora": "tab:orange", "talora": "tab:green", "lorta": "tab:red"}
+    for ax, task in zip(axes[0], tasks):
+        for p in (p for p in points if p["task"] == task):
+            ax.errorbar(p["trainable"], 100 * p["mean"], yerr=100 * p["std"], fmt="o", color=colors[p["method"]],
+                        capsize=3, label=p["method"])
+            ax.annotate(f"r{p['rank']}", (p["trainable"], 100 * p["mean"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable adapter parameters (log)")
+        ax.set_ylabel("dev accuracy (%)")
+        ax.set_title(f"MiniLM-L6, {task}")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return (f"{cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def report(rows: list[Row]) -> Path:
+    DOCS.mkdir(exist_ok=True)
+    sections, points = [], []
+    for task, title in (("glue/mrpc", "GLUE MRPC (full dev set, 408 pairs)"),
+                        ("glue/rte", "GLUE RTE (full dev set, 277 pairs)"),
+                        ("glue/sst2", "GLUE SST-2 (full dev set, 872 sentences; training subsampled to the first 8,000 "
+                                      "of 67,349 sentences)")):
+        lines, pts = glue_table(task, rows)
+        points += pts
+        sections += [f"### {title}", "", *lines, ""]
+    plot(points, DOCS / "results_params_accuracy.png")
+    notes = DOCS / "results_notes.md"
+    text = "\n".join([
+        "# Results", "",
+        "<!-- generated by `python bench/results.py report` from the run dirs under results/runs; do not edit -->", "",
+        f"Measured on {machine()}. Every row is a real run of the command it lists (`seed=N` for the seeds "
+        "averaged, mean ± sample standard deviation); train time is the wall-clock of the training loop (the "
+        "evaluations during it included) on the same shared 2-core machine, so it is indicative only. MiniLM is the packaged `minilm` "
+        "(sentence-transformers/all-MiniLM-L6-v2, 22.7 M parameters), trained 3 epochs with each method's recipe "
+        "(the papers' models need a GPU: see each recipe's comments). Trainable counts are adapter parameters; "
+        "every method also trains the 770-parameter classifier head.", "",
+        "## Quality", "", *sections,
+        "![dev accuracy against trainable parameters](results_params_accuracy.png)", "",
+        "### GSM8K with SmolLM2-135M-Instruct (test subset: the first 50 problems)", "",
+        "256 training problems (32 steps of 8), greedy decoding, exact match of the final number; "
+        "'before' is the same adapter-free model evaluated at step 0.", "", *gsm8k_table(rows), "",
+        "## Speed", "", "Measured with `bench/speed.py`: the same real batches for every variant in one process, "
+        "variants alternating round by round; ratios are medians of paired steps (same batch, same round).", "",
+        *speed_tables(),
+        "## Observations", "", notes.read_text().strip() if notes.is_file() else "(none yet)", ""])
+    (DOCS / "RESULTS.md").write_text(text)
+    return DOCS / "RESULTS.md"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["plan", "run", "report"])
+    ap.add_argument("--only", default=None, help="rows whose run name contains this")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: 42,1,2)")
+    args = ap.parse_args(argv)
+    rows = plan(tuple(int(s) for s in args.seeds.split(",")) if args.seeds else SEEDS)
+    if args.only:
+        rows = [r for r in rows if args.only in r.name]
+    if args.action == "plan":
+        for row in rows:
+            print(shlex.join(row.command()))
+    elif args.action == "run":
+        run(rows)
+    else:
+        print(report(plan()))
+
+
+if __name__ == "__main__":
+    main()
