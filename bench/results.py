@@ -39,10 +39,15 @@ class Row:
     seed: int
     recipe: str
     overrides: tuple[str, ...]
+    variant: str = ""  # tells apart rows of one method with other targets/settings, e.g. "6" for six kinds
+
+    @property
+    def label(self) -> str:
+        return self.method + (f" ({self.variant} kinds)" if self.variant else "")
 
     @property
     def name(self) -> str:
-        return f"{self.task.split('/')[-1]}_{self.method}_r{self.rank}_s{self.seed}"
+        return f"{self.task.split('/')[-1]}_{self.method}{self.variant}_r{self.rank}_s{self.seed}"
 
     def command(self) -> list[str]:
         return ["lrft", "train", self.recipe, *self.overrides, f"seed={self.seed}", f"name={self.name}",
@@ -57,17 +62,22 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
         t = task.split("/")[-1]
         sub = ("data.max_train_samples=8000",) if t == "sst2" else ()
         quick = ("recipes/quickstart.yaml", (f"data.task={task}", *sub))
+        talora = f"recipes/glue_{t}_talora.yaml"
         configs = [
             ("lora", 8, quick[0], (*quick[1], *LORA_MINILM)),
             ("tlora", 8, *quick),
             ("tlora", 32, quick[0], (*quick[1], "adapter.params.rank=32", "train.lr=1e-2")),
-            ("talora", 8, f"recipes/glue_{t}_talora.yaml", ("adapter.params.rank=8", "adapter.params.alpha=8")),
-            ("talora", 32, f"recipes/glue_{t}_talora.yaml", ()),
+            ("talora", 8, talora, ("adapter.params.rank=8", "adapter.params.alpha=8")),
+            ("talora", 32, talora, ()),
             ("lorta", 4, f"recipes/glue_{t}_lorta.yaml", ("adapter.params.rank=4",)),
             ("lorta", 8, f"recipes/glue_{t}_lorta.yaml", ()),
         ]
+        # LoRA at talora's budget: its recipe (six kinds of Linear, α/r = 1, lr, schedule), only the method differs
+        same_budget = [("lora", r, talora, ("adapter.method=lora", f"adapter.params={{rank: {r}, alpha: {r}}}"))
+                       for r in (8, 32)]
         for seed in seeds if t == "mrpc" else seeds[:1]:
             rows += [Row(task, m, r, seed, recipe, tuple(o)) for m, r, recipe, o in configs]
+            rows += [Row(task, m, r, seed, recipe, tuple(o), variant="6") for m, r, recipe, o in same_budget]
     rows += [Row("gsm8k", m, 8, seeds[0], f"recipes/gsm8k_{m}.yaml", ()) for m in ("lora", "talora", "lorta", "tlora")]
     return rows
 
@@ -111,8 +121,8 @@ def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
     groups: dict[tuple[str, int], list[Row]] = {}
     for row in rows:
         if row.task == task:
-            groups.setdefault((row.method, row.rank), []).append(row)
-    for (method, rank), group in groups.items():
+            groups.setdefault((row.label, row.rank), []).append(row)
+    for (label, rank), group in groups.items():
         done = [(r, d) for r in group if (d := load(r))]
         if not done:
             continue
@@ -121,9 +131,9 @@ def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
         minutes = statistics.mean(d["summary"]["train_seconds"] for _, d in done) / 60
         trainable = done[0][1]["summary"]["trainable_params"]
         cmd = shlex.join(done[0][0].command()).replace(f"seed={done[0][0].seed}", "seed=N")
-        lines.append(f"| {method} | {rank} | {trainable:,} | " + " | ".join(mean_std(values[m]) for m in metric)
+        lines.append(f"| {label} | {rank} | {trainable:,} | " + " | ".join(mean_std(values[m]) for m in metric)
                      + f" | {len(done)} | {minutes:.1f} | `{cmd}` |")
-        points.append({"task": task, "method": method, "rank": rank, "trainable": trainable,
+        points.append({"task": task, "method": label, "rank": rank, "trainable": trainable,
                        "mean": statistics.mean(values["accuracy"]),
                        "std": statistics.stdev(values["accuracy"]) if len(done) > 1 else 0.0})
     return lines, points
@@ -172,7 +182,8 @@ def plot(points: list[dict], path: Path) -> None:
 
     tasks = [t for t in ("glue/mrpc", "glue/rte", "glue/sst2") if any(p["task"] == t for p in points)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
-    colors = {"lora": "tab:blue", "tlora": "tab:orange", "talora": "tab:green", "lorta": "tab:red"}
+    colors = {"lora": "tab:blue", "lora (6 kinds)": "tab:purple", "tlora": "tab:orange", "talora": "tab:green",
+              "lorta": "tab:red"}
     for ax, task in zip(axes[0], tasks):
         for p in (p for p in points if p["task"] == task):
             ax.errorbar(p["trainable"], 100 * p["mean"], yerr=100 * p["std"], fmt="o", color=colors[p["method"]],
