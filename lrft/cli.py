@@ -146,7 +146,8 @@ def count_params_cmd(
     if calibrated is not None:
         counts = count_run(calibrated)
         if counts["method"] != method:
-            raise LrftError(f"--calibrated: {calibrated} is a {counts['method']} run, not {method}")
+            raise LrftError(f"--calibrated: {calibrated} is a {counts['method']} run, not {method}; give the run dir of a "
+                         f"{method} run")
     else:
         counts = count_params(method, rank, model, names, num_labels)
     if json_out:

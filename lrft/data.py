@@ -144,10 +144,12 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     data.train = data.train.head(data_cfg.max_train_samples)
     data.evals = {k: v.head(data_cfg.max_eval_samples) for k, v in data.evals.items()}
     if need_train and len(data.train) == 0:
-        raise LrftError(f"data: the training split of {task.name} from {data.source} is empty")
+        raise LrftError(f"data: the training split of {task.name} from {data.source} is empty; "
+                        "add training examples (or check data.max_train_samples)")
     for suffix, split in data.evals.items():
         if len(split) == 0:
-            raise LrftError(f"data: the evaluation split{suffix or ''} of {task.name} from {data.source} is empty")
+            raise LrftError(f"data: the evaluation split{suffix or ''} of {task.name} from {data.source} is empty; "
+                            "add evaluation examples (or check data.max_eval_samples)")
     return data
 
 
@@ -235,7 +237,7 @@ def _require_column(header: list[str], candidates: tuple[str, ...], path: Path) 
     i = _find_column(header, candidates)
     if i is None:
         raise LrftError(f"{path}: no column {' or '.join(repr(c) for c in candidates)} in the header "
-                        f"({', '.join(header)})")
+                        f"({', '.join(header)}); is this the task's own file, with its header line?")
     return i
 
 

@@ -105,7 +105,8 @@ def _records(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict
     for line_no, rec, _ in _read_records(path):
         missing = [k for k in required if not isinstance(rec.get(k), str)]
         if missing:
-            raise LrftError(f"{path}:{line_no}: no text field {missing[0]!r} (fields: {', '.join(rec) or 'none'})")
+            raise LrftError(f"{path}:{line_no}: no text field {missing[0]!r} (fields: {', '.join(rec) or 'none'}); "
+                           f"every line needs {', '.join(required)}")
         out.append((line_no, rec))
     if not out:
         raise LrftError(f"{path}: no examples in the file")

@@ -124,7 +124,7 @@ def dequantized(gguf_path: Path) -> str:
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise LrftError(f"model.gguf_file: no file {gguf_path}")
+        raise LrftError(f"model.gguf_file: no file {gguf_path}; name a .gguf file inside model.name's directory")
     with open(gguf_path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise LrftError(f"model.gguf_file: {gguf_path} is not a GGUF file (it does not start with 'GGUF')")
@@ -246,7 +246,9 @@ def _load_problem(e: Exception) -> str:
     if "safetensors" in text.lower() and ("no file" in text.lower() or "not found" in text.lower()
                                          or "does not appear" in text.lower()):
         return f"{text} (lrft loads safetensors weights only, never pickle files: convert the .bin weights)"
-    return f"{type(e).__name__}: {text}" if isinstance(e, SafetensorError) else text
+    if isinstance(e, SafetensorError):  # a truncated or corrupted file: only a fresh copy helps
+        return f"{type(e).__name__}: {text}; download or save the model again"
+    return text
 
 
 def _first_line(e: Exception) -> str:

@@ -216,7 +216,7 @@ def open_adapted(target: Path, task: str | None = None, base: str | None = None,
     if (target / RECIPE_FILE).is_file():
         recipe, a, config = load_run(target, target / "best_adapter" if best else None, force=force)
         if task and task != a.task.name:
-            raise LrftError(f"--task: the run was trained on {a.task.name}, not {task}")
+            raise LrftError(f"--task: the run was trained on {a.task.name}, not {task}; leave out --task to use the run's task")
         return recipe, a, config
     if is_peft_dir(target):
         return load_peft(target, task, base, force)

@@ -160,10 +160,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
             raise LrftError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
         node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], 1):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise LrftError(f"override {item!r}: '{part}' is not a section")
+                raise LrftError(f"override {item!r}: '{part}' is not a section; set {'.'.join(parts[:depth])}=... "
+                                "itself")
             node = child
         node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value else None
 

@@ -119,7 +119,7 @@ CASES = {
     "metric for best": (lambda w, s: ["train", _recipe_file(s, w, **{"train.metric_for_best": "bleu"})],
                         ["train.metric_for_best", "not 'bleu'"]),
     "override syntax": (lambda w, s: ["train", w / "good.yaml", "train.lr"], ["override 'train.lr': expected key=value"]),
-    "override into a value": (lambda w, s: ["train", w / "good.yaml", "seed.x=1"], ["'seed' is not a section"]),
+    "override into a value": (lambda w, s: ["train", w / "good.yaml", "seed.x=1"], ["'seed' is not a section", "set seed=... itself"]),
     "changed recipe on resume": (lambda w, s: ["train", w / "good.yaml", "adapter.params.rank=2", "train.max_steps=3"],
                                  ["holds a checkpoint of another recipe", "adapter.params.rank changed", "--restart"]),
     "calibration samples": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.method": "talora",
@@ -138,7 +138,7 @@ CASES = {
     "count-params model": (lambda w, s: ["count-params", "--method", "lora", "--model", str(s / "nowhere")],
                            ["model.name: no directory at"]),
     "count-params calibrated": (lambda w, s: ["count-params", "--method", "talora", "--calibrated", w / "runs" / "good"],
-                                ["--calibrated:", "is a lora run, not talora"]),
+                                ["--calibrated:", "is a lora run, not talora", "give the run dir of a talora run"]),
     "merge format": (lambda w, s: ["merge", w / "runs" / "good", "--out", s / "m", "--format", "gguf"], ["--format: unknown 'gguf'"]),
     "merge dtype": (lambda w, s: ["merge", w / "runs" / "good", "--out", s / "m", "--dtype", "int4"], ["--dtype: unknown 'int4'"]),
     "merge out exists": (lambda w, s: ["merge", w / "runs" / "good", "--out", _write(s / "taken" / "keep.txt", "mine").parent],
@@ -148,7 +148,7 @@ CASES = {
     "init method": (lambda w, s: ["init", "--method", "qlora"], ["adapter.method: unknown 'qlora'"]),
     "eval model without task": (lambda w, s: ["eval", w / "model"], ["--task:", "is not an lrft run dir"]),
     "eval wrong task": (lambda w, s: ["eval", w / "runs" / "good", "--task", "glue/rte"],
-                        ["--task: the run was trained on text-classification, not glue/rte"]),
+                        ["--task: the run was trained on text-classification, not glue/rte", "leave out --task"]),
     "analyze unknown module": (lambda w, s: ["analyze", w / "runs" / "good", "--out", s / "a", "--module", "nope"],
                                ["--module", "nope"]),
     # ----------------------------------------------------------------------------------- data files
@@ -158,7 +158,7 @@ CASES = {
                                                                             "data.path": str(_write(s / "g" / "x.txt", "").parent)})],
                                ["data: missing", "train.tsv", "a local glue/mrpc dir needs"]),
     "glue missing column": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mrpc", "data.path": str(
-        _data_dir(s, "a\tb\n1\t2\n", "a\tb\n", suffix=".tsv"))})], ["no column '#1 String' or 'sentence1'"]),
+        _data_dir(s, "a\tb\n1\t2\n", "a\tb\n", suffix=".tsv"))})], ["no column '#1 String' or 'sentence1'", "with its header line"]),
     "glue wrong label": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/mrpc", "data.path": str(
         _data_dir(s, MRPC_HEADER + "7\t1\t2\ta\tb\n", MRPC_HEADER, suffix=".tsv"))})],
                          ["train.tsv:2: label '7' is not one of 0..1"]),
@@ -167,7 +167,7 @@ CASES = {
                                ["train.tsv:2: expected 5 tab-separated fields, found 4"]),
     "empty training file": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "glue/sst2", "data.path": str(
         _data_dir(s, "sentence\tlabel\n", "sentence\tlabel\nok\t1\n", suffix=".tsv"))})],
-                            ["the training split of glue/sst2", "is empty"]),
+                            ["the training split of glue/sst2", "is empty", "add training examples"]),
     "not utf-8": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(_data_dir(s, b'{"text": "\xff\xfe", "label": 1}\n'))})],
                   ["train.jsonl: not UTF-8 text", "convert the file to UTF-8"]),
     "malformed jsonl line": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(
@@ -179,7 +179,7 @@ CASES = {
     "gsm8k line without answer": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "gsm8k", "data.path": str(
         _data_dir(s, '{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n', '{"question": "q", "answer": "#### 1"}\n',
                   eval_stem="test"))}),
-        "model.name=" + str(s / "llama")], ["train.jsonl:2: no text field 'answer'"]),
+        "model.name=" + str(s / "llama")], ["train.jsonl:2: no text field 'answer'", "every line needs question, answer"]),
     "instruction layout": (lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "instruction", "data.path": str(
         _data_dir(s, '{"prompt": "a", "completion": "b"}\n'))}), "model.name=" + str(s / "llama")],
         ["train.jsonl:1: expected the alpaca layout"]),
@@ -192,13 +192,13 @@ CASES = {
     "model dir without config": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_write(s / "m" / "x.txt", "").parent)})],
                                  ["has no config.json"]),
     "corrupt safetensors": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_broken_model(w, s, b"garbage"))})],
-                            ["model.name: could not load", "SafetensorError"]),
+                            ["model.name: could not load", "SafetensorError", "download or save the model again"]),
     "pickle weights only": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_broken_model(w, s, None))})],
                             ["lrft loads safetensors weights only, never pickle files"]),
     "no tokenizer": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_model_without_tokenizer(w, s))})],
                      ["has no usable tokenizer", "add its tokenizer files"]),
     "gguf missing": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(s), "model.gguf_file": "none.gguf"})],
-                     ["model.gguf_file: no file"]),
+                     ["model.gguf_file: no file", "name a .gguf file"]),
     "not a gguf": (lambda w, s: ["train", _recipe_file(s, w, **{"model.name": str(_write(s / "f.gguf", b"PK\x03\x04").parent),
                                                                 "model.gguf_file": "f.gguf"})],
                    ["is not a GGUF file"]),
@@ -304,6 +304,7 @@ def test_bad_input_is_one_clear_line(case, world, tmp_path, cli, monkeypatch):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, f"{case}: {err}"
     message = err[err.index("error:"):]
+    print(f"{case}: {message.strip()}")  # `pytest tests/test_bad_input.py -rP` lists what every case says
     for words in expected:
         assert words in message, f"{case}: {words!r} not in {message!r}"
     assert "Traceback" not in err and out == ""
