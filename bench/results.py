@@ -4,6 +4,9 @@
     LRFT_DATA_DIR=../shared/data python bench/results.py run [--only mrpc] [--seeds 42]   # finished runs are skipped
     python bench/results.py report                    # docs/RESULTS.md + docs/results_params_accuracy.png
 
+The report also renders results/bench/*.json (bench/speed.py --json) and results/serving_parity.jsonl
+(bench/serving_parity.py's output) when they exist.
+
 Every number in RESULTS.md comes from a run dir's summary.json, metrics.jsonl and recipe.yaml (or a
 bench/speed.py JSON), never from hand edits; each row lists the command that regenerates it.
 Observations that need judgement live in docs/results_notes.md, which the report includes as is.
@@ -25,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = Path("results/runs")  # relative to the repository root; not committed
 BENCH = Path("results/bench")
+PARITY = Path("results/serving_parity.jsonl")
 DOCS = ROOT / "docs"
 SEEDS = (42, 1, 2)
 
@@ -130,9 +134,10 @@ def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
         values = {m: [f[m] for f in finals] for m in metric}
         minutes = statistics.mean(d["summary"]["train_seconds"] for _, d in done) / 60
         trainable = done[0][1]["summary"]["trainable_params"]
-        cmd = shlex.join(done[0][0].command()).replace(f"seed={done[0][0].seed}", "seed=N")
+        first = done[0][0]
+        cmd = shlex.join(first.command()).replace(f"seed={first.seed}", "seed=N").replace(f"_s{first.seed} ", "_sN ")
         lines.append(f"| {label} | {rank} | {trainable:,} | " + " | ".join(mean_std(values[m]) for m in metric)
-                     + f" | {len(done)} | {minutes:.1f} | `{cmd}` |")
+                     + f" | {', '.join(str(r.seed) for r, _ in done)} | {minutes:.1f} | `{cmd}` |")
         points.append({"task": task, "method": label, "rank": rank, "trainable": trainable,
                        "mean": statistics.mean(values["accuracy"]),
                        "std": statistics.stdev(values["accuracy"]) if len(done) > 1 else 0.0})
@@ -172,6 +177,20 @@ def speed_tables() -> list[str]:
                        f"{r['ratio_to_lrft_lora']:.3f} | {calib} |")
         out.append("")
     return out
+
+
+def parity_table() -> list[str]:
+    path = ROOT / PARITY
+    if not path.is_file():
+        return ["(not measured yet)"]
+    lines = ["| run | method | PEFT-loaded vs lrft | merged fp32 vs lrft | merged bf16 vs lrft | bf16 vs fp32 merge | "
+             "modules with their own rank in PEFT's rank_pattern | other base refused |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in map(json.loads, path.read_text().splitlines()):
+        lines.append(f"| {r['run']} | {r['method']} | {r['peft_max_abs_logit_diff']:.1e} | "
+                     f"{r['merged_float32_max_abs_logit_diff']:.1e} | {r['merged_bfloat16_max_abs_logit_diff']:.1e} | "
+                     f"{r['bf16_vs_fp32_merge']:.1e} | {r['peft_rank_pattern']} | {'yes' if r['other_base_refused'] else 'NO'} |")
+    return lines
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -240,6 +259,11 @@ def report(rows: list[Row]) -> Path:
         "## Speed", "", "Measured with `bench/speed.py`: the same real batches for every variant in one process, "
         "variants alternating round by round; ratios are medians of paired steps (same batch, same round).", "",
         *speed_tables(),
+        "## Serving parity", "", ("Max |logit diff| over the first 128 validation examples of each run: the "
+        "`lrft merge --format peft` export loaded by PEFT's `PeftModel.from_pretrained`, and `lrft merge` dirs "
+        "(fp32, bf16) loaded by plain transformers, each against the lrft adapter; then the run pointed at a base "
+        f"with other weights (`python bench/serving_parity.py RUN_DIR ... > {PARITY}`)."), "",
+        *parity_table(), "",
         "## Observations", "", notes.read_text().strip() if notes.is_file() else "(none yet)", ""])
     (DOCS / "RESULTS.md").write_text(text)
     return DOCS / "RESULTS.md"
