@@ -15,6 +15,7 @@ Observations that need judgement live in docs/results_notes.md, which the report
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ class Row:
     task: str  # glue/mrpc, glue/rte, glue/sst2, gsm8k
     method: str
     rank: int
-    seed: int
+    seed: int | str  # "N" stands for every seed in a report's command column
     recipe: str
     overrides: tuple[str, ...]
     variant: str = ""  # tells apart rows of one method with other targets/settings, e.g. "6" for six kinds
@@ -136,8 +137,7 @@ def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
         counts = sorted({d["summary"]["trainable_params"] for _, d in done})
         trainable = counts[0]  # talora's allocation follows each seed's calibration sample, so counts may differ
         shown = f"{counts[0]:,}" + (f"–{counts[-1]:,}" if len(counts) > 1 else "")
-        first = done[0][0]
-        cmd = shlex.join(first.command()).replace(f"seed={first.seed}", "seed=N").replace(f"_s{first.seed} ", "_sN ")
+        cmd = shlex.join(replace(done[0][0], seed="N").command())  # one command for all seeds
         lines.append(f"| {label} | {rank} | {shown} | " + " | ".join(mean_std(values[m]) for m in metric)
                      + f" | {', '.join(str(r.seed) for r, _ in done)} | {minutes:.1f} | `{cmd}` |")
         points.append({"task": task, "method": label, "rank": rank, "trainable": trainable,
@@ -224,12 +224,10 @@ def plot(points: list[dict], path: Path) -> None:
 
 
 def machine() -> str:
-    import torch
-
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     # no thread count: this process renders the report, the runs it reads trained in other processes
-    return f"{cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, torch {importlib.metadata.version('torch')}"
 
 
 def report(rows: list[Row]) -> Path:
