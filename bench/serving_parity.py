@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrft.data import collator, features, load_task_data  # noqa: E402
 from lrft.models import resolve  # noqa: E402
-from lrft.run import load_run  # noqa: E402
+from lrft.rundir import load_run  # noqa: E402
 
 EXAMPLES = 128
 
@@ -43,10 +43,11 @@ def check(run: Path, work: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    recipe, a, config = load_run(run)
+    opened = load_run(run)
+    a, config, data_cfg, model_cfg = opened.adapted, opened.config, opened.data_cfg, opened.model_cfg
     task = a.task
-    split = next(iter(load_task_data(task, recipe.data, need_train=False).evals.values())).head(EXAMPLES)
-    feats = features(task, split, a.tokenizer, recipe.data.max_length, "parity examples")
+    split = next(iter(load_task_data(task, data_cfg, need_train=False).evals.values())).head(EXAMPLES)
+    feats = features(task, split, a.tokenizer, data_cfg.max_length, "parity examples")
     collate = collator(task, a.tokenizer)
     batches = [{k: v for k, v in collate(feats[i:i + 32]).items() if k != "labels"} for i in range(0, len(feats), 32)]
     ours = logits(a.model, batches)
@@ -54,7 +55,7 @@ def check(run: Path, work: Path) -> dict:
     causal = task.problem == "causal_lm"
     cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     kw = {} if causal else {"num_labels": ours.shape[-1]}
-    base_dir = resolve(recipe.model.name, recipe.model.gguf_file)
+    base_dir = resolve(model_cfg.name, model_cfg.gguf_file)
     out = {"run": run.name, "method": config["method"], "examples": len(feats)}
 
     exported = lrft_cli("merge", run, "--format", "peft", "--out", work / "peft", "--json")
@@ -83,7 +84,7 @@ def check(run: Path, work: Path) -> dict:
     model.save_pretrained(other)
     foreign = work / "foreign_run"
     shutil.copytree(run, foreign, ignore=shutil.ignore_patterns("checkpoints"))
-    text = (foreign / "recipe.yaml").read_text().replace(f"name: {recipe.model.name}\n", f"name: {other}\n", 1)
+    text = (foreign / "recipe.yaml").read_text().replace(f"name: {model_cfg.name}\n", f"name: {other}\n", 1)
     (foreign / "recipe.yaml").write_text(text)
     refused = lrft_cli("eval", foreign)
     out["other_base_refused"] = refused.returncode == 2 and "target weights differ" in refused.stderr

@@ -36,7 +36,8 @@ from lrft import calibrate, methods  # noqa: E402
 from lrft.data import collator, features, get_task, load_task_data  # noqa: E402
 from lrft.inject import inject, set_head_trainable  # noqa: E402
 from lrft.methods.base import BuildContext  # noqa: E402
-from lrft.models import find_targets, load_model  # noqa: E402
+from lrft.models import load_model  # noqa: E402
+from lrft.targets import find_targets  # noqa: E402
 from lrft.recipe import CalibrationConfig, DataConfig, ModelConfig  # noqa: E402
 
 ATTENTION = {"bert": "query,key,value,attention.output.dense", "llama": "q_proj,k_proj,v_proj,o_proj"}
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--task", default="glue/mrpc")
-    ap.add_argument("--methods", default="lora,tlora,talora,lorta",
+    ap.add_argument("--methods", default=",".join(methods.REGISTRY),
                     help="lrft variants to compare with PEFT LoRA, e.g. lora,tlora:dropout=0;alpha_init=2")
     ap.add_argument("--targets", default=None, help="comma-separated (default: the attention q, k, v, o)")
     ap.add_argument("--rank", type=int, default=8)

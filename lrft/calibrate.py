@@ -9,7 +9,8 @@ Samples are drawn from the training split with `calibration.seed`; batches are f
 whatever the number of processes, each process runs every world-th batch, and the sums are
 all-reduced, so every rank builds the identical adapter. Statistics are cached (safetensors + JSON)
 in the run dir's calibration/ and reused on resume; `calibration.cache` reuses another run's when
-the fingerprint (model, target weights, calibration examples, settings) matches.
+the fingerprint (model, target weights, calibration examples, settings) matches. The importance
+chart is drawn with matplotlib's object API, so importing lrft changes no global plotting state.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lrft import console
-from lrft.checkpoint import atomic_dir, atomic_write_json
 from lrft.errors import LrftError
-from lrft.methods.base import Target
-from lrft.models import weights_checksum
+from lrft.files import atomic_dir, atomic_write_json
+from lrft.targets import Target, weights_checksum
 
 STATS_FILE = "statistics.safetensors"
 INFO_FILE = "calibration.json"
 PLOT_FILE = "importance.png"
-DIR = "calibration"
 
 
 @dataclass
@@ -51,9 +51,10 @@ class Statistics:
         return frozenset(k for k, v in (("covariance", self.covariance), ("importance", self.importance)) if v)
 
 
-def obtain(model, targets: list[Target], features: list[dict], collate, needs: frozenset[str], cfg, seed: int,
-           model_id: dict, run_dir: Path, accelerator=None) -> Statistics:
-    """The statistics `needs` asks for: from calibration.cache, the run dir's cache, or a fresh pass."""
+def obtain(model, targets: list[Target], features: list[dict], collate, needs: frozenset[str], *, cfg, seed: int,
+           model_id: dict, own_dir: Path, cache_dir: Path | None = None, accelerator=None) -> Statistics:
+    """The statistics `needs` asks for: from `cache_dir` (calibration.cache), the run's own `own_dir`
+    (a resumed run), or a fresh pass."""
     if not features:
         raise LrftError("calibration: the method needs training examples to calibrate on, and the training split is empty")
     if cfg.samples > len(features):
@@ -65,16 +66,15 @@ def obtain(model, targets: list[Target], features: list[dict], collate, needs: f
     fingerprint = {**model_id, "targets": {t.name: list(t.shape) for t in targets}, "weights": weights_checksum(targets),
                    "examples": _examples_hash(features, order), "samples": cfg.samples, "batch_size": cfg.batch_size,
                    "center": cfg.center, "dtype": cfg.dtype}
-    if cfg.cache:
-        stats = load(Path(cfg.cache), "calibration.cache")
+    if cache_dir is not None:
+        stats = load(cache_dir, "calibration.cache")
         _check(stats, fingerprint, needs, f"calibration.cache: {cfg.cache}")
         console.log(f"calibration: reusing statistics from {cfg.cache}")
         return stats
-    own = run_dir / DIR
-    if (own / STATS_FILE).is_file():
-        stats = load(own, str(own))
+    if (own_dir / STATS_FILE).is_file():
+        stats = load(own_dir, str(own_dir))
         if stats.fingerprint == fingerprint and needs <= stats.kinds:
-            console.log(f"calibration: reusing the run's statistics in {own}")
+            console.log(f"calibration: reusing the run's statistics in {own_dir}")
             return stats
     stats = run(model, targets, features, batches, collate, needs, cfg, accelerator)
     stats.fingerprint = fingerprint
@@ -85,91 +85,116 @@ def run(model, targets: list[Target], features: list[dict], batches: list[list[i
         cfg, accelerator=None) -> Statistics:
     """One pass over the calibration batches with hooks on the targets; hooks are always removed."""
     t0 = time.perf_counter()
-    dtype = getattr(torch, cfg.dtype)
     device = accelerator.device if accelerator else next(model.parameters()).device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    sums = {t.name: torch.zeros(t.shape[1], t.shape[1], dtype=dtype) for t in targets} if "covariance" in needs else {}
-    means = {t.name: torch.zeros(t.shape[1], dtype=dtype) for t in targets} if cfg.center and sums else {}
-    tokens = {t.name: 0 for t in targets}
-    importance = {t.name: 0.0 for t in targets}
-    current_mask: list[torch.Tensor | None] = [None]
-
-    def record(name: str):
-        def hook(module, args):
-            x = args[0].detach()
-            mask = current_mask[0]
-            rows = x.reshape(-1, x.shape[-1])
-            if mask is not None and mask.numel() == rows.shape[0]:  # inputs of a decoder see other lengths
-                rows = rows[mask.reshape(-1).bool()]
-            tokens[name] += rows.shape[0]
-            if sums:
-                rows = rows.to(dtype)
-                sums[name] += (rows.T @ rows).cpu()
-                if means:
-                    means[name] += rows.sum(0).cpu()
-        return hook
-
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    handles = [t.module.register_forward_pre_hook(record(t.name)) for t in targets]
+    sums = Sums(targets, needs, cfg)
     want_grad = "importance" in needs
-    try:
-        model.eval()  # dropout off: statistics of the model as it is
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for t in targets:
-            t.module.weight.requires_grad_(want_grad)
+    with calibration_mode(model, targets, want_grad, sums):
         for j, batch_idx in enumerate(batches):
             if j % world != rank:
                 continue
             batch = {k: v.to(device) for k, v in collate([features[i] for i in batch_idx]).items()}
-            current_mask[0] = batch.get("attention_mask")
+            sums.mask = batch.get("attention_mask")
             with torch.set_grad_enabled(want_grad):
                 loss = model(**batch).loss
             if want_grad:
                 loss.backward()
-                for t in targets:
-                    w = t.module.weight
-                    grad = w.grad if w.grad is not None else torch.zeros_like(w)
-                    importance[t.name] += float((w.detach().float() * grad.float()).abs().mean())
-                    w.grad = None
+                sums.add_importance(targets)
+    if world > 1:
+        sums.all_reduce(targets, device)
+    stats = sums.statistics(targets, len(batches), want_grad)
+    stats.samples = sum(len(b) for b in batches)
+    stats.seconds = time.perf_counter() - t0
+    console.log(f"calibration: {stats.samples} samples, {max(stats.tokens.values()):,} tokens, "
+                f"{', '.join(sorted(needs))} of {len(targets)} modules in {stats.seconds:.1f} s")
+    return stats
+
+
+class Sums:
+    """What the calibration pass accumulates per target: Σ x xᵀ (and Σ x) over non-padding input tokens,
+    the token counts, and Σ over batches of mean(|W ⊙ ∂L/∂W|)."""
+
+    def __init__(self, targets: list[Target], needs: frozenset[str], cfg):
+        self.dtype = getattr(torch, cfg.dtype)
+        self.outer = ({t.name: torch.zeros(t.shape[1], t.shape[1], dtype=self.dtype) for t in targets}
+                      if "covariance" in needs else {})
+        self.first = {t.name: torch.zeros(t.shape[1], dtype=self.dtype) for t in targets} if cfg.center and self.outer else {}
+        self.tokens = {t.name: 0 for t in targets}
+        self.importance = {t.name: 0.0 for t in targets}
+        self.mask: torch.Tensor | None = None  # the attention mask of the batch being run
+
+    def hook(self, name: str):
+        def record(module, args):
+            rows = args[0].detach()
+            rows = rows.reshape(-1, rows.shape[-1])
+            if self.mask is not None and self.mask.numel() == rows.shape[0]:  # inputs of a decoder see other lengths
+                rows = rows[self.mask.reshape(-1).bool()]
+            self.tokens[name] += rows.shape[0]
+            if self.outer:
+                rows = rows.to(self.dtype)
+                self.outer[name] += (rows.T @ rows).cpu()
+                if self.first:
+                    self.first[name] += rows.sum(0).cpu()
+        return record
+
+    def add_importance(self, targets: list[Target]) -> None:
+        for t in targets:
+            w = t.module.weight
+            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            self.importance[t.name] += float((w.detach().float() * grad.float()).abs().mean())
+            w.grad = None
+
+    def all_reduce(self, targets: list[Target], device) -> None:
+        """Sum over processes, module by module (each tensor visits the accelerator device once)."""
+        for name in list(self.outer):
+            self.outer[name] = _all_reduce(self.outer[name], device)
+            if self.first:
+                self.first[name] = _all_reduce(self.first[name], device)
+        names = [t.name for t in targets]
+        table = torch.tensor([[self.tokens[n], self.importance[n]] for n in names], dtype=torch.float64)
+        reduced = _all_reduce(table, device)
+        self.tokens = {n: int(reduced[i, 0]) for i, n in enumerate(names)}
+        self.importance = {n: float(reduced[i, 1]) for i, n in enumerate(names)}
+
+    def statistics(self, targets: list[Target], n_batches: int, importance: bool) -> Statistics:
+        stats = Statistics()
+        for t in targets:
+            n = self.tokens[t.name]
+            if n == 0:
+                raise LrftError(f"calibration: no non-padding tokens reached {t.name}; check the data")
+            if self.outer:
+                cov = self.outer[t.name] / n
+                if self.first:
+                    mu = self.first[t.name] / n
+                    cov = cov - torch.outer(mu, mu)
+                stats.covariance[t.name] = cov
+            if importance:
+                stats.importance[t.name] = self.importance[t.name] / n_batches
+            stats.tokens[t.name] = n
+            _check_finite(stats, t.name)
+        return stats
+
+
+@contextmanager
+def calibration_mode(model, targets: list[Target], want_grad: bool, sums: Sums):
+    """The model in eval mode (dropout off: statistics of the model as it is) with gradients only for
+    the target weights (when importance is wanted) and `sums`' hooks on the targets; all undone after."""
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [t.module.register_forward_pre_hook(sums.hook(t.name)) for t in targets]
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in targets:
+            t.module.weight.requires_grad_(want_grad)
+        yield
     finally:
         for h in handles:
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-
-    # Sum over processes, module by module (each tensor visits the accelerator device once).
-    if world > 1:
-        for name in list(sums):
-            sums[name] = _all_reduce(sums[name], device)
-            if means:
-                means[name] = _all_reduce(means[name], device)
-        names = [t.name for t in targets]
-        reduced = _all_reduce(torch.tensor([[tokens[n], importance[n]] for n in names], dtype=torch.float64), device)
-        tokens = {n: int(reduced[i, 0]) for i, n in enumerate(names)}
-        importance = {n: float(reduced[i, 1]) for i, n in enumerate(names)}
-
-    stats = Statistics(samples=sum(len(b) for b in batches))
-    for t in targets:
-        n = tokens[t.name]
-        if n == 0:
-            raise LrftError(f"calibration: no non-padding tokens reached {t.name}; check the data")
-        if sums:
-            cov = sums[t.name] / n
-            if means:
-                mu = means[t.name] / n
-                cov = cov - torch.outer(mu, mu)
-            stats.covariance[t.name] = cov
-        if want_grad:
-            stats.importance[t.name] = importance[t.name] / len(batches)
-        stats.tokens[t.name] = n
-        _check_finite(stats, t.name)
-    stats.seconds = time.perf_counter() - t0
-    console.log(f"calibration: {stats.samples} samples, {max(stats.tokens.values()):,} tokens, "
-                f"{', '.join(sorted(needs))} of {len(targets)} modules in {stats.seconds:.1f} s")
-    return stats
 
 
 def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
@@ -220,8 +245,6 @@ def save(directory: Path, stats: Statistics, plan: dict | None) -> None:
 
 def load(directory: Path, what: str) -> Statistics:
     directory = Path(directory)
-    if directory.is_dir() and not (directory / STATS_FILE).is_file() and (directory / DIR / STATS_FILE).is_file():
-        directory = directory / DIR  # a run dir was given
     try:
         tensors = load_file(str(directory / STATS_FILE))
         info = json.loads((directory / INFO_FILE).read_text(encoding="utf-8"))
@@ -248,17 +271,14 @@ def _check(stats: Statistics, fingerprint: dict, needs: frozenset[str], what: st
 
 def plot(modules: dict[str, dict], path: Path) -> None:
     """Bar chart of importance share and allocated rank per module, grouped by layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(modules)
     labels = [_short(n) for n in names]
     total = sum(m["importance"] for m in modules.values()) or 1.0
     has_rank = all("rank" in m for m in modules.values())
-    fig, axes = plt.subplots(2 if has_rank else 1, 1, figsize=(max(6, 0.28 * len(names)), 6 if has_rank else 3.5),
-                             sharex=True, squeeze=False)
+    fig = Figure(figsize=(max(6, 0.28 * len(names)), 6 if has_rank else 3.5))
+    axes = fig.subplots(2 if has_rank else 1, 1, sharex=True, squeeze=False)
     axes[0, 0].bar(range(len(names)), [modules[n]["importance"] / total for n in names], color="tab:blue")
     axes[0, 0].set_ylabel("importance share S_i/ΣS")
     if has_rank:
@@ -268,7 +288,6 @@ def plot(modules: dict[str, dict], path: Path) -> None:
     axes[0, 0].set_title("calibration: importance and rank per layer and module")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _short(name: str) -> str:

@@ -1,18 +1,15 @@
-"""Files on disk: atomic writes, adapter dirs (safetensors + JSON), resumable training checkpoints.
+"""Adapter dirs (safetensors + JSON) and resumable training checkpoints, written atomically.
 
 Nothing here pickles. Training state (optimizer, scheduler, RNG) is split into its tensors, saved
 with safetensors, and a JSON skeleton that records where each tensor goes and which containers were
-tuples or dicts with non-string keys, so it comes back exactly. Every file and dir is written under
-a temporary name, fsynced and renamed, so a killed process never leaves one that looks complete.
+tuples or dicts with non-string keys, so it comes back exactly. Dirs get their final name only once
+complete (lrft.files), so a killed process never leaves a checkpoint that looks whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,114 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lrft.errors import LrftError
+from lrft.files import atomic_dir, read_json, remove_stale
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 CKPT_PREFIX = "step-"
-
-
-# ------------------------------------------------------------------------------------ atomic files
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _remove_stale(directory: Path, prefix: str = ".") -> None:
-    """Remove the `.NAME.tmp-PID` / `.NAME.old-PID` files and dirs that killed writers left in `directory`."""
-    if not directory.is_dir():
-        return
-    for p in directory.glob(f"{prefix}*"):
-        _, sep, pid = p.name.rpartition(".tmp-") if ".tmp-" in p.name else p.name.rpartition(".old-")
-        if sep and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path.parent, f".{path.name}.")
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-@contextmanager
-def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary dir; on success it replaces `final` in one rename, on failure it vanishes."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(final.parent, f".{final.name}.")
-    tmp = _tmp_name(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            if not overwrite:
-                raise LrftError(f"{final} already exists; pass --force to replace it")
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one line (whole lines only: a reader never sees half a record from a finished write)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a kill: what follows it was never written
-    return out
 
 
 # ------------------------------------------------------------------------------------ adapter dirs
@@ -151,16 +47,6 @@ def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise LrftError(f"{path}: not a readable safetensors file ({e}); retrain or restore it") from None
     return state, config
-
-
-def read_json(path: Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LrftError(f"{path}: missing {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LrftError(f"{path}: not valid JSON ({e})") from None
 
 
 # -------------------------------------------------------------------------------- training state
@@ -222,7 +108,7 @@ def load_tree(directory: Path) -> dict:
 def save_checkpoint(root: Path, step: int, tree: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep_last`."""
     final = Path(root) / f"{CKPT_PREFIX}{step:09d}"
-    _remove_stale(Path(root), f".{CKPT_PREFIX}")  # any step's write a kill interrupted
+    remove_stale(Path(root), f".{CKPT_PREFIX}")  # any step's write a kill interrupted
     with atomic_dir(final) as tmp:
         save_tree(tmp, tree)
     for old in list_checkpoints(root)[:-keep_last]:

@@ -81,9 +81,10 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ):
     """Evaluate a trained run or PEFT LoRA dir (rebuilt on its base model), or a model (merged dir, alias, hub id)."""
-    from lrft.evaluate import evaluate_target
+    from lrft.evaluate_run import evaluate_target
 
-    metrics = evaluate_target(target, task, data_path, max_samples, batch_size, best, predictions, base, force)
+    metrics = evaluate_target(target, task_name=task, data_path=data_path, max_samples=max_samples,
+                              batch_size=batch_size, best=best, predictions_path=predictions, base=base, force=force)
     if json_out:
         console.emit_json(metrics)
     else:
@@ -108,16 +109,14 @@ def merge(
     """Fold the adapter into the base weights (an HF model dir, parity checked) or export it in PEFT's format."""
     if format not in ("hf", "peft"):
         raise LrftError(f"--format: unknown {format!r}; choose hf (a merged model) or peft (a PEFT LoRA adapter)")
-    if format == "peft":
-        from lrft.peft_format import export_run
+    from lrft.merge import export_run, merge_run
 
+    if format == "peft":
         if dtype is not None:
             raise LrftError("--dtype: a PEFT export keeps the adapter in float32; drop --dtype or use --format hf")
-        report = export_run(run_dir, out, force)
+        report = export_run(run_dir, out, force=force)
     else:
-        from lrft.merge import merge_run
-
-        report = merge_run(run_dir, out, dtype, force, task, base, data_path)
+        report = merge_run(run_dir, out, dtype=dtype, force=force, task=task, base=base, data_path=data_path)
     if json_out:
         console.emit_json(report)
     else:
@@ -167,7 +166,7 @@ def init(
 ):
     """Write a commented recipe for a method, task and model."""
     from lrft import methods
-    from lrft.checkpoint import atomic_write_text
+    from lrft.files import atomic_write_text
     from lrft.recipe import commented_yaml, validate
 
     m = methods.get(method)
@@ -201,7 +200,7 @@ def analyze(
     json_out: JsonOpt = False,
 ):
     """Spectra, norms, histograms and training curves of a run's updates ΔW; similarities against another run."""
-    from lrft.analyze import analyze as run_analysis
+    from lrft.analysis import analyze as run_analysis
 
     result = run_analysis(run_dir, against, out, module, modules)
     if json_out:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lrft.data import Task, compute_metrics
+from lrft.data import Task, compute_metrics, features
+from lrft.data.causal import extract_answer, prompt_features
 
 
 @dataclass
@@ -60,21 +61,19 @@ def predict(model, features: list[dict], collate, batch_size: int, device, rank:
 def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_size: int, device,
              rank: int = 0, world: int = 1) -> list[dict]:
     """Greedy completions of this process's shard of `prompts`, each with its index."""
-    from lrft.lm_data import extract_answer
-
     was_training = model.training
     model.eval()
     mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]["prompt_ids"]))
-    pad = tokenizer.pad_token_id
     out = []
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
-        width = max(len(prompts[i]["prompt_ids"]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i]["prompt_ids"])) + prompts[i]["prompt_ids"] for i in idx])
-        mask = torch.tensor([[0] * (width - len(prompts[i]["prompt_ids"])) + [1] * len(prompts[i]["prompt_ids"])
-                             for i in idx])
-        tokens = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        # left padding: every prompt ends where generation starts
+        batch = tokenizer.pad({"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left",
+                              return_tensors="pt")
+        width = batch["input_ids"].shape[1]
+        tokens = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
             answer = extract_answer(completion)
             gold = prompts[i]["gold"]
@@ -84,7 +83,7 @@ def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_s
     return out
 
 
-def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, batch_size: int, accelerator=None,
+def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, *, batch_size: int, accelerator=None,
              tokenizer=None, max_new_tokens: int = 256, generation: bool = False) -> tuple[dict, list[dict]]:
     """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names.
 
@@ -126,72 +125,8 @@ def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, batch_size: 
     return results, predictions
 
 
-def evaluate_target(target, task_name: str | None, data_path: str | None, max_samples: int | None,
-                    batch_size: int, best: bool = False, predictions_path=None, base: str | None = None,
-                    force: bool = False) -> dict:
-    """`lrft eval`: a run dir or PEFT LoRA dir (adapter rebuilt on its base), or a model (dir, alias, hub id)."""
-    from pathlib import Path
-
-    from lrft.data import collator, get_task, load_task_data
-    from lrft.errors import LrftError
-    from lrft.lm_data import write_predictions
-    from lrft.models import load_model
-    from lrft.peft_format import open_adapted
-    from lrft.recipe import DataConfig, ModelConfig
-    from lrft.run import RECIPE_FILE
-
-    target = Path(target)
-    opened = open_adapted(target, task_name, base, force, best)
-    if opened is not None:
-        recipe, a, _ = opened
-        model, tokenizer, task = a.model, a.tokenizer, a.task
-        data_cfg = recipe.data.model_copy()
-        if (target / RECIPE_FILE).is_file():
-            predictions_path = predictions_path or target / "predictions.jsonl"
-    else:
-        if not task_name:
-            raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE_FILE}); to evaluate it as a model, "
-                            f"say which task, e.g. --task glue/mrpc")
-        task = get_task(task_name)
-        label_names = _read_model_labels(target) or list(task.label_names or [])
-        data_cfg = DataConfig(task=task.name)
-        model, tokenizer = load_model(ModelConfig(name=str(target)), task, label_names or None)
-    if data_path:
-        data_cfg.path = data_path
-    data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
-    data = load_task_data(task, data_cfg, need_train=False)
-    evals = eval_sets(task, data.evals, tokenizer, data_cfg.max_length)
-    model.eval()
-    metrics, predictions = evaluate(model, evals, task, collator(task, tokenizer), batch_size, tokenizer=tokenizer,
-                                    max_new_tokens=data_cfg.max_new_tokens, generation=True)
-    if predictions and predictions_path:
-        write_predictions(Path(predictions_path), predictions)
-    return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()), **metrics}
-
-
 def eval_sets(task: Task, splits: dict, tokenizer, max_length: int) -> dict[str, EvalSet]:
     """EvalSets of a task's evaluation splits (prompts only for generation tasks)."""
-    from lrft.data import features
-
-    out = {}
-    for suffix, split in splits.items():
-        prompts = []
-        if task.generate:
-            from lrft.lm_data import prompt_features
-
-            prompts = prompt_features(split, tokenizer)
-        out[suffix] = EvalSet(features(task, split, tokenizer, max_length, "evaluation examples"), prompts)
-    return out
-
-
-def _read_model_labels(model_dir) -> list[str] | None:
-    """Label names a merged model dir carries in its config (id2label), if they are real names."""
-    import json
-    from pathlib import Path
-
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return None
-    id2label = json.loads(config.read_text()).get("id2label") or {}
-    names = [id2label[k] for k in sorted(id2label, key=int)]
-    return None if all(n.startswith("LABEL_") for n in names) else names
+    return {suffix: EvalSet(features(task, split, tokenizer, max_length, "evaluation examples"),
+                            prompt_features(split, tokenizer) if task.generate else [])
+            for suffix, split in splits.items()}

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrft.methods.base import Adapter, Built, Target
-from lrft.models import head_modules
+from lrft.errors import LrftError
+from lrft.methods.base import Adapter, Built
+from lrft.targets import Target, head_modules
 
 SHARED_NAME = "lrft_shared"
 ADAPTER_DTYPE = torch.float32  # adapters train in fp32 whatever the base dtype, as PEFT does
@@ -63,11 +64,11 @@ def inject(model: nn.Module, targets: list[Target], built: Built) -> None:
         model.add_module(SHARED_NAME, built.shared)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in adapter_modules(model):
+    for p in adapter_parameters(model):
         p.requires_grad_(True)
 
 
-def adapter_modules(model: nn.Module):
+def adapter_parameters(model: nn.Module):
     """Trainable adapter parameters (frozen factors are buffers and never show up here)."""
     seen = set()
     for m in model.modules():
@@ -100,8 +101,6 @@ def saved_state(model: nn.Module, include_head: bool) -> dict[str, torch.Tensor]
 
 def load_saved_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load an adapter file's tensors; every adapter tensor of the model must be there, nothing else."""
-    from lrft.errors import LrftError
-
     own = model.state_dict()
     expected = set(saved_state(model, include_head=False))
     unexpected = [k for k in state if k not in own]
@@ -125,8 +124,6 @@ def merge(model: nn.Module) -> nn.Module:
     The sum is formed in fp32 and cast back to the weight's dtype; a non-finite result stops the merge
     before anything is written (the weights are left half-merged in memory only).
     """
-    from lrft.errors import LrftError
-
     for name, wrapper in list(adapted(model).items()):
         w = wrapper.base.weight
         merged = w.float() + wrapper.adapter.delta_weight().to(w.device)

@@ -1,4 +1,5 @@
-"""`lrft merge`: fold a run's adapter into its base weights and write a plain Hugging Face model dir.
+"""`lrft merge`: fold a run's adapter into its base weights and write a plain Hugging Face model dir,
+or (`--format peft`) export it as a standard PEFT LoRA adapter dir (lrft.peft_format).
 
 ΔW is added module by module in fp32 and cast to the base dtype, then the model to `--dtype`; one
 copy of the model is in memory at a time (merging happens in place, on the CPU unless the model is
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lrft import console
-from lrft.checkpoint import atomic_dir
+from lrft import console, peft_format
 from lrft.data import collator, features, load_task_data
+from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
+from lrft.files import atomic_dir
 from lrft.inject import merge
-from lrft.peft_format import open_adapted
+from lrft.rundir import load_run, open_adapted
 
 PARITY_TOL_FP32 = 1e-4
 PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
@@ -30,7 +32,13 @@ GENERATION_PROMPTS, GENERATION_TOKENS = 3, 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = False, task: str | None = None,
+def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
+    """Write the run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
+    _check_out(Path(out), force)
+    return peft_format.export(load_run(run_dir, force=force), Path(out), force)
+
+
+def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool = False, task: str | None = None,
               base: str | None = None, data_path: str | None = None) -> dict:
     """Write the merged model to `out` (atomically) and return the parity report.
 
@@ -39,24 +47,23 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = 
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise LrftError(f"--dtype: unknown {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if out.exists() and not force:
-        raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
-    opened = open_adapted(run_dir, task, base, force)
+    _check_out(out, force)
+    opened = open_adapted(run_dir, task=task, base=base, force=force)
     if opened is None:
         raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
                         f"(adapter_config.json + adapter_model.safetensors)")
-    recipe, a, config = opened
+    a, config, data_cfg = opened.adapted, opened.config, opened.data_cfg.model_copy()
     if data_path:
-        recipe.data.path = data_path
+        data_cfg.path = data_path
     task, model = a.task, a.model
     causal = task.problem == "causal_lm"
-    batch, prompts = _parity_inputs(recipe, a)
+    batch, prompts = _parity_inputs(data_cfg, a)
     before = _logits(model, batch)
     generated = _greedy(model, a.tokenizer, prompts) if causal else None
 
     merge(model)
     base_dtype = next(model.parameters()).dtype
-    target = DTYPES[dtype] if dtype else DTYPES[recipe.model.dtype]
+    target = DTYPES[dtype] if dtype else DTYPES[opened.model_cfg.dtype]
     report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": task.name,
               "dtype": str(target).removeprefix("torch."), "parity_examples": int(batch["input_ids"].shape[0])}
     merged = _logits(model, batch)
@@ -72,7 +79,7 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = 
     with atomic_dir(out, overwrite=force) as tmp:
         model.save_pretrained(tmp)
         a.tokenizer.save_pretrained(tmp)
-        del model, a  # the reload below is the only copy from here on
+        del model, a, opened  # the reload below is the only copy from here on
         gc.collect()
         reloaded = _reload(tmp, causal, target)
         after = _logits(reloaded, batch)
@@ -97,20 +104,23 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, force: bool = 
     return report
 
 
-def _parity_inputs(recipe, a) -> tuple[dict, list[dict]]:
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
+
+
+def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict]]:
     """A batch of real validation examples (without labels) and, for causal LMs, a few prompts."""
     task = a.task
-    data = load_task_data(task, recipe.data, need_train=False)
+    data = load_task_data(task, data_cfg, need_train=False)
     split = next(iter(data.evals.values())).head(PARITY_EXAMPLES[task.problem])
-    feats = features(task, split, a.tokenizer, recipe.data.max_length, "parity examples")
+    feats = features(task, split, a.tokenizer, data_cfg.max_length, "parity examples")
     if task.problem == "causal_lm":
         feats = [{k: v[:CAUSAL_PARITY_TOKENS] for k, v in f.items()} for f in feats]
     batch = collator(task, a.tokenizer)(feats)
     batch.pop("labels", None)
     prompts = []
     if task.problem == "causal_lm":
-        from lrft.lm_data import prompt_features
-
         prompts = [p["prompt_ids"] for p in prompt_features(split.head(GENERATION_PROMPTS), a.tokenizer)]
     return dict(batch), prompts
 

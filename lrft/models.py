@@ -1,8 +1,6 @@
-"""Base models: resolve a name (packaged alias, local dir, hub id, GGUF file), load model and tokenizer, find targets.
+"""Base models: resolve a name (packaged alias, local dir, hub id, GGUF file), load model and tokenizer.
 
-Target modules are matched by name suffix, as PEFT does: `query` matches `...attention.self.query`,
-`attention.output.dense` matches only the attention output projection, while `output.dense` matches
-both BERT output projections. The index of the transformer block is parsed from the module path.
+Weights load from safetensors only; a GGUF file is dequantised once into a plain, trainable HF dir.
 """
 
 from __future__ import annotations
@@ -10,16 +8,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 
+from lrft import console
 from lrft.errors import LrftError
-from lrft.methods.base import Target
+from lrft.files import atomic_dir
 
 # What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
@@ -40,15 +37,6 @@ ALIASES: dict[str, Alias] = {
 }
 CACHE_ENV = "LRFT_CACHE_DIR"  # where GGUF models are dequantised once (default ~/.cache/lrft)
 
-# Targets when a recipe names none: the attention query and value projections, as the papers.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-}
-
-HEAD_NAMES = ("classifier", "score")  # task heads trained with train.train_head, as PEFT's modules_to_save
 
 
 def quiet_transformers() -> None:
@@ -119,9 +107,6 @@ def dequantized(gguf_path: Path) -> str:
     """
     import hashlib
 
-    from lrft import console
-    from lrft.checkpoint import atomic_dir
-
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise LrftError(f"model.gguf_file: no file {gguf_path}; name a .gguf file inside model.name's directory")
@@ -157,8 +142,6 @@ def dequantized(gguf_path: Path) -> str:
 def _common(model_cfg) -> dict:
     """from_pretrained options every load shares: the revision, remote code (only when asked, with a
     warning), and safetensors weights only, so no pickle file is ever loaded."""
-    from lrft import console
-
     if model_cfg.trust_remote_code:
         console.warn(f"model.trust_remote_code is true: running Python code from {model_cfg.name}'s repository")
     return {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
@@ -199,6 +182,7 @@ def load_for_causal_lm(model_cfg):
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # training batches; generation pads on the left itself
     return model, tokenizer
 
 
@@ -254,50 +238,3 @@ def _load_problem(e: Exception) -> str:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-_LAYER_RE = re.compile(r"\.(\d+)\.")
-
-
-def default_targets(config) -> list[str]:
-    return DEFAULT_TARGETS.get(getattr(config, "model_type", ""), ["query", "value"])
-
-
-def find_targets(model: nn.Module, patterns: list[str]) -> list[Target]:
-    """Every Linear whose dotted name ends with one of `patterns`, in model order."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    targets, matched = [], set()
-    for name, module in linears:
-        if any(name == h or name.startswith(h + ".") for h in HEAD_NAMES):
-            continue  # the task head is trained whole (train.train_head), never adapted
-        for pattern in patterns:
-            if name == pattern or name.endswith("." + pattern):
-                m = _LAYER_RE.search(name)
-                targets.append(Target(name, module, pattern, int(m.group(1)) if m else None))
-                matched.add(pattern)
-                break
-    unmatched = [p for p in patterns if p not in matched]
-    if unmatched:
-        suffixes = sorted({_LAYER_RE.split(n)[-1] for n, _ in linears})
-        raise LrftError(f"adapter.target_modules: {', '.join(repr(p) for p in unmatched)} matched no Linear layer; "
-                        f"this model's Linear layers end with: {', '.join(suffixes)}")
-    return targets
-
-
-def weights_checksum(targets: list[Target]) -> str:
-    """A cheap content checksum of the target weights: names, shapes, sums and a strided sample."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in targets:
-        w = t.module.weight.detach()
-        flat = w.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        h.update(f"{t.name}{tuple(w.shape)}{float(w.double().sum()):.6e}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The task head(s) by name (classifier for BERT/RoBERTa, score for Llama)."""
-    return {n: m for n, m in model.named_children() if n in HEAD_NAMES}

@@ -6,14 +6,15 @@ target Linears are found as in training, and each method's closed-form count is 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from lrft import methods
 from lrft.errors import LrftError
-from lrft.methods.base import BuildContext
-from lrft.models import default_targets, find_targets
+from lrft.methods import BuildContext
+from lrft.models import quiet_transformers, resolve
+from lrft.rundir import RunDir
+from lrft.targets import default_targets, find_targets
 
 # Public config values of the papers' models (../shared/DESIGN.md §5), so counts work offline.
 PRESETS: dict[str, tuple[str, str, dict]] = {
@@ -36,8 +37,6 @@ DEFAULT_MODEL = "roberta-large"
 def meta_model(model: str, num_labels: int):
     """The model built from its config on the meta device: shapes only, no weights."""
     import transformers
-
-    from lrft.models import quiet_transformers, resolve
 
     quiet_transformers()
     if model in PRESETS:
@@ -85,11 +84,9 @@ def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: li
 
 def count_run(run_dir) -> dict:
     """The exact count of a trained run (`--calibrated`): its base model, targets, params and saved meta."""
-    from lrft.checkpoint import read_json
-    from lrft.run import ADAPTER_DIR, read_recipe
-
-    recipe = read_recipe(run_dir)
-    config = read_json(Path(run_dir) / ADAPTER_DIR / "adapter_config.json", "adapter config (has the run finished?)")
+    run = RunDir(run_dir)
+    recipe = run.read_recipe()
+    config = run.adapter_config()
     labels = config.get("label_names")
     counts = count_params(config["method"], config["params"]["rank"], recipe.model.name, config["target_modules"],
                           1 if config.get("problem") == "regression" else len(labels or [0, 1]), config["params"],

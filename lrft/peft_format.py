@@ -22,13 +22,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lrft import console
-from lrft.checkpoint import atomic_dir, read_json
+from lrft import console, methods
+from lrft.adapt import Opened, attach, check_fingerprint, load_base
+from lrft.data import get_task
 from lrft.errors import LrftError
-from lrft.inject import adapted, inject
-from lrft.methods.base import Built
+from lrft.files import atomic_dir, read_json
+from lrft.inject import adapted
+from lrft.methods import Built
 from lrft.methods.lora import LoRA
-from lrft.models import head_modules, resolve
+from lrft.models import resolve
+from lrft.recipe import DataConfig, ModelConfig
+from lrft.targets import head_modules
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -50,14 +54,9 @@ def is_peft_dir(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------- export
 
-def export_run(run_dir: Path, out: Path, force: bool = False) -> dict:
-    """Write the run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
-    from lrft.run import load_run
-
-    out = Path(out)
-    if out.exists() and not force:
-        raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
-    recipe, a, config = load_run(run_dir, force=force)
+def export(opened: Opened, out: Path, force: bool = False) -> dict:
+    """Write an opened run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
+    a, config, run_dir = opened.adapted, opened.config, opened.run_dir
     state, ranks = {}, {}
     for name, wrapper in adapted(a.model).items():
         lora_A, lora_B = (t.detach().contiguous() for t in wrapper.adapter.lora_factors())
@@ -73,7 +72,7 @@ def export_run(run_dir: Path, out: Path, force: bool = False) -> dict:
     base = config["base_model"]
     peft_config = {
         "peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem],
-        "base_model_name_or_path": _portable_name(recipe.model.name, recipe.model.gguf_file),
+        "base_model_name_or_path": _portable_name(opened.model_cfg.name, opened.model_cfg.gguf_file),
         "revision": base.get("revision"), "r": r, "lora_alpha": r, "rank_pattern": others,
         "alpha_pattern": dict(others), "target_modules": sorted(ranks), "modules_to_save": heads or None,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -122,13 +121,8 @@ def _portable_name(name: str, gguf_file: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------- import
 
-def load_peft(path: Path, task_name: str | None, base_name: str | None = None, force: bool = False):
-    """(recipe, adapted, config) of a PEFT LoRA dir on its base model, like `lrft.run.load_run`."""
-    from lrft.data import get_task
-    from lrft.methods import get
-    from lrft.recipe import validate
-    from lrft.run import Adapted, check_fingerprint, load_base
-
+def load_peft(path: Path, task_name: str | None, base_name: str | None = None, force: bool = False) -> Opened:
+    """A PEFT LoRA dir opened on its base model as lrft `lora` adapters, like `lrft.rundir.load_run`."""
     path = Path(path)
     config = read_json(path / CONFIG, "PEFT adapter config")
     if config.get("peft_type") != "LORA":
@@ -160,13 +154,9 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
             raise LrftError(f"{path}: no trained head and no label names; lrft cannot tell how many labels "
                             f"{task.name} has here")
         label_names = [str(i) for i in range(rows[-1])]
-    names = sorted(factors)
     r = int(config.get("r", 8))
-    recipe = validate({"name": "peft_import", "model": {"name": base_name, "revision": config.get("revision")},
-                       "data": {"task": task.name}, "adapter": {"method": "lora", "target_modules": names,
-                                                              "params": {"rank": min(f["A"].shape[0] for f in factors.values())}},
-                       "train": {"train_head": bool(heads)}})
-    base = load_base(recipe, task, label_names)
+    model_cfg = ModelConfig(name=base_name, revision=config.get("revision"))
+    base = load_base(model_cfg, task, label_names, sorted(factors), min(f["A"].shape[0] for f in factors.values()))
     check_fingerprint(provenance, base, path, force)  # exported by lrft: the base it was trained on is known
     adapters = {}
     for t in base.targets:
@@ -180,18 +170,18 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
         adapters[t.name] = LoRA(A.clone(), t.shape[0], scale, 0.0)
         with torch.no_grad():
             adapters[t.name].B.copy_(B)
-    built = Built(adapters, meta={"peft": str(path)})
-    inject(base.model, base.targets, built)
-    own = base.model.state_dict()
+    lora = methods.get("lora")
+    params = lora.params(rank=min(ad.A.shape[0] for ad in adapters.values()))
+    a = attach(base, Built(adapters, meta={"peft": str(path)}), lora, params, train_head=bool(heads))
+    own = a.model.state_dict()
     for key, value in heads.items():
         if key not in own or own[key].shape != value.shape:
             raise LrftError(f"{path}: the saved head tensor {key} does not fit {base_name} for {task.name}")
         own[key].copy_(value)
-    base.model.eval()
-    a = Adapted(base.model, base.tokenizer, base.targets, task, label_names, base.fingerprint, built, get("lora"),
-                recipe.method_params())
-    return recipe, a, {"method": "lora", "source": "peft", "task": task.name, "params": recipe.adapter.params,
-                       "base_model": {"name": base_name}}
+    a.model.eval()
+    config = {"method": "lora", "source": "peft", "task": task.name, "params": params.model_dump(),
+              "base_model": {"name": base_name}}
+    return Opened(a, config, model_cfg, DataConfig(task=task.name))
 
 
 def _pattern(patterns: dict, name: str, default):
@@ -205,19 +195,3 @@ def _pattern(patterns: dict, name: str, default):
 def _read_provenance(path: Path) -> dict:
     p = path / PROVENANCE
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-
-
-def open_adapted(target: Path, task: str | None = None, base: str | None = None, force: bool = False,
-                 best: bool = False):
-    """(recipe, adapted, config) of an lrft run dir or a PEFT LoRA dir: what eval and merge work on."""
-    from lrft.run import RECIPE_FILE, load_run
-
-    target = Path(target)
-    if (target / RECIPE_FILE).is_file():
-        recipe, a, config = load_run(target, target / "best_adapter" if best else None, force=force)
-        if task and task != a.task.name:
-            raise LrftError(f"--task: the run was trained on {a.task.name}, not {task}; leave out --task to use the run's task")
-        return recipe, a, config
-    if is_peft_dir(target):
-        return load_peft(target, task, base, force)
-    return None

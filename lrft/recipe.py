@@ -1,22 +1,26 @@
 """Recipes: the typed YAML schema of a run, `key=value` overrides, and strict validation.
 
-Every field carries a one-line description (`lrft init` writes them as comments). Validation gathers
-every problem of a recipe (unknown keys with a did-you-mean, wrong types, out-of-range values,
-conflicting options) into one ConfigError, so a user fixes them all in one go.
+The schema is complete by itself: the task is one of the registered tasks, `adapter` is one variant
+per registered method (chosen by `adapter.method`), so `adapter.params` is validated and typed by that
+method's own params class, once. Every field carries a one-line description (`lrft init` writes them
+as comments). Validation gathers every problem of a recipe (unknown keys with a did-you-mean, wrong
+types, out-of-range values, conflicting options) into one ConfigError, so a user fixes them all in
+one go.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lrft import methods
 from lrft.data import TASKS
 from lrft.errors import ConfigError, LrftError, did_you_mean
+from lrft.methods import MethodParams
 
 
 class Section(BaseModel):
@@ -34,8 +38,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="run the model repo's own code (only if you trust it)")
 
 
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+
+
 class DataConfig(Section):
-    task: str = Field(description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction")
+    task: TaskName = Field(description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction")
     path: str | None = Field(None, description="local dir with the task's files (else $LRFT_DATA_DIR, else the hub)")
     max_length: int = Field(128, ge=8, description="truncate examples to this many tokens")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training examples")
@@ -48,10 +55,29 @@ class DataConfig(Section):
 
 
 class AdapterConfig(Section):
+    """`adapter`: a method and its params. One subclass per registered method (`adapter_variant`)."""
+
     method: str = Field(description=f"one of: {', '.join(methods.REGISTRY)}")
     target_modules: list[str] | None = Field(
         None, description="Linear layers to adapt, matched by name suffix (default: the model's attention query, value)")
-    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (rank, ...)")
+    params: MethodParams = Field(default_factory=MethodParams, description="the method's parameters (rank, ...)")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _empty_params(cls, value):
+        return {} if value is None else value  # `params:` with nothing under it
+
+
+def adapter_variant(method: methods.Method) -> type[AdapterConfig]:
+    """The `adapter` section of recipes using `method`: its name as the tag, its params class typed."""
+    return create_model(f"AdapterConfig_{method.name}", __base__=AdapterConfig,
+                        method=(Literal[method.name], Field(description=AdapterConfig.model_fields["method"].description)),
+                        params=(method.params, Field(default_factory=method.params,
+                                                     description=AdapterConfig.model_fields["params"].description)))
+
+
+ADAPTER_VARIANTS = {name: adapter_variant(m) for name, m in methods.REGISTRY.items()}
+AnyAdapterConfig = Annotated[Union[tuple(ADAPTER_VARIANTS.values())], Field(discriminator="method")]
 
 
 class TrainConfig(Section):
@@ -100,29 +126,40 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="runs are written to <dir>/<name>/")
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 class Recipe(Section):
     name: str | None = Field(None, description="run name: the run dir is output.dir/<name> (default: the recipe file's stem)")
     seed: int = Field(42, description="seed of adapter init, data order and dropout")
     model: ModelConfig
     data: DataConfig
-    adapter: AdapterConfig
+    adapter: AnyAdapterConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and not _NAME_RE.match(name):
+            raise ValueError(f"name: {name!r} is not a plain run name (letters, digits, '.', '_', '-'; no '/' or '..')")
+        return name
+
+    @model_validator(mode="after")
+    def _head_fits_task(self):
+        needed = "causal_lm" if TASKS[self.data.task].problem == "causal_lm" else "classification"
+        if self.model.type not in ("auto", needed):
+            raise ValueError(f"model.type: {self.model.type} does not fit data.task {self.data.task}, which needs "
+                             f"{needed}; set model.type: {needed} or auto")
+        return self
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir) / self.name
 
-    def method_params(self):
-        """`adapter.params` validated by the method's own schema, defaults filled in."""
-        return methods.get(self.adapter.method).params.model_validate(self.adapter.params)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -171,71 +208,40 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
 
 def validate(raw: dict, source: str | None = None) -> Recipe:
     """A Recipe from a raw mapping, or a ConfigError listing every problem found."""
-    problems: list[str] = []
-    recipe = None
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw)
     except ValidationError as e:
-        problems += _render(e, Recipe, raw, ())
-    problems += _check_names(raw)
-    params = _check_method_params(raw, problems)
-    if problems:
-        raise ConfigError(problems, source)
-    recipe.adapter.params = params.model_dump()
-    return recipe
+        raise ConfigError(_render(e, raw), source) from None
 
 
-def _check_names(raw: dict) -> list[str]:
-    out = []
-    name = raw.get("name")
-    if isinstance(name, str) and not _NAME_RE.match(name):
-        out.append(f"name: {name!r} is not a plain run name (letters, digits, '.', '_', '-'; no '/' or '..')")
-    data = raw.get("data")
-    task = data.get("task") if isinstance(data, dict) else None
-    if isinstance(task, str) and task not in TASKS:
-        out.append(f"data.task: unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
-    model = raw.get("model")
-    kind = model.get("type") if isinstance(model, dict) else None
-    if isinstance(task, str) and task in TASKS and kind in ("classification", "causal_lm"):
-        needed = "causal_lm" if TASKS[task].problem == "causal_lm" else "classification"
-        if kind != needed:
-            out.append(f"model.type: {kind} does not fit data.task {task}, which needs {needed}; set model.type: {needed} "
-                       f"or auto")
-    return out
-
-
-def _check_method_params(raw: dict, problems: list[str]):
-    adapter = raw.get("adapter")
-    if not isinstance(adapter, dict) or not isinstance(adapter.get("method"), str):
-        return None
-    name = adapter["method"]
-    if name not in methods.REGISTRY:
-        problems.append(f"adapter.method: unknown method {name!r}{did_you_mean(name, methods.REGISTRY)}; "
-                        f"choose one of: {', '.join(methods.REGISTRY)}")
-        return None
-    params = adapter.get("params") or {}
-    if not isinstance(params, dict):
-        return None  # the Recipe schema already reported it
-    schema = methods.REGISTRY[name].params
-    try:
-        return schema.model_validate(params)
-    except ValidationError as e:
-        problems += _render(e, schema, params, ("adapter", "params"))
-        return None
-
-
-def _render(err: ValidationError, schema: type[BaseModel], raw: dict, prefix: tuple) -> list[str]:
+def _render(err: ValidationError, raw: dict) -> list[str]:
+    """One line per problem, named by its dotted key; the tag pydantic puts into an adapter variant's
+    location (adapter.<method>.params...) is left out, as it is not a key of the recipe."""
     out = []
     for e in err.errors():
-        loc = prefix + tuple(str(p) for p in e["loc"])
+        loc = tuple(str(p) for p in e["loc"])
+        if loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in ADAPTER_VARIANTS:
+            loc = loc[:1] + loc[2:]
         where = ".".join(loc) if loc else "recipe"
         kind = e["type"]
         if kind == "extra_forbidden":
-            known = _fields_at(schema, e["loc"][:-1])
-            out.append(f"{where}: unknown key{did_you_mean(str(e['loc'][-1]), known)}"
+            known = _fields_at(raw, loc[:-1])
+            out.append(f"{where}: unknown key{did_you_mean(loc[-1], known)}"
                        + (f"; known keys here: {', '.join(known)}" if known else ""))
-        elif kind == "missing":
-            out.append(f"{where}: required, but missing")
+        elif kind in ("missing", "union_tag_not_found"):
+            out.append(f"{where}{'.method' if kind == 'union_tag_not_found' else ''}: required, but missing")
+        elif kind == "union_tag_invalid":
+            name = e["input"].get("method")
+            if not isinstance(name, str):
+                out.append(f"{where}.method: input should be a valid string (got {name!r})")
+            else:
+                out.append(f"{where}.method: unknown method {name!r}{did_you_mean(name, methods.REGISTRY)}; "
+                           f"choose one of: {', '.join(methods.REGISTRY)}")
+        elif kind == "literal_error" and loc == ("data", "task") and isinstance(e["input"], str):
+            task = e["input"]
+            out.append(f"data.task: unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
+        elif kind == "model_type":  # a section given as something other than a mapping
+            out.append(f"{where}: input should be a valid dictionary (got {e['input']!r})")
         elif kind == "value_error":
             out.append(str(e["msg"]).removeprefix("Value error, "))
         else:
@@ -243,10 +249,15 @@ def _render(err: ValidationError, schema: type[BaseModel], raw: dict, prefix: tu
     return out
 
 
-def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the section at `loc` in `schema`."""
+def _fields_at(raw: dict, loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (adapter.params: those of the recipe's method)."""
+    schema: type[BaseModel] = Recipe
     for part in loc:
-        field = schema.model_fields.get(str(part))
+        if schema is Recipe and part == "adapter":
+            method = raw.get("adapter", {}).get("method") if isinstance(raw.get("adapter"), dict) else None
+            schema = ADAPTER_VARIANTS.get(method, AdapterConfig)
+            continue
+        field = schema.model_fields.get(part)
         ann = getattr(field, "annotation", None)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
@@ -258,26 +269,23 @@ def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
 
 def commented_yaml(recipe: Recipe, header: list[str]) -> str:
     """The recipe as YAML with each field's description as a comment (what `lrft init` writes)."""
-    data = recipe.model_dump(mode="json")
     lines = [f"# {h}" if h else "#" for h in header] + [""]
 
     def scalar(v) -> str:
         return yaml.safe_dump(v, default_flow_style=True, width=10_000, allow_unicode=True).removesuffix("...\n").strip()
 
-    def emit(schema: type[BaseModel], values: dict, indent: str) -> None:
-        for key, f in schema.model_fields.items():
-            value = values.get(key)
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                lines.append(f"{indent}{key}:" + (f"  # {f.description}" if f.description else ""))
-                emit(ann, value, indent + "  ")
-            elif key == "params" and schema is AdapterConfig:
-                lines.append(f"{indent}params:  # {f.description}")
-                emit(methods.get(recipe.adapter.method).params, value, indent + "  ")
+    def emit(section: BaseModel, indent: str) -> None:
+        values = section.model_dump(mode="json")
+        for key, f in type(section).model_fields.items():
+            value = getattr(section, key)
+            comment = f"  # {f.description}" if f.description else ""
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{key}:{comment}")
+                emit(value, indent + "  ")
+                if indent == "":
+                    lines.append("")
             else:
-                lines.append(f"{indent}{key}: {scalar(value)}" + (f"  # {f.description}" if f.description else ""))
-            if indent == "" and isinstance(ann, type) and issubclass(ann, BaseModel):
-                lines.append("")
+                lines.append(f"{indent}{key}: {scalar(values[key])}{comment}")
 
-    emit(Recipe, data, "")
+    emit(recipe, "")
     return "\n".join(lines).rstrip() + "\n"

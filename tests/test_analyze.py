@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from lrft import analyze as an
+import lrft.analysis
+from lrft.analysis import numeric as an
+from lrft.analysis.extract import ModuleUpdate
+from lrft.analysis.figures import Grid
+from tests.helpers import recipe_dict, write_recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -131,16 +134,16 @@ def test_entries_and_difference_stats_in_row_blocks(monkeypatch):
 
 def test_grid_rows_and_labels():
     def mod(name, kind):
-        return an.ModuleUpdate(name, kind, None, (2, 2), np.zeros((1, 2)), np.zeros((2, 1)), {}, {})
+        return ModuleUpdate(name, kind, None, (2, 2), np.zeros((1, 2)), np.zeros((2, 1)), {}, {})
 
     names = [("bert.encoder.layer.0.attention.self.query", "query"), ("bert.encoder.layer.0.attention.self.value", "value"),
              ("bert.encoder.layer.11.attention.self.query", "query")]
-    grid = an.Grid({n: mod(n, k) for n, k in names})
+    grid = Grid({n: mod(n, k) for n, k in names})
     assert grid.rows == ["bert.encoder.layer.0", "bert.encoder.layer.11"] and grid.cols == ["query", "value"]
     assert grid.label(names[2][0]) == "11 query"
     m = grid.matrix({names[1][0]: 0.5, names[2][0]: None})
     assert m[0, 1] == 0.5 and np.isnan(m[1, 0]) and np.isnan(m[0, 0])
-    t5 = an.Grid({"encoder.block.0.layer.0.SelfAttention.q": mod("a", "q"), "decoder.block.0.layer.0.SelfAttention.q": mod("b", "q")})
+    t5 = Grid({"encoder.block.0.layer.0.SelfAttention.q": mod("a", "q"), "decoder.block.0.layer.0.SelfAttention.q": mod("b", "q")})
     assert len(t5.rows) == 2  # encoder and decoder block 0 are different rows
 
 
@@ -156,13 +159,7 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     root = tmp_path_factory.mktemp("analyze")
 
     def train(method: str, name: str, *overrides: str) -> Path:
-        recipe = {"name": name, "seed": 0, "model": {"name": str(tiny_model_dir)},
-                  "data": {"task": "text-classification", "path": str(tiny_data_dir), "max_length": 16},
-                  "adapter": {"method": method, "params": {"rank": 4}},
-                  "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1},
-                  "output": {"dir": str(root / "runs")}}
-        path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
+        path = write_recipe(root / f"{name}.yaml", recipe_dict(tiny_model_dir, tiny_data_dir, root / "runs", method, name))
         result = CliRunner().invoke(app, ["train", str(path), "train.max_steps=2", *overrides])
         assert result.exit_code == 0, result.stderr
         return root / "runs" / name
@@ -197,9 +194,10 @@ def write_lora_factors(run_dir: Path, set_factors) -> None:
     """Overwrite a lora run's A and B per module with set_factors(name, A, B) → (A, B)."""
     from lrft.checkpoint import save_adapter
     from lrft.inject import adapted, saved_state
-    from lrft.run import load_run
+    from lrft.rundir import load_run
 
-    _, a, config = load_run(run_dir)
+    opened = load_run(run_dir)
+    a, config = opened.adapted, opened.config
     with torch.no_grad():
         for name, wrapper in adapted(a.model).items():
             A, B = set_factors(name, wrapper.adapter.A.numpy().copy(), wrapper.adapter.B.numpy().copy())
@@ -210,9 +208,9 @@ def write_lora_factors(run_dir: Path, set_factors) -> None:
 
 def dense_updates(run_dir: Path) -> dict[str, np.ndarray]:
     from lrft.inject import adapted
-    from lrft.run import load_run
+    from lrft.rundir import load_run
 
-    _, a, _ = load_run(run_dir)
+    a = load_run(run_dir).adapted
     with torch.no_grad():
         return {n: w.adapter.delta_weight().double().numpy() for n, w in adapted(a.model).items()}
 
@@ -220,7 +218,7 @@ def dense_updates(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture
 def numbers_only(monkeypatch):
     """Skip the figures (about 0.4 s each) in tests that check numbers and errors only; keep the module choice."""
-    monkeypatch.setattr(an, "write_figures", lambda out_dir, runs, numbers, result, chosen: ([], {"module": chosen}))
+    monkeypatch.setattr(lrft.analysis, "write_figures", lambda out_dir, runs, numbers, result, chosen: ([], {"module": chosen}))
 
 
 class Images(HTMLParser):
@@ -256,12 +254,13 @@ def test_analysis_json_agrees_with_numpy_on_dense_updates(runs, compared):
     for name, dw in mine.items():
         entry = data["run"]["modules"][name]
         s = np.linalg.svd(dw, compute_uv=False)
-        np.testing.assert_allclose(entry["singular_values"], s[:4], rtol=1e-4, atol=1e-9)
+        # noise scales with the spectrum's top, not with each value: fp32 factors vs a dense fp64 decomposition
+        np.testing.assert_allclose(entry["singular_values"], s[:4], rtol=1e-4, atol=1e-5 * s[0])
         assert entry["fro_norm"] == pytest.approx(np.linalg.norm(dw), rel=1e-5)
         ev = np.linalg.eigvals(dw)
         top = ev[np.argsort(-np.abs(ev))][:4]
         got = np.array(entry["eigenvalues"]["real"]) + 1j * np.array(entry["eigenvalues"]["imag"])
-        np.testing.assert_allclose(np.sort(np.abs(got)), np.sort(np.abs(top)), rtol=1e-3, atol=1e-9)
+        np.testing.assert_allclose(np.sort(np.abs(got)), np.sort(np.abs(top)), rtol=1e-3, atol=1e-4 * np.abs(top[0]))
         other = theirs[name]
         cos = np.sum(dw * other) / (np.linalg.norm(dw) * np.linalg.norm(other))
         assert data["cosine"]["per_module"][name] == pytest.approx(cos, rel=1e-4, abs=1e-6)

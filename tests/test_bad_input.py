@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import make_problems, save_tiny_llama
+from tests.helpers import make_problems, save_tiny_llama, tiny_bert
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -24,26 +24,10 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir, tiny_data_dir, tiny_llama_dir):
-    """A finished lora run, a finished talora run and copies of the tiny inputs, shared by the cases."""
-    from typer.testing import CliRunner
-
-    from lrft.cli import app
-
-    root = tmp_path_factory.mktemp("world")
-    shutil.copytree(tiny_model_dir, root / "model")
-    shutil.copytree(tiny_data_dir, root / "data")
-    base = {"seed": 0, "model": {"name": str(root / "model")},
-            "data": {"task": "text-classification", "path": str(root / "data"), "max_length": 16},
-            "train": {"max_steps": 2, "batch_size": 16}, "calibration": {"samples": 16, "batch_size": 8},
-            "output": {"dir": str(root / "runs")}}
-    for name, method in (("good", "lora"), ("ta", "talora")):
-        (root / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name, "adapter": {"method": method,
-                                                                                           "params": {"rank": 4}}}))
-        result = CliRunner().invoke(app, ["train", str(root / f"{name}.yaml")])
-        assert result.exit_code == 0, result.stderr
-    return root
+@pytest.fixture
+def world(finished_runs):
+    """The shared finished runs (lora "good", talora "ta") and copies of the tiny inputs."""
+    return finished_runs
 
 
 def recipe(world: Path, **changes) -> dict:
@@ -262,8 +246,6 @@ def _corrupt_adapter_run(world: Path, scratch: Path) -> Path:
 
 
 def _run_on_changed_base(world: Path, scratch: Path) -> Path:
-    from tests.conftest import tiny_bert
-
     d = _copy_run(world, scratch)
     shutil.copytree(world / "model", scratch / "other")
     tiny_bert(seed=3).save_pretrained(scratch / "other")
@@ -282,10 +264,6 @@ def _run_on_renamed_base(world: Path, scratch: Path) -> Path:
 
 
 CAUSAL_CASES = {"gsm8k line without answer", "instruction layout", "nothing left to learn"}  # on a tiny Llama
-
-
-def test_the_catalogue_is_large_enough():
-    assert len(CASES) >= 40
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-import yaml
 
-from lrft.data import get_task, load_task_data
+from lrft.data import PromptSplit, get_task, load_task_data
 from lrft.errors import LrftError
-from lrft.lm_data import IGNORE, PromptSplit, encode_prompts, extract_answer, gold_answer, render
+from lrft.data.causal import IGNORE, encode_prompts, extract_answer, gold_answer, render
 from lrft.recipe import DataConfig
-from tests.conftest import save_tiny_llama
+from tests.helpers import METHODS, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +20,6 @@ def tokenizer(tiny_llama_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_llama_dir)
-
-
-def causal_recipe(tmp_path, model_dir, data_dir, method="lora", name="lm", **sections):
-    recipe = {"name": name, "seed": 0, "model": {"name": str(model_dir)},
-              "data": {"task": "gsm8k", "path": str(data_dir), "max_length": 48, "max_new_tokens": 8},
-              "adapter": {"method": method, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                          "params": {"rank": 4}},
-              "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
-              "calibration": {"samples": 8, "batch_size": 4},
-              "output": {"dir": str(tmp_path / "runs")}}
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -135,19 +120,22 @@ def test_gold_answer():
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-@pytest.mark.parametrize("method", ["lora", "tlora", "talora", "lorta"])
-def test_every_method_trains_a_causal_lm(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir, method):
-    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, method, name=f"lm_{method}")
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_a_causal_lm(cli, causal_recipe, tmp_path, method):
+    recipe = causal_recipe(method, name=f"lm_{method}")
     code, out, err = cli("train", recipe, "train.max_steps=2", "--json")
     assert code == 0, err
     final = json.loads(out)["final"]
-    assert {"exact_match", "perplexity", "loss"} <= set(final) and 0 <= final["exact_match"] <= 1
+    assert {"exact_match", "perplexity", "loss"} <= set(final)
+    predictions = [json.loads(line) for line in (tmp_path / "runs" / f"lm_{method}" / "predictions.jsonl").open()]
+    assert len(predictions) == 12 and final["exact_match"] == sum(p["correct"] for p in predictions) / 12
+    assert final["perplexity"] == pytest.approx(math.exp(final["loss"]))
 
 
-def test_gsm8k_train_eval_merge_end_to_end(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir):
+def test_gsm8k_train_eval_merge_end_to_end(cli, causal_recipe, tmp_path, tiny_gsm8k_dir):
     from transformers import AutoModelForCausalLM
 
-    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, "lora", train={"eval_on_start": True})
+    recipe = causal_recipe("lora", train={"eval_on_start": True})
     code, out, err = cli("train", recipe, "train.epochs=2", "--json")
     assert code == 0, err
     summary = json.loads(out)
@@ -187,12 +175,12 @@ def test_gsm8k_train_eval_merge_end_to_end(cli, tmp_path, tiny_llama_dir, tiny_g
     ("not_gguf", "is not a GGUF file (it does not start with 'GGUF')"),
     ("type", "model.type: classification does not fit data.task gsm8k, which needs causal_lm"),
 ])
-def test_bad_causal_inputs(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir, case, expect):
+def test_bad_causal_inputs(cli, causal_recipe, tmp_path, case, expect):
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     model = {"missing": {"name": str(tmp_path), "gguf_file": "none.gguf"},
              "not_gguf": {"name": str(tmp_path), "gguf_file": "fake.gguf"},
              "type": {"type": "classification"}}[case]
-    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, "lora", name="bad", model=model)
+    recipe = causal_recipe("lora", name="bad", model=model)
     code, _, err = cli("train", recipe, "train.max_steps=1")
     assert code == 2 and expect in err and err.count("error:") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs" / "bad").exists()

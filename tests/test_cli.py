@@ -11,15 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import METHODS, read_jsonl
+
 RUN_FILES = ["recipe.yaml", "metrics.jsonl", "adapter_stats.jsonl", "summary.json", "adapter/adapter.safetensors",
              "adapter/adapter_config.json", "best_adapter/adapter.safetensors"]
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.mark.parametrize("method", ["lora", "tlora"])
+@pytest.mark.parametrize("method", METHODS)
 def test_train_eval_merge_end_to_end(cli, tiny_recipe, tmp_path, tiny_data_dir, method):
     recipe = tiny_recipe(method, name=f"e2e_{method}")
     code, out, err = cli("train", recipe, "train.epochs=2", "--json")
@@ -152,10 +150,8 @@ def test_count_params_text_output(cli):
     assert code == 0 and "3,120" in out and "786,432" in out and "252.1× fewer than LoRA" in out
 
 
-def test_merge_and_eval_refusals(cli, tiny_recipe, tmp_path):
-    recipe = tiny_recipe("lora", name="m")
-    assert cli("train", recipe, "train.max_steps=1")[0] == 0
-    run = tmp_path / "runs" / "m"
+def test_merge_and_eval_refusals(cli, finished_runs, tmp_path):
+    run = finished_runs / "runs" / "good"
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     code, _, err = cli("merge", run, "--out", tmp_path / "taken")
@@ -166,7 +162,7 @@ def test_merge_and_eval_refusals(cli, tiny_recipe, tmp_path):
     assert code == 2 and "is not an lrft run dir (recipe.yaml); to evaluate it as a model, say which task" in err
     code, _, err = cli("eval", tmp_path, "--task", "glue/mrpc")
     assert code == 2 and "has no config.json" in err
-    code, _, err = cli("eval", tmp_path / "runs" / "m", "--task", "glue/rte")
+    code, _, err = cli("eval", run, "--task", "glue/rte")
     assert code == 2 and "trained on text-classification" in err
 
 

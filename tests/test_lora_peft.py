@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from lrft.inject import adapted
-from tests.test_methods import batch, build, randomize
-from tests.conftest import tiny_bert
+from tests.helpers import batch, build, randomize, tiny_bert
 
 peft = pytest.importorskip("peft")
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from lrft.errors import LrftError
-from lrft.inject import adapted, adapter_modules, saved_state
+from lrft.inject import adapted, adapter_parameters, saved_state
 from lrft.methods.lorta import Branch
-from tests.test_methods import build, randomize
-from tests.conftest import tiny_bert, tiny_llama
+from tests.helpers import build, randomize, tiny_bert, tiny_llama
 
 BERT_QKVO = ["query", "key", "value", "attention.output.dense"]
 LLAMA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -53,7 +52,7 @@ def test_factors_are_stored_once():
     assert len({b.factors.A.data_ptr() for b in branches}) == 1  # one storage across layers and kinds
     state = saved_state(model, include_head=False)
     assert sorted(state) == ["lrft_shared.A", "lrft_shared.B", "lrft_shared.C_H", "lrft_shared.C_L", "lrft_shared.C_M"]
-    assert len(list(adapter_modules(model))) == 5
+    assert len(list(adapter_parameters(model))) == 5
     assert {(b.layer, b.kind) for b in branches} == {(l, k) for l in (0, 1) for k in "qkvo"}
 
 

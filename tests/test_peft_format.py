@@ -8,11 +8,9 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import tiny_bert
-from tests.test_causal import causal_recipe
+from tests.helpers import METHODS, tiny_bert
 
 peft = pytest.importorskip("peft")
-METHODS = ["lora", "tlora", "talora", "lorta"]
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
 
 
@@ -26,9 +24,9 @@ def train_tiny(cli, tiny_recipe, method, name, **sections):
 
 
 def lrft_logits(run, batch):
-    from lrft.run import load_run
+    from lrft.rundir import load_run
 
-    _, a, _ = load_run(run)
+    a = load_run(run).adapted
     with torch.no_grad():
         return a.model(**batch).logits
 
@@ -62,10 +60,10 @@ def test_encoder_export_loads_in_peft_with_identical_outputs(cli, tiny_recipe, t
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_causal_export_loads_in_peft_with_identical_outputs(cli, tmp_path, tiny_llama_dir, tiny_gsm8k_dir, method):
+def test_causal_export_loads_in_peft_with_identical_outputs(cli, causal_recipe, tmp_path, tiny_llama_dir, method):
     from transformers import AutoModelForCausalLM
 
-    recipe = causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir, method, name=f"lm_{method}")
+    recipe = causal_recipe(method, name=f"lm_{method}")
     assert cli("train", recipe, "train.max_steps=2", "train.lr=5e-2")[0] == 0
     run, out = tmp_path / "runs" / f"lm_{method}", tmp_path / "served"
     code, _, err = cli("merge", run, "--format", "peft", "--out", out)
@@ -99,11 +97,14 @@ def test_peft_lora_dirs_are_read_for_eval_and_merge(cli, tmp_path, tiny_model_di
     ours = json.loads(out)
     from lrft.peft_format import load_peft
 
-    _, a, _ = load_peft(adapter_dir, "text-classification", str(tiny_model_dir))
+    a = load_peft(adapter_dir, "text-classification", str(tiny_model_dir)).adapted
     b = batch_of(tiny_model_dir, ["the film was good", "bad"])
     with torch.no_grad():
         torch.testing.assert_close(a.model(**b).logits, model.eval()(**b).logits, atol=1e-5, rtol=0)
-    assert 0 <= ours["accuracy"] <= 1
+    dev = [json.loads(line) for line in (tiny_data_dir / "dev.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        predicted = model(**batch_of(tiny_model_dir, [r["text"] for r in dev])).logits.argmax(-1).tolist()
+    assert ours["accuracy"] == pytest.approx(sum(p == r["label"] for p, r in zip(predicted, dev)) / len(dev))
     code, out, err = cli("merge", adapter_dir, "--out", tmp_path / "merged", "--task", "text-classification",
                          "--base", tiny_model_dir, "--data-path", tiny_data_dir, "--json")
     assert code == 0 and json.loads(out)["max_abs_logit_diff"] <= 1e-4, err

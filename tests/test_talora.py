@@ -11,12 +11,11 @@ from safetensors.torch import load_file
 
 from lrft import calibrate
 from lrft.errors import LrftError
-from lrft.inject import adapted, adapter_modules
+from lrft.inject import adapted, adapter_parameters
 from lrft.methods.talora import TaLoRAParams, allocate, largest_remainder
-from lrft.models import find_targets
+from lrft.targets import find_targets
 from lrft.recipe import CalibrationConfig
-from tests.conftest import tiny_bert
-from tests.test_methods import batch, build, calibration_features, labeled, pad_collate
+from tests.helpers import batch, build, calibration_features, labeled, pad_collate, tiny_bert
 
 BATCHES = [[0, 1, 2], [3, 4, 5]]
 
@@ -154,7 +153,7 @@ def test_all_ablations_off_is_exactly_lora():
     a, b = adapted(lora), adapted(talora)
     for n in a:
         assert torch.equal(a[n].adapter.A, b[n].adapter.A) and a[n].adapter.scale == b[n].adapter.scale
-    assert sum(p.numel() for p in adapter_modules(lora)) == sum(p.numel() for p in adapter_modules(talora))
+    assert sum(p.numel() for p in adapter_parameters(lora)) == sum(p.numel() for p in adapter_parameters(talora))
 
 
 def test_tlora_task_aware_init_uses_singular_vectors():

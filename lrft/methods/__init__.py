@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lrft.errors import unknown_choice
 from lrft.methods import lora, lorta, talora, tlora
-from lrft.methods.base import Adapter, BuildContext, Built, Method, MethodParams, Target
+from lrft.methods.base import Adapter, BuildContext, Built, Method, MethodParams
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (lora.METHOD, tlora.METHOD, talora.METHOD, lorta.METHOD)}
 
@@ -17,4 +17,4 @@ def get(name: str) -> Method:
         raise unknown_choice("adapter.method", name, REGISTRY) from None
 
 
-__all__ = ["REGISTRY", "get", "Adapter", "BuildContext", "Built", "Method", "MethodParams", "Target"]
+__all__ = ["REGISTRY", "get", "Adapter", "BuildContext", "Built", "Method", "MethodParams"]

@@ -18,6 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lrft.targets import Target
+
+
 
 class MethodParams(BaseModel):
     """`adapter.params` of a recipe; each method extends it with its own fields."""
@@ -25,21 +28,6 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(8, gt=0, description="rank r of the low-rank update")
-
-
-@dataclass
-class Target:
-    """One Linear layer chosen by `adapter.target_modules`."""
-
-    name: str  # dotted module path in the model, e.g. bert.encoder.layer.0.attention.self.query
-    module: nn.Linear
-    kind: str  # the target_modules entry it matched, e.g. "query"
-    layer: int | None  # index of the transformer block it sits in, parsed from the name
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out_features, in_features), the shape of W0 and ΔW."""
-        return self.module.out_features, self.module.in_features
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lrft.methods.base import (Adapter, BuildContext, Built, Dropout, Method, MethodParams, Target,
-                               seeded_generator)
+from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, seeded_generator
+from lrft.targets import Target
 
 
 class LoRAParams(MethodParams):

@@ -23,7 +23,8 @@ from pydantic import Field
 from torch import nn
 
 from lrft.errors import LrftError
-from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, Target, seeded_generator
+from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, seeded_generator
+from lrft.targets import Target
 
 KINDS = ("q", "k", "v", "o")
 KIND_NAMES = {"q": ("query", "q_proj", "q"), "k": ("key", "k_proj", "k"), "v": ("value", "v_proj", "v"),

@@ -20,8 +20,9 @@ import torch
 from pydantic import Field
 
 from lrft.errors import LrftError
-from lrft.methods.base import BuildContext, Built, Method, MethodParams, Target, seeded_generator
+from lrft.methods.base import BuildContext, Built, Method, MethodParams, seeded_generator
 from lrft.methods.lora import LoRA, kaiming_a
+from lrft.targets import Target
 
 
 class TaLoRAParams(MethodParams):

@@ -21,8 +21,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lrft.methods.base import (Adapter, BuildContext, Built, Dropout, Method, MethodParams, Target,
-                               seeded_generator)
+from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, seeded_generator
+from lrft.targets import Target
 
 KAIMING_GAIN = math.sqrt(2 / (1 + 5))  # kaiming_normal_ with a=√5: std = gain / sqrt(fan_in)
 

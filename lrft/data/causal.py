@@ -1,4 +1,4 @@
-"""Causal-LM data: prompt/response examples, their tokenization with prompt labels masked, answers.
+"""Causal-LM tasks: prompt/response examples, their tokenization with prompt labels masked, answers.
 
 Tasks: `gsm8k` (question → worked answer, final answer after `####`) from `data.path`,
 `$LRFT_DATA_DIR/gsm8k/{train,test}.jsonl` or the hub (openai/gsm8k); `instruction`, users' own
@@ -13,42 +13,22 @@ response token left is left out with a warning, never trained on as an empty seq
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lrft import console
+from lrft.data.files import find_split_file, read_records
+from lrft.data.tasks import DATA_DIR_ENV, PromptSplit, TaskData
 from lrft.errors import LrftError
 
 IGNORE = -100
-
-
-@dataclass
-class PromptSplit:
-    """Causal-LM examples: the prompt as chat messages, the response to learn, the gold answer if any."""
-
-    prompts: list[list[dict]]
-    responses: list[str]
-    answers: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def head(self, n: int | None) -> PromptSplit:
-        if n is None or n >= len(self):
-            return self
-        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n])
 
 
 # ----------------------------------------------------------------------------------------- loading
 
 def load(task, data_cfg, need_train: bool):
     """TaskData of a causal-LM task."""
-    from lrft.data import DATA_DIR_ENV, TaskData
 
     if task.name == "gsm8k":
         local = Path(data_cfg.path) if data_cfg.path else (Path(os.environ[DATA_DIR_ENV]) / "gsm8k"
@@ -67,13 +47,11 @@ def load(task, data_cfg, need_train: bool):
     if not data_cfg.path:
         raise LrftError("data.path: the instruction task reads your files; set data.path to a dir with train.jsonl "
                         "and dev.jsonl in the alpaca layout (instruction, input, output) or the chat layout (messages)")
-    from lrft.data import _find_split_file
-
     path = Path(data_cfg.path)
     if not path.is_dir():
         raise LrftError(f"data.path: no directory at {path}; it should hold train.jsonl and dev.jsonl")
-    train_file = _find_split_file(path, ("train",), (".jsonl", ".json"))
-    eval_file = _find_split_file(path, ("dev", "validation", "test"), (".jsonl", ".json"))
+    train_file = find_split_file(path, ("train",), (".jsonl", ".json"))
+    eval_file = find_split_file(path, ("dev", "validation", "test"), (".jsonl", ".json"))
     if (need_train and train_file is None) or eval_file is None:
         raise LrftError(f"data.path: {path} needs train and dev (or validation) files, as .jsonl or .json")
     train = _instruction_split(train_file) if need_train else PromptSplit([], [], [])
@@ -82,8 +60,6 @@ def load(task, data_cfg, need_train: bool):
 
 def _gsm8k_hub(task, need_train: bool):
     import datasets
-
-    from lrft.data import DATA_DIR_ENV, TaskData
 
     try:
         ds = datasets.load_dataset("openai/gsm8k", "main")
@@ -99,10 +75,8 @@ def _gsm8k_hub(task, need_train: bool):
 
 
 def _records(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
-    from lrft.data import _read_records
-
     out = []
-    for line_no, rec, _ in _read_records(path):
+    for line_no, rec, _ in read_records(path):
         missing = [k for k in required if not isinstance(rec.get(k), str)]
         if missing:
             raise LrftError(f"{path}:{line_no}: no text field {missing[0]!r} (fields: {', '.join(rec) or 'none'}); "
@@ -190,22 +164,6 @@ def prompt_features(split: PromptSplit, tokenizer) -> list[dict]:
     return [{"prompt_ids": i, "prompt": p[-1]["content"], "gold": a} for i, p, a in zip(ids, split.prompts, split.answers)]
 
 
-class CausalCollator:
-    """Right-pads input ids (pad id), attention masks (0) and labels (-100) of a batch."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-
-        def pad(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])
-
-        return {"input_ids": pad("input_ids", self.pad_id), "attention_mask": pad("attention_mask", 0),
-                "labels": pad("labels", IGNORE)}
-
-
 # ----------------------------------------------------------------------------------------- answers
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
@@ -233,9 +191,3 @@ def extract_answer(completion: str) -> str | None:
             return answer
     numbers = re.findall(_NUMBER, completion)
     return _normalize(numbers[-1]) if numbers else None
-
-
-def write_predictions(path: Path, predictions: list[dict]) -> None:
-    from lrft.checkpoint import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))

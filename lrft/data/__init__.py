@@ -1,0 +1,63 @@
+"""Tasks and their data: where examples come from, how they are tokenized and batched, how they are scored.
+
+Layout: `tasks` (the registry and the example containers), `files` (reading users' files), one reader
+per family of tasks (`glue`, `text` for users' own labelled texts, `causal` for gsm8k and instruction
+data), `metrics`. This module is what the rest of lrft uses: load a task's splits, tokenize them,
+batch them, score predictions.
+"""
+
+from __future__ import annotations
+
+from lrft.data import causal, glue, text
+from lrft.data.metrics import compute_metrics
+from lrft.data.tasks import DATA_DIR_ENV, TASKS, PromptSplit, Split, Task, TaskData, get_task
+from lrft.errors import LrftError
+
+__all__ = ["DATA_DIR_ENV", "TASKS", "PromptSplit", "Split", "Task", "TaskData", "collator", "compute_metrics",
+           "encode", "features", "get_task", "load_task_data"]
+
+
+def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
+    """Examples of `task` per the recipe's `data` section, from a local dir or the hub."""
+    if task.problem == "causal_lm":
+        data = causal.load(task, data_cfg, need_train)
+    elif task.name == "text-classification":
+        data = text.load(data_cfg, need_train)
+    else:
+        data = glue.load(task, data_cfg, need_train)
+    data.train = data.train.head(data_cfg.max_train_samples)
+    data.evals = {k: v.head(data_cfg.max_eval_samples) for k, v in data.evals.items()}
+    if need_train and len(data.train) == 0:
+        raise LrftError(f"data: the training split of {task.name} from {data.source} is empty; "
+                        "add training examples (or check data.max_train_samples)")
+    for suffix, split in data.evals.items():
+        if len(split) == 0:
+            raise LrftError(f"data: the evaluation split{suffix or ''} of {task.name} from {data.source} is empty; "
+                            "add evaluation examples (or check data.max_eval_samples)")
+    return data
+
+
+def features(task: Task, split, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
+    """Tokenized, unpadded features of a split for the task's model (the collator pads each batch)."""
+    if task.problem == "causal_lm":
+        return causal.encode_prompts(split, tokenizer, max_length, what)
+    return encode(split, tokenizer, max_length)
+
+
+def collator(task: Task, tokenizer):
+    """Pads a list of features into a batch of tensors (on the tokenizer's padding side, right for
+    training); causal-LM labels are padded with -100 so padding never counts in the loss."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task.problem == "causal_lm":
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=causal.IGNORE, return_tensors="pt")
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def encode(split: Split, tokenizer, max_length: int) -> list[dict]:
+    """Tokenized classification features per example (unpadded)."""
+    if len(split) == 0:
+        return []
+    enc = tokenizer(split.text, split.pair, truncation=True, max_length=max_length)
+    keys = list(enc.keys())
+    return [{**{k: enc[k][i] for k in keys}, "labels": split.label[i]} for i in range(len(split))]

@@ -1,0 +1,66 @@
+"""Reading users' data files: UTF-8 text, JSON Lines / JSON / CSV / TSV records with their line numbers.
+
+Every problem names the file and line and says what to do, so a bad file is one clear error line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from lrft.errors import LrftError
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LrftError(f"{path}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
+
+
+def find_split_file(path: Path, stems: tuple[str, ...], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Path | None:
+    """The first `<stem><suffix>` file in `path`, stems and suffixes in order of preference."""
+    for stem in stems:
+        for suffix in suffixes:
+            if (path / f"{stem}{suffix}").is_file():
+                return path / f"{stem}{suffix}"
+    return None
+
+
+def field(record: dict, column: str, path: Path, line_no: int):
+    if column not in record:
+        raise LrftError(f"{path}:{line_no}: no field '{column}' (fields: {', '.join(record)}); "
+                        f"set data.text_column / data.text_pair_column / data.label_column")
+    return record[column]
+
+
+def read_records(path: Path) -> list[tuple[int, dict, Path]]:
+    """(line number, record, file) for each example of a jsonl/json/csv/tsv file."""
+    text = read_text(path)
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LrftError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise LrftError(f"{path}:{n}: expected a JSON object per line")
+            out.append((n, rec, path))
+        return out
+    if path.suffix == ".json":
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LrftError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+            raise LrftError(f"{path}: expected a JSON list of objects")
+        return [(i + 1, r, path) for i, r in enumerate(recs)]
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    return [(n + 2, dict(r), path) for n, r in enumerate(reader)]

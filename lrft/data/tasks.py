@@ -1,0 +1,134 @@
+"""The task registry: what each task is (problem, labels, metrics, splits) and the containers of its examples.
+
+A task names where its examples come from (a local GLUE-layout dir, users' own files, the hub), what
+its model predicts (classification, regression, a causal LM's response) and how it is scored. Adding
+a task is one entry in TASKS (and, for a new file layout, a reader in this package).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lrft.errors import unknown_choice
+
+DATA_DIR_ENV = "LRFT_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    suffix: str  # appended to metric names: "" for the main split, "_mm" for MNLI mismatched
+    local_file: str  # file stem in a local task dir
+    hub_split: str
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Candidate column names, first match wins, for the two texts and the label."""
+
+    text: tuple[str, ...]
+    pair: tuple[str, ...] = ()
+    label: tuple[str, ...] = ("label",)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    problem: str  # "classification", "regression" or "causal_lm"
+    label_names: tuple[str, ...] | None  # None: regression, or learned from the data
+    metrics: tuple[str, ...]
+    main_metric: str  # what best-checkpoint tracking maximises
+    hub: tuple[str, str] | None = None  # (dataset id, config name)
+    hub_columns: Columns | None = None
+    local_columns: Columns | None = None
+    headerless: tuple[int, int | None, int] | None = None  # (text, pair, label) positions (CoLA)
+    eval_splits: tuple[EvalSplit, ...] = (EvalSplit("", "dev", "validation"),)
+    generate: bool = False  # scored on greedy generations (exact match) besides the response loss
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.problem == "regression" else len(self.label_names or ())
+
+
+def _glue(name, problem, labels, metrics, main, hub_cols, local_cols, **kw) -> Task:
+    return Task(f"glue/{name}", problem, labels, metrics, main, ("nyu-mll/glue", name), hub_cols, local_cols, **kw)
+
+
+ENTAIL2 = ("entailment", "not_entailment")
+TASKS: dict[str, Task] = {t.name: t for t in [
+    _glue("cola", "classification", ("unacceptable", "acceptable"), ("matthews_correlation", "accuracy"),
+          "matthews_correlation", Columns(("sentence",)), Columns(("sentence",)), headerless=(3, None, 1)),
+    _glue("sst2", "classification", ("negative", "positive"), ("accuracy",), "accuracy",
+          Columns(("sentence",)), Columns(("sentence",))),
+    _glue("mrpc", "classification", ("not_equivalent", "equivalent"), ("accuracy", "f1"), "accuracy",
+          Columns(("sentence1",), ("sentence2",)), Columns(("#1 String", "sentence1"), ("#2 String", "sentence2"), ("Quality", "label"))),
+    _glue("stsb", "regression", None, ("pearson", "spearman"), "pearson",
+          Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",), ("score", "label"))),
+    _glue("qqp", "classification", ("not_duplicate", "duplicate"), ("accuracy", "f1"), "accuracy",
+          Columns(("question1",), ("question2",)), Columns(("question1",), ("question2",), ("is_duplicate", "label"))),
+    _glue("mnli", "classification", ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
+          Columns(("premise",), ("hypothesis",)), Columns(("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label", "label")),
+          eval_splits=(EvalSplit("", "dev_matched", "validation_matched"), EvalSplit("_mm", "dev_mismatched", "validation_mismatched"))),
+    _glue("qnli", "classification", ENTAIL2, ("accuracy",), "accuracy",
+          Columns(("question",), ("sentence",)), Columns(("question",), ("sentence",))),
+    _glue("rte", "classification", ENTAIL2, ("accuracy",), "accuracy",
+          Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",))),
+    _glue("wnli", "classification", ("not_entailment", "entailment"), ("accuracy",), "accuracy",
+          Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",))),
+    # Users' own data: data.path is a dir with train.{jsonl,json,csv,tsv} and dev (or validation) files.
+    Task("text-classification", "classification", None, ("accuracy", "f1_macro"), "accuracy"),
+    # Causal LMs (lrft.data.causal): the response loss is tracked during training, generations are scored at the end.
+    Task("gsm8k", "causal_lm", None, ("exact_match", "perplexity"), "loss", eval_splits=(EvalSplit("", "test", "test"),),
+         generate=True),
+    Task("instruction", "causal_lm", None, ("perplexity",), "loss"),
+]}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise unknown_choice("data.task", name, TASKS) from None
+
+
+@dataclass
+class Split:
+    """Column-oriented examples: the texts, the optional second texts, the labels."""
+
+    text: list[str]
+    pair: list[str] | None
+    label: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def head(self, n: int | None) -> Split:
+        if n is None or n >= len(self):
+            return self
+        return Split(self.text[:n], None if self.pair is None else self.pair[:n], self.label[:n])
+
+
+@dataclass
+class PromptSplit:
+    """Causal-LM examples: the prompt as chat messages, the response to learn, the gold answer if any."""
+
+    prompts: list[list[dict]]
+    responses: list[str]
+    answers: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int | None) -> PromptSplit:
+        if n is None or n >= len(self):
+            return self
+        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n])
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: Split | PromptSplit
+    evals: dict[str, Split | PromptSplit]  # metric-name suffix → split
+    label_names: list[str] | None
+    source: str  # where the examples came from, for logs and the summary

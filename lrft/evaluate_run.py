@@ -1,0 +1,59 @@
+"""`lrft eval`: a trained run or PEFT LoRA dir (its adapter rebuilt on its base model), or a plain
+model (a merged dir, an alias, a hub id), evaluated on a task's evaluation splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lrft.data import collator, get_task, load_task_data
+from lrft.errors import LrftError
+from lrft.evaluate import eval_sets, evaluate
+from lrft.files import write_jsonl
+from lrft.models import load_model
+from lrft.recipe import DataConfig, ModelConfig
+from lrft.rundir import RECIPE, RunDir, open_adapted
+
+
+def evaluate_target(target: Path, *, task_name: str | None = None, data_path: str | None = None,
+                    max_samples: int | None = None, batch_size: int = 64, best: bool = False,
+                    predictions_path: Path | None = None, base: str | None = None, force: bool = False) -> dict:
+    """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
+    (default for a run dir: its predictions.jsonl)."""
+    target = Path(target)
+    opened = open_adapted(target, task=task_name, base=base, force=force, best=best)
+    if opened is not None:
+        a = opened.adapted
+        model, tokenizer, task = a.model, a.tokenizer, a.task
+        data_cfg = opened.data_cfg.model_copy()
+        if opened.run_dir is not None:
+            predictions_path = predictions_path or RunDir(opened.run_dir).predictions()
+    else:
+        if not task_name:
+            raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "
+                            f"say which task, e.g. --task glue/mrpc")
+        task = get_task(task_name)
+        label_names = _read_model_labels(target) or list(task.label_names or [])
+        data_cfg = DataConfig(task=task.name)
+        model, tokenizer = load_model(ModelConfig(name=str(target)), task, label_names or None)
+    if data_path:
+        data_cfg.path = data_path
+    data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
+    data = load_task_data(task, data_cfg, need_train=False)
+    evals = eval_sets(task, data.evals, tokenizer, data_cfg.max_length)
+    model.eval()
+    metrics, predictions = evaluate(model, evals, task, collator(task, tokenizer), batch_size=batch_size,
+                                    tokenizer=tokenizer, max_new_tokens=data_cfg.max_new_tokens, generation=True)
+    if predictions and predictions_path:
+        write_jsonl(Path(predictions_path), predictions)
+    return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()), **metrics}
+
+
+def _read_model_labels(model_dir) -> list[str] | None:
+    """Label names a merged model dir carries in its config (id2label), if they are real names."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    id2label = json.loads(config.read_text()).get("id2label") or {}
+    names = [id2label[k] for k in sorted(id2label, key=int)]
+    return None if all(n.startswith("LABEL_") for n in names) else names

@@ -1,0 +1,254 @@
+"""What the tests share: tiny models built from configs (no downloads), tiny data, the one tiny-recipe
+builder, and the method-matrix helpers (build a method on a tiny model, batches, labels).
+
+Fixtures that wrap these live in conftest.py; test modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import torch
+import yaml
+
+from lrft import methods
+
+METHODS = sorted(methods.REGISTRY)  # every per-method test is parametrised from the registry
+
+# ------------------------------------------------------------------------------------ tiny models
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["good", "bad", "great", "awful", "film", "movie", "plot", "the", "was", "a", "very", "not", "and", "it"]
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def tiny_vocab() -> list[str]:
+    letters = list(string.ascii_lowercase + string.digits + ".,!?'\"-")
+    return SPECIALS + WORDS + letters + ["##" + c for c in letters]
+
+
+def tiny_lm_vocab() -> list[str]:
+    """The tiny vocabulary plus what chat prompts and worked answers need."""
+    return tiny_vocab() + ["#", "+", "=", ":", "$", "plus", "is", "what", "user", "assistant", "system"]
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+
+    values = dict(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128, type_vocab_size=2, num_labels=2,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    values.update(kw)
+    return BertConfig(**values)
+
+
+def tiny_bert(seed: int = 0, **kw):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**kw)).eval()
+
+
+def tiny_llama_config(**kw):
+    """A tiny Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=len(tiny_lm_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    values.update(kw)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed: int = 0, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+
+
+def save_tiny_bert(d: Path, seed: int = 0) -> Path:
+    """A saved tiny BERT with a real WordPiece tokenizer, loadable by model.name."""
+    from transformers import BertTokenizerFast
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+    BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    tiny_bert(seed=seed).save_pretrained(d)
+    return d
+
+
+def save_tiny_llama(d: Path, chat: bool = True) -> Path:
+    """A saved tiny Llama with a real WordPiece tokenizer ([SEP] ends a turn); a chat template if `chat`."""
+    from transformers import BertTokenizerFast
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(tiny_lm_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True, eos_token="[SEP]")
+    if chat:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    tiny_llama(seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+               bos_token_id=tok.cls_token_id).save_pretrained(d)
+    return d
+
+
+# -------------------------------------------------------------------------------------- tiny data
+
+def make_sentences(n: int, seed: int) -> list[dict]:
+    """Sentences whose label is 1 iff they contain a positive word: learnable in a few steps."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(["good", "great"] if label else ["bad", "awful"])
+        filler = rng.sample(["the", "film", "movie", "plot", "was", "very", "and", "it"], 4)
+        out.append({"text": " ".join(filler[:2] + [word] + filler[2:]), "label": label})
+    return out
+
+
+def make_problems(n: int, seed: int) -> list[dict]:
+    """GSM8K-shaped problems: 'what is 2 plus 3?' → '2 plus 3 is 5. #### 5'."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        out.append({"question": f"what is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"})
+    return out
+
+
+def write_splits(d: Path, make, splits) -> Path:
+    """`split.jsonl` files of make(n, seed) records, for each (split, n, seed)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in splits:
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make(n, seed)))
+    return d
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+CLASSIFICATION = {"data": {"task": "text-classification", "max_length": 16},
+                  "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1}}
+CAUSAL = {"data": {"task": "gsm8k", "max_length": 48, "max_new_tokens": 8},
+          "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+          "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
+          "calibration": {"samples": 8, "batch_size": 4}}
+
+
+def recipe_dict(model_dir: Path, data_dir: Path, out_dir: Path, method: str = "lora", name: str = "tiny",
+                causal: bool = False, **sections) -> dict:
+    """The tiny recipe: a classification task on the tiny BERT (or gsm8k on the tiny Llama with
+    `causal`), rank 4, seed 0; `sections` update its sections key by key (or replace a scalar)."""
+    shape = CAUSAL if causal else CLASSIFICATION
+    recipe = {"name": name, "seed": 0, "model": {"name": str(model_dir)},
+              "data": {**shape["data"], "path": str(data_dir)},
+              "adapter": {"method": method, **shape.get("adapter", {}), "params": {"rank": 4}},
+              "train": dict(shape["train"]), "output": {"dir": str(out_dir)}}
+    if "calibration" in shape:
+        recipe["calibration"] = dict(shape["calibration"])
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# --------------------------------------------------------------------- the method matrix on modules
+
+ARCHS = {  # model factory, targets
+    "bert": (tiny_bert, ["query", "value"]),
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+}
+
+
+def calibration_features(n: int = 6, length: int = 7, seed: int = 11) -> list[dict]:
+    """Tokenized examples with labels and some padding, as the calibration stage gets them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        real = length - (i % 3)
+        ids = torch.randint(5, 60, (real,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * real, "labels": i % 2})
+    return out
+
+
+def pad_collate(features: list[dict], causal: bool = False) -> dict:
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features])
+    mask = torch.tensor([f["attention_mask"] + [0] * (width - len(f["attention_mask"])) for f in features])
+    labels = ids.masked_fill(mask == 0, -100) if causal else torch.tensor([f["labels"] for f in features])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def is_causal(model) -> bool:
+    return model.config.model_type == "llama"
+
+
+def calibration_for(model, targets, needs):
+    """Statistics for methods that calibrate (talora, task-aware tlora); None for the others."""
+    if not needs:
+        return None
+    from lrft.calibrate import run
+    from lrft.recipe import CalibrationConfig
+
+    causal = is_causal(model)
+    return run(model, targets, calibration_features(), [[0, 1, 2], [3, 4, 5]], lambda f: pad_collate(f, causal),
+               needs, CalibrationConfig())
+
+
+def build(method: str, seed: int = 0, model=None, targets=("query", "value"), **params):
+    """A tiny model (BERT by default) with `method`'s adapters on `targets`, head trainable:
+    (model, targets found, params, build context, built)."""
+    from lrft.inject import inject, set_head_trainable
+    from lrft.methods import BuildContext
+    from lrft.targets import find_targets
+
+    model = model if model is not None else tiny_bert()
+    m = methods.get(method)
+    found = find_targets(model, list(targets))
+    p = m.params(**{"rank": 4, **params})
+    ctx = BuildContext(seed=seed, model_config=model.config, calibration=calibration_for(model, found, m.calibration(p)))
+    built = m.build(found, p, ctx)
+    inject(model, found, built)
+    set_head_trainable(model, True)
+    return model, found, p, ctx, built
+
+
+def build_arch(method: str, arch: str, seed: int = 0, **params):
+    factory, targets = ARCHS[arch]
+    return build(method, seed=seed, model=factory(), targets=targets, **params)
+
+
+def batch(seed: int = 0, n: int = 3, length: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, -2:] = 0  # padding in one example
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def labeled(model, b: dict) -> dict:
+    if is_causal(model):
+        return {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
+    return {**b, "labels": torch.tensor([0, 1, 1])}
+
+
+def randomize(model, seed: int = 1) -> None:
+    """Give every trainable adapter param a non-zero value, so ΔW ≠ 0."""
+    from lrft.inject import adapter_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
