@@ -52,11 +52,20 @@ def train(
 ):
     """Train an adapter: load → (calibrate) → inject → train → evaluate → save. Resumes by itself."""
     from lrft.recipe import load_recipe
+    from lrft.train import EXIT_STOPPED, Stopped
     from lrft.train import train as run_training
 
     r = load_recipe(recipe, overrides or [])
     console.log(f"run {r.name}: {r.adapter.method} on {r.data.task} with {r.model.name} → {r.run_dir}")
-    summary = run_training(r, restart=restart)
+    try:
+        summary = run_training(r, restart=restart)
+    except Stopped as e:  # pre-empted: a checkpoint of this step is written; a scheduler requeues on this code
+        console.err.print(str(e), markup=False)
+        raise typer.Exit(EXIT_STOPPED) from None
+    except KeyboardInterrupt:
+        console.err.print("interrupted (a second Ctrl-C): stopped at once; rerun the same command to resume from "
+                          "the last checkpoint", markup=False)
+        raise typer.Exit(130) from None
     if json_out:
         console.emit_json(summary)
     else:

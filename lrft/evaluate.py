@@ -84,16 +84,19 @@ def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_s
 
 
 def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, *, batch_size: int, accelerator=None,
-             tokenizer=None, max_new_tokens: int = 256, generation: bool = False) -> tuple[dict, list[dict]]:
+             tokenizer=None, max_new_tokens: int = 256, generation: bool = False,
+             shard: bool = True) -> tuple[dict, list[dict]]:
     """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names.
 
     `generation` also scores greedy generations (tasks with `generate`); predictions are its records.
+    Processes share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs
+    every process to run the same forward passes.
     """
     from accelerate.utils import gather_object
 
     device = accelerator.device if accelerator else next(model.parameters()).device
-    rank = accelerator.process_index if accelerator else 0
-    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator and shard else 0
+    world = accelerator.num_processes if accelerator and shard else 1
     autocast = accelerator.autocast if accelerator else None
     causal = task.problem == "causal_lm"
     results, predictions = {}, []

@@ -23,7 +23,7 @@ from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
 from lrft.files import atomic_dir
 from lrft.inject import merge
-from lrft.rundir import load_run, open_adapted
+from lrft.rundir import load_run, open_adapted, writer_lock
 
 PARITY_TOL_FP32 = 1e-4
 PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
@@ -35,7 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
     """Write the run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
     _check_out(Path(out), force)
-    return peft_format.export(load_run(run_dir, force=force), Path(out), force)
+    with writer_lock(Path(out)):
+        return peft_format.export(load_run(run_dir, force=force), Path(out), force)
 
 
 def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool = False, task: str | None = None,
@@ -48,6 +49,12 @@ def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool
     if dtype is not None and dtype not in DTYPES:
         raise LrftError(f"--dtype: unknown {dtype!r}; choose one of: {', '.join(DTYPES)}")
     _check_out(out, force)
+    with writer_lock(out):
+        return _merge(run_dir, out, dtype, force, task, base, data_path)
+
+
+def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str | None, base: str | None,
+           data_path: str | None) -> dict:
     opened = open_adapted(run_dir, task=task, base=base, force=force)
     if opened is None:
         raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "

@@ -17,7 +17,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from lrft import methods
+from lrft import methods, tracking
 from lrft.data import TASKS
 from lrft.errors import ConfigError, LrftError, did_you_mean
 from lrft.methods import MethodParams
@@ -39,6 +39,7 @@ class ModelConfig(Section):
 
 
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+TRACKERS = tuple(tracking.PACKAGES)
 
 
 class DataConfig(Section):
@@ -100,9 +101,17 @@ class TrainConfig(Section):
     eval_on_start: bool = Field(False, description="evaluate the base model before the first step (a before/after baseline)")
     log_every: int = Field(10, gt=0, description="write a metrics.jsonl line every N steps")
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (always at each epoch end)")
+    save_every_minutes: float | None = Field(
+        None, gt=0, description="also checkpoint when this many minutes have passed since the last checkpoint")
     keep_last: int = Field(1, gt=0, description="keep this many resumable checkpoints")
     metric_for_best: str | None = Field(None, description="eval metric that picks the best checkpoint (default: the task's)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="where to train (auto: GPU if there is one)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass instead of keeping them (less memory, slower)")
+    group_by_length: bool = Field(
+        False, description="batch examples of similar length together (less padding); the same batches on any process count")
+    report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="experiment trackers to log to: tensorboard, wandb, mlflow, trackio, ...")
 
     @model_validator(mode="after")
     def _warmup_once(self):

@@ -15,8 +15,15 @@ what `lrft eval`, `merge` and `analyze` work on: a run dir, or a PEFT LoRA adapt
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from lrft import console
 
 from lrft.adapt import Opened, adapt, check_fingerprint, load_base
 from lrft.checkpoint import CONFIG_FILE, load_adapter
@@ -38,6 +45,7 @@ CALIBRATION = "calibration"
 ANALYSIS = "analysis"
 PREDICTIONS = "predictions.jsonl"
 PREDICTIONS_AT_START = "predictions_step0.jsonl"
+TRACKERS = "trackers"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     calibration = property(lambda self: self.path / CALIBRATION)
     analysis = property(lambda self: self.path / ANALYSIS)
+    trackers = property(lambda self: self.path / TRACKERS)
 
     def predictions(self, at_start: bool = False) -> Path:
         return self.path / (PREDICTIONS_AT_START if at_start else PREDICTIONS)
@@ -116,3 +125,66 @@ def open_adapted(target: Path, *, task: str | None = None, base: str | None = No
         return load_peft(target, task, base, force)
     return None
 
+
+# ------------------------------------------------------------------------------- one writer per dir
+
+@contextmanager
+def writer_lock(directory: Path):
+    """Hold the lock of `directory` (a run dir, or a dir a command writes) while the block runs.
+
+    The lock is a `filelock.FileLock` beside the dir (`.<name>.lock`: the dir itself may be deleted and
+    made anew while it is held), with the holder's host, pid and start time beside it. A live holder
+    makes this refuse with one line; a holder that is gone (killed before it could let go) is taken
+    over with a warning.
+    """
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory.parent / f".{directory.name}.lock")
+    info_path = directory.parent / f".{directory.name}.lock.json"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _holder(info_path)
+        if not _gone(holder):
+            raise LrftError(f"{directory}: {_describe(holder)} is writing it; wait until it is done (or stop it), "
+                            f"or write elsewhere") from None
+        Path(lock.lock_file).unlink(missing_ok=True)  # a lock only a file says is held (a soft lock)
+        lock.acquire(timeout=0)
+    previous = _holder(info_path)
+    if previous and previous.get("pid") != os.getpid():
+        console.warn(f"{directory}: taking over from {_describe(previous)}, which is gone without letting go")
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    info_path.write_text(json.dumps(info), encoding="utf-8")
+    try:
+        yield
+    finally:
+        info_path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(info_path: Path) -> dict:
+    try:
+        return json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    return f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
+
+
+def _gone(holder: dict) -> bool:
+    """Whether the holder is known dead: only a process of this host can be checked."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError):
+        return False
+    return False

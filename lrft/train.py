@@ -2,10 +2,17 @@
 
 `Trainer` holds one run as named steps a reader can follow: `setup` (data, model, calibration,
 adapters, optimizer and schedule, resume), `fit` (the epochs: `train_step`, the `NonFinitePolicy`,
-logging, `evaluate` with best tracking, `checkpoint`), `finish` (the last evaluation, adapter and
-summary). A checkpoint holds the adapter and head, optimizer, scheduler, every process's RNG state,
-the position in the data order and the best metric, so rerunning the same command after a kill
-continues where the last checkpoint left off. The run dir's layout is lrft.rundir's.
+logging, `checkpoint`, `evaluate` with best tracking, stop requests), `finish` (the last evaluation,
+adapter and summary). A checkpoint holds the adapter and head, optimizer, scheduler, every process's
+RNG state, the position in the data order and the best metric, so rerunning the same command after a
+kill or a pre-emption continues where the last checkpoint left off; a checkpoint is written before the
+evaluation of its step, and a resumed run evaluates first if that evaluation was not done. One
+process at a time writes a run dir (lrft.rundir.writer_lock); the run dir's layout is lrft.rundir's.
+
+The training loss of a step is the mean over the step's examples (classification) or response tokens
+(causal LMs) of the whole batch, however it is split into micro-batches (train.grad_accum) and
+processes: each micro-batch's mean loss is weighted by its share of the step's examples or tokens,
+counted from the batch's indices, which every process knows.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import math
 import random
 import resource
 import shutil
+import signal
 import statistics
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,19 +34,25 @@ import torch
 
 from lrft import calibrate, console, methods
 from lrft.adapt import adapt, adapter_config, load_base
-from lrft.checkpoint import list_checkpoints, load_tree, save_adapter, save_checkpoint
+from lrft.checkpoint import CONFIG_FILE, list_checkpoints, load_tree, save_adapter, save_checkpoint
 from lrft.data import collator, features, get_task, load_task_data
+from lrft.data.causal import IGNORE
 from lrft.errors import LrftError
 from lrft.evaluate import eval_sets, evaluate
-from lrft.files import append_jsonl, atomic_write_json, atomic_write_text, write_jsonl
+from lrft.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, write_jsonl
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
+from lrft.parallel import Parallel
 from lrft.recipe import Recipe
-from lrft.rundir import RunDir
+from lrft.rundir import RunDir, writer_lock
 from lrft.targets import head_modules
+from lrft.tracking import Trackers, check_installed
 
-# Recipe keys that may change between a run and its resumption without making it another run.
+# Recipe keys that may change between a run and its resumption without making it another run; those of
+# them that leave the length of training alone leave a finished run finished.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.epochs",
-                     "train.max_steps", "train.device"}
+                     "train.max_steps", "train.device", "train.save_every_minutes", "train.report_to"}
+LENGTH_KEYS = {"train.epochs", "train.max_steps"}
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; rerun to resume
 
 
 @dataclass
@@ -61,6 +76,36 @@ class Progress:
 def train(recipe: Recipe, restart: bool = False) -> dict:
     """Run the recipe to the end; returns the summary written to summary.json."""
     return Trainer(recipe, restart=restart).run()
+
+
+class Stopped(Exception):
+    """The run stopped on request (a signal) after checkpointing its exact step; rerunning resumes it."""
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 and a first SIGINT ask the run to stop at the next step boundary (with a
+    checkpoint); a second SIGINT stops at once. Handlers are installed for the training loop only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = signal.Signals(signum).name
+        console.warn(f"{self.requested}: stopping after this step with a checkpoint (a second Ctrl-C stops at once)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class NonFinitePolicy:
@@ -88,22 +133,63 @@ class NonFinitePolicy:
 
 
 class Trainer:
-    """One run of a recipe: `run()` = `setup()` → `fit()` → `finish()`."""
+    """One run of a recipe: `run()` = `setup()` → `fit()` → `finish()`, holding the run dir's lock."""
 
     def __init__(self, recipe: Recipe, restart: bool = False):
         self.recipe, self.cfg, self.restart = recipe, recipe.train, restart
         self.run_dir = RunDir(recipe.run_dir)
-        self.accelerator = make_accelerator(self.cfg)
+        self.accelerator = make_accelerator(self.cfg, self.run_dir)
         console.set_main_process(self.accelerator.is_main_process)
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.parallel = Parallel(self.accelerator)
+        self.trackers = Trackers(self.accelerator, self.cfg.report_to, self.run_dir.trackers)
         self.progress = Progress()
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
 
     def run(self) -> dict:
-        self.setup()
-        self.fit()
-        return self.finish()
+        with self.sole_writer():
+            finished = self.finished_summary()
+            if finished is not None:
+                return finished
+            try:
+                self.setup()
+                self.fit()
+                return self.finish()
+            finally:
+                self.trackers.finish()
+
+    @contextmanager
+    def sole_writer(self):
+        """The run dir's lock, held by the main process; every process learns whether it got it."""
+        from accelerate.utils import broadcast_object_list
+
+        with ExitStack() as stack:
+            problem = None
+            if self.main:
+                try:
+                    stack.enter_context(writer_lock(self.run_dir.path))
+                except LrftError as e:
+                    problem = str(e)
+            if self.world > 1:
+                problem = broadcast_object_list([problem])[0]
+            if problem is not None:
+                raise LrftError(problem)
+            yield
+
+    def finished_summary(self) -> dict | None:
+        """The summary of the run if it already finished with this recipe (then nothing is done)."""
+        run = self.run_dir
+        if self.restart or not (run.is_run() and run.summary.is_file() and (run.adapter / CONFIG_FILE).is_file()):
+            return None
+        changed = set(recipe_diff(run.read_recipe().model_dump(mode="json"), self.recipe.model_dump(mode="json")))
+        if changed - (RESUMABLE_CHANGES - LENGTH_KEYS):
+            return None  # longer training continues it; another recipe is refused by resume_point
+        summary = read_json(run.summary, "summary")
+        final = ", ".join(f"{k} {v:.4f}" for k, v in (summary.get("final") or {}).items())
+        console.log(f"{run.path} is complete ({summary.get('steps')} steps; {final}); nothing to do. `--restart` "
+                    f"trains it again from scratch, a larger train.epochs or train.max_steps continues it")
+        return summary
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -117,15 +203,15 @@ class Trainer:
         set_seed(self.recipe.seed)
         self.load_data()
         self.build_model()
-        self.make_optimizer()
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.model, self.optimizer = self.parallel.prepare(self.model, self.make_optimizer())
+        self.unwrapped = self.parallel.unwrap(self.model)
         if self.world > 1:
-            console.log(f"{self.world} processes ({self.accelerator.distributed_type.value}), "
+            console.log(f"{self.world} processes ({self.parallel.kind} over {self.accelerator.distributed_type.value}), "
                         f"{self.cfg.batch_size // self.world} examples of each batch per process")
             # Every rank started from the same seed (same model init); from here each draws its own dropout masks.
             set_seed(self.recipe.seed + self.rank)
         self.resume(resume_from) if resume_from is not None else self.start()
+        self.trackers.start(self.recipe, resumed_at=self.progress.step if resume_from is not None else None)
 
     def load_data(self) -> None:
         task = self.task = get_task(self.recipe.data.task)
@@ -146,11 +232,17 @@ class Trainer:
                                        "training examples")
         self.evals = eval_sets(task, self.data.evals, base.tokenizer, recipe.data.max_length)
         self.collate = collator(task, base.tokenizer)
+        # what each example weighs in a step's mean loss: its response tokens (those the model predicts:
+        # labels after the first position), or 1 for a classification example
+        self.loss_weights = [sum(t != IGNORE for t in f["labels"][1:]) if task.problem == "causal_lm" else 1
+                             for f in self.train_features]
         self.stats = self.calibration(base)
         self.adapted = adapt(base, recipe, calibration=self.stats)
         if self.stats is not None and self.main:
             calibrate.save(self.run_dir.calibration, self.stats, self.adapted.built.meta.get("modules"))
         self.model = self.adapted.model
+        if self.cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.trainable = sum(p.numel() for p in adapter_parameters(self.model))
         self.head_params = [p for m in head_modules(self.model).values() for p in m.parameters() if p.requires_grad]
         self.total = sum(p.numel() for p in self.model.parameters())
@@ -175,7 +267,7 @@ class Trainer:
                                 cfg=recipe.calibration, seed=recipe.seed, model_id=model_id,
                                 own_dir=self.run_dir.calibration, cache_dir=cache_dir, accelerator=self.accelerator)
 
-    def make_optimizer(self) -> None:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the adapter (and head) parameters; warmup then the recipe's schedule."""
         from transformers import get_scheduler
 
@@ -185,10 +277,11 @@ class Trainer:
         groups = [{"params": list(adapter_parameters(self.model)), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if self.head_params:
             groups.append({"params": self.head_params, "lr": cfg.head_lr or cfg.lr, "weight_decay": cfg.weight_decay})
-        self.optimizer = torch.optim.AdamW(groups)
+        optimizer = torch.optim.AdamW(groups)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler),
-                                       self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+                                       optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        return optimizer
 
     def start(self) -> None:
         if self.main:
@@ -216,18 +309,21 @@ class Trainer:
     # -------------------------------------------------------------------------------------- fit
 
     def fit(self) -> None:
-        """The epochs: a step per batch, with logging, evaluations and checkpoints as the recipe says."""
+        """The epochs: a step per batch, with logging, checkpoints, evaluations and stop requests."""
         cfg, progress = self.cfg, self.progress
         if cfg.eval_on_start and progress.step == 0 and progress.last_eval_step is None:
             self.evaluate(generation=True)
+        elif progress.step and progress.last_eval_step != progress.step and self.eval_due():
+            self.evaluate(generation=self.task.generate and progress.step == self.total_steps)  # cut short before
         self.model.train()
         self.window_losses: list[float] = []
+        self.last_checkpoint = time.monotonic()
         bar = TrainBar(self.total_steps, progress.step) if console.interactive() and self.main else None
         t_start = time.perf_counter() - progress.train_seconds
-        while progress.step < self.total_steps:
-            order = epoch_order(len(self.train_features), self.recipe.seed, progress.epoch)
-            batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-            while progress.batch < len(batches) and progress.step < self.total_steps:
+        batches = None
+        with StopSignals() as signals:
+            while progress.step < self.total_steps:
+                batches = batches or self.epoch_batches(progress.epoch)
                 t0 = time.perf_counter()
                 loss = self.optimizer_step(batches[progress.batch])
                 progress.step += 1
@@ -236,15 +332,27 @@ class Trainer:
                 progress.step_times.append(round(step_time, 5))
                 progress.train_seconds = time.perf_counter() - t_start
                 self.log_step(loss, step_time, bar)
-                if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                    self.evaluate(generation=self.task.generate and progress.step == self.total_steps)
-                if cfg.save_every and progress.step % cfg.save_every == 0 and progress.batch < len(batches):
+                if progress.batch == len(batches):
+                    self.end_epoch()
+                    batches = None
+                stop, overdue = self.requests(signals)
+                if stop or overdue or self.checkpoint_due():
                     self.checkpoint()
-            if progress.batch >= len(batches):
-                self.end_epoch()
-            self.checkpoint()
+                if stop:
+                    raise Stopped(self.stopped_message(signals))
+                if self.eval_due():
+                    self.evaluate(generation=self.task.generate and progress.step == self.total_steps)
         if bar is not None:
             bar.close()
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of an epoch (example indices): a function of seed and epoch alone, so a resumed run
+        and any number of processes see the same; train.group_by_length groups similar lengths."""
+        order = epoch_order(len(self.train_features), self.recipe.seed, epoch)
+        if self.cfg.group_by_length:
+            lengths = [len(f["input_ids"]) for f in self.train_features]
+            return length_grouped_batches(order, lengths, self.cfg.batch_size, self.recipe.seed, epoch)
+        return [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
 
     def optimizer_step(self, batch: list[int]) -> float:
         """One optimizer step on a batch of example indices; returns its loss (NaN for a skipped batch)."""
@@ -258,24 +366,30 @@ class Trainer:
 
     def train_step(self, batch: list[int]) -> tuple[float, torch.Tensor]:
         """Forward and backward of a batch in train.grad_accum micro-batches, each process its share;
-        gradients synchronised once, on the last micro-batch; returns (mean loss, gradient norm)."""
+        gradients synchronised once, on the last micro-batch; returns (mean loss, gradient norm).
+
+        Each micro-batch's mean loss is weighted by its examples' (or response tokens') share of the
+        whole batch, times the process count that the gradient all-reduce averages over; a process
+        with nothing left in a micro-batch runs a zero-weighted one so that every collective is joined."""
         acc, micro = self.accelerator, self.cfg.batch_size // self.cfg.grad_accum
         chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+        batch_weight = sum(self.loss_weights[i] for i in batch)
         loss_total = 0.0
         for j, chunk in enumerate(chunks):
-            mine = chunk[self.rank::self.world] or chunk[:1]
-            inputs = {k: v.to(acc.device) for k, v in self.collate([self.train_features[i] for i in mine]).items()}
-            sync = acc.no_sync(self.model) if j < len(chunks) - 1 else nullcontext()
-            with sync, acc.autocast():
-                loss = self.model(**inputs).loss
-                # Backward even on a non-finite loss: DDP's gradient all-reduce then carries the NaN to
-                # every process, so all of them take the same decision (no rank skips a collective).
-                acc.backward(loss / len(chunks))
-            loss_total += float(loss.detach()) / len(chunks)
+            mine = chunk[self.rank::self.world]
+            share = sum(self.loss_weights[i] for i in mine) / batch_weight * self.world
+            inputs = {k: v.to(acc.device)
+                      for k, v in self.collate([self.train_features[i] for i in mine or chunk[:1]]).items()}
+            with self.parallel.gradient_sync(self.model, sync=j == len(chunks) - 1), acc.autocast():
+                loss = self.model(**inputs).loss * share
+                # Backward even on a non-finite loss: the gradient all-reduce then carries the NaN to every
+                # process, so all of them take the same decision (no rank skips a collective).
+                acc.backward(loss)
+            loss_total += float(loss.detach())
         if self.world > 1:
             loss_total = float(acc.reduce(torch.tensor(loss_total, device=acc.device), "mean"))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return loss_total, acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
+        return loss_total, self.parallel.clip_grad_norm(params, self.cfg.max_grad_norm)
 
     def log_step(self, loss: float, step_time: float, bar: TrainBar | None) -> None:
         """A metrics.jsonl line every train.log_every steps (the mean loss of the window), progress."""
@@ -285,28 +399,63 @@ class Trainer:
         if progress.step % self.cfg.log_every == 0 or progress.step == self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
             mean = sum(self.window_losses) / len(self.window_losses) if self.window_losses else None
-            record = {"type": "train", "step": progress.step, "epoch": self.epoch_of(progress.step), "loss": mean,
-                      "lr": lr, "step_time_s": step_time}
             self.window_losses = []
-            if self.main:
-                append_jsonl(self.run_dir.metrics, record)
+            self.record({"type": "train", "step": progress.step, "epoch": self.epoch_of(progress.step), "loss": mean,
+                         "lr": lr, "step_time_s": step_time})
             if bar is None:
-                console.log(f"step {progress.step}/{self.total_steps} epoch {record['epoch']:.2f} "
+                console.log(f"step {progress.step}/{self.total_steps} epoch {self.epoch_of(progress.step):.2f} "
                             f"loss {mean if mean is None else round(mean, 4)} lr {lr:.2e} {step_time:.2f} s/step")
         if bar is not None:
             bar.update(progress.step, loss)
 
+    def record(self, record: dict) -> None:
+        """A metrics record: a line of metrics.jsonl, and a point for the trackers."""
+        if self.main:
+            append_jsonl(self.run_dir.metrics, record)
+        self.trackers.log(record)
+
     def end_epoch(self) -> None:
-        progress = self.progress
-        progress.epoch += 1
-        progress.batch = 0
+        self.progress.epoch += 1
+        self.progress.batch = 0
         if self.main:
             self.write_adapter_stats()
-        if not self.cfg.eval_every:
-            self.evaluate(generation=self.task.generate and progress.step == self.total_steps)
 
     def epoch_of(self, step: int) -> float:
         return round(step / self.steps_per_epoch, 4)
+
+    def eval_due(self) -> bool:
+        """Evaluate every train.eval_every steps, else at the end of each epoch."""
+        progress = self.progress
+        if self.cfg.eval_every:
+            return progress.step % self.cfg.eval_every == 0
+        return progress.step > 0 and progress.batch == 0
+
+    def checkpoint_due(self) -> bool:
+        """At the end of each epoch and of training, and every train.save_every steps."""
+        progress = self.progress
+        return (progress.batch == 0 or progress.step == self.total_steps
+                or bool(self.cfg.save_every and progress.step % self.cfg.save_every == 0))
+
+    def requests(self, signals: StopSignals) -> tuple[bool, bool]:
+        """(stop, checkpoint overdue): whether any process was asked to stop, and whether
+        train.save_every_minutes have passed on any process since the last checkpoint."""
+        minutes = self.cfg.save_every_minutes
+        flags = torch.tensor([signals.requested is not None,
+                              minutes is not None and time.monotonic() - self.last_checkpoint >= 60 * minutes],
+                             dtype=torch.float32)
+        if self.world > 1:  # every process takes the same decision at the same step
+            import torch.distributed as dist
+
+            flags = flags.to(self.accelerator.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def stopped_message(self, signals: StopSignals) -> str:
+        progress, last = self.progress, list_checkpoints(self.run_dir.checkpoints)
+        why = signals.requested or "another process's stop request"
+        return (f"stopped on {why} at step {progress.step}/{self.total_steps} (epoch {progress.epoch}, batch "
+                f"{progress.batch}); checkpoint {last[-1].name if last else 'none'} holds it; run the same command "
+                f"to resume (exit code {EXIT_STOPPED})")
 
     # ------------------------------------------------------------------------- evaluate and save
 
@@ -317,12 +466,10 @@ class Trainer:
         metrics, predictions = evaluate(self.model, self.evals, self.task, self.collate,
                                         batch_size=self.cfg.eval_batch_size, accelerator=self.accelerator,
                                         tokenizer=self.adapted.tokenizer, max_new_tokens=recipe.data.max_new_tokens,
-                                        generation=generation)
+                                        generation=generation, shard=not self.parallel.fsdp)
         if predictions and self.main:
             write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions)
-        record = {"type": "eval", "step": progress.step, "epoch": self.epoch_of(progress.step), **metrics}
-        if self.main:
-            append_jsonl(self.run_dir.metrics, record)
+        self.record({"type": "eval", "step": progress.step, "epoch": self.epoch_of(progress.step), **metrics})
         console.log("eval step {}: {}".format(progress.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
         progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[self.metric_for_best]
@@ -350,6 +497,7 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
                     "progress": vars(progress)}
             save_checkpoint(self.run_dir.checkpoints, progress.step, tree, self.cfg.keep_last)
+        self.last_checkpoint = time.monotonic()
         self.accelerator.wait_for_everyone()
 
     def write_adapter_stats(self) -> None:
@@ -363,7 +511,6 @@ class Trainer:
         progress = self.progress
         if progress.last_eval_step != progress.step:
             self.evaluate(generation=self.task.generate)
-            self.checkpoint()
         summary = self.summary()
         if self.main:
             self.save_adapter(self.run_dir.adapter)
@@ -390,20 +537,49 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def make_accelerator(cfg):
+def make_accelerator(cfg, run: RunDir):
     from accelerate import Accelerator
 
     # On a machine without an accelerator, cpu=True is also what lets several processes (torchrun, or
     # `accelerate launch --multi_gpu`) form a gloo process group instead of each training alone.
     no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    return Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and no_accelerator),
-                       mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and no_accelerator)
+    if on_cpu and cfg.precision == "fp16":  # accelerate would silently train in fp32 there
+        raise LrftError("train.precision: fp16 needs a GPU and this run is on the CPU; use bf16 (or fp32) on the CPU")
+    check_installed(cfg.report_to)
+    return Accelerator(cpu=on_cpu, mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                       log_with=cfg.report_to or None, project_dir=str(run.trackers))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' non-reentrant activation checkpointing: adapters inside a recomputed block still
+    get their gradients, with no need for the inputs to require grad."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LrftError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch: a function of seed and epoch alone, so a resumed run sees the same."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int, seed: int,
+                           epoch: int) -> list[list[int]]:
+    """Batches of similar lengths: the epoch's order cut into mega-batches of 50 batches, each sorted by
+    length (longest first) and cut into batches; the batches then shuffled, the one holding the longest
+    example first (an out-of-memory shows at once). Deterministic in (seed, epoch), as HF's
+    LengthGroupedSampler but over whole batches, so every process count sees the same batches."""
+    mega = 50 * batch_size
+    sorted_runs = [sorted(order[i:i + mega], key=lambda k: -lengths[k]) for i in range(0, len(order), mega)]
+    flat = [k for run in sorted_runs for k in run]
+    batches = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    longest = max(range(len(batches)), key=lambda i: max(lengths[k] for k in batches[i]))
+    batches.insert(0, batches.pop(longest))
+    return batches
 
 
 def resume_point(run: RunDir, recipe: Recipe) -> Path | None:

@@ -7,8 +7,11 @@ Fixtures that wrap these live in conftest.py; test modules import from here, nev
 from __future__ import annotations
 
 import json
+import os
 import random
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ import yaml
 from lrft import methods
 
 METHODS = sorted(methods.REGISTRY)  # every per-method test is parametrised from the registry
+ROOT = Path(__file__).parents[1]
 
 # ------------------------------------------------------------------------------------ tiny models
 
@@ -252,3 +256,83 @@ def randomize(model, seed: int = 1) -> None:
     with torch.no_grad():
         for p in adapter_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ------------------------------------------------------------------------------ real lrft processes
+
+# `lrft` in a real process that hurts itself at a chosen point: after its Nth optimizer step
+# (sigkill, sigterm, or sigint2: two Ctrl-C at once), or (checkpoint) after the Nth checkpoint's files
+# are written but before the dir is renamed; under several processes only on the given rank.
+PATCHED_LRFT = """
+import os, signal, sys
+import torch
+from lrft import checkpoint
+mode, n, on_rank = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calls = [0]
+def act():
+    calls[0] += 1
+    if calls[0] != n or on_rank not in ("any", os.environ.get("RANK", "0")):
+        return
+    if mode == "sigint2":
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        os.kill(os.getpid(), {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "checkpoint": signal.SIGKILL}[mode])
+if mode == "checkpoint":
+    save_tree = checkpoint.save_tree
+    def patched_save_tree(d, tree):
+        save_tree(d, tree)
+        act()
+    checkpoint.save_tree = patched_save_tree
+else:
+    step = torch.optim.AdamW.step
+    def patched_step(self, *a, **k):
+        out = step(self, *a, **k)
+        act()
+        return out
+    torch.optim.AdamW.step = patched_step
+sys.argv = ["lrft"] + sys.argv[4:]
+from lrft.cli import main
+main()
+"""
+
+
+def lrft(*args, patch: tuple[str, int] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m lrft ARGS` in a real process (with `patch` = (mode, n): see PATCHED_LRFT)."""
+    cmd = [sys.executable, "-c", PATCHED_LRFT, patch[0], str(patch[1]), "any"] if patch else [sys.executable, "-m", "lrft"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def launch(*args, processes: int = 2, patch: tuple[str, int, int] | None = None, config: Path | None = None,
+           script_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`lrft ARGS` under accelerate's launcher with `processes` processes (gloo on the CPU); with
+    `patch` = (mode, n, rank) the given rank hurts itself (PATCHED_LRFT); `config`: an accelerate config."""
+    how = ["--config_file", str(config)] if config else ["--multi_gpu", "--mixed_precision", "no",
+                                                          "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", "0"]
+    if patch:
+        script = Path(script_dir) / "patched_lrft.py"
+        script.write_text(PATCHED_LRFT)
+        cmd += [str(script), patch[0], str(patch[1]), str(patch[2])]
+    else:
+        cmd += ["-m", "lrft"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
+    """Two run dirs end with the same adapter tensors (within tol)."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "adapter" / "adapter.safetensors"), load_file(b / "adapter" / "adapter.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=0, msg=k)
+
+
+def train_lines(run: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields."""
+    return [{k: v for k, v in r.items() if k != "step_time_s"} for r in read_jsonl(run / "metrics.jsonl")]

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "lrft"
 
 # Lowest first; a module may import from its own layer and the ones below, never from above.
 LAYERS = [
-    ["lrft", "lrft.errors", "lrft.console", "lrft.files"],
+    ["lrft", "lrft.errors", "lrft.console", "lrft.files", "lrft.tracking"],
     ["lrft.targets"],
     ["lrft.methods"],
     ["lrft.inject"],
@@ -23,7 +23,7 @@ LAYERS = [
     ["lrft.data"],
     ["lrft.recipe"],
     ["lrft.adapt"],
-    ["lrft.calibrate", "lrft.evaluate", "lrft.checkpoint", "lrft.peft_format"],
+    ["lrft.calibrate", "lrft.evaluate", "lrft.checkpoint", "lrft.peft_format", "lrft.parallel"],
     ["lrft.rundir"],
     ["lrft.train", "lrft.merge", "lrft.analysis", "lrft.params", "lrft.evaluate_run"],
     ["lrft.cli"],

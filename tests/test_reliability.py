@@ -8,66 +8,18 @@ same command then resumes and must end with the adapter and metrics of an uninte
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).parents[1]
-KILLER = '''
-import os, signal, sys
-import torch
-from lrft import checkpoint
-mode, n = sys.argv[1], int(sys.argv[2])
-calls = [0]
-def count_and_maybe_die():
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-if mode == "step":
-    step = torch.optim.AdamW.step
-    def patched_step(self, *a, **k):
-        out = step(self, *a, **k)
-        count_and_maybe_die()
-        return out
-    torch.optim.AdamW.step = patched_step
-else:  # mode == "checkpoint": the files are on disk, the dir not yet renamed into place
-    save_tree = checkpoint.save_tree
-    def patched_save_tree(d, tree):
-        save_tree(d, tree)
-        count_and_maybe_die()
-    checkpoint.save_tree = patched_save_tree
-sys.argv = ["lrft"] + sys.argv[3:]
-from lrft.cli import main
-main()
-'''
-
-
-def lrft(*args, killer: tuple[str, int] | None = None, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", KILLER, killer[0], str(killer[1])] if killer else [sys.executable, "-m", "lrft"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=300)
-
-
-def train_lines(run: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields."""
-    return [{k: v for k, v in json.loads(l).items() if k != "step_time_s"} for l in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
-    x, y = load_file(a / "adapter" / "adapter.safetensors"), load_file(b / "adapter" / "adapter.safetensors")
-    assert x.keys() == y.keys()
-    for k in x:
-        torch.testing.assert_close(x[k], y[k], atol=tol, rtol=0, msg=k)
-
+from tests.helpers import ROOT, assert_same_adapter, launch, lrft, train_lines
 
 @pytest.mark.parametrize("method, killer, resumed_from", [
-    ("tlora", ("step", 7), "step-000000006"),        # mid-epoch: after step 7, checkpoints every 2 steps
+    ("tlora", ("sigkill", 7), "step-000000006"),      # mid-epoch: after step 7, checkpoints every 2 steps
     ("talora", ("checkpoint", 3), "step-000000004"),  # mid-write of the step-6 checkpoint
 ])
 def test_sigkill_then_the_same_command_resumes_to_the_same_result(tiny_recipe, tmp_path, method, killer, resumed_from):
@@ -77,7 +29,7 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_result(tiny_recipe, t
     assert lrft("train", straight).returncode == 0
     recipe = tiny_recipe(method, name="killed", **sections)
     run = tmp_path / "runs" / "killed"
-    died = lrft("train", recipe, killer=killer)
+    died = lrft("train", recipe, patch=killer)
     assert died.returncode == -9, died.stderr[-2000:]  # SIGKILL: no cleanup ran
     assert not (run / "summary.json").exists() and not (run / "adapter").exists()
     if killer[0] == "checkpoint":
@@ -157,15 +109,6 @@ def test_nonfinite_gradients_are_caught_too(cli, tiny_recipe, monkeypatch):
 
 # ------------------------------------------------------------------------------------ 2 processes
 
-def launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """accelerate's torchrun launcher; with no GPU lrft trains on the CPU over gloo."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "lrft", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/gloo path; GPUs are exercised on a cluster")
 @pytest.mark.parametrize("method", ["lora", "talora"])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_recipe, tmp_path, method):
@@ -173,7 +116,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_recipe, tmp_pat
     assert lrft("train", tiny_recipe(method, name="one", **sections)).returncode == 0
     two = launch("train", str(tiny_recipe(method, name="two", **sections)))
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 processes (MULTI_CPU), 8 examples of each batch per process" in two.stderr
+    assert "2 processes (ddp over MULTI_CPU), 8 examples of each batch per process" in two.stderr
     assert_same_adapter(tmp_path / "runs" / "two", tmp_path / "runs" / "one", tol=1e-5)
     if method == "talora":  # statistics all-reduced: the same plan on every rank and as one process
         plan = [json.loads((tmp_path / "runs" / n / "calibration" / "calibration.json").read_text())["modules"]

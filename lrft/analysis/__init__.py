@@ -41,7 +41,7 @@ from lrft.analysis.numbers import choose_module, compare_numbers, run_numbers
 from lrft.analysis.report import ANALYSIS_FILE, render_html, render_markdown
 from lrft.errors import LrftError
 from lrft.files import atomic_dir
-from lrft.rundir import RunDir
+from lrft.rundir import RunDir, writer_lock
 
 DEFINITIONS = {
     "update": "ΔW = lora_B·lora_A (out × in, every scale applied), the update merged into W0",
@@ -99,7 +99,8 @@ def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None,
             console.warn(f"{len(cmp['unmatched'])} modules are adapted by only one run and not compared: "
                          + ", ".join(cmp["unmatched"][:4]) + (" ..." if len(cmp["unmatched"]) > 4 else ""))
     result["out"] = str(out)
-    with atomic_dir(out) as tmp:
+    written = run_dir if out.resolve().is_relative_to(run_dir.resolve()) else out  # not while `lrft train` writes it
+    with writer_lock(written), atomic_dir(out) as tmp:
         figures, heat = write_figures(tmp, runs, numbers, result, chosen)
         if heat:
             result["element_difference" if against is not None else "update_heatmap"] = heat
