@@ -138,7 +138,7 @@ def count_params_cmd(
     method: Annotated[str, typer.Option(help="adapter method, or 'full' for full fine-tuning")],
     rank: Annotated[int, typer.Option(help="rank r")] = 8,
     model: Annotated[str, typer.Option(help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
-    targets: Annotated[str | None, typer.Option(help="comma-separated target module names (default: query, value)")] = None,
+    targets: Annotated[str | None, typer.Option(help="comma-separated target module names (default: the model family's query and value projections)")] = None,
     num_labels: Annotated[int, typer.Option("--num-labels", min=1, help="classification labels of the head")] = 2,
     calibrated: Annotated[Path | None, typer.Option(
         "--calibrated", help="a finished run dir: its exact count (talora's calibrated per-module ranks)")] = None,

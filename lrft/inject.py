@@ -1,6 +1,7 @@
 """Put adapters into a model, choose what trains, collect what is saved, and merge them back out.
 
-Each targeted Linear is replaced by an AdaptedLinear(base, adapter) computing base(x) + adapter(x).
+Each targeted Linear is replaced by an AdaptedLinear(base, adapter) computing base(x) + adapter(x);
+a Conv1D (GPT-2) too, whose weight is stored transposed, so its merge adds ΔWᵀ.
 A method's shared factors (LoRTA) live in one module registered on the model as `lrft_shared`, so
 they train under DDP like any parameter and are saved once.
 """
@@ -19,12 +20,13 @@ ADAPTER_DTYPE = torch.float32  # adapters train in fp32 whatever the base dtype,
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen Linear plus its low-rank branch."""
+    """A frozen Linear (or Conv1D) plus its low-rank branch."""
 
-    def __init__(self, base: nn.Linear, adapter: Adapter):
+    def __init__(self, base: nn.Module, adapter: Adapter, transposed: bool = False):
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.transposed = transposed  # the base stores W0ᵀ (in × out), as Conv1D does
 
     # Some model code reads these off its Linear layers.
     @property
@@ -37,11 +39,11 @@ class AdaptedLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base.nx if self.transposed else self.base.in_features  # Conv1D: nx in, nf out
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.nf if self.transposed else self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -59,7 +61,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, targets: list[Target], built: Built) -> None:
     """Wrap every target with its adapter, register shared factors, and freeze everything else."""
     for t in targets:
-        _set_submodule(model, t.name, AdaptedLinear(t.module, built.adapters[t.name]))
+        _set_submodule(model, t.name, AdaptedLinear(t.module, built.adapters[t.name], t.transposed))
     if built.shared is not None:
         model.add_module(SHARED_NAME, built.shared)
     for p in model.parameters():
@@ -126,7 +128,8 @@ def merge(model: nn.Module) -> nn.Module:
     """
     for name, wrapper in list(adapted(model).items()):
         w = wrapper.base.weight
-        merged = w.float() + wrapper.adapter.delta_weight().to(w.device)
+        delta = wrapper.adapter.delta_weight().to(w.device)
+        merged = w.float() + (delta.T if wrapper.transposed else delta)
         if not torch.isfinite(merged).all():
             raise LrftError(f"merge: {name} holds NaN or Inf after adding its update; the adapter is broken "
                             f"(check the run's metrics.jsonl for a diverged loss)")

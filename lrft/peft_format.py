@@ -5,11 +5,14 @@ and lora_B (out×r) with every scale folded into lora_B. The export writes them 
 `base_model.model.<module>.lora_{A,B}.weight` with lora_alpha = r (scaling 1), per-module ranks
 (talora) through `rank_pattern` and `alpha_pattern`, a trained task head in `modules_to_save`. So the
 served LoRA computes what lrft trained, with no approximation: tlora → (Aᵀ, α·CᵀBᵀ), talora → (A,
-s_i·B), lorta → (Aᵀ, s·S_lm) for q/k/v and (S_lmᵀ, s·A) for o. Before the dir gets its name, each
-module's exported factors are checked against the lrft forward on a probe input.
+s_i·B), lorta → (Aᵀ, s·S_lm) for q/k/v (a fused q/k/v projection: its slices' S stacked in its row
+order) and (S_lmᵀ, s·A) for o. Conv1D bases (GPT-2) set `fan_in_fan_out`, as PEFT does; the factors
+keep their shapes. Before the dir gets its name, each module's exported factors are checked against
+the lrft forward on a probe input.
 
 Reading: a PEFT LoRA dir (LoraConfig, safetensors) becomes lrft `lora` adapters with its per-module
-ranks and scales, so `lrft eval` and `lrft merge` work on adapters trained elsewhere.
+ranks and scales, so `lrft eval` and `lrft merge` work on adapters trained elsewhere (fan_in_fan_out
+ones on Conv1D bases included).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from lrft.methods import Built
 from lrft.methods.lora import LoRA
 from lrft.models import resolve
 from lrft.recipe import DataConfig, ModelConfig
-from lrft.targets import head_modules
+from lrft.targets import OUTPUT_HEADS, head_modules
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -57,40 +60,50 @@ def is_peft_dir(path: Path) -> bool:
 def export(opened: Opened, out: Path, force: bool = False) -> dict:
     """Write an opened run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
     a, config, run_dir = opened.adapted, opened.config, opened.run_dir
-    state, ranks = {}, {}
-    for name, wrapper in adapted(a.model).items():
-        lora_A, lora_B = (t.detach().contiguous() for t in wrapper.adapter.lora_factors())
-        state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_A, lora_B
-        ranks[name] = lora_A.shape[0]
     heads = list(head_modules(a.model)) if config.get("head_trained") else []
-    for head in heads:
-        for key, value in a.model.get_submodule(head).state_dict().items():
-            state[f"{PREFIX}{head}.{key}"] = value.detach().contiguous()
-    worst = _check_export(a.model, state)
-    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank; the others are patterns
-    others = {n: k for n, k in ranks.items() if k != r}
+    state, lora_config, worst = lora_adapter(a.model, heads)
+    r, others = lora_config["r"], lora_config["rank_pattern"]
     base = config["base_model"]
-    peft_config = {
-        "peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem],
-        "base_model_name_or_path": _portable_name(opened.model_cfg.name, opened.model_cfg.gguf_file),
-        "revision": base.get("revision"), "r": r, "lora_alpha": r, "rank_pattern": others,
-        "alpha_pattern": dict(others), "target_modules": sorted(ranks), "modules_to_save": heads or None,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
-    }
+    peft_config = {"peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem],
+                   "base_model_name_or_path": _portable_name(opened.model_cfg.name, opened.model_cfg.gguf_file),
+                   "revision": base.get("revision"), **lora_config}
     report = {"run_dir": str(run_dir), "out": str(out), "format": "peft", "method": config["method"],
-              "modules": len(ranks), "rank": r, "rank_pattern": len(others), "modules_to_save": heads,
-              "max_abs_branch_diff": worst}
+              "modules": len(lora_config["target_modules"]), "rank": r, "rank_pattern": len(others),
+              "modules_to_save": heads, "max_abs_branch_diff": worst}
     with atomic_dir(out, overwrite=force) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         provenance = {"lrft_method": config["method"], "lrft_params": config["params"], "run_dir": str(run_dir),
                       "base_model": base, "task": config["task"], "label_names": config.get("label_names")}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-    console.log(f"PEFT LoRA adapter written to {out}: {len(ranks)} modules, rank {r}"
+    console.log(f"PEFT LoRA adapter written to {out}: {report['modules']} modules, rank {r}"
                 + (f" ({len(others)} modules with their own rank)" if others else "")
                 + f"; exported factors match the lrft branches to {worst:.2g}")
     return report
+
+
+def lora_adapter(model, heads: list[str]) -> tuple[dict[str, torch.Tensor], dict, float]:
+    """The model's adapters as PEFT LoRA tensors (and the named heads' as modules_to_save), the LoraConfig
+    keys that describe them, and the largest difference of an exported branch from its lrft branch."""
+    state, ranks, transposed = {}, {}, False
+    for name, wrapper in adapted(model).items():
+        lora_A, lora_B = (t.detach().contiguous() for t in wrapper.adapter.lora_factors())
+        state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_A, lora_B
+        ranks[name] = lora_A.shape[0]
+        transposed |= wrapper.transposed
+    for head in heads:
+        for key, value in model.get_submodule(head).state_dict().items():
+            state[f"{PREFIX}{head}.{key}"] = value.detach().contiguous()
+    worst = _check_export(model, state)
+    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank; the others are patterns
+    others = {n: k for n, k in ranks.items() if k != r}
+    # fan_in_fan_out: PEFT's flag for Conv1D bases (weight stored in × out); lora_A and lora_B keep their
+    # shapes, only PEFT's own merge transposes
+    config = {"r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": dict(others),
+              "target_modules": sorted(ranks), "modules_to_save": heads or None, "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": transposed, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+              "inference_mode": True, "layers_to_transform": None, "layers_pattern": None}
+    return state, config, worst
 
 
 @torch.no_grad()
@@ -127,9 +140,8 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     config = read_json(path / CONFIG, "PEFT adapter config")
     if config.get("peft_type") != "LORA":
         raise LrftError(f"{path}: a PEFT {config.get('peft_type')} adapter; lrft reads LoRA adapters only")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if config.get(key) == bad:
-            raise LrftError(f"{path}: {key}={bad} is not supported; lrft reads plain LoRA adapters of Linear layers")
+    if config.get("use_dora"):  # fan_in_fan_out (Conv1D bases) needs nothing: lora_A and lora_B keep their shapes
+        raise LrftError(f"{path}: use_dora=True is not supported; lrft reads plain LoRA adapters of Linear layers")
     provenance = _read_provenance(path)
     task_name = task_name or provenance.get("task")
     if not task_name:
@@ -149,7 +161,7 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     task = get_task(task_name)
     label_names = provenance.get("label_names") or (list(task.label_names) if task.label_names else None)
     if label_names is None and task.problem == "classification":  # users' own labels: as many as the head has
-        rows = [v.shape[0] for k, v in heads.items() if k.endswith("weight")]
+        rows = [v.shape[0] for k, v in sorted(heads.items()) if k.endswith("weight") and k.split(".")[0] in OUTPUT_HEADS]
         if not rows:
             raise LrftError(f"{path}: no trained head and no label names; lrft cannot tell how many labels "
                             f"{task.name} has here")

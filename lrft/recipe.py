@@ -60,7 +60,7 @@ class AdapterConfig(Section):
 
     method: str = Field(description=f"one of: {', '.join(methods.REGISTRY)}")
     target_modules: list[str] | None = Field(
-        None, description="Linear layers to adapt, matched by name suffix (default: the model's attention query, value)")
+        None, description="Linear layers to adapt, matched by name suffix (default: the model family's query and value projections)")
     params: MethodParams = Field(default_factory=MethodParams, description="the method's parameters (rank, ...)")
 
     @field_validator("params", mode="before")

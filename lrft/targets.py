@@ -1,9 +1,12 @@
-"""Targets: the Linear layers an adapter attaches to, found by name in a loaded model.
+"""Targets: the Linear layers an adapter attaches to, found by name in a loaded model, and what lrft
+knows about each model family: its default targets and how its attention projections are laid out.
 
 Target modules are matched by name suffix, as PEFT does: `query` matches `...attention.self.query`,
 `attention.output.dense` matches only the attention output projection, while `output.dense` matches
 both BERT output projections. The index of the transformer block is parsed from the module path.
-The task head (classifier, score) is never a target: it is trained whole (train.train_head).
+The task head (classifier, score, ...: HEAD_NAMES) is never a target: it is trained whole (train.train_head).
+A Linear layer is an `nn.Linear` or transformers' `Conv1D` (GPT-2), which stores its weight
+transposed (in × out); `Target.shape` and `Target.weight` give the (out, in) view either way.
 """
 
 from __future__ import annotations
@@ -12,19 +15,68 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lrft.errors import LrftError
 
-# Targets when a recipe names none: the attention query and value projections, as the papers.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
+QKV = ("q", "k", "v")
+# Module-name suffixes of the separate attention projections, by kind, in the families lrft knows
+# (BERT, RoBERTa, DeBERTa-v2, DistilBERT, ModernBERT, GPT-2, GPT-NeoX, Llama-style, T5).
+ATTENTION_NAMES = {
+    "q": ("query", "q_proj", "q", "query_proj", "q_lin"),
+    "k": ("key", "k_proj", "k", "key_proj", "k_lin"),
+    "v": ("value", "v_proj", "v", "value_proj", "v_lin"),
+    "o": ("attention.output.dense", "o_proj", "o", "out_proj", "out_lin", "attn.c_proj", "attention.dense", "attn.Wo"),
 }
 
-HEAD_NAMES = ("classifier", "score")  # task heads trained with train.train_head, as PEFT's modules_to_save
+
+@dataclass(frozen=True)
+class Family:
+    """What lrft knows about one model family (a `config.model_type`)."""
+
+    defaults: tuple[str, ...]  # target_modules when a recipe names none
+    fused: str | None = None  # suffix of the projection computing q, k and v at once, if the family has one
+    # How that projection packs its output rows, as read in transformers' attention code:
+    #   "blocks": [q; k; v], each kind's heads in order (GPT-2 c_attn .split(d, dim=2); Phi-3 qkv_proj
+    #             sliced at H·d_h and (H + H_kv)·d_h; ModernBERT Wqkv .view(3, H, d_h));
+    #   "heads":  per head [q_h; k_h; v_h] (GPT-NeoX query_key_value .view(H, 3·d_h).chunk(3)).
+    packing: str | None = None
+
+
+# The one table of model families, keyed by config.model_type. Defaults are the papers' and PEFT's:
+# the query and value projections, or the fused projection that holds them.
+FAMILIES: dict[str, Family] = {
+    "bert": Family(("query", "value")),
+    "roberta": Family(("query", "value")),
+    "deberta-v2": Family(("query_proj", "value_proj")),
+    "distilbert": Family(("q_lin", "v_lin")),
+    "modernbert": Family(("Wqkv",), fused="Wqkv", packing="blocks"),
+    "gpt2": Family(("c_attn",), fused="c_attn", packing="blocks"),
+    "gpt_neox": Family(("query_key_value",), fused="query_key_value", packing="heads"),
+    "phi3": Family(("qkv_proj",), fused="qkv_proj", packing="blocks"),
+    "llama": Family(("q_proj", "v_proj")),
+    "mistral": Family(("q_proj", "v_proj")),
+    "qwen2": Family(("q_proj", "v_proj")),
+    "qwen3": Family(("q_proj", "v_proj")),
+    "gemma2": Family(("q_proj", "v_proj")),
+    "gemma3_text": Family(("q_proj", "v_proj")),
+    "t5": Family(("q", "v")),
+}
+UNKNOWN_FAMILY = Family(("query", "value"))
+
+# Task heads, trained whole with train.train_head (PEFT's modules_to_save): the output layer, and the
+# layers made for the task that feed it (DistilBERT's pre_classifier, DeBERTa's pooler), which a base
+# checkpoint does not hold either. PEFT's suffix match wraps pre_classifier as "classifier" too.
+OUTPUT_HEADS = ("classifier", "score")
+HEAD_NAMES = (*OUTPUT_HEADS, "pre_classifier", "pooler")
+
+
+def _conv1d() -> type:
+    """transformers' Conv1D, imported when a model exists: importing transformers costs ~0.7 s at start-up."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
 
 
 @dataclass
@@ -32,32 +84,71 @@ class Target:
     """One Linear layer chosen by `adapter.target_modules`."""
 
     name: str  # dotted module path in the model, e.g. bert.encoder.layer.0.attention.self.query
-    module: nn.Linear
+    module: nn.Module  # an nn.Linear or a Conv1D
     kind: str  # the target_modules entry it matched, e.g. "query"
     layer: int | None  # index of the transformer block it sits in, parsed from the name
 
     @property
+    def transposed(self) -> bool:
+        """Whether the module stores W0ᵀ (in × out), as Conv1D does."""
+        return isinstance(self.module, _conv1d())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W0 as (out, in), a view of the module's weight."""
+        return self.module.weight.T if self.transposed else self.module.weight
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features), the shape of W0 and ΔW."""
+        if self.transposed:
+            return self.module.nf, self.module.nx  # Conv1D's names for out and in
         return self.module.out_features, self.module.in_features
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
+def family(config) -> Family:
+    return FAMILIES.get(getattr(config, "model_type", ""), UNKNOWN_FAMILY)
+
+
 def default_targets(config) -> list[str]:
-    return DEFAULT_TARGETS.get(getattr(config, "model_type", ""), ["query", "value"])
+    return list(family(config).defaults)
+
+
+def _ends_with(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def attention_kinds(name: str, config) -> tuple[str, ...] | None:
+    """The attention matrices module `name` computes: one kind (q, k, v or o), QKV for the family's
+    fused projection, or None when it is no attention projection lrft knows."""
+    fam = family(config)
+    if fam.fused and _ends_with(name, fam.fused):
+        return QKV
+    return next(((kind,) for kind, names in ATTENTION_NAMES.items() if any(_ends_with(name, n) for n in names)), None)
+
+
+def fused_rows(packing: str, heads: list[int], head_dim: int) -> torch.Tensor | None:
+    """A fused projection's output rows as indices into [q; k; v], the kinds' per-head rows stacked
+    kind after kind (kind i has heads[i] heads of head_dim rows); None when already in that order."""
+    if packing == "blocks":
+        return None
+    # "heads" (every kind has the same heads): output row (h, kind, i) is row (kind, h, i) of [q; k; v]
+    return torch.arange(sum(heads) * head_dim).view(len(heads), heads[0], head_dim).transpose(0, 1).reshape(-1)
 
 
 def find_targets(model: nn.Module, patterns: list[str]) -> list[Target]:
-    """Every Linear whose dotted name ends with one of `patterns`, in model order."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Every Linear (or Conv1D) whose dotted name ends with one of `patterns`, in model order."""
+    layer_types = (nn.Linear, _conv1d())
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, layer_types)]
     targets, matched = [], set()
     for name, module in linears:
         if any(name == h or name.startswith(h + ".") for h in HEAD_NAMES):
             continue  # the task head is trained whole (train.train_head), never adapted
         for pattern in patterns:
-            if name == pattern or name.endswith("." + pattern):
+            if _ends_with(name, pattern):
                 m = _LAYER_RE.search(name)
                 targets.append(Target(name, module, pattern, int(m.group(1)) if m else None))
                 matched.add(pattern)
@@ -83,5 +174,5 @@ def weights_checksum(targets: list[Target]) -> str:
 
 
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The task head(s) by name (classifier for BERT/RoBERTa, score for Llama)."""
+    """The task head(s) by name (classifier for BERT/RoBERTa, score for Llama; see HEAD_NAMES)."""
     return {n: m for n, m in model.named_children() if n in HEAD_NAMES}

@@ -75,6 +75,58 @@ def tiny_llama(seed: int = 0, **kw):
     return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
 
 
+# One tiny model per family people fine-tune (tests/test_families.py): 2 layers, 4 heads, hidden 32
+# (Gemma 3: 40), built from a config. Qwen 3 and Gemma 3 have head_dim ≠ hidden / heads, as the real
+# ones; the decoders use grouped-query attention where the family has it. Values: transformers
+# config class, model class, config values beyond SHARED, and the attention projections q, k, v, o.
+SHARED = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+DECODER = dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FAMILIES = {
+    "bert": ("BertConfig", "BertForSequenceClassification", {}, ["query", "key", "value", "attention.output.dense"]),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", dict(pad_token_id=1),
+                ["query", "key", "value", "attention.output.dense"]),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                   dict(relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+                        share_att_key=True, position_buckets=16, norm_rel_ebd="layer_norm"),
+                   ["query_proj", "key_proj", "value_proj", "attention.output.dense"]),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                   dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64), ["q_lin", "k_lin", "v_lin", "out_lin"]),
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification",
+                   dict(pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
+                        global_attn_every_n_layers=2, local_attention=8), ["Wqkv", "attn.Wo"]),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
+                                                   eos_token_id=3), ["c_attn", "attn.c_proj"]),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER, LLAMA_STYLE),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(DECODER, sliding_window=8), LLAMA_STYLE),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER, LLAMA_STYLE),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, head_dim=16), LLAMA_STYLE),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, head_dim=8, sliding_window=8), LLAMA_STYLE),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(DECODER, hidden_size=40, num_key_value_heads=1, head_dim=16, sliding_window=8), LLAMA_STYLE),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", DECODER, ["qkv_proj", "o_proj"]),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
+                 ["query_key_value", "attention.dense"]),
+}
+
+
+def tiny_family_config(family: str):
+    import transformers
+
+    config_cls, model_cls, values, _ = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**SHARED, "vocab_size": len(tiny_lm_vocab()), **values})
+    config.architectures = [model_cls]  # as a saved model's config.json says, for count-params
+    return config
+
+
+def tiny_family(family: str, seed: int = 0):
+    """The family's tiny model (sequence classification with 2 labels, or a causal LM), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return getattr(transformers, FAMILIES[family][1])(tiny_family_config(family)).eval()
+
+
 def save_tiny_bert(d: Path, seed: int = 0) -> Path:
     """A saved tiny BERT with a real WordPiece tokenizer, loadable by model.name."""
     from transformers import BertTokenizerFast
@@ -86,8 +138,8 @@ def save_tiny_bert(d: Path, seed: int = 0) -> Path:
     return d
 
 
-def save_tiny_llama(d: Path, chat: bool = True) -> Path:
-    """A saved tiny Llama with a real WordPiece tokenizer ([SEP] ends a turn); a chat template if `chat`."""
+def save_lm_tokenizer(d: Path, chat: bool = True):
+    """A real WordPiece tokenizer for the tiny LMs ([SEP] ends a turn), saved in d; a chat template if `chat`."""
     from transformers import BertTokenizerFast
 
     d.mkdir(parents=True, exist_ok=True)
@@ -96,8 +148,22 @@ def save_tiny_llama(d: Path, chat: bool = True) -> Path:
     if chat:
         tok.chat_template = TINY_CHAT_TEMPLATE
     tok.save_pretrained(d)
+    return tok
+
+
+def save_tiny_llama(d: Path, chat: bool = True) -> Path:
+    """A saved tiny Llama with the tiny LM tokenizer, loadable by model.name."""
+    tok = save_lm_tokenizer(d, chat)
     tiny_llama(seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
                bos_token_id=tok.cls_token_id).save_pretrained(d)
+    return d
+
+
+def save_tiny_family(d: Path, family: str) -> Path:
+    """A saved tiny model of `family` with the tiny LM tokenizer (its [PAD], [CLS], [SEP] are the
+    decoders' pad 0, bos 2 and eos 3), loadable by model.name."""
+    save_lm_tokenizer(d)
+    tiny_family(family).save_pretrained(d)
     return d
 
 
@@ -196,7 +262,7 @@ def pad_collate(features: list[dict], causal: bool = False) -> dict:
 
 
 def is_causal(model) -> bool:
-    return model.config.model_type == "llama"
+    return model.can_generate()
 
 
 def calibration_for(model, targets, needs):
@@ -248,14 +314,34 @@ def labeled(model, b: dict) -> dict:
     return {**b, "labels": torch.tensor([0, 1, 1])}
 
 
-def randomize(model, seed: int = 1) -> None:
+def randomize(model, seed: int = 1, std: float = 0.1) -> None:
     """Give every trainable adapter param a non-zero value, so ΔW ≠ 0."""
     from lrft.inject import adapter_parameters
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def outputs(model, b: dict) -> dict[str, torch.Tensor]:
+    """Logits and the last hidden states: a classifier's random head makes its logits small, so the
+    hidden states (layer-normed, of order 1) are what shows a difference of 1e-5."""
+    with torch.no_grad():
+        out = model.eval()(**b, output_hidden_states=True)
+    return {"logits": out.logits, "hidden": out.hidden_states[-1]}
+
+
+def visible_update(model, base_hidden: torch.Tensor, b: dict) -> dict[str, torch.Tensor]:
+    """Random adapter values, scaled up until the update moves the last hidden states (the base model's:
+    base_hidden) by 1e-2 or more: large enough that a wrong merge or export cannot hide under a 1e-5
+    tolerance, small enough to keep float error far below it. Returns the adapted model's outputs."""
+    for std in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6):
+        randomize(model, std=std)
+        out = outputs(model, b)
+        if float((out["hidden"] - base_hidden).abs().max()) >= 1e-2:
+            return out
+    raise AssertionError("no adapter values tried moved the hidden states by 1e-2")
 
 
 # ------------------------------------------------------------------------------ real lrft processes

@@ -1,4 +1,5 @@
-"""Integration: the real packaged MiniLM on the real GLUE MRPC files under $LRFT_DATA_DIR.
+"""Integration: the real packaged MiniLM on the real GLUE MRPC files under $LRFT_DATA_DIR, and the real
+SmolLM2 (GSM8K through the CLI with talora; every method's adapters on its attention projections).
 
 Short budgets (a few optimizer steps) keep these to seconds each on 2 CPU cores; they check that the
 real model and data go through every stage and that eval and merge agree with training.
@@ -63,7 +64,7 @@ def test_minilm_mrpc_train_eval_merge(short_run, cli, tmp_path, method):
     assert json.loads(out)["accuracy"] == pytest.approx(summary["final"]["accuracy"])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def smollm2():
     import importlib.util
 
@@ -95,6 +96,48 @@ def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path,
     assert report["max_abs_logit_diff"] <= 1e-4 and report["generation_identical"] and report["tied_embeddings"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.model_type == "llama" and not hasattr(merged.config, "quantization_config")
+
+
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2):
+    """The real SmolLM2-135M (plain HF dir dequantised once from the package's GGUF), loaded once."""
+    from transformers import AutoModelForCausalLM
+
+    from lrft.models import resolve
+
+    return AutoModelForCausalLM.from_pretrained(resolve("smollm2")).eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_smollm2_every_method_on_q_k_v_o(smollm2_model, method):
+    """Each method's adapters on all 120 attention projections of the real SmolLM2 (GQA: 9 heads, 3 kv
+    heads): one training step moves the loss, and the merged model equals the adapted one."""
+    import copy
+
+    import torch
+
+    from lrft import methods
+    from lrft.inject import adapter_parameters, merge, set_head_trainable
+    from tests.helpers import batch, build, labeled, outputs, visible_update
+
+    b = labeled(smollm2_model, batch(length=12))
+    base = outputs(smollm2_model, b)
+    model, found, *_ = build(method, model=copy.deepcopy(smollm2_model),
+                             targets=["q_proj", "k_proj", "v_proj", "o_proj"], rank=8)
+    set_head_trainable(model, False)
+    assert len(found) == 30 * 4
+    if method == "lorta":  # (d + d_h + H + L + M + H_kv)·r
+        assert sum(p.numel() for p in adapter_parameters(model)) == (576 + 64 + 9 + 30 + 4 + 3) * 8
+    model.train()
+    model(**b).loss.backward()
+    torch.optim.AdamW(list(adapter_parameters(model)), lr=methods.get(method).suggested_lr).step()
+    with torch.no_grad():
+        assert float(model.eval()(**b).loss) != pytest.approx(float(smollm2_model(**b).loss), rel=1e-6, abs=0)
+    adapted = visible_update(model, base["hidden"], b)
+    merge(model)
+    merged = outputs(model, b)
+    for key, want in adapted.items():
+        assert float((merged[key] - want).abs().max()) <= 1e-5 * max(float(want.abs().max()), 1.0), key
 
 
 def test_speed_suite_smoke(data_dir, monkeypatch):

@@ -1,7 +1,9 @@
-"""LoRTA specifics: one CP tensor stored once, the per-head formulas, GQA, paper counts, bad targets."""
+"""LoRTA specifics: one CP tensor stored once, the per-head formulas, GQA, d_h apart from d, fused q/k/v
+projections in each family's layout, paper counts, bad targets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +11,9 @@ import torch
 
 from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_parameters, saved_state
-from lrft.methods.lorta import Branch
-from tests.helpers import build, randomize, tiny_bert, tiny_llama
+from lrft.methods.lorta import METHOD, Branch
+from lrft.targets import find_targets
+from tests.helpers import FAMILIES, build, randomize, tiny_bert, tiny_family, tiny_llama
 
 BERT_QKVO = ["query", "key", "value", "attention.output.dense"]
 LLAMA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -31,12 +34,15 @@ def reference_delta(branch: Branch, heads: int, head_dim: int) -> torch.Tensor:
     return branch.scale * torch.cat(blocks, dim=1 if branch.kind == "o" else 0)
 
 
-@pytest.mark.parametrize("factory, targets", [(tiny_bert, BERT_QKVO), (tiny_llama, LLAMA_QKVO)])
+@pytest.mark.parametrize("factory, targets", [
+    (tiny_bert, BERT_QKVO), (tiny_llama, LLAMA_QKVO),
+    (lambda: tiny_llama(head_dim=16), LLAMA_QKVO),  # 4 heads × 16 = 64 ≠ hidden 32, as Gemma 3 and Qwen 3
+])
 def test_delta_weight_matches_per_head_formula(factory, targets):
     model, *_ = build("lorta", model=factory(), targets=targets)
     randomize(model)
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     for name, w in adapted(model).items():
         with torch.no_grad():
             want = reference_delta(w.adapter, cfg.num_attention_heads, head_dim)
@@ -86,10 +92,66 @@ def test_non_attention_targets_are_refused(targets, match):
         build("lorta", model=tiny_bert(), targets=targets)
 
 
-def test_hidden_not_heads_times_head_dim_is_refused():
-    model = tiny_llama(head_dim=4)  # q_proj becomes 16 × 32 while hidden is 32
-    with pytest.raises(LrftError, match="lorta needs hidden_size = heads × head_dim"):
-        build("lorta", model=model, targets=["q_proj"])
+def test_head_dim_is_sized_apart_from_the_hidden_size():
+    """d = 32 and d_h = 16 with 4 heads: the model-dimension and head-dimension factors differ in size."""
+    model, *_, built = build("lorta", model=tiny_llama(head_dim=16), targets=LLAMA_QKVO)
+    f = model.lrft_shared
+    assert f.A.shape == (32, 4) and f.B.shape == (16, 4) and built.meta["head_dim"] == 16
+    shapes = {w.adapter.kind: tuple(w.adapter.delta_weight().shape) for w in adapted(model).values()}
+    assert shapes == {"q": (64, 32), "k": (32, 32), "v": (32, 32), "o": (32, 64)}
+    assert sum(t.numel() for t in adapter_parameters(model)) == (32 + 16 + 4 + 2 + 4 + 2) * 4
+
+
+def split_qkv(delta: torch.Tensor, family: str, cfg) -> dict[str, torch.Tensor]:
+    """q, k, v of a fused projection's ΔW (out × d) as (heads, d_h, d), split as transformers' attention
+    code splits the projection's output (its last dim, ΔW's rows)."""
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim, kv = d // heads, getattr(cfg, "num_key_value_heads", None) or heads
+    if family == "gpt2":  # c_attn(x).split(d, dim=2)
+        q, k, v = delta.split(d, dim=0)
+    elif family == "phi3":  # qkv[..., :H·d_h], then H_kv·d_h for k, the rest for v
+        q, k, v = delta[:heads * head_dim], delta[heads * head_dim:(heads + kv) * head_dim], delta[(heads + kv) * head_dim:]
+    elif family == "modernbert":  # qkv.view(..., 3, -1, d_h).unbind(dim=-3)
+        q, k, v = delta.view(3, -1, d).unbind(0)
+    else:  # gpt_neox: qkv.view(..., H, 3·d_h) per head, then .chunk(3, dim=-1)
+        q, k, v = (part.reshape(-1, d) for part in delta.view(heads, 3 * head_dim, d).chunk(3, dim=1))
+    return {kind: m.view(-1, head_dim, d) for kind, m in zip("qkv", (q, k, v))}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "modernbert", "gpt_neox"])
+def test_fused_projection_holds_each_kinds_per_head_formula(family):
+    """Every head's q, k and v rows of a fused projection, found as the model's own code finds them,
+    are B diag(C_H[h] ⊙ C_L[l] ⊙ C_M[kind]) Aᵀ (C_KV for k, v under GQA, as Phi-3 here)."""
+    model, *_ = build("lorta", model=tiny_family(family), targets=FAMILIES[family][3])
+    randomize(model)
+    f = model.lrft_shared
+    assert f.kinds == ["q", "k", "v", "o"]
+    for name, w in adapted(model).items():
+        if w.adapter.kind != "qkv":
+            continue
+        with torch.no_grad():
+            parts = split_qkv(w.adapter.delta_weight(), family, model.config)
+            for kind, blocks in parts.items():
+                head_factor = f.C_KV if kind in "kv" and f.C_KV is not None else f.C_H
+                assert blocks.shape[0] == head_factor.shape[0], (name, kind)
+                for h, block in enumerate(blocks):
+                    c = head_factor[h] * f.C_L[w.adapter.layer] * f.C_M[f.kinds.index(kind)]
+                    want = w.adapter.scale * f.B @ torch.diag(c) @ f.A.T
+                    torch.testing.assert_close(block, want, atol=1e-7, rtol=1e-5, msg=f"{name} {kind} head {h}")
+
+
+def test_fused_layout_is_recorded_and_a_saved_record_rebuilds_it():
+    model, _, p, ctx, built = build("lorta", model=tiny_family("gpt_neox"), targets=["query_key_value"])
+    assert built.meta["fused"] == {"module": "query_key_value", "kinds": ["q", "k", "v"], "packing": "heads"}
+    assert all(b.rows is not None for b in built.adapters.values())  # per head [q_h; k_h; v_h]
+    assert "rows" not in saved_state(model, include_head=False)  # derived from the record, never saved
+    gpt2 = tiny_family("gpt2")
+    found = find_targets(gpt2, ["c_attn"])
+    fresh = METHOD.build(found, p, dataclasses.replace(ctx, model_config=gpt2.config))
+    assert all(b.rows is None for b in fresh.adapters.values())  # [q; k; v] blocks: already in order
+    recorded = {**fresh.meta, "fused": {**fresh.meta["fused"], "packing": "heads"}}
+    rebuilt = METHOD.build(found, p, dataclasses.replace(ctx, model_config=gpt2.config, saved_meta=recorded))
+    assert rebuilt.meta == recorded and all(b.rows is not None for b in rebuilt.adapters.values())
 
 
 @pytest.mark.parametrize("args, trainable, lora", [

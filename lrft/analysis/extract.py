@@ -99,7 +99,7 @@ def module_update(target, adapter) -> ModuleUpdate:
         raise LrftError(f"{target.name}: its adapter holds NaN or Inf; the run diverged (check its metrics.jsonl) "
                         f"and has no update to analyse")
     norms, scalars = {}, {}
-    for tname, tensor in [*adapter.named_parameters(), *adapter.named_buffers()]:
+    for tname, tensor in adapter.state_dict().items():  # what is saved: not lorta's row order of a fused projection
         if tensor.numel() == 1:
             scalars[tname] = float(tensor)
         else:
@@ -129,7 +129,7 @@ def adapter_tensor_groups(wrappers: dict, model) -> dict[str, list[torch.Tensor]
     """Adapter tensors by name (A, B, C, ...) over the selected modules; shared factors (lorta) once each."""
     groups: dict[str, list[torch.Tensor]] = {}
     for wrapper in wrappers.values():
-        for tname, tensor in [*wrapper.adapter.named_parameters(), *wrapper.adapter.named_buffers()]:
+        for tname, tensor in wrapper.adapter.state_dict().items():
             if tensor.numel() > 1:
                 groups.setdefault(tname, []).append(tensor)
     shared = getattr(model, SHARED_NAME, None)

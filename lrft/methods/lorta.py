@@ -1,14 +1,19 @@
 """LoRTA (Hounie et al.): every attention update of every layer, head and matrix is one CP tensor.
 
 Factors, all trainable and owned once by `Factors` (registered on the model as lrft_shared):
-A ∈ R^{d×r}, B ∈ R^{d_h×r}, C_H ∈ R^{H×r}, C_L ∈ R^{L×r}, C_M ∈ R^{M×r} (M = targeted kinds among
-q, k, v, o). With c = C_H[h] ⊙ C_L[l] ⊙ C_M[m] and s = α/r, for layer l, kind m, head h:
-  q, k, v (heads split the output):  ΔW[h·d_h:(h+1)·d_h, :] = s · B diag(c) Aᵀ
-  o       (heads split the input):   ΔW[:, h·d_h:(h+1)·d_h] = s · A diag(c) Bᵀ
+A ∈ R^{d×r} over the model dimension, B ∈ R^{d_h×r} over the head dimension, C_H ∈ R^{H×r},
+C_L ∈ R^{L×r}, C_M ∈ R^{M×r} (M = targeted kinds among q, k, v, o). d and d_h are sized apart, so
+models with H·d_h ≠ d (Gemma 3, Qwen 3) need nothing special. With c = C_H[h] ⊙ C_L[l] ⊙ C_M[m] and
+s = α/r, for layer l, kind m, head h:
+  q, k, v (heads split the output, ΔW is H_m·d_h × d):  ΔW[h·d_h:(h+1)·d_h, :] = s · B diag(c) Aᵀ
+  o       (heads split the input,  ΔW is d × H·d_h):    ΔW[:, h·d_h:(h+1)·d_h] = s · A diag(c) Bᵀ
 Grouped-query attention (k, v with H_kv < H heads): k and v take their head factor from a second
 C_KV ∈ R^{H_kv×r}, one row per kv head; q and o keep C_H. No head of k/v is tied to a query head.
-Either way ΔW = U·Vᵀ with A on one side and S_lm = [B diag(c_h)]_h, the (H·d_h × r) stack over heads,
-on the other; S_lm costs O(d·r) to build, so the forward is two thin matmuls, as LoRA's.
+Either way ΔW = U·Vᵀ with A on one side and S_lm = [B diag(c_h)]_h, the (H_m·d_h × r) stack over
+heads, on the other; S_lm costs O(d_h·H·r) to build, so the forward is two thin matmuls, as LoRA's.
+A fused projection computing q, k and v at once (GPT-2 c_attn, Phi-3 qkv_proj, ModernBERT Wqkv,
+GPT-NeoX query_key_value) gets [S_q; S_k; S_v] in its own row order (lrft.targets.fused_rows): each
+slice is exactly the update of a separate projection of that kind, and the forward stays two matmuls.
 Init as the official PEFT LoRTA code: A and every C Kaiming-uniform (a=√5), B zero (model unchanged).
 Trainable: (d + d_h + H + L + M)·r, plus H_kv·r when k or v is targeted under GQA.
 """
@@ -24,12 +29,11 @@ from torch import nn
 
 from lrft.errors import LrftError
 from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, seeded_generator
-from lrft.targets import Target
+from lrft.targets import ATTENTION_NAMES, FAMILIES, QKV, Target, attention_kinds, family, fused_rows
 
 KINDS = ("q", "k", "v", "o")
-KIND_NAMES = {"q": ("query", "q_proj", "q"), "k": ("key", "k_proj", "k"), "v": ("value", "v_proj", "v"),
-              "o": ("attention.output.dense", "o_proj", "o", "out_proj")}
-SUPPORTED = "; ".join(f"{k}: {', '.join(v)}" for k, v in KIND_NAMES.items())
+SUPPORTED = "; ".join(f"{k}: {', '.join(v)}" for k, v in ATTENTION_NAMES.items())
+FUSED = ", ".join(f"{t} {f.fused}" for t, f in FAMILIES.items() if f.fused)
 
 
 class LoRTAParams(MethodParams):
@@ -65,39 +69,48 @@ class Factors(nn.Module):
 
 
 class Branch(Adapter):
-    """One adapted Linear: its (layer, kind) slice of the shared tensor, applied without a dense ΔW."""
+    """One adapted projection: its (layer, kinds) slice of the shared tensor, applied without a dense ΔW."""
 
-    def __init__(self, factors: Factors, layer: int, kind: str, scale: float, dropout: float):
+    def __init__(self, factors: Factors, layer: int, kinds: tuple[str, ...], rows: torch.Tensor | None, scale: float,
+                 dropout: float):
         super().__init__()
         object.__setattr__(self, "factors", factors)  # a reference, not a submodule: lrft_shared owns it
-        self.layer, self.kind, self.scale = layer, kind, scale
+        self.layer, self.kinds, self.scale = layer, kinds, scale
+        self.kind = "".join(kinds)  # "q", "k", "v", "o", or "qkv" for a fused projection
+        self.register_buffer("rows", rows, persistent=False)  # a fused projection's row order (None: as stacked)
         self.dropout = Dropout(dropout)
 
+    def stack(self) -> torch.Tensor:
+        """S (out × r for q/k/v, in × r for o): the head stacks of this module's kinds, in its row order."""
+        S = torch.cat([self.factors.head_stack(self.layer, k) for k in self.kinds])
+        return S if self.rows is None else S[self.rows]
+
     def forward(self, x):
-        f, x = self.factors, self.dropout(x)
-        S = f.head_stack(self.layer, self.kind)
+        f, x, S = self.factors, self.dropout(x), self.stack()
         if self.kind == "o":  # ΔW = s·A Sᵀ; the scale rides on a small d×r factor, not on the output
             return F.linear(F.linear(x, S.T), f.A * self.scale)
         return F.linear(F.linear(x, f.A.T), S * self.scale)  # ΔW = s·S Aᵀ
 
     def lora_factors(self):
-        A, S = self.factors.A.float(), self.factors.head_stack(self.layer, self.kind).float()
+        A, S = self.factors.A.float(), self.stack().float()
         return (S.T, A * self.scale) if self.kind == "o" else (A.T, S * self.scale)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, kind={self.kind}, scale={self.scale:g}"
 
 
-def kind_of(t: Target) -> str:
-    for kind, names in KIND_NAMES.items():
-        if any(t.name == n or t.name.endswith("." + n) for n in names):
-            return kind
-    raise LrftError(f"adapter.target_modules: lorta adapts attention projections only, and {t.name} is not one; "
-                    f"supported kinds ({SUPPORTED})")
+def kinds_of(t: Target, config) -> tuple[str, ...]:
+    kinds = attention_kinds(t.name, config)
+    if kinds is None:
+        raise LrftError(f"adapter.target_modules: lorta adapts attention projections only, and {t.name} is not one; "
+                        f"supported kinds ({SUPPORTED}), fused q,k,v in {FUSED}; lora, tlora and talora adapt any "
+                        f"Linear layer")
+    return kinds
 
 
-def geometry(targets: list[Target], config) -> dict:
-    """Layer, head and kind layout of the targets, checked against the model config."""
+def geometry(targets: list[Target], config, saved: dict | None = None) -> dict:
+    """Layer, head and kind layout of the targets, checked against the model config. A fused projection's
+    packing is a saved adapter's record (`saved`, its meta) when there is one, else the family table's."""
     heads = getattr(config, "num_attention_heads", None)
     layers = getattr(config, "num_hidden_layers", None)
     if not heads or not layers:
@@ -105,37 +118,45 @@ def geometry(targets: list[Target], config) -> dict:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     d = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or d // heads
-    if heads * head_dim != d:
-        raise LrftError(f"adapter.method: lorta needs hidden_size = heads × head_dim (the paper's d_h = d/H), but this "
-                        f"model has hidden size {d} and {heads} heads × {head_dim} dims; use lora or talora for it")
     seen: dict[tuple[int, str], str] = {}
+    fused = False
     for t in targets:
-        kind = kind_of(t)
+        kinds = kinds_of(t, config)
+        fused |= len(kinds) > 1
         if t.layer is None or t.layer >= layers:
             raise LrftError(f"adapter.target_modules: {t.name} is not inside one of the model's {layers} numbered layers")
-        if (t.layer, kind) in seen:
-            raise LrftError(f"adapter.target_modules: {seen[(t.layer, kind)]} and {t.name} are both layer {t.layer} "
-                            f"kind {kind}; lorta needs one attention block per layer (encoder-decoder models are not supported)")
-        seen[(t.layer, kind)] = t.name
-        n_heads = kv_heads if kind in ("k", "v") else heads
-        out_f, in_f = t.shape
-        want = (d, n_heads * head_dim) if kind == "o" else (n_heads * head_dim, d)
-        if (out_f, in_f) != want:
-            raise LrftError(f"adapter.target_modules: {t.name} is {out_f}×{in_f}, but the config's {n_heads} heads × "
-                            f"{head_dim} dims and hidden size {d} say {want[0]}×{want[1]}")
+        for kind in kinds:
+            if (t.layer, kind) in seen:
+                raise LrftError(f"adapter.target_modules: {seen[(t.layer, kind)]} and {t.name} are both layer {t.layer} "
+                                f"kind {kind}; lorta needs one attention block per layer (encoder-decoder models are "
+                                f"not supported)")
+            seen[(t.layer, kind)] = t.name
+        out_rows = sum(kv_heads if kind in ("k", "v") else heads for kind in kinds) * head_dim
+        want = (d, heads * head_dim) if kinds == ("o",) else (out_rows, d)
+        if t.shape != want:
+            raise LrftError(f"adapter.target_modules: {t.name} is {t.shape[0]}×{t.shape[1]}, but the config's {heads} "
+                            f"heads ({kv_heads} for k and v) × {head_dim} dims and hidden size {d} say {want[0]}×{want[1]}")
     kinds = [k for k in KINDS if any(k == key[1] for key in seen)]
     gqa = kv_heads != heads and any(k in ("k", "v") for k in kinds)
+    fam = family(config)
+    recorded = (saved or {}).get("fused") or {}
     return {"hidden": d, "head_dim": head_dim, "heads": heads, "kv_heads": kv_heads if gqa else None,
             "layers": layers, "kinds": kinds,
-            "head_mapping": "k, v use their own head factor C_KV (one row per kv head)" if gqa else "C_H for every kind"}
+            "head_mapping": "k, v use their own head factor C_KV (one row per kv head)" if gqa else "C_H for every kind",
+            "fused": {"module": fam.fused, "kinds": list(QKV), "packing": recorded.get("packing", fam.packing)}
+            if fused else None}
 
 
 def build(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> Built:
-    g = geometry(targets, ctx.model_config)
+    g = geometry(targets, ctx.model_config, ctx.saved_meta)
     factors = Factors(g["hidden"], g["head_dim"], g["heads"], g["kv_heads"], g["layers"], g["kinds"], p.rank,
                       seeded_generator(ctx.seed))
-    scale = p.alpha / p.rank
-    adapters = {t.name: Branch(factors, t.layer, kind_of(t), scale, p.dropout) for t in targets}
+    adapters = {}
+    for t in targets:
+        kinds = kinds_of(t, ctx.model_config)
+        heads = [g["kv_heads"] or g["heads"] if k in ("k", "v") else g["heads"] for k in kinds]
+        rows = fused_rows(g["fused"]["packing"], heads, g["head_dim"]) if len(kinds) > 1 else None
+        adapters[t.name] = Branch(factors, t.layer, kinds, rows, p.alpha / p.rank, p.dropout)
     return Built(adapters, shared=factors, meta=g)
 
 

@@ -89,7 +89,7 @@ def allocate(targets: list[Target], importance: dict[str, float] | None, p: TaLo
 def initial_a(t: Target, rank: int, p: TaLoRAParams, covariance: torch.Tensor | None, gen) -> torch.Tensor:
     if p.init == "random":
         return kaiming_a(rank, t.shape[1], gen)
-    W = t.module.weight.detach().cpu()
+    W = t.weight.detach().cpu()  # (out, in) whatever the layer stores
     M = W.to(covariance.dtype) @ covariance if p.init == "task-aware" else W.double()
     return torch.linalg.svd(M, full_matrices=False).Vh[:rank].float().contiguous()
 

@@ -82,7 +82,7 @@ def build(targets: list[Target], p: TLoRAParams, ctx: BuildContext) -> Built:
     for t in targets:
         out_f, in_f = t.shape
         if p.init == "task-aware" and ctx.saved_meta is None:
-            A, C = task_aware_factors(t.module.weight.detach().cpu(), ctx.calibration.covariance[t.name], p.rank)
+            A, C = task_aware_factors(t.weight.detach().cpu(), ctx.calibration.covariance[t.name], p.rank)
         else:  # random, or a saved adapter whose A and C are loaded from its file
             A, C = random_factors(in_f, out_f, p.rank, gen)
         adapters[t.name] = TriMatrix(A, C, p.dropout, p.alpha_init)
