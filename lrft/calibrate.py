@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from lrft import console
 from lrft.errors import LrftError
 from lrft.files import atomic_dir, atomic_write_json
+from lrft.loss import batch_loss
 from lrft.targets import Target, weights_checksum
 
 STATS_FILE = "statistics.safetensors"
@@ -96,7 +97,7 @@ def run(model, targets: list[Target], features: list[dict], batches: list[list[i
             batch = {k: v.to(device) for k, v in collate([features[i] for i in batch_idx]).items()}
             sums.mask = batch.get("attention_mask")
             with torch.set_grad_enabled(want_grad):
-                loss = model(**batch).loss
+                loss = batch_loss(model, model, batch)
             if want_grad:
                 loss.backward()
                 sums.add_importance(targets)

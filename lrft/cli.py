@@ -59,8 +59,7 @@ def train(
     console.log(f"run {r.name}: {r.adapter.method} on {r.data.task} with {r.model.name} → {r.run_dir}")
     try:
         summary = run_training(r, restart=restart)
-    except Stopped as e:  # pre-empted: a checkpoint of this step is written; a scheduler requeues on this code
-        console.err.print(str(e), markup=False)
+    except Stopped:  # pre-empted: the trainer said where; a scheduler requeues on this code
         raise typer.Exit(EXIT_STOPPED) from None
     except KeyboardInterrupt:
         console.err.print("interrupted (a second Ctrl-C): stopped at once; rerun the same command to resume from "

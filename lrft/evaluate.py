@@ -18,6 +18,7 @@ import torch
 
 from lrft.data import Task, compute_metrics, features
 from lrft.data.causal import extract_answer, prompt_features
+from lrft.loss import batch_loss
 
 
 @dataclass
@@ -46,12 +47,16 @@ def predict(model, features: list[dict], collate, batch_size: int, device, rank:
         idx = mine[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         with autocast() if autocast else nullcontext():
-            out = model(**batch)
-        n = int((batch["labels"][:, 1:] != -100).sum()) if not keep_logits else len(idx)
-        if keep_logits:
-            logits.append(out.logits.float().cpu())
-        loss_sum += float(out.loss) * n
+            if keep_logits:
+                out = model(**batch)
+                logits.append(out.logits.float().cpu())
+                loss = out.loss
+            else:  # a causal LM: the loss alone, never the whole batch's logits (lrft.loss)
+                loss = batch_loss(model, unwrap(model), batch)
+        n = len(idx) if keep_logits else int((batch["labels"][:, 1:] != -100).sum())
+        loss_sum += float(loss) * n
         weight += n
+        del batch, loss  # before the next batch is made, not after
     model.train(was_training)
     stacked = torch.cat(logits).numpy() if logits else np.zeros((0, 1), dtype=np.float32)
     return np.asarray(mine, dtype=np.int64), stacked, loss_sum, weight
@@ -133,3 +138,8 @@ def eval_sets(task: Task, splits: dict, tokenizer, max_length: int) -> dict[str,
     return {suffix: EvalSet(features(task, split, tokenizer, max_length, "evaluation examples"),
                             prompt_features(split, tokenizer) if task.generate else [])
             for suffix, split in splits.items()}
+
+
+def unwrap(model):
+    """The model inside a DDP wrapper (the one whose output layer lrft.loss swaps for a pass)."""
+    return getattr(model, "module", model)

@@ -80,5 +80,7 @@ class Trackers:
         self.accelerator.log(values, step=record["step"])
 
     def finish(self) -> None:
-        if self.names:
-            self.accelerator.end_training()
+        # each tracker's own finish: accelerate's end_training would also end the process group, which
+        # the run still needs afterwards (a stopped run's last barrier)
+        for tracker in self.accelerator.trackers:
+            tracker.finish()

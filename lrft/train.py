@@ -41,6 +41,7 @@ from lrft.errors import LrftError
 from lrft.evaluate import eval_sets, evaluate
 from lrft.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, write_jsonl
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
+from lrft.loss import batch_loss
 from lrft.parallel import Parallel
 from lrft.recipe import Recipe
 from lrft.rundir import RunDir, writer_lock
@@ -148,16 +149,23 @@ class Trainer:
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
 
     def run(self) -> dict:
-        with self.sole_writer():
-            finished = self.finished_summary()
-            if finished is not None:
-                return finished
-            try:
-                self.setup()
-                self.fit()
-                return self.finish()
-            finally:
-                self.trackers.finish()
+        try:
+            with self.sole_writer():
+                finished = self.finished_summary()
+                if finished is not None:
+                    return finished
+                try:
+                    self.setup()
+                    self.fit()
+                    return self.finish()
+                finally:
+                    self.trackers.finish()
+        except Stopped as stopped:
+            console.log(str(stopped))
+            # every process leaves after the main one has let go of the lock and said where it stopped: a
+            # launcher ends the others as soon as one process has exited
+            self.accelerator.wait_for_everyone()
+            raise
 
     @contextmanager
     def sole_writer(self):
@@ -381,7 +389,7 @@ class Trainer:
             inputs = {k: v.to(acc.device)
                       for k, v in self.collate([self.train_features[i] for i in mine or chunk[:1]]).items()}
             with self.parallel.gradient_sync(self.model, sync=j == len(chunks) - 1), acc.autocast():
-                loss = self.model(**inputs).loss * share
+                loss = batch_loss(self.model, self.unwrapped, inputs) * share
                 # Backward even on a non-finite loss: the gradient all-reduce then carries the NaN to every
                 # process, so all of them take the same decision (no rank skips a collective).
                 acc.backward(loss)

@@ -18,7 +18,7 @@ LAYERS = [
     ["lrft", "lrft.errors", "lrft.console", "lrft.files", "lrft.tracking"],
     ["lrft.targets"],
     ["lrft.methods"],
-    ["lrft.inject"],
+    ["lrft.inject", "lrft.loss"],
     ["lrft.models"],
     ["lrft.data"],
     ["lrft.recipe"],

@@ -13,7 +13,7 @@ from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_parameters, saved_state
 from lrft.methods.lorta import METHOD, Branch
 from lrft.targets import find_targets
-from tests.helpers import FAMILIES, build, randomize, tiny_bert, tiny_family, tiny_llama
+from tests.helpers import FAMILIES, batch, build, labeled, randomize, tiny_bert, tiny_family, tiny_llama
 
 BERT_QKVO = ["query", "key", "value", "attention.output.dense"]
 LLAMA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -178,3 +178,28 @@ def test_lorta_trains_through_the_cli_and_merges(cli, tiny_recipe, tmp_path):
     code, out, err = cli("merge", run, "--out", tmp_path / "merged", "--json")
     assert code == 0, err
     assert json.loads(out)["max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("factory, targets", [(tiny_bert, BERT_QKVO), (tiny_llama, LLAMA_QKVO)])
+def test_q_k_v_share_one_input_pass_with_the_same_gradients(factory, targets):
+    """The layer's q, k, v branches compute x·A once (SharedInput); outputs and gradients are those of
+    three separate branches."""
+    model, *_ = build("lorta", model=factory(), targets=targets)
+    randomize(model)
+    branches = [w.adapter for w in adapted(model).values()]
+    assert all((b.shared_input is not None) == (b.kind != "o") for b in branches)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**labeled(model, batch(n=3, length=7))).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared_loss, shared = loss_and_grads()
+    for b in branches:
+        object.__setattr__(b, "shared_input", None)
+    separate_loss, separate = loss_and_grads()
+    torch.testing.assert_close(shared_loss, separate_loss, atol=0, rtol=1e-6)
+    assert shared.keys() == separate.keys() and any(k.startswith("lrft_shared.") for k in shared)
+    for k in shared:
+        torch.testing.assert_close(shared[k], separate[k], atol=1e-7, rtol=1e-5, msg=k)

@@ -14,6 +14,9 @@ heads, on the other; S_lm costs O(d_h·H·r) to build, so the forward is two thi
 A fused projection computing q, k and v at once (GPT-2 c_attn, Phi-3 qkv_proj, ModernBERT Wqkv,
 GPT-NeoX query_key_value) gets [S_q; S_k; S_v] in its own row order (lrft.targets.fused_rows): each
 slice is exactly the update of a separate projection of that kind, and the forward stays two matmuls.
+Separate q, k and v projections of a layer read the same input and share A: the first of them to run
+computes x·A once and all their outputs in one matmul against [S_q; S_k; S_v] (`SharedInput`); the
+others take their part (unless branch dropout gives each its own input).
 Init as the official PEFT LoRTA code: A and every C Kaiming-uniform (a=√5), B zero (model unchanged).
 Trainable: (d + d_h + H + L + M)·r, plus H_kv·r when k or v is targeted under GQA.
 """
@@ -79,6 +82,7 @@ class Branch(Adapter):
         self.kind = "".join(kinds)  # "q", "k", "v", "o", or "qkv" for a fused projection
         self.register_buffer("rows", rows, persistent=False)  # a fused projection's row order (None: as stacked)
         self.dropout = Dropout(dropout)
+        object.__setattr__(self, "shared_input", None)  # the layer's SharedInput, if q/k/v share x·A
 
     def stack(self) -> torch.Tensor:
         """S (out × r for q/k/v, in × r for o): the head stacks of this module's kinds, in its row order."""
@@ -86,6 +90,8 @@ class Branch(Adapter):
         return S if self.rows is None else S[self.rows]
 
     def forward(self, x):
+        if self.shared_input is not None and not self.dropout.active:
+            return self.shared_input.output(self, x)
         f, x, S = self.factors, self.dropout(x), self.stack()
         if self.kind == "o":  # ΔW = s·A Sᵀ; the scale rides on a small d×r factor, not on the output
             return F.linear(F.linear(x, S.T), f.A * self.scale)
@@ -97,6 +103,27 @@ class Branch(Adapter):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, kind={self.kind}, scale={self.scale:g}"
+
+
+class SharedInput:
+    """The separate q, k and v branches of one layer, which read the same x: one pass computes x·A and
+    every member's output at once; each member then takes its own part, once."""
+
+    def __init__(self, members: list[Branch]):
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.parts: dict[int, torch.Tensor] = {}
+
+    def output(self, branch: Branch, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.x or id(branch) not in self.parts:  # a new input: the layer's first projection
+            stacks = [m.stack() for m in self.members]
+            y = F.linear(F.linear(x, branch.factors.A.T), torch.cat(stacks) * branch.scale)
+            parts = y.split([S.shape[0] for S in stacks], dim=-1)
+            self.x, self.parts = x, {id(m): part for m, part in zip(self.members, parts)}
+        part = self.parts.pop(id(branch))
+        if not self.parts:
+            self.x = None  # every member has its part: hold no tensor past this layer
+        return part
 
 
 def kinds_of(t: Target, config) -> tuple[str, ...]:
@@ -157,6 +184,12 @@ def build(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> Built:
         heads = [g["kv_heads"] or g["heads"] if k in ("k", "v") else g["heads"] for k in kinds]
         rows = fused_rows(g["fused"]["packing"], heads, g["head_dim"]) if len(kinds) > 1 else None
         adapters[t.name] = Branch(factors, t.layer, kinds, rows, p.alpha / p.rank, p.dropout)
+    for layer in {b.layer for b in adapters.values()}:
+        readers = [b for b in adapters.values() if b.layer == layer and b.kind in ("q", "k", "v")]
+        if len(readers) > 1:
+            group = SharedInput(readers)
+            for b in readers:
+                object.__setattr__(b, "shared_input", group)
     return Built(adapters, shared=factors, meta=g)
 
 

@@ -1,0 +1,86 @@
+"""The loss of a batch, without a causal LM's full logits.
+
+A causal LM's output layer turns every position into a vocabulary-sized row of logits (SmolLM2:
+49,152 per token, 0.5 GB in fp32 for a training batch of 8 × 320 tokens, copied again by the
+upcast and the log-softmax). Only the positions with a label to predict (the response tokens) need
+them, and never all at once: for the duration of one forward pass the output layer is replaced by
+`ChunkedLossHead`, which takes the final hidden states, keeps the labelled positions, and sums the
+cross-entropy over chunks of CHUNK_TOKENS positions, each chunk's logits recomputed in the backward
+pass instead of kept (what Liger's fused linear cross-entropy does on GPUs, in plain torch). The
+result is the mean over labelled tokens, as transformers' own loss. Models whose logits are more
+than `lm_head(hidden)` (and Gemma's final soft-capping) keep transformers' own loss.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+CHUNK_TOKENS = 512  # positions whose logits exist at once: 512 × 49,152 fp32 = 100 MB for SmolLM2
+# causal LMs whose logits are exactly lm_head(final hidden states), soft-capped where the config says
+PLAIN_LOGITS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
+                "smollm3", "olmo", "olmo2"}
+
+
+def batch_loss(model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean loss of `batch` through `model` (which may wrap `core`, e.g. in DDP): chunked for a
+    causal LM with plain logits, transformers' own otherwise."""
+    if not chunkable(core, batch):
+        return model(**batch).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with loss_head(core, batch["labels"]) as head:
+        model(**inputs, use_cache=False)
+    return head.loss
+
+
+def chunkable(core: nn.Module, batch: dict) -> bool:
+    labels = batch.get("labels")
+    return (labels is not None and labels.dim() == 2 and getattr(core.config, "model_type", None) in PLAIN_LOGITS
+            and isinstance(core.get_output_embeddings(), nn.Linear))
+
+
+@contextmanager
+def loss_head(core: nn.Module, labels: torch.Tensor):
+    """`core`'s output layer replaced by a ChunkedLossHead for the block."""
+    head = core.get_output_embeddings()
+    stand_in = ChunkedLossHead(head, labels, getattr(core.config, "final_logit_softcapping", None))
+    core.set_output_embeddings(stand_in)
+    try:
+        yield stand_in
+    finally:
+        core.set_output_embeddings(head)
+
+
+class ChunkedLossHead(nn.Module):
+    """Stands in for a causal LM's output layer: computes the loss, returns a placeholder for the logits."""
+
+    def __init__(self, head: nn.Linear, labels: torch.Tensor, softcap: float | None):
+        super().__init__()
+        object.__setattr__(self, "head", head)  # a reference: the model keeps owning its output layer
+        self.labels, self.softcap = labels, softcap
+        self.loss: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        targets = self.labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
+        keep = targets != IGNORE
+        states, targets = hidden[:, :-1][keep], targets[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), CHUNK_TOKENS):
+            chunk = (states[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS])
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self.chunk_loss, *chunk, use_reentrant=False)
+            else:
+                total = total + self.chunk_loss(*chunk)
+        self.loss = total / max(len(targets), 1)
+        return hidden.new_zeros(hidden.shape[0], hidden.shape[1], 1)  # what the model returns as logits
+
+    def chunk_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(states, self.head.weight, self.head.bias).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return F.cross_entropy(logits, targets, reduction="sum")
