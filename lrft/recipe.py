@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -135,7 +135,7 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="runs are written to <dir>/<name>/")
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run name: one path component, never '..'
 
 
 class Recipe(Section):
@@ -151,7 +151,7 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str | None) -> str | None:
-        if name is not None and not _NAME_RE.match(name):
+        if name is not None and not PLAIN_NAME.match(name):
             raise ValueError(f"name: {name!r} is not a plain run name (letters, digits, '.', '_', '-'; no '/' or '..')")
         return name
 
@@ -188,6 +188,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate(raw, source=str(path))
 
 
+def flow_yaml(value) -> str:
+    """A value as one line of YAML (`[query, value]`, `{rank: 8}`, `0.01`): what an override's value is."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True,
+                          sort_keys=False).removesuffix("...\n").strip()
+
+
 def parse_yaml(text: str, source: str):
     try:
         return yaml.safe_load(text)
@@ -220,21 +226,22 @@ def validate(raw: dict, source: str | None = None) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_render(e, raw), source) from None
+        raise ConfigError(validation_problems(e, raw), source) from None
 
 
-def _render(err: ValidationError, raw: dict) -> list[str]:
-    """One line per problem, named by its dotted key; the tag pydantic puts into an adapter variant's
-    location (adapter.<method>.params...) is left out, as it is not a key of the recipe."""
+def validation_problems(err: ValidationError, raw: dict, root: type[BaseModel] = Recipe) -> list[str]:
+    """One line per problem of `raw` validated as `root` (a recipe, or another file with the same
+    conventions: a sweep spec), named by its dotted key; the tag pydantic puts into an adapter
+    variant's location (adapter.<method>.params...) is left out, as it is not a key of the recipe."""
     out = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
-        if loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in ADAPTER_VARIANTS:
+        if root is Recipe and loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in ADAPTER_VARIANTS:
             loc = loc[:1] + loc[2:]
         where = ".".join(loc) if loc else "recipe"
         kind = e["type"]
         if kind == "extra_forbidden":
-            known = _fields_at(raw, loc[:-1])
+            known = _fields_at(raw, loc[:-1], root)
             out.append(f"{where}: unknown key{did_you_mean(loc[-1], known)}"
                        + (f"; known keys here: {', '.join(known)}" if known else ""))
         elif kind in ("missing", "union_tag_not_found"):
@@ -258,16 +265,23 @@ def _render(err: ValidationError, raw: dict) -> list[str]:
     return out
 
 
-def _fields_at(raw: dict, loc: tuple) -> list[str]:
-    """Field names of the section at `loc` (adapter.params: those of the recipe's method)."""
-    schema: type[BaseModel] = Recipe
+def _fields_at(raw: dict, loc: tuple, root: type[BaseModel]) -> list[str]:
+    """Field names of the section at `loc` (adapter.params: those of the recipe's method; a mapping of
+    sections, as a sweep's search: those of its values' section)."""
+    schema: type[BaseModel] = root
+    keyed = False  # the previous part named a mapping of sections: this part is one of its keys
     for part in loc:
+        if keyed:
+            keyed = False
+            continue
         if schema is Recipe and part == "adapter":
             method = raw.get("adapter", {}).get("method") if isinstance(raw.get("adapter"), dict) else None
             schema = ADAPTER_VARIANTS.get(method, AdapterConfig)
             continue
         field = schema.model_fields.get(part)
         ann = getattr(field, "annotation", None)
+        if get_origin(ann) is dict:
+            ann, keyed = get_args(ann)[1], True
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         schema = ann
@@ -280,9 +294,6 @@ def commented_yaml(recipe: Recipe, header: list[str]) -> str:
     """The recipe as YAML with each field's description as a comment (what `lrft init` writes)."""
     lines = [f"# {h}" if h else "#" for h in header] + [""]
 
-    def scalar(v) -> str:
-        return yaml.safe_dump(v, default_flow_style=True, width=10_000, allow_unicode=True).removesuffix("...\n").strip()
-
     def emit(section: BaseModel, indent: str) -> None:
         values = section.model_dump(mode="json")
         for key, f in type(section).model_fields.items():
@@ -294,7 +305,7 @@ def commented_yaml(recipe: Recipe, header: list[str]) -> str:
                 if indent == "":
                     lines.append("")
             else:
-                lines.append(f"{indent}{key}: {scalar(values[key])}{comment}")
+                lines.append(f"{indent}{key}: {flow_yaml(values[key])}{comment}")
 
     emit(recipe, "")
     return "\n".join(lines).rstrip() + "\n"

@@ -11,6 +11,7 @@ what `lrft eval`, `merge` and `analyze` work on: a run dir, or a PEFT LoRA adapt
       calibration/           statistics and plan of methods that calibrate (lrft.calibrate)
       analysis/              `lrft analyze` output
       predictions.jsonl      generations of generation tasks (predictions_step0.jsonl before training)
+      pruned.json            `lrft sweep` stopped the run early: the epoch, the metric, the trial
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ ANALYSIS = "analysis"
 PREDICTIONS = "predictions.jsonl"
 PREDICTIONS_AT_START = "predictions_step0.jsonl"
 TRACKERS = "trackers"
+PRUNED = "pruned.json"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RunDir:
     calibration = property(lambda self: self.path / CALIBRATION)
     analysis = property(lambda self: self.path / ANALYSIS)
     trackers = property(lambda self: self.path / TRACKERS)
+    pruned = property(lambda self: self.path / PRUNED)
 
     def predictions(self, at_start: bool = False) -> Path:
         return self.path / (PREDICTIONS_AT_START if at_start else PREDICTIONS)
@@ -128,6 +131,10 @@ def open_adapted(target: Path, *, task: str | None = None, base: str | None = No
 
 # ------------------------------------------------------------------------------- one writer per dir
 
+class Busy(LrftError):
+    """Another live process holds the lock of the dir (it is training or writing it)."""
+
+
 @contextmanager
 def writer_lock(directory: Path):
     """Hold the lock of `directory` (a run dir, or a dir a command writes) while the block runs.
@@ -148,8 +155,8 @@ def writer_lock(directory: Path):
     except Timeout:
         holder = _holder(info_path)
         if not _gone(holder):
-            raise LrftError(f"{directory}: {_describe(holder)} is writing it; wait until it is done (or stop it), "
-                            f"or write elsewhere") from None
+            raise Busy(f"{directory}: {_describe(holder)} is writing it; wait until it is done (or stop it), "
+                       f"or write elsewhere") from None
         Path(lock.lock_file).unlink(missing_ok=True)  # a lock only a file says is held (a soft lock)
         lock.acquire(timeout=0)
     previous = _holder(info_path)

@@ -25,6 +25,7 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_sta
 from lrft.loss import batch_loss
 from lrft.parallel import Parallel
 from lrft.recipe import Recipe
-from lrft.rundir import RunDir, writer_lock
+from lrft.rundir import Busy, RunDir, writer_lock
 from lrft.targets import head_modules
 from lrft.tracking import Trackers, check_installed
 
@@ -74,13 +75,23 @@ class Progress:
     stats_bytes: int = 0
 
 
-def train(recipe: Recipe, restart: bool = False) -> dict:
+# Called after each evaluation with its metrics.jsonl record and the progress; `lrft sweep` reports
+# epoch-end evaluations to its pruner here, and stops a pruned run by raising (the checkpoint of the
+# step is already written).
+EvalHook = Callable[[dict, Progress], None]
+
+
+def train(recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None) -> dict:
     """Run the recipe to the end; returns the summary written to summary.json."""
-    return Trainer(recipe, restart=restart).run()
+    return Trainer(recipe, restart=restart, on_evaluate=on_evaluate).run()
 
 
 class Stopped(Exception):
     """The run stopped on request (a signal) after checkpointing its exact step; rerunning resumes it."""
+
+
+class Diverged(LrftError):
+    """The loss or the gradients became NaN/Inf (a learning rate too large, most often)."""
 
 
 class StopSignals:
@@ -124,7 +135,7 @@ class NonFinitePolicy:
         what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {float(grad_norm)}"
         if not self.cfg.skip_nonfinite:
             last = list_checkpoints(self.checkpoints)
-            raise LrftError(f"train: {what} at step {progress.step + 1}; stopped, the last good checkpoint is "
+            raise Diverged(f"train: {what} at step {progress.step + 1}; stopped, the last good checkpoint is "
                             f"{last[-1].name if last else 'none'}; lower train.lr (now {self.cfg.lr}), use precision "
                             f"fp32, or set train.skip_nonfinite=true to skip such batches")
         progress.skipped_nonfinite += 1
@@ -136,8 +147,8 @@ class NonFinitePolicy:
 class Trainer:
     """One run of a recipe: `run()` = `setup()` → `fit()` → `finish()`, holding the run dir's lock."""
 
-    def __init__(self, recipe: Recipe, restart: bool = False):
-        self.recipe, self.cfg, self.restart = recipe, recipe.train, restart
+    def __init__(self, recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None):
+        self.recipe, self.cfg, self.restart, self.on_evaluate = recipe, recipe.train, restart, on_evaluate
         self.run_dir = RunDir(recipe.run_dir)
         self.accelerator = make_accelerator(self.cfg, self.run_dir)
         console.set_main_process(self.accelerator.is_main_process)
@@ -177,12 +188,12 @@ class Trainer:
             if self.main:
                 try:
                     stack.enter_context(writer_lock(self.run_dir.path))
-                except LrftError as e:
+                except Busy as e:
                     problem = str(e)
             if self.world > 1:
                 problem = broadcast_object_list([problem])[0]
             if problem is not None:
-                raise LrftError(problem)
+                raise Busy(problem)
             yield
 
     def finished_summary(self) -> dict | None:
@@ -329,7 +340,9 @@ class Trainer:
         bar = TrainBar(self.total_steps, progress.step) if console.interactive() and self.main else None
         t_start = time.perf_counter() - progress.train_seconds
         batches = None
-        with StopSignals() as signals:
+        with StopSignals() as signals, ExitStack() as cleanup:
+            if bar is not None:
+                cleanup.callback(bar.close)  # also when a stop, an error or a pruner ends the run
             while progress.step < self.total_steps:
                 batches = batches or self.epoch_batches(progress.epoch)
                 t0 = time.perf_counter()
@@ -350,8 +363,6 @@ class Trainer:
                     raise Stopped(self.stopped_message(signals))
                 if self.eval_due():
                     self.evaluate(generation=self.task.generate and progress.step == self.total_steps)
-        if bar is not None:
-            bar.close()
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The batches of an epoch (example indices): a function of seed and epoch alone, so a resumed run
@@ -477,7 +488,8 @@ class Trainer:
                                         generation=generation, shard=not self.parallel.fsdp)
         if predictions and self.main:
             write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions)
-        self.record({"type": "eval", "step": progress.step, "epoch": self.epoch_of(progress.step), **metrics})
+        record = {"type": "eval", "step": progress.step, "epoch": self.epoch_of(progress.step), **metrics}
+        self.record(record)
         console.log("eval step {}: {}".format(progress.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
         progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[self.metric_for_best]
@@ -487,6 +499,8 @@ class Trainer:
             progress.best_metric, progress.best_step = value, progress.step
             if self.main:
                 self.save_adapter(self.run_dir.best_adapter)
+        if self.on_evaluate is not None:
+            self.on_evaluate(record, progress)
 
     def save_adapter(self, directory: Path) -> None:
         save_adapter(directory, saved_state(self.unwrapped, self.cfg.train_head),
