@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,22 @@ def user_errors(fn):
     return wrapper
 
 
+@contextmanager
+def training_stops():
+    """A run stopped on request (the trainer says where) → exit code 75: a scheduler requeues on it,
+    rerunning resumes; a second Ctrl-C → exit 130."""
+    from lrft.train import EXIT_STOPPED, Stopped
+
+    try:
+        yield
+    except Stopped:  # pre-empted: the trainer said where; a scheduler requeues on this code
+        raise typer.Exit(EXIT_STOPPED) from None
+    except KeyboardInterrupt:
+        console.err.print("interrupted (a second Ctrl-C): stopped at once; rerun the same command to resume from "
+                          "the last checkpoint", markup=False)
+        raise typer.Exit(130) from None
+
+
 @app.command(context_settings={"allow_extra_args": False})
 @user_errors
 def train(
@@ -52,19 +69,12 @@ def train(
 ):
     """Train an adapter: load → (calibrate) → inject → train → evaluate → save. Resumes by itself."""
     from lrft.recipe import load_recipe
-    from lrft.train import EXIT_STOPPED, Stopped
     from lrft.train import train as run_training
 
     r = load_recipe(recipe, overrides or [])
     console.log(f"run {r.name}: {r.adapter.method} on {r.data.task} with {r.model.name} → {r.run_dir}")
-    try:
+    with training_stops():
         summary = run_training(r, restart=restart)
-    except Stopped:  # pre-empted: the trainer said where; a scheduler requeues on this code
-        raise typer.Exit(EXIT_STOPPED) from None
-    except KeyboardInterrupt:
-        console.err.print("interrupted (a second Ctrl-C): stopped at once; rerun the same command to resume from "
-                          "the last checkpoint", markup=False)
-        raise typer.Exit(130) from None
     if json_out:
         console.emit_json(summary)
     else:
@@ -222,6 +232,55 @@ def analyze(
                            ("subspace φ right", result["subspace"]["right"]["mean"]),
                            ("relative Frobenius distance", result["rel_frobenius"]["mean"])):
             typer.echo(f"mean {key}\t{'—' if value is None else f'{value:.4f}'}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    specs: Annotated[list[Path], typer.Argument(help="sweep spec YAML file(s); several run one after another and "
+                                                     "report together")],
+    plan: Annotated[bool, typer.Option("--plan", help="print one `lrft train` command per run (for a job array or "
+                                                      "xargs -P) and train nothing")] = False,
+    report: Annotated[bool, typer.Option("--report", help="train nothing: report the run dirs there are")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a Markdown section")] = False,
+    tolerance: Annotated[float, typer.Option(
+        "--tolerance", min=0, help="the smallest adapter within this many points of the best (metric × 100; loss "
+                                   "and perplexity as they are)")] = 1.0,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="where to write the Pareto plot (default: pareto.png in the sweep dir)")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, help="start this many worker processes on the sweep (they split its trials)")] = 1,
+    json_out: JsonOpt = False,
+):
+    """Search recipe settings (optuna: grid or TPE, pruning on per-epoch evaluations) for the smallest adapter
+    that still works; rerunning resumes it."""
+    from lrft.sweep import load_sweeps, plan_commands, run_sweeps, run_workers
+    from lrft.sweep.report import build, render_markdown, render_text
+
+    if plan and (report or markdown or json_out or workers > 1):
+        raise LrftError("--plan prints commands only; drop --report, --markdown, --json and --workers with it")
+    if report and workers > 1:
+        raise LrftError("--workers trains a sweep; drop it with --report")
+    if markdown and json_out:
+        raise LrftError("--markdown and --json: choose one")
+    sweeps = load_sweeps(specs)
+    if plan:
+        for command in plan_commands(sweeps):
+            typer.echo(command)
+        return
+    if not (report or markdown):
+        if workers > 1:
+            code = run_workers(specs, workers)
+            if code != 0:
+                raise typer.Exit(code)
+        else:
+            with training_stops():
+                run_sweeps(sweeps)
+    result = build(sweeps, tolerance, plot)
+    if json_out:
+        console.emit_json(result)
+    else:
+        sys.stdout.write(render_markdown(result, [str(s) for s in specs]) if markdown else render_text(result))
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ LAYERS = [
     ["lrft.adapt"],
     ["lrft.calibrate", "lrft.evaluate", "lrft.checkpoint", "lrft.peft_format", "lrft.parallel"],
     ["lrft.rundir"],
-    ["lrft.train", "lrft.merge", "lrft.analysis", "lrft.params", "lrft.evaluate_run"],
+    ["lrft.train", "lrft.merge", "lrft.analysis", "lrft.params", "lrft.evaluate_run", "lrft.sweep"],
     ["lrft.cli"],
 ]
 

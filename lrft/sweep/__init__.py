@@ -1,0 +1,82 @@
+"""`lrft sweep`: search recipe settings (optuna) for the smallest adapter that still works.
+
+`spec` (what a sweep is: its base recipe, search space, objective, seeds, budget, pruner; its points'
+names, run dirs and `lrft train` commands) → `study` (the optuna study: claiming trials across
+workers, training them, pruning, resuming after a kill, plans) → `results` (what the run dirs hold,
+read without the storage) → `report` (the table, the Pareto plot, the smallest adapter within a
+tolerance of the best; text, JSON, Markdown). This module is what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lrft import console
+from lrft.errors import LrftError
+from lrft.sweep.results import collect, top_points
+from lrft.sweep.spec import Sweep, load_sweep
+from lrft.sweep.study import failures, planned_points, work
+
+
+def load_sweeps(paths: list[Path]) -> list[Sweep]:
+    """Every spec loaded and checked before anything runs; two specs may not share a sweep dir."""
+    sweeps = [load_sweep(p) for p in paths]
+    seen: dict[Path, Sweep] = {}
+    for sweep in sweeps:
+        other = seen.setdefault(sweep.dir.resolve(), sweep)
+        if other is not sweep:
+            raise LrftError(f"{sweep.path}: writes {sweep.dir} as {other.path} does; give one of them another name (name: ...)")
+    return sweeps
+
+
+def run_sweeps(sweeps: list[Sweep]) -> None:
+    """This process works through each sweep in turn (other processes may work on the same ones)."""
+    for sweep in sweeps:
+        work(sweep)
+
+
+def run_workers(paths: list[Path], workers: int) -> int:
+    """`workers` processes of `lrft sweep PATHS` on the same storages, each with its share of the cores;
+    a stop signal is passed on to each. The exit code: the first worker's that failed, else 0."""
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    cmd = [sys.executable, "-m", "lrft", "sweep", *map(str, paths)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(workers)]
+
+    def pass_on(signum, frame):
+        for proc in procs:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    console.log(f"{workers} workers done: exit codes {codes}")
+    return next((c for c in codes if c != 0), 0)
+
+
+def plan_commands(sweeps: list[Sweep]) -> list[str]:
+    """One `lrft train` command per run: each planned point × seed, then (once the search's runs are all
+    done) the confirmation runs of the best points."""
+    commands = []
+    for sweep in sweeps:
+        points = planned_points(sweep)
+        commands += [sweep.command(p, seed) for p in points for seed in sweep.seeds]
+        confirm = sweep.spec.confirm
+        if confirm is None:
+            continue
+        results = {r.point.name: r for r in collect(sweep)}
+        settled = set(failures(sweep)) | {n for n, r in results.items() if r.searched(sweep) or r.pruned()}
+        if all(p.name in settled for p in points):
+            best = top_points(sweep, list(results.values()), confirm.top)
+            commands += [sweep.command(p, seed) for p in best for seed in confirm.seeds]
+        else:
+            console.log(f"sweep {sweep.name}: once these runs are done, --plan again adds the best {confirm.top} "
+                        f"point(s) with seeds {', '.join(map(str, confirm.seeds))}")
+    return commands
