@@ -136,8 +136,8 @@ class NonFinitePolicy:
         if not self.cfg.skip_nonfinite:
             last = list_checkpoints(self.checkpoints)
             raise Diverged(f"train: {what} at step {progress.step + 1}; stopped, the last good checkpoint is "
-                            f"{last[-1].name if last else 'none'}; lower train.lr (now {self.cfg.lr}), use precision "
-                            f"fp32, or set train.skip_nonfinite=true to skip such batches")
+                           f"{last[-1].name if last else 'none'}; lower train.lr (now {self.cfg.lr}), use precision "
+                           f"fp32, or set train.skip_nonfinite=true to skip such batches")
         progress.skipped_nonfinite += 1
         console.warn(f"step {progress.step + 1}: {what}; batch skipped "
                      f"({progress.skipped_nonfinite} so far, train.skip_nonfinite)")

@@ -80,33 +80,33 @@ def ordered_spec(path: Path, base: Path, last: str, **fields) -> Path:
     raise AssertionError("no sampler seed puts it last")
 
 
+def sweep_in_process(spec: Path) -> str:
+    """`lrft sweep SPEC` for module fixtures (the `cli` fixture is per test); its log."""
+    from typer.testing import CliRunner
+
+    from lrft.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", str(spec)])
+    assert result.exit_code == 0, result.stderr
+    return result.stderr
+
+
 PRUNED_GRID = {"pruner": {"type": "median", "startup_trials": 2}}
 
 
 @pytest.fixture(scope="module")
 def pruned_sweep(base_recipe) -> tuple[Path, str]:
     """A finished grid sweep whose third point (lr 1e-9) the median pruner stops at epoch 1: (spec, log)."""
-    from typer.testing import CliRunner
-
-    from lrft.cli import app
-
     spec = ordered_spec(base_recipe.parent / "pruned.yaml", base_recipe, "lr1e-9", **PRUNED_GRID)
-    result = CliRunner().invoke(app, ["sweep", str(spec)])
-    assert result.exit_code == 0, result.stderr
-    return spec, result.stderr
+    return spec, sweep_in_process(spec)
 
 
 @pytest.fixture(scope="module")
 def grid_sweep(base_recipe) -> Path:
     """A finished 2 × 2 grid (lr × rank) of 1-epoch runs."""
-    from typer.testing import CliRunner
-
-    from lrft.cli import app
-
     spec = write_spec(base_recipe.parent / "grid.yaml", base_recipe, overrides={"train.epochs": 1},
                       search={"train.lr": [GOOD, BETTER], "adapter.params.rank": [1, 4]})
-    result = CliRunner().invoke(app, ["sweep", str(spec)])
-    assert result.exit_code == 0, result.stderr
+    sweep_in_process(spec)
     return spec
 
 
@@ -188,12 +188,20 @@ def test_a_point_worse_than_the_median_at_epoch_1_is_pruned_and_stays_pruned(cli
     assert [p.name for p in (pruned / "checkpoints").iterdir()] == ["step-000000004"]  # kept, resumable
     assert not (pruned / "summary.json").exists() and not (pruned / "adapter").exists()
     rows = {r["point"]: r for r in report(cli, spec)["rows"]}
-    assert rows["lr1e-9"]["status"] == "pruned" and rows["lr1e-9"]["note"].startswith("at epoch 1 (0.68")
+    assert rows["lr1e-9"]["status"] == "pruned" and rows["lr1e-9"]["note"].startswith("epoch 1: 0.68")
     before = {p: p.read_bytes() for p in pruned.rglob("*") if p.is_file()}
     code, _, err = cli("sweep", spec)
     assert code == 0 and trained(err) == [], err
     assert {p: p.read_bytes() for p in pruned.rglob("*") if p.is_file()} == before
     assert [t.state.name for t in trials(spec)][-1] == "PRUNED"
+
+
+def test_no_point_is_pruned_at_its_last_epoch(cli, base_recipe, tmp_path):
+    """The point the two-epoch sweep prunes at epoch 1 trains to the end when epoch 1 is its last."""
+    spec = ordered_spec(tmp_path / "short.yaml", base_recipe, "lr1e-9", overrides={"train.epochs": 1}, **PRUNED_GRID)
+    code, _, err = cli("sweep", spec)
+    assert code == 0 and "pruned" not in err, err
+    assert [t.state.name for t in trials(spec)] == ["COMPLETE"] * 3
 
 
 def test_a_sweep_begun_with_another_spec_is_refused(cli, pruned_sweep, tmp_path):
@@ -322,6 +330,8 @@ BAD_SPECS = {
                         ["search.train.lr: the grid sampler tries listed values", "sampler: tpe"]),
     "tpe without a budget": ({"search": {"train.lr": [1e-3]}, "sampler": "tpe"},
                              ["budget: a tpe sampler needs budget.trials or budget.minutes"]),
+    "range without a budget": ({"search": {"train.lr": {"low": 1e-3, "high": 1e-1}}},
+                               ["budget: a tpe sampler needs budget.trials or budget.minutes"]),
     "unknown recipe key": ({"search": {"train.lrr": [1e-3]}},
                            ["point lrr=1e-3", "train.lrr: unknown key", "did you mean 'lr'"]),
     "bad value for the recipe": ({"search": {"train.epochs": [0]}}, ["point epochs=0", "train.epochs", "greater than 0"]),
@@ -355,12 +365,21 @@ def test_a_bad_spec_is_one_error_line_and_writes_nothing(cli, base_recipe, tmp_p
 
 @pytest.mark.parametrize(("args", "words"), [(["--plan", "--report"], "--plan prints commands only"),
                                              (["--report", "--workers", "2"], "--workers trains a sweep"),
-                                             (["--markdown", "--json"], "--markdown and --json: choose one")])
+                                             (["--markdown", "--json"], "--markdown and --json: choose one"),
+                                             (["--report", "--plot", "."], "--plot: . is a directory")])
 def test_conflicting_options_are_one_error_line(cli, base_recipe, tmp_path, args, words):
     spec = write_spec(tmp_path / "ok.yaml", base_recipe, search={"train.lr": [GOOD]})
     code, _, err = cli("sweep", spec, *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+
+
+def test_sweeps_given_together_share_a_task_and_a_metric(cli, base_recipe, tmp_path):
+    first = write_spec(tmp_path / "a.yaml", base_recipe, search={"train.lr": [GOOD]})
+    second = write_spec(tmp_path / "b.yaml", base_recipe, search={"train.lr": [GOOD]}, objective="accuracy")
+    code, _, err = cli("sweep", first, second)
+    assert code == 2 and "sweeps given together are reported together" in err and "separate commands" in err, err
+    assert not (tmp_path / "runs").exists() and not (base_recipe.parent / "runs" / "a").exists()
 
 
 # --------------------------------------------------------------------------------- shipped specs

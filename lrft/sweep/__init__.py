@@ -23,13 +23,19 @@ from lrft.sweep.study import failures, planned_points, work
 
 
 def load_sweeps(paths: list[Path]) -> list[Sweep]:
-    """Every spec loaded and checked before anything runs; two specs may not share a sweep dir."""
+    """Every spec loaded and checked before anything runs. Sweeps given together are reported together,
+    so they share a task and a metric; no two share a sweep dir."""
     sweeps = [load_sweep(p) for p in paths]
-    seen: dict[Path, Sweep] = {}
+    first, seen = sweeps[0], {}
     for sweep in sweeps:
         other = seen.setdefault(sweep.dir.resolve(), sweep)
         if other is not sweep:
-            raise LrftError(f"{sweep.path}: writes {sweep.dir} as {other.path} does; give one of them another name (name: ...)")
+            raise LrftError(f"{sweep.path}: writes {sweep.dir} as {other.path} does; give one of them another name "
+                            "(name: ...)")
+        if (sweep.task.name, sweep.metric, sweep.direction) != (first.task.name, first.metric, first.direction):
+            raise LrftError(f"{sweep.path}: sweeps given together are reported together, on one metric and task; "
+                            f"{first.name} is {first.metric} ({first.direction}) on {first.task.name}, {sweep.name} is "
+                            f"{sweep.metric} ({sweep.direction}) on {sweep.task.name}: give them in separate commands")
     return sweeps
 
 

@@ -57,7 +57,7 @@ def point_row(sweep: Sweep, result: PointResult, failure: str | None) -> Row:
     if failure is not None:
         status, note = "failed", failure.split(";")[0]  # what happened; the fix is in the run's log
     elif pruned is not None:
-        status, note = "pruned", f"at epoch {pruned.epoch} ({fmt(pruned.value, sweep.scale)})"
+        status, note = "pruned", f"epoch {pruned.epoch}: {fmt(pruned.value, sweep.scale)}"
     elif result.searched(sweep):
         status, note = "done", ""
     else:
@@ -109,29 +109,28 @@ def pareto_front(rows: list[Row], direction: str) -> list[Row]:
 
 
 def build(sweeps: list[Sweep], tolerance: float, plot: Path | None = None) -> dict:
-    """The report of these sweeps (one task and metric), with the Pareto plot written to `plot`
-    (default: pareto.png in the sweep dir, or in the sweep dirs' common parent)."""
+    """The report of these sweeps (one task and metric: lrft.sweep.load_sweeps), with the Pareto plot
+    written to `plot` (default: pareto.png in the sweep dir, or in the sweep dirs' common parent)."""
     first = sweeps[0]
-    for other in sweeps[1:]:
-        if (other.task.name, other.metric, other.direction) != (first.task.name, first.metric, first.direction):
-            raise LrftError(f"{other.path}: a report compares one metric on one task; {first.name} is {first.metric} "
-                            f"({first.direction}) on {first.task.name}, {other.name} is {other.metric} ({other.direction}) "
-                            f"on {other.task.name}: report them apart")
     rows = [row for sweep in sweeps for row in sweep_rows(sweep)]
     done = [r for r in rows if r.status == "done"]
     best, smallest = best_row(done, first.direction), smallest_within(done, tolerance, first.direction, first.scale)
-    plot = plot or Path(os.path.commonpath([s.dir for s in sweeps])) / "pareto.png"
+    plot = plot or Path(os.path.commonpath([s.dir.resolve() for s in sweeps])) / "pareto.png"
+    if plot.is_dir():
+        raise LrftError(f"--plot: {plot} is a directory; give a file, e.g. --plot {plot / 'pareto.png'}")
     report = {"task": first.task.name, "metric": first.metric, "direction": first.direction, "scale": first.scale,
               "tolerance": tolerance, "sweeps": [{"name": s.name, "spec": display_path(s.path),
                                                   "dir": display_path(s.dir)} for s in sweeps],
-              "rows": [{**asdict(r), "mean": r.mean, "sd": r.sd} for r in rows],
-              "best": None if best is None else {**asdict(best), "mean": best.mean, "sd": best.sd},
-              "smallest": None if smallest is None else {**asdict(smallest), "mean": smallest.mean, "sd": smallest.sd},
+              "rows": [as_json(r) for r in rows], "best": as_json(best), "smallest": as_json(smallest),
               "front": [(r.sweep, r.point) for r in pareto_front(done, first.direction)], "plot": None}
     if done:
         atomic_write_bytes(plot, pareto_png(done, best, smallest, report))
         report["plot"] = display_path(plot)
     return report
+
+
+def as_json(row: Row | None) -> dict | None:
+    return None if row is None else {**asdict(row), "mean": row.mean, "sd": row.sd}
 
 
 # ---------------------------------------------------------------------------------------- rendering

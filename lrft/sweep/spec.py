@@ -132,6 +132,11 @@ class SweepSpec(Section):
             raise ValueError(f"name: {name!r} is not a plain name (letters, digits, '.', '_', '-')")
         return name
 
+    @property
+    def sampler_type(self) -> str:
+        """The sampler's type: as given, else grid when every searched key is a list, else tpe."""
+        return self.sampler.type or ("grid" if all(d.values is not None for d in self.search.values()) else "tpe")
+
     def problems(self) -> list[str]:
         """What is wrong across fields (pydantic checked each field alone)."""
         out = []
@@ -145,7 +150,7 @@ class SweepSpec(Section):
                 if b.startswith(a + ".")]
         if len(set(self.seeds or ())) != len(self.seeds or ()):
             out.append(f"seeds: {self.seeds} lists a seed twice; list each once")
-        if self.sampler.type == "tpe" and not (self.budget.trials or self.budget.minutes):
+        if self.sampler_type == "tpe" and not (self.budget.trials or self.budget.minutes):
             out.append("budget: a tpe sampler needs budget.trials or budget.minutes (when to stop)")
         misplaced = (self.pruner.model_fields_set - {"type"}) - PRUNER_FIELDS[self.pruner.type]
         out += [f"pruner.{f}: applies to a {'median' if f in PRUNER_FIELDS['median'] else 'successive-halving'} "
@@ -154,6 +159,7 @@ class SweepSpec(Section):
 
 
 def dim_problems(key: str, dim: SearchDim, spec: SweepSpec) -> list[str]:
+    """What is wrong with one searched key (its first problem)."""
     where = f"search.{key}"
     for own, how in OWN_KEYS.items():
         if key == own or key.startswith(own + ".") or own.startswith(key + "."):
@@ -238,11 +244,12 @@ def dotted_get(tree: dict, key: str):
 
 
 def display_path(path: Path) -> str:
-    """A path as short as it can be said from here (commands are run from here too)."""
+    """A path as said from here (commands are run from here too): relative below here, else absolute."""
     try:
-        return os.path.relpath(path)
+        relative = os.path.relpath(path)
     except ValueError:  # another drive
-        return str(path)
+        return os.path.abspath(path)
+    return os.path.abspath(path) if relative.startswith("..") else relative
 
 
 # ---------------------------------------------------------------------------------------- sweeps
@@ -280,7 +287,7 @@ class Sweep:
         self.metric = spec.objective.metric
         self.scale = 1.0 if self.metric.split("_")[0] in SCALELESS else 100.0
         self.direction = spec.objective.direction or ("min" if self.scale == 1.0 else "max")
-        self.sampler = spec.sampler.type or ("grid" if all(d.values is not None for d in spec.search.values()) else "tpe")
+        self.sampler = spec.sampler_type
         self.labels = key_labels(list(spec.search))
         self.finite = all(d.values is not None for d in spec.search.values())  # every point can be listed
         self.max_trials = spec.budget.trials or (len(self.grid_points()) if self.sampler == "grid" else None)
@@ -367,8 +374,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise LrftError(f"sweep spec: no file at {path}; see the README's Search section for one")
     raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(raw, dict):
-        raise LrftError(f"{path}: a sweep spec is a YAML mapping (recipe:, search:, objective:, ...), not "
-                        f"{type(raw).__name__ if raw is not None else 'empty'}")
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise LrftError(f"{path}: a sweep spec is a YAML mapping (recipe:, search:, objective:, ...), not {got}")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from lrft import console
 from lrft.errors import LrftError
 from lrft.files import atomic_write_json, read_jsonl
+from lrft.recipe import Recipe
 from lrft.rundir import Busy, RunDir, writer_lock
 from lrft.sweep.results import collect, top_points
 from lrft.sweep.spec import Point, Sweep, three_digits
@@ -239,10 +240,12 @@ def settle_repeat(study: optuna.Study, trial: optuna.Trial, point: Point) -> boo
 
 class EpochReporter:
     """Reports the epoch-end evaluations of a trial's first run to optuna (step = epoch) and stops the
-    run when the pruner says so; an epoch already in the storage (a resumed run) is not reported twice."""
+    run when the pruner says so, but at its last epoch (nothing is left to save then); an epoch
+    already in the storage (a resumed run) is not reported twice."""
 
-    def __init__(self, sweep: Sweep, study: optuna.Study, trial: optuna.Trial):
+    def __init__(self, sweep: Sweep, study: optuna.Study, trial: optuna.Trial, recipe: Recipe):
         self.sweep, self.trial = sweep, trial
+        self.last_epoch = recipe.train.epochs if recipe.train.max_steps is None else None
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         self.reported = set(frozen.intermediate_values)
 
@@ -251,7 +254,7 @@ class EpochReporter:
         if at is None:
             return
         self.report(*at)
-        if self.trial.should_prune():
+        if at[0] != self.last_epoch and self.trial.should_prune():
             raise Pruned({"sweep": self.sweep.name, "trial": self.trial.number, "epoch": at[0], "step": record["step"],
                           "metric": self.sweep.metric, "value": at[1], "train_seconds": round(progress.train_seconds, 2)})
 
@@ -284,10 +287,11 @@ def run_trial(sweep: Sweep, study: optuna.Study, claim: Claim) -> None:
         if run.pruned.is_file() and not run.summary.is_file():  # pruned by a worker killed before it told optuna
             study.tell(trial, state=TrialState.PRUNED)
             return
-        reporter = EpochReporter(sweep, study, trial) if index == 0 else None
+        recipe = sweep.recipe(point, seed)
+        reporter = EpochReporter(sweep, study, trial, recipe) if index == 0 else None
         console.log(f"trial {trial.number} ({point.name}): training seed {seed} in {run.path}")
         try:
-            summary = train(sweep.recipe(point, seed), on_evaluate=reporter)
+            summary = train(recipe, on_evaluate=reporter)
         except Pruned as pruned:
             atomic_write_json(run.pruned, pruned.record)
             study.tell(trial, state=TrialState.PRUNED)
