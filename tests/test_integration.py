@@ -154,3 +154,19 @@ def test_speed_suite_smoke(data_dir, monkeypatch):
     assert set(rows) == {"peft-lora", *METHODS}
     assert all(r["ratio_to_peft_lora"] > 0 and r["trainable"] > 0 for r in rows.values())
     assert 0 < rows["talora"]["calibration_fraction_of_epoch"] < 1
+
+
+def test_whole_job_bench_smoke(data_dir, monkeypatch):
+    """bench/e2e.py for a few steps of the MRPC job: lrft and HF Trainer + PEFT both run it to the end."""
+    import runpy
+    import sys
+
+    monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--job", "mrpc", "--smoke", "--rounds", "1", "--json"])
+    e2e = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "e2e.py"), run_name="bench")
+    result = e2e["main"]()
+    assert {r["side"] for r in result["rows"]} == {"lrft", "trainer"}
+    for r in result["rows"]:  # both evaluated the same 64 dev pairs
+        assert r["accuracy"] * 64 == pytest.approx(round(r["accuracy"] * 64)) and r["peak_rss_mib"] > 100
+    (summary,) = result["summary"]
+    assert summary["job"] == "mrpc" and summary["wall_ratio"] > 0 and summary["rss_ratio"] > 0
