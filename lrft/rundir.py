@@ -168,6 +168,9 @@ def writer_lock(directory: Path):
         yield
     finally:
         info_path.unlink(missing_ok=True)
+        # Removed while still held, so no lock file outlives the command (a refused command leaves no new
+        # file): whoever opens the name afterwards gets a fresh file, and this writer is done by now.
+        Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
 
 
