@@ -5,7 +5,10 @@ per registered method (chosen by `adapter.method`), so `adapter.params` is valid
 method's own params class, once. Every field carries a one-line description (`lrft init` writes them
 as comments). Validation gathers every problem of a recipe (unknown keys with a did-you-mean, wrong
 types, out-of-range values, conflicting options) into one ConfigError, so a user fixes them all in
-one go.
+one go. Values a run cannot use are refused here, not where they would fail: NaN and Inf, seeds
+outside NumPy's range, an empty list of target modules. YAML is read with `yaml.safe_load`'s loader,
+made strict: a key repeated in one mapping is an error naming the key and its lines, never the last
+value silently winning.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from lrft.errors import ConfigError, LrftError, did_you_mean
 from lrft.methods import MethodParams
 
 
+SEED_LIMIT = 2**32  # NumPy's seeds are 0 ≤ seed < 2**32 (accelerate's set_seed seeds NumPy too)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and Inf are no learning rate, dropout or scale: refused like any out-of-range value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -54,6 +61,18 @@ class DataConfig(Section):
     label_names: list[str] | None = Field(None, description="text-classification: labels in order (default: sorted)")
     max_new_tokens: int = Field(256, gt=0, description="generation tasks (gsm8k): tokens generated per answer at evaluation")
 
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_labels(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        problem = _names_problem(names) or (f"{names!r} is one label; a classifier needs two or more"
+                                            if len(names) < 2 else None)
+        if problem:
+            raise ValueError(f"data.label_names: {problem}; list every label once, in order (e.g. [negative, "
+                             f"positive]), or leave the key out to take them from the data")
+        return names
+
 
 class AdapterConfig(Section):
     """`adapter`: a method and its params. One subclass per registered method (`adapter_variant`)."""
@@ -67,6 +86,21 @@ class AdapterConfig(Section):
     @classmethod
     def _empty_params(cls, value):
         return {} if value is None else value  # `params:` with nothing under it
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if not names:
+            raise ValueError("adapter.target_modules: [] adapts no layer, so nothing but the head would train; list "
+                             "the Linear layers to adapt (e.g. [query, value]) or leave the key out for the model's "
+                             "default")
+        problem = _names_problem(names)
+        if problem:
+            raise ValueError(f"adapter.target_modules: {problem}; list each Linear layer to adapt once, by name "
+                             f"suffix (e.g. query, value)")
+        return names
 
 
 def adapter_variant(method: methods.Method) -> type[AdapterConfig]:
@@ -125,7 +159,7 @@ class TrainConfig(Section):
 class CalibrationConfig(Section):
     samples: int = Field(32, gt=0, description="training examples run through the model before training (methods that calibrate)")
     batch_size: int = Field(8, gt=0, description="examples per calibration batch")
-    seed: int | None = Field(None, description="seed of the sample draw (default: the recipe's seed)")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="seed of the sample draw (default: the recipe's seed)")
     cache: str | None = Field(None, description="reuse the statistics of another run (its dir or calibration/ dir) if they match")
     dtype: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of the covariances")
     center: bool = Field(False, description="subtract the mean from the covariance (the paper's Algorithm 1 does not)")
@@ -136,11 +170,20 @@ class OutputConfig(Section):
 
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run name: one path component, never '..'
+NAME_MAX = 200  # a run dir's name, with room for the temporary names of atomic writes next to it
+
+
+def _names_problem(names: list[str]) -> str | None:
+    """What is wrong with a list of names that must be distinct and non-empty, if anything."""
+    if any(not n.strip() for n in names):
+        return f"{names!r} holds an empty name"
+    twice = sorted({n for n in names if names.count(n) > 1})
+    return f"{twice[0]!r} is listed twice" if twice else None
 
 
 class Recipe(Section):
     name: str | None = Field(None, description="run name: the run dir is output.dir/<name> (default: the recipe file's stem)")
-    seed: int = Field(42, description="seed of adapter init, data order and dropout")
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="seed of adapter init, data order and dropout")
     model: ModelConfig
     data: DataConfig
     adapter: AnyAdapterConfig
@@ -153,6 +196,9 @@ class Recipe(Section):
     def _plain_name(cls, name: str | None) -> str | None:
         if name is not None and not PLAIN_NAME.match(name):
             raise ValueError(f"name: {name!r} is not a plain run name (letters, digits, '.', '_', '-'; no '/' or '..')")
+        if name is not None and len(name) > NAME_MAX:
+            raise ValueError(f"name: {name[:24]!r}… is {len(name)} characters long; use a run name of at most "
+                             f"{NAME_MAX}")
         return name
 
     @model_validator(mode="after")
@@ -178,11 +224,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise LrftError(f"recipe: no file at {path}; write one with `lrft init -o {path}`")
-    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise LrftError(f"{path}: a recipe is a YAML mapping (model:, data:, adapter:, ...), not a {type(raw).__name__}")
+    raw = read_recipe_mapping(path)
     apply_overrides(raw, overrides)
     raw.setdefault("name", path.stem)
     return validate(raw, source=str(path))
@@ -194,14 +236,66 @@ def flow_yaml(value) -> str:
                           sort_keys=False).removesuffix("...\n").strip()
 
 
+def read_recipe_mapping(path: Path) -> dict:
+    """The raw mapping of a recipe file (a user's, or a run dir's recipe.yaml), not yet validated."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LrftError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a UTF-8 YAML file") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LrftError(f"{path}: a recipe is a YAML mapping (model:, data:, adapter:, ...), not a {type(raw).__name__}")
+    return raw
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping; `first` marks where it was given before."""
+
+    def __init__(self, key, first, mark):
+        super().__init__(None, None, f"key {key!r} appears twice in one mapping", mark)
+        self.key, self.first = key, first
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that a key repeated in one mapping is an error: YAML would keep
+    the last value silently, and the recipe would then run with a setting its author did not see."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, as YAML says
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if seen is not None:
+                    raise DuplicateKeyError(key, seen, key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictLoader)
+    except DuplicateKeyError as e:
+        raise LrftError(f"{source}: key {e.key!r} is given twice in one mapping, at {_at(e.first)} and at "
+                        f"{_at(e.problem_mark)}; keep one of the two") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" at {_at(mark)}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise LrftError(f"{source}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise LrftError(f"{source}: YAML nested too deeply to read; a recipe is a few levels of mappings") from None
+
+
+def _at(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> None:

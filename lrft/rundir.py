@@ -33,7 +33,7 @@ from lrft.errors import LrftError
 from lrft.files import read_json
 from lrft.inject import load_saved_state
 from lrft.peft_format import is_peft_dir, load_peft
-from lrft.recipe import Recipe, parse_yaml, validate
+from lrft.recipe import Recipe, read_recipe_mapping, validate
 
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
@@ -80,7 +80,7 @@ class RunDir:
     def read_recipe(self) -> Recipe:
         if not self.is_run():
             raise LrftError(f"{self.path}: not an lrft run dir (no {RECIPE}); give the dir `lrft train` wrote")
-        return validate(parse_yaml(self.recipe.read_text(encoding="utf-8"), str(self.recipe)), source=str(self.recipe))
+        return validate(read_recipe_mapping(self.recipe), source=str(self.recipe))
 
     def adapter_config(self) -> dict:
         """adapter/adapter_config.json, read without loading any model."""

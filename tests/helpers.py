@@ -6,6 +6,7 @@ Fixtures that wrap these live in conftest.py; test modules import from here, nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -232,6 +233,12 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path: what a command must leave as it was."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
 
 
 # --------------------------------------------------------------------- the method matrix on modules

@@ -7,7 +7,6 @@ traceback; every file that existed before is byte-identical afterwards and no ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,12 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import make_problems, save_tiny_llama, tiny_bert
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+from tests.helpers import make_problems, save_tiny_llama, snapshot, tiny_bert
 
 
 @pytest.fixture
@@ -198,6 +192,39 @@ CASES = {
                       ["neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir"]),
     "analyze another base": (lambda w, s: ["analyze", w / "runs" / "good", "--against", _run_on_renamed_base(w, s),
                                            "--out", s / "a"], ["base model"]),
+    # ------------------------------------------------ recipes a run cannot use, YAML keys given twice
+    "seed beyond numpy": (lambda w, s: ["train", _recipe_file(s, w, seed=2**32)], ["seed", "less than 4294967296"]),
+    "negative calibration seed": (lambda w, s: ["train", _recipe_file(s, w, **{"calibration.seed": -1})],
+                                  ["calibration.seed", "greater than or equal to 0", "-1"]),
+    "infinite learning rate": (lambda w, s: ["train", w / "good.yaml", "train.lr=.inf"], ["train.lr", "finite number", "inf"]),
+    "nan dropout": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.params.dropout": float("nan")})],
+                    ["adapter.params.dropout", "finite number", "nan"]),
+    "empty target modules": (lambda w, s: ["train", _recipe_file(s, w, **{"adapter.target_modules": []})],
+                             ["adapter.target_modules: [] adapts no layer", "leave the key out"]),
+    "target module twice": (lambda w, s: ["train", w / "good.yaml", "adapter.target_modules=[query,query]"],
+                            ["adapter.target_modules: 'query' is listed twice"]),
+    "empty target module name": (lambda w, s: ["train", w / "good.yaml", "adapter.target_modules=['']"],
+                                 ["adapter.target_modules: [''] holds an empty name"]),
+    "label names twice": (lambda w, s: ["train", _recipe_file(s, w, **{"data.label_names": ["a", "a"]})],
+                          ["data.label_names: 'a' is listed twice"]),
+    "one label name": (lambda w, s: ["train", _recipe_file(s, w, **{"data.label_names": ["good"]})],
+                       ["data.label_names: ['good'] is one label", "two or more"]),
+    "repeated key": (lambda w, s: ["train", _write(s / "r.yaml", (w / "good.yaml").read_text() + "seed: 7\n")],
+                     ["key 'seed' is given twice in one mapping, at line", "keep one of the two"]),
+    "repeated nested key": (lambda w, s: ["train", _write(s / "r.yaml", "train:\n  lr: 1.0e-3\n  epochs: 1\n  lr: 2.0e-3\n")],
+                            ["key 'lr' is given twice in one mapping, at line 2, column 3 and at line 4, column 3"]),
+    "repeated key in an override": (lambda w, s: ["train", w / "good.yaml", "train={lr: 1, lr: 2}"],
+                                    ["override 'train={lr: 1, lr: 2}'", "key 'lr' is given twice"]),
+    "recipe not utf-8": (lambda w, s: ["train", _write(s / "r.yaml", b"seed: 1\nname: caf\xe9\n")],
+                         ["r.yaml: not UTF-8 text", "a recipe is a UTF-8 YAML file"]),
+    "yaml nested too deeply": (lambda w, s: ["train", _write(s / "r.yaml", "seed: " + "[" * 3000 + "]" * 3000 + "\n")],
+                               ["YAML nested too deeply"]),
+    "run name too long": (lambda w, s: ["train", w / "good.yaml", "name=" + "x" * 201],
+                          ["name: 'xxxxxxxxxxxxxxxxxxxxxxxx'… is 201 characters long", "at most 200"]),
+    "run recipe not utf-8": (lambda w, s: ["eval", _damaged_run(w, s, "recipe.yaml", b"seed: \xff\n")],
+                             ["recipe.yaml: not UTF-8 text (byte 6)"]),
+    "run recipe with a repeated key": (lambda w, s: ["eval", _damaged_run(w, s, "recipe.yaml", None, append="seed: 1\n")],
+                                       ["recipe.yaml: key 'seed' is given twice in one mapping"]),
 }
 
 
@@ -260,6 +287,14 @@ def _run_on_renamed_base(world: Path, scratch: Path) -> Path:
     config = json.loads((d / "adapter" / "adapter_config.json").read_text())
     config["base_model"]["name"] = "FacebookAI/roberta-base"
     (d / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    return d
+
+
+def _damaged_run(world: Path, scratch: Path, file: str, content: bytes | None, append: str = "",
+                 run: str = "good") -> Path:
+    """A copy of a finished run with `file` replaced by `content` (or `append` added to it)."""
+    d = _copy_run(world, scratch, run)
+    (d / file).write_bytes(content if content is not None else (d / file).read_bytes() + append.encode())
     return d
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lrft.errors import ConfigError, LrftError
-from lrft.recipe import apply_overrides, commented_yaml, load_recipe, validate
+from lrft.recipe import apply_overrides, commented_yaml, load_recipe, parse_yaml, validate
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 MINIMAL = {"model": {"name": "minilm"}, "data": {"task": "glue/mrpc"}, "adapter": {"method": "tlora"}}
@@ -74,6 +74,24 @@ def test_run_names_cannot_escape_the_output_dir(name):
 def test_yaml_syntax_error_names_line(tmp_path):
     with pytest.raises(LrftError, match=r"r.yaml: YAML syntax error at line \d+, column \d+"):
         load_recipe(write(tmp_path, "model:\n  name: minilm\n  bad: [unclosed\n"))
+
+
+def test_a_key_given_twice_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    text = "model:\n  name: minilm\ndata:\n  task: glue/mrpc\n  max_length: 64\n  task: glue/rte\nadapter: {method: lora}\n"
+    with pytest.raises(LrftError, match=r"key 'task' is given twice in one mapping, at line 4, column 3 and at "
+                                        r"line 6, column 3; keep one of the two"):
+        load_recipe(write(tmp_path, text))
+    with pytest.raises(LrftError, match=r"override 'data=\{task: a, task: b\}': key 'task' is given twice"):
+        apply_overrides({}, ["data={task: a, task: b}"])
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    """`<<: *base` then a key of its own is YAML's way to override, not a key given twice."""
+    text = ("base: &b {name: minilm, dtype: float32}\nmodel:\n  <<: *b\n  dtype: bfloat16\ndata: {task: glue/mrpc}\n"
+            "adapter: {method: lora}\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # parsed: only the extra top-level key is refused
+        load_recipe(write(tmp_path, text))
+    assert parse_yaml(text, "r.yaml")["model"] == {"name": "minilm", "dtype": "bfloat16"}
 
 
 def test_missing_file_and_non_mapping(tmp_path):

@@ -25,7 +25,7 @@ from lrft.targets import Target
 class MethodParams(BaseModel):
     """`adapter.params` of a recipe; each method extends it with its own fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN and Inf are no scale or dropout
 
     rank: int = Field(8, gt=0, description="rank r of the low-rank update")
 
