@@ -53,9 +53,9 @@ class Statistics:
 
 
 def obtain(model, targets: list[Target], features: list[dict], collate, needs: frozenset[str], *, cfg, seed: int,
-           model_id: dict, own_dir: Path, cache_dir: Path | None = None, accelerator=None) -> Statistics:
+           model_id: dict, own_dir: Path | None, cache_dir: Path | None = None, accelerator=None) -> Statistics:
     """The statistics `needs` asks for: from `cache_dir` (calibration.cache), the run's own `own_dir`
-    (a resumed run), or a fresh pass."""
+    (a resumed run; None when restarting), or a fresh pass."""
     if not features:
         raise LrftError("calibration: the method needs training examples to calibrate on, and the training split is empty")
     if cfg.samples > len(features):
@@ -72,7 +72,7 @@ def obtain(model, targets: list[Target], features: list[dict], collate, needs: f
         _check(stats, fingerprint, needs, f"calibration.cache: {cfg.cache}")
         console.log(f"calibration: reusing statistics from {cfg.cache}")
         return stats
-    if (own_dir / STATS_FILE).is_file():
+    if own_dir is not None and (own_dir / STATS_FILE).is_file():
         stats = load(own_dir, str(own_dir))
         if stats.fingerprint == fingerprint and needs <= stats.kinds:
             console.log(f"calibration: reusing the run's statistics in {own_dir}")

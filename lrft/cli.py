@@ -184,10 +184,14 @@ def init(
 ):
     """Write a commented recipe for a method, task and model."""
     from lrft import methods
-    from lrft.files import atomic_write_text
+    from lrft.files import atomic_write_text, check_writable
+    from lrft.guard import check_output
     from lrft.recipe import commented_yaml, validate
 
     m = methods.get(method)
+    if output is not None:
+        check_output(output, "--output")
+        check_writable(output, "--output", kind="file")
     if output is not None and output.exists() and not force:
         raise LrftError(f"--output: {output} already exists; pass --force to overwrite it")
     name = output.stem if output is not None else f"{task.replace('/', '_')}_{method}"

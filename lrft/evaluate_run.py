@@ -9,7 +9,8 @@ from pathlib import Path
 from lrft.data import collator, get_task, load_task_data
 from lrft.errors import LrftError
 from lrft.evaluate import eval_sets, evaluate
-from lrft.files import write_jsonl
+from lrft.files import check_writable, write_jsonl
+from lrft.guard import check_output
 from lrft.models import load_model
 from lrft.recipe import DataConfig, ModelConfig
 from lrft.rundir import RECIPE, RunDir, open_adapted
@@ -21,6 +22,11 @@ def evaluate_target(target: Path, *, task_name: str | None = None, data_path: st
     """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
     (default for a run dir: its predictions.jsonl)."""
     target = Path(target)
+    if predictions_path is not None:
+        predictions_path = Path(predictions_path)
+        check_output(predictions_path, "--predictions", sources={target: "what this command evaluates"},
+                     own=[RunDir(target).predictions()])
+        check_writable(predictions_path, "--predictions", kind="file")
     opened = open_adapted(target, task=task_name, base=base, force=force, best=best)
     if opened is not None:
         a = opened.adapted

@@ -1,21 +1,28 @@
 """Files on disk, written so that a killed process never leaves one that looks complete.
 
 Every file and dir is written under a temporary name (`.NAME.tmp-PID`), fsynced and renamed; what a
-killed writer left behind is removed by the next write to the same place. JSON Lines are appended
-whole lines at a time, and read back up to the first line a kill cut short.
+killed writer left behind is removed by the next write to the same place. A dir is replaced only
+after lrft.guard's check. JSON Lines are appended whole lines at a time, and read back up to the
+first line a kill cut short. `check_writable` refuses, before any work, an output lrft could not write.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lrft.errors import LrftError
+from lrft.guard import check_replaceable
+
+# Bytes an atomic write adds to a name (`.NAME.tmp-PID`): a name must leave room for them.
+TEMP_NAME_EXTRA = 24
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,7 +44,15 @@ def remove_stale(directory: Path, prefix: str = ".") -> None:
     for p in directory.glob(f"{prefix}*"):
         _, sep, pid = p.name.rpartition(".tmp-") if ".tmp-" in p.name else p.name.rpartition(".old-")
         if sep and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file or dir of ours (a link is removed, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -72,8 +87,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary dir; on success it replaces `final` in one rename, on failure it vanishes."""
+def atomic_dir(final: Path, overwrite: bool = True, *, flag: str | None = None) -> Iterator[Path]:
+    """Yield a temporary dir; on success it replaces `final` in one rename, on failure it vanishes.
+    An existing `final` is replaced only if lrft.guard allows it (`flag`: the option that named it)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent, f".{final.name}.")
@@ -89,15 +105,68 @@ def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
         if final.exists():
             if not overwrite:
                 raise LrftError(f"{final} already exists; pass --force to replace it")
+            check_replaceable(final, flag)
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: Path, flag: str, kind: str = "dir") -> None:
+    """Refuse, before any work, an output `path` (a "dir" or a "file", named by `flag`) that lrft could not
+    write: a file where a dir goes or the reverse, a path under a file, a name too long, no permission."""
+    path = Path(path)
+    if "\0" in str(path):
+        raise LrftError(f"{flag}: {str(path)!r} holds a NUL character, which no path can hold; give another path")
+    existing = path
+    try:
+        while not _exists(existing) and existing != existing.parent:
+            existing = existing.parent
+    except OSError as e:
+        raise LrftError(f"{flag}: cannot reach {existing} ({e.strerror}); give a path in a dir you can write to") \
+            from None
+    if existing == path and path.is_dir() != (kind == "dir"):
+        raise LrftError(f"{flag}: {path} is a {'file' if kind == 'dir' else 'dir'}, not a {kind}; give a path "
+                        f"for a {kind}")
+    if existing != path and not existing.is_dir():
+        raise LrftError(f"{flag}: {existing} is a file, so {path} cannot be created under it; give a path "
+                        f"under a dir")
+    limit = _name_max(existing)
+    for part in path.parts[len(existing.parts):]:
+        if len(part.encode()) + TEMP_NAME_EXTRA > limit:
+            raise LrftError(f"{flag}: the name {part[:24]}… is {len(part.encode())} bytes long; names in "
+                            f"{existing} may have {limit - TEMP_NAME_EXTRA} bytes at most, so use a shorter one")
+    probe_in = existing if existing.is_dir() else existing.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lrft-probe-", dir=probe_in))
+    except OSError as e:
+        raise LrftError(f"{flag}: cannot write in {probe_in} ({e.strerror}); give a path in a dir you can "
+                        f"write to") from None
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a name too long for the file system does not."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+    return True
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def append_jsonl(path: Path, record: dict) -> None:

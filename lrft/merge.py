@@ -21,7 +21,8 @@ from lrft import console, peft_format
 from lrft.data import collator, features, load_task_data
 from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
-from lrft.files import atomic_dir
+from lrft.files import atomic_dir, check_writable
+from lrft.guard import check_output
 from lrft.inject import merge
 from lrft.rundir import load_run, open_adapted, writer_lock
 
@@ -34,9 +35,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
     """Write the run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
-    _check_out(Path(out), force)
-    with writer_lock(Path(out)):
-        return peft_format.export(load_run(run_dir, force=force), Path(out), force)
+    out = Path(out)
+    _check_out(out, force, {Path(run_dir): "the run dir this command reads"})
+    with writer_lock(out):
+        opened = load_run(run_dir, force=force)
+        _check_out(out, force, read_from(run_dir, opened))
+        return peft_format.export(opened, out, force)
 
 
 def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool = False, task: str | None = None,
@@ -48,7 +52,7 @@ def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise LrftError(f"--dtype: unknown {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    _check_out(out, force)
+    _check_out(out, force, {Path(run_dir): "the run or adapter dir this command reads"})
     with writer_lock(out):
         return _merge(run_dir, out, dtype, force, task, base, data_path)
 
@@ -59,6 +63,7 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
     if opened is None:
         raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
                         f"(adapter_config.json + adapter_model.safetensors)")
+    _check_out(out, force, read_from(run_dir, opened))
     a, config, data_cfg = opened.adapted, opened.config, opened.data_cfg.model_copy()
     if data_path:
         data_cfg.path = data_path
@@ -83,7 +88,7 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
         merged = cast
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
-    with atomic_dir(out, overwrite=force) as tmp:
+    with atomic_dir(out, overwrite=force, flag="--out") as tmp:
         model.save_pretrained(tmp)
         a.tokenizer.save_pretrained(tmp)
         del model, a, opened  # the reload below is the only copy from here on
@@ -111,9 +116,23 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
     return report
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, sources: dict[Path, str]) -> None:
+    """--out is refused where lrft.guard says no (whatever --force says), where it cannot be written, and
+    when it exists without --force."""
+    check_output(out, "--out", sources=sources)
+    check_writable(out, "--out")
     if out.exists() and not force:
         raise LrftError(f"--out: {out} already exists; choose another dir or pass --force to replace it")
+
+
+def read_from(target: Path, opened) -> dict[Path, str]:
+    """What a merge reads, never to be replaced: the run or PEFT dir and a local base model dir."""
+    what = "the run dir" if opened.run_dir is not None else "the PEFT adapter dir"
+    sources = {Path(target): f"{what} this command reads"}
+    base = Path(opened.model_cfg.name).expanduser()
+    if base.is_dir():
+        sources[base] = "the base model dir of the adapter this command reads"
+    return sources
 
 
 def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict]]:

@@ -70,7 +70,7 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
     report = {"run_dir": str(run_dir), "out": str(out), "format": "peft", "method": config["method"],
               "modules": len(lora_config["target_modules"]), "rank": r, "rank_pattern": len(others),
               "modules_to_save": heads, "max_abs_branch_diff": worst}
-    with atomic_dir(out, overwrite=force) as tmp:
+    with atomic_dir(out, overwrite=force, flag="--out") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         provenance = {"lrft_method": config["method"], "lrft_params": config["params"], "run_dir": str(run_dir),

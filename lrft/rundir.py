@@ -31,11 +31,12 @@ from lrft.checkpoint import CONFIG_FILE, load_adapter
 from lrft.data import get_task
 from lrft.errors import LrftError
 from lrft.files import read_json
+from lrft.guard import RUN_MARKER
 from lrft.inject import load_saved_state
 from lrft.peft_format import is_peft_dir, load_peft
 from lrft.recipe import Recipe, read_recipe_mapping, validate
 
-RECIPE = "recipe.yaml"
+RECIPE = RUN_MARKER  # the file that makes a dir a run dir: lrft.guard never lets a command replace one
 METRICS = "metrics.jsonl"
 ADAPTER_STATS = "adapter_stats.jsonl"
 SUMMARY = "summary.json"
@@ -48,6 +49,9 @@ PREDICTIONS = "predictions.jsonl"
 PREDICTIONS_AT_START = "predictions_step0.jsonl"
 TRACKERS = "trackers"
 PRUNED = "pruned.json"
+# Every entry a run dir may hold: `train --restart` deletes a run dir only if it holds nothing else.
+LAYOUT = frozenset({RECIPE, METRICS, ADAPTER_STATS, SUMMARY, ADAPTER, BEST_ADAPTER, CHECKPOINTS, CALIBRATION, ANALYSIS,
+                    PREDICTIONS, PREDICTIONS_AT_START, TRACKERS, PRUNED})
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import random
 import resource
-import shutil
 import signal
 import statistics
 import threading
@@ -40,12 +39,13 @@ from lrft.data import collator, features, get_task, load_task_data
 from lrft.data.causal import IGNORE
 from lrft.errors import LrftError
 from lrft.evaluate import eval_sets, evaluate
-from lrft.files import append_jsonl, atomic_write_json, atomic_write_text, read_json, write_jsonl
+from lrft.files import append_jsonl, atomic_write_json, atomic_write_text, check_writable, read_json, write_jsonl
+from lrft.guard import check_restartable, remove_run_dir, run_dir_holding
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
 from lrft.loss import batch_loss
 from lrft.parallel import Parallel
-from lrft.recipe import Recipe
-from lrft.rundir import Busy, RunDir, writer_lock
+from lrft.recipe import SEED_LIMIT, Recipe
+from lrft.rundir import LAYOUT, Busy, RunDir, writer_lock
 from lrft.targets import head_modules
 from lrft.tracking import Trackers, check_installed
 
@@ -160,6 +160,7 @@ class Trainer:
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
 
     def run(self) -> dict:
+        self.check_run_dir()
         try:
             with self.sole_writer():
                 finished = self.finished_summary()
@@ -201,7 +202,7 @@ class Trainer:
         run = self.run_dir
         if self.restart or not (run.is_run() and run.summary.is_file() and (run.adapter / CONFIG_FILE).is_file()):
             return None
-        changed = set(recipe_diff(run.read_recipe().model_dump(mode="json"), self.recipe.model_dump(mode="json")))
+        changed = set(recipe_diff(saved_recipe(run).model_dump(mode="json"), self.recipe.model_dump(mode="json")))
         if changed - (RESUMABLE_CHANGES - LENGTH_KEYS):
             return None  # longer training continues it; another recipe is refused by resume_point
         summary = read_json(run.summary, "summary")
@@ -215,22 +216,36 @@ class Trainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        if self.restart and self.main and self.run_dir.path.exists():
-            shutil.rmtree(self.run_dir.path)
-        self.accelerator.wait_for_everyone()
-        resume_from = resume_point(self.run_dir, self.recipe)
+        resume_from = None if self.restart else resume_point(self.run_dir, self.recipe)
         set_seed(self.recipe.seed)
         self.load_data()
         self.build_model()
+        # Only now, with every recipe problem found, may --restart delete the old run.
+        if self.restart and self.main:
+            remove_run_dir(self.run_dir.path, LAYOUT)
+        self.accelerator.wait_for_everyone()
+        self.save_calibration()
         self.model, self.optimizer = self.parallel.prepare(self.model, self.make_optimizer())
         self.unwrapped = self.parallel.unwrap(self.model)
         if self.world > 1:
             console.log(f"{self.world} processes ({self.parallel.kind} over {self.accelerator.distributed_type.value}), "
                         f"{self.cfg.batch_size // self.world} examples of each batch per process")
             # Every rank started from the same seed (same model init); from here each draws its own dropout masks.
-            set_seed(self.recipe.seed + self.rank)
+            set_seed((self.recipe.seed + self.rank) % SEED_LIMIT)
         self.resume(resume_from) if resume_from is not None else self.start()
         self.trackers.start(self.recipe, resumed_at=self.progress.step if resume_from is not None else None)
+
+    def check_run_dir(self) -> None:
+        """Refuse, before anything loads, a run dir lrft cannot write, one inside another run, or (with
+        --restart) one it must not delete."""
+        path = self.run_dir.path
+        check_writable(path, "output.dir")
+        around = run_dir_holding(path)
+        if around is not None:
+            raise LrftError(f"output.dir: {path.parent} is inside the lrft run dir {around}; a run dir never goes "
+                            f"inside another run, so set output.dir to a dir of its own (e.g. {around.parent})")
+        if self.restart:
+            check_restartable(path, LAYOUT)
 
     def load_data(self) -> None:
         task = self.task = get_task(self.recipe.data.task)
@@ -257,8 +272,6 @@ class Trainer:
                              for f in self.train_features]
         self.stats = self.calibration(base)
         self.adapted = adapt(base, recipe, calibration=self.stats)
-        if self.stats is not None and self.main:
-            calibrate.save(self.run_dir.calibration, self.stats, self.adapted.built.meta.get("modules"))
         self.model = self.adapted.model
         if self.cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -269,6 +282,10 @@ class Trainer:
         console.log(f"model: {recipe.model.name} ({self.model.config.model_type}), {len(a.targets)} targets "
                     f"({', '.join(sorted({t.kind for t in a.targets}))}); {a.method.name} trains {self.trainable:,} "
                     f"adapter params + {sum(p.numel() for p in self.head_params):,} head params of {self.total:,}")
+
+    def save_calibration(self) -> None:
+        if self.stats is not None and self.main:
+            calibrate.save(self.run_dir.calibration, self.stats, self.adapted.built.meta.get("modules"))
 
     def calibration(self, base) -> calibrate.Statistics | None:
         """Statistics for methods that calibrate, before any optimizer exists; None for the others."""
@@ -284,7 +301,8 @@ class Trainer:
         model_id = {"model": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype}
         return calibrate.obtain(base.model, base.targets, self.train_features, self.collate, needs,
                                 cfg=recipe.calibration, seed=recipe.seed, model_id=model_id,
-                                own_dir=self.run_dir.calibration, cache_dir=cache_dir, accelerator=self.accelerator)
+                                own_dir=None if self.restart else self.run_dir.calibration, cache_dir=cache_dir,
+                                accelerator=self.accelerator)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the adapter (and head) parameters; warmup then the recipe's schedule."""
@@ -605,17 +623,26 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
 
 
 def resume_point(run: RunDir, recipe: Recipe) -> Path | None:
-    """The newest checkpoint of the run dir, if the recipe is the run's own (refused otherwise)."""
+    """The newest checkpoint of the run dir, if the recipe is the run's own. A run dir of another recipe
+    is refused, with or without checkpoints: starting afresh in it would overwrite that run."""
     ckpts = list_checkpoints(run.checkpoints)
-    if not ckpts:
-        return None
     if run.is_run():
-        changed = [k for k in recipe_diff(run.read_recipe().model_dump(mode="json"), recipe.model_dump(mode="json"))
+        changed = [k for k in recipe_diff(saved_recipe(run).model_dump(mode="json"), recipe.model_dump(mode="json"))
                    if k not in RESUMABLE_CHANGES]
         if changed:
-            raise LrftError(f"{run.path}: holds a checkpoint of another recipe ({', '.join(changed[:4])} changed); "
-                            f"rerun with --restart to start over, or set name=... for a new run")
-    return ckpts[-1]
+            what = "a checkpoint of another recipe" if ckpts else "the run of another recipe"
+            raise LrftError(f"{run.path}: holds {what} ({', '.join(changed[:4])} changed); rerun with --restart to "
+                            f"start over, or set name=... for a new run")
+    return ckpts[-1] if ckpts else None
+
+
+def saved_recipe(run: RunDir) -> Recipe:
+    """The recipe a run dir holds; a damaged one is refused with what to do about it."""
+    try:
+        return run.read_recipe()
+    except LrftError as e:
+        raise LrftError(f"{e}; the run dir's recipe is damaged: rerun with --restart to start over, or set "
+                        f"name=... for a new run") from None
 
 
 def recipe_diff(a, b, prefix: str = "") -> list[str]:

@@ -400,5 +400,10 @@ def test_bad_module_arguments_are_user_errors(runs, cli, args, message):
 
 def test_out_dir_that_is_not_an_analysis_is_refused(runs, cli):
     code, _, stderr = cli("analyze", runs["lora"], "--out", runs["tlora"])
-    assert code == 2 and "not an lrft analysis dir" in stderr
+    assert code == 2 and "is an lrft run dir" in stderr and "whatever the flags" in stderr
     assert (runs["tlora"] / "recipe.yaml").is_file()
+    yours = runs["root"] / "not-an-analysis"
+    yours.mkdir(exist_ok=True)
+    (yours / "notes.txt").write_text("the user's own file")
+    code, _, stderr = cli("analyze", runs["lora"], "--out", yours)
+    assert code == 2 and "not an lrft analysis dir" in stderr and (yours / "notes.txt").is_file()

@@ -225,6 +225,52 @@ CASES = {
                              ["recipe.yaml: not UTF-8 text (byte 6)"]),
     "run recipe with a repeated key": (lambda w, s: ["eval", _damaged_run(w, s, "recipe.yaml", None, append="seed: 1\n")],
                                        ["recipe.yaml: key 'seed' is given twice in one mapping"]),
+    # --------------- outputs: where no command writes, whatever the flags (lrft.guard), and what it cannot write
+    "output dir is a file": (lambda w, s: ["train", w / "good.yaml", "name=new", f"output.dir={_write(s / 'f', '')}"],
+                             ["output.dir:", "is a file, so", "cannot be created under it"]),
+    "output dir not writable": (lambda w, s: ["train", w / "good.yaml", "name=new", "output.dir=/proc/lrft-none"],
+                                ["output.dir: cannot write in /proc", "give a path in a dir you can write to"]),
+    "output dir inside a run": (lambda w, s: ["train", w / "good.yaml", "name=new", f"output.dir={w / 'runs' / 'good'}"],
+                                ["is inside the lrft run dir", "a run dir never goes inside another run"]),
+    "predictions into the run": (lambda w, s: ["eval", w / "runs" / "good", "--predictions", w / "runs" / "good" / "recipe.yaml"],
+                                 ["--predictions:", "recipe.yaml is inside", "what this command evaluates"]),
+    "predictions path is a dir": (lambda w, s: ["eval", w / "runs" / "good", "--predictions", _write(s / "d" / "x", "").parent],
+                                  ["--predictions:", "is a dir, not a file"]),
+    "init over a run's recipe": (lambda w, s: ["init", "-o", w / "runs" / "good" / "recipe.yaml", "--force"],
+                                 ["--output:", "recipe.yaml is inside the lrft run dir", "whatever the flags"]),
+    "init output is a dir": (lambda w, s: ["init", "-o", _write(s / "d" / "x", "").parent, "--force"],
+                             ["--output:", "is a dir, not a file"]),
+    "merge over its own run": (lambda w, s: ["merge", w / "runs" / "good", "--out", w / "runs" / "good", "--force"],
+                               ["--out:", "runs/good is the run or adapter dir this command reads", "whatever the flags"]),
+    "merge into its run": (lambda w, s: ["merge", w / "runs" / "good", "--out", w / "runs" / "good" / "adapter", "--force"],
+                           ["--out:", "adapter is inside", "runs/good, the run or adapter dir this command reads"]),
+    "merge over the runs dir": (lambda w, s: ["merge", w / "runs" / "good", "--out", w / "runs", "--force"],
+                                ["--out:", "runs holds", "runs/good, the run or adapter dir this command reads"]),
+    "merge over another run": (lambda w, s: ["merge", w / "runs" / "good", "--out", w / "runs" / "ta", "--force"],
+                               ["--out:", "runs/ta is an lrft run dir (recipe.yaml, the run's adapter, checkpoints"]),
+    "merge over the current dir": (lambda w, s: ["merge", w / "runs" / "good", "--out", ".", "--force"],
+                                   ["--out: . is the current dir", "whatever the flags", "give --out a new path"]),
+    "merge over the home dir": (lambda w, s: ["merge", w / "runs" / "good", "--out", Path.home(), "--force"],
+                                ["--out:", "is your home dir"]),
+    "merge over the root dir": (lambda w, s: ["merge", w / "runs" / "good", "--out", "/", "--force"],
+                                ["--out: / is the root dir"]),
+    "merge over its base model": (lambda w, s: ["merge", w / "runs" / "good", "--out", w / "model", "--force"],
+                                  ["--out:", "model is the base model dir of the adapter this command reads"]),
+    "export over its own run": (lambda w, s: ["merge", w / "runs" / "good", "--format", "peft", "--out", w / "runs" / "good",
+                                              "--force"], ["--out:", "runs/good is the run dir this command reads"]),
+    "merge over its PEFT dir": (lambda w, s: ["merge", _peft_files(s), "--out", _peft_files(s), "--force"],
+                                ["--out:", "peft is the run or adapter dir this command reads"]),
+    "analyze into the run": (lambda w, s: ["analyze", w / "runs" / "good", "--out", w / "runs" / "good" / "checkpoints"],
+                             ["--out:", "checkpoints is inside", "the run dir this command reads"]),
+    "analyze over the other run": (lambda w, s: ["analyze", w / "runs" / "good", "--against", w / "runs" / "ta",
+                                                 "--out", w / "runs" / "ta"], ["--out:", "the run dir --against names"]),
+    "restart with files of yours": (lambda w, s: ["train", _own_run(w, s, extra="notes.txt"), "--restart"],
+                                    ["--restart:", "holds notes.txt besides the run's own files", "move those out first"]),
+    "restart of the current dir": (lambda w, s: ["train", _recipe_file(s, w, name=s.parent.name,
+                                                                       **{"output.dir": str(s.parent.parent)}), "--restart"],
+                                   ["--restart: the run dir", "is the current dir", "lrft never deletes it"]),
+    "damaged run recipe on resume": (lambda w, s: ["train", _own_run(w, s, damage=b"model: [\n")],
+                                     ["recipe.yaml: YAML syntax error", "the run dir's recipe is damaged", "--restart"]),
 }
 
 
@@ -298,6 +344,32 @@ def _damaged_run(world: Path, scratch: Path, file: str, content: bytes | None, a
     return d
 
 
+def _own_run(world: Path, scratch: Path, extra: str | None = None, damage: bytes | None = None,
+             checkpoint: bytes | None = None) -> Path:
+    """A recipe whose run dir is a scratch copy of the finished run (checkpoints kept); that run gets a
+    file of the user's (`extra`), a damaged recipe.yaml or a damaged checkpoint state."""
+    d = scratch / "runs" / "own"
+    shutil.copytree(world / "runs" / "good", d)
+    r = yaml.safe_load((d / "recipe.yaml").read_text())
+    r["name"], r["output"]["dir"] = "own", str(scratch / "runs")
+    (d / "recipe.yaml").write_text(yaml.safe_dump(r))
+    if extra:
+        (d / extra).write_text("the user's own notes\n")
+    if damage is not None:
+        (d / "recipe.yaml").write_bytes(damage)
+    if checkpoint is not None:
+        next((d / "checkpoints").iterdir()).joinpath("state.json").write_bytes(checkpoint)
+    return _write(scratch / "own.yaml", yaml.safe_dump(r))
+
+
+def _peft_files(scratch: Path, config: str = '{"peft_type": "LORA", "r": 4}', weights: bytes = b"") -> Path:
+    """A dir with a PEFT adapter's two files (what they hold is up to the case)."""
+    d = scratch / "peft"
+    _write(d / "adapter_config.json", config)
+    _write(d / "adapter_model.safetensors", weights)
+    return d
+
+
 CAUSAL_CASES = {"gsm8k line without answer", "instruction layout", "nothing left to learn"}  # on a tiny Llama
 
 
@@ -310,6 +382,7 @@ def test_bad_input_is_one_clear_line(case, world, tmp_path, cli, monkeypatch):
         (scratch / "llama").mkdir()
         save_tiny_llama(scratch / "llama")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(_write(tmp_path / "home" / "notes.txt", "mine").parent))
     args = make_args(world, scratch)
     before_world, before_scratch = snapshot(world), snapshot(scratch)
     code, out, err = cli(*args)

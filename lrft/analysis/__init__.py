@@ -40,7 +40,8 @@ from lrft.analysis.figures import write_figures
 from lrft.analysis.numbers import choose_module, compare_numbers, run_numbers
 from lrft.analysis.report import ANALYSIS_FILE, render_html, render_markdown
 from lrft.errors import LrftError
-from lrft.files import atomic_dir
+from lrft.files import atomic_dir, check_writable
+from lrft.guard import check_output
 from lrft.rundir import RunDir, writer_lock
 
 DEFINITIONS = {
@@ -70,7 +71,12 @@ def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None,
     """Analyse a run (and compare it with `against`); write figures, analysis.json and the reports to `out`."""
     run_dir, against = Path(run_dir), Path(against) if against is not None else None
     out = Path(out) if out is not None else RunDir(run_dir).analysis
+    sources = {run_dir: "the run dir this command reads"}
+    if against is not None:
+        sources[against] = "the run dir --against names"
+    check_output(out, "--out", sources=sources, own=[RunDir(run_dir).analysis])
     check_out_dir(out)
+    check_writable(out, "--out")
     # Every argument is checked against the adapter configs before a model is loaded.
     config = RunDir(run_dir).adapter_config()
     other_config = RunDir(against).adapter_config() if against is not None else None
@@ -100,7 +106,7 @@ def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None,
                          + ", ".join(cmp["unmatched"][:4]) + (" ..." if len(cmp["unmatched"]) > 4 else ""))
     result["out"] = str(out)
     written = run_dir if out.resolve().is_relative_to(run_dir.resolve()) else out  # not while `lrft train` writes it
-    with writer_lock(written), atomic_dir(out) as tmp:
+    with writer_lock(written), atomic_dir(out, flag="--out") as tmp:
         figures, heat = write_figures(tmp, runs, numbers, result, chosen)
         if heat:
             result["element_difference" if against is not None else "update_heatmap"] = heat
