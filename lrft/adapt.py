@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from lrft import __version__, console, methods
-from lrft.data import Task
+from lrft.data import TASKS, Task
 from lrft.errors import LrftError
 from lrft.inject import inject, set_head_trainable
 from lrft.methods import BuildContext, Built, MethodParams
@@ -107,6 +109,43 @@ def adapter_config(recipe, a: Adapted, trainable: int) -> dict:
         "seed": recipe.seed,
         "meta": a.built.meta,
     }
+
+
+class _SavedBase(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+
+class SavedAdapterConfig(BaseModel):
+    """What eval, merge, analyze and count-params read back from an adapter_config.json `adapter_config` wrote."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: Literal[tuple(methods.REGISTRY)]  # type: ignore[valid-type]
+    params: dict
+    target_modules: list[str] = Field(min_length=1)
+    targets: list[str] = Field(min_length=1)
+    base_model: _SavedBase
+    task: Literal[tuple(TASKS)]  # type: ignore[valid-type]
+    problem: str
+    label_names: list[str] | None = None
+    head_trained: bool = True
+    meta: dict | None = None
+
+
+def check_adapter_config(config: dict, source) -> dict:
+    """`config` as read from `source`, if it has what lrft wrote into it; one clear error otherwise."""
+    try:
+        saved = SavedAdapterConfig.model_validate(config)
+        methods.get(saved.method).params.model_validate(saved.params)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        what = "missing" if first["type"] == "missing" else f"{first['msg'].lower()} (got {repr(first['input'])[:60]})"
+        raise LrftError(f"{source}: {where}: {what}; the adapter config is damaged: restore it, or retrain the "
+                        f"run") from None
+    return config
 
 
 def check_fingerprint(config: dict, base: Base, source, force: bool) -> None:

@@ -252,6 +252,11 @@ def load(directory: Path, what: str) -> Statistics:
     except (SafetensorError, OSError, ValueError) as e:
         raise LrftError(f"{what}: no readable calibration statistics in {directory} ({e}); point it at a run dir "
                         f"or its calibration/ dir") from None
+    if not (isinstance(info, dict) and isinstance(info.get("modules"), dict) and isinstance(info.get("fingerprint"), dict)
+            and {"samples", "seconds"} <= set(info)
+            and all(isinstance(m, dict) and "tokens" in m for m in info["modules"].values())):
+        raise LrftError(f"{what}: {directory / INFO_FILE} is damaged (not the calibration record lrft writes); "
+                        f"delete the calibration/ dir to calibrate afresh")
     mods = info["modules"]
     return Statistics(
         covariance={k.removeprefix("covariance."): v for k, v in tensors.items() if k.startswith("covariance.")},

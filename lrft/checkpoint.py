@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lrft.adapt import check_adapter_config
 from lrft.errors import LrftError
 from lrft.files import atomic_dir, read_json, remove_stale
 
@@ -35,18 +36,28 @@ def save_adapter(directory: Path, state: dict[str, torch.Tensor], config: dict) 
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def read_adapter_config(directory: Path) -> dict:
+    """adapter_config.json of an adapter dir, checked to hold what lrft wrote into it."""
+    path = Path(directory) / CONFIG_FILE
+    return check_adapter_config(read_json(path, "adapter config"), path)
+
+
 def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, adapter_config) of an adapter dir; one clear error for anything missing or corrupt."""
     directory = Path(directory)
-    config = read_json(directory / CONFIG_FILE, "adapter config")
+    config = read_adapter_config(directory)
     path = directory / ADAPTER_FILE
     if not path.is_file():
         raise LrftError(f"{path}: missing; the adapter dir is incomplete (was the run interrupted?)")
+    return load_tensors(path), config
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; one clear error for a damaged one."""
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LrftError(f"{path}: not a readable safetensors file ({e}); retrain or restore it") from None
-    return state, config
 
 
 # -------------------------------------------------------------------------------- training state
@@ -95,14 +106,28 @@ def save_tree(directory: Path, tree: dict) -> None:
     (Path(directory) / STATE_JSON).write_text(json.dumps(skeleton), encoding="utf-8")
 
 
-def load_tree(directory: Path) -> dict:
+def load_tree(directory: Path, parts: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """The tree `save_tree` wrote to `directory`, checked to hold each of `parts` (name → type), if given."""
     directory = Path(directory)
     try:
         tensors = load_file(str(directory / STATE_TENSORS))
         skeleton = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
     except (SafetensorError, OSError, ValueError) as e:
         raise LrftError(f"{directory}: unreadable checkpoint ({e}); rerun with --restart to start over") from None
+    named = {v["__tensor__"] for v in _walk(skeleton) if isinstance(v, dict) and "__tensor__" in v}
+    missing = sorted(named - set(tensors))
+    wrong = [k for k, kind in (parts or {}).items() if not (isinstance(skeleton, dict) and isinstance(skeleton.get(k), kind))]
+    if missing or wrong:
+        what = f"tensors {', '.join(missing[:3])} are missing" if missing else f"no valid {', '.join(wrong)}"
+        raise LrftError(f"{directory}: a damaged checkpoint ({what}); rerun with --restart to start over")
     return _unflatten(skeleton, tensors)
+
+
+def _walk(obj: Any):
+    """Every value of a JSON skeleton, containers included."""
+    yield obj
+    for child in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ():
+        yield from _walk(child)
 
 
 def save_checkpoint(root: Path, step: int, tree: dict, keep_last: int) -> Path:

@@ -1,11 +1,13 @@
 """The `lrft` command line: thin Typer commands over the library.
 
 Results go to stdout (`--json` for pipelines), logs to stderr. Exit codes: 0 ok, 1 a bug (with its
-traceback), 2 a user mistake (one clear message, no traceback).
+traceback), 2 a user mistake (one clear message, no traceback): an LrftError, or a command line
+Click cannot parse (a missing option, a value of the wrong type), both as one `error:` line.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from contextlib import contextmanager
@@ -13,11 +15,56 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from lrft import console
 from lrft.errors import LrftError
 
+# Click's exception classes, taken from Typer's public BadParameter: Typer ships its own copy of Click.
+_CLICK = {c.__name__: c for c in typer.BadParameter.__mro__}
+UsageError, ClickException = _CLICK["UsageError"], _CLICK["ClickException"]
+
+
+class UsageLine(ClickException):
+    """A usage error shown as lrft shows every user mistake: one `error:` line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        console.err.print(f"error: {self.message}", markup=False, style="red")
+
+
+@contextmanager
+def usage_in_one_line():
+    """Click's usage errors (which print a usage block and `Error: ...`) as a UsageLine naming the
+    option, the value and where to look; errors that show something else (help) pass unchanged."""
+    try:
+        yield
+    except UsageError as e:
+        if type(e).show is not UsageError.show:
+            raise
+        text = " ".join(e.format_message().split()).rstrip(".")
+        # Typer converts values with pydantic, whose error (the cause) holds the value the message leaves out
+        errors = e.__cause__.errors() if hasattr(e.__cause__, "errors") else []
+        got = f" (got {errors[0]['input']!r})" if errors and "input" in errors[0] else ""
+        where = e.ctx.command_path if e.ctx is not None else "lrft"
+        raise UsageLine(f"{text[:1].lower()}{text[1:]}{got}; see `{where} --help`") from None
+
+
+class LrftGroup(typer.core.TyperGroup):
+    """The `lrft` group, parsing its own and its commands' arguments under `usage_in_one_line`."""
+
+    def make_context(self, *args, **kwargs):
+        with usage_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with usage_in_one_line():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=LrftGroup,
     name="lrft",
     help="Fine-tune transformers with low-rank adapters: lora, tlora (tri-matrix), talora (task-aware), lorta.",
     no_args_is_help=True,
@@ -26,19 +73,36 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+MAX_LABELS = 100_000  # a model config lists every label by name: 2**31 of them would fill the memory
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 
 
+# OS errors that say what is wrong with a path the user gave (its name, its links, its permissions),
+# whichever check first touched it; any other OSError is a bug and keeps its traceback.
+PATH_ERRORS = {
+    errno.ENAMETOOLONG: "a name in it is longer than the file system allows; give a shorter path",
+    errno.ELOOP: "it goes through a loop of symbolic links; fix the links or give another path",
+    errno.EACCES: "permission denied; give a path you may use, or change its permissions",
+    errno.EPERM: "operation not permitted; give a path you may use, or change its permissions",
+    errno.EROFS: "it is on a read-only file system; give a path on a writable one",
+}
+
+
 def user_errors(fn):
-    """LrftError → its message on stderr and exit code 2."""
+    """LrftError, and an OSError about a user's path, → one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except LrftError as e:
-            console.err.print(f"error: {e}", markup=False, style="red")
-            raise typer.Exit(2) from None
+            message = str(e)
+        except OSError as e:
+            if e.errno not in PATH_ERRORS or e.filename is None:
+                raise
+            message = f"{e.filename}: {PATH_ERRORS[e.errno]}"
+        console.err.print(f"error: {message}", markup=False, style="red")
+        raise typer.Exit(2) from None
 
     return wrapper
 
@@ -148,7 +212,8 @@ def count_params_cmd(
     rank: Annotated[int, typer.Option(help="rank r")] = 8,
     model: Annotated[str, typer.Option(help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
     targets: Annotated[str | None, typer.Option(help="comma-separated target module names (default: the model family's query and value projections)")] = None,
-    num_labels: Annotated[int, typer.Option("--num-labels", min=1, help="classification labels of the head")] = 2,
+    num_labels: Annotated[int, typer.Option("--num-labels", min=1, max=MAX_LABELS,
+                                            help="classification labels of the head")] = 2,
     calibrated: Annotated[Path | None, typer.Option(
         "--calibrated", help="a finished run dir: its exact count (talora's calibrated per-module ranks)")] = None,
     json_out: JsonOpt = False,

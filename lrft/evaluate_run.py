@@ -3,13 +3,12 @@ model (a merged dir, an alias, a hub id), evaluated on a task's evaluation split
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lrft.data import collator, get_task, load_task_data
 from lrft.errors import LrftError
 from lrft.evaluate import eval_sets, evaluate
-from lrft.files import check_writable, write_jsonl
+from lrft.files import check_writable, read_json, write_jsonl
 from lrft.guard import check_output
 from lrft.models import load_model
 from lrft.recipe import DataConfig, ModelConfig
@@ -30,18 +29,15 @@ def evaluate_target(target: Path, *, task_name: str | None = None, data_path: st
     opened = open_adapted(target, task=task_name, base=base, force=force, best=best)
     if opened is not None:
         a = opened.adapted
-        model, tokenizer, task = a.model, a.tokenizer, a.task
+        model, tokenizer, task, label_names = a.model, a.tokenizer, a.task, a.label_names
         data_cfg = opened.data_cfg.model_copy()
         if opened.run_dir is not None:
             predictions_path = predictions_path or RunDir(opened.run_dir).predictions()
     else:
-        if not task_name:
-            raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "
-                            f"say which task, e.g. --task glue/mrpc")
-        task = get_task(task_name)
-        label_names = _read_model_labels(target) or list(task.label_names or [])
+        model, tokenizer, task, label_names = _open_model(target, task_name)
         data_cfg = DataConfig(task=task.name)
-        model, tokenizer = load_model(ModelConfig(name=str(target)), task, label_names or None)
+    if label_names and not task.label_names:  # labels learned from the training data: the data must use them
+        data_cfg = data_cfg.model_copy(update={"label_names": list(label_names)})
     if data_path:
         data_cfg.path = data_path
     data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
@@ -55,11 +51,27 @@ def evaluate_target(target: Path, *, task_name: str | None = None, data_path: st
     return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()), **metrics}
 
 
+def _open_model(target: Path, task_name: str | None):
+    """(model, tokenizer, task, label names) of a plain model dir, alias or hub id evaluated on `task_name`."""
+    if not task_name:
+        raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "
+                        f"say which task, e.g. --task glue/mrpc")
+    task = get_task(task_name)
+    label_names = _read_model_labels(target) or list(task.label_names or [])
+    if not label_names and task.problem == "classification":
+        raise LrftError(f"--task: {task.name} takes its labels from the training data, and {target} names none "
+                        f"(no label names in its config.json); evaluate the lrft run dir it came from instead")
+    model, tokenizer = load_model(ModelConfig(name=str(target)), task, label_names or None)
+    return model, tokenizer, task, label_names
+
+
 def _read_model_labels(model_dir) -> list[str] | None:
     """Label names a merged model dir carries in its config (id2label), if they are real names."""
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         return None
-    id2label = json.loads(config.read_text()).get("id2label") or {}
-    names = [id2label[k] for k in sorted(id2label, key=int)]
+    id2label = read_json(config, "model config").get("id2label") or {}
+    if not isinstance(id2label, dict) or not all(str(k).isdigit() for k in id2label):
+        return None
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
     return None if all(n.startswith("LABEL_") for n in names) else names

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lrft import console
 from lrft.errors import LrftError
 from lrft.guard import check_replaceable
 
@@ -181,22 +182,37 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON Lines file lrft wrote, up to the first line that is not a whole JSON object:
+    a line a kill cut short (nothing after it was written), or damage (warned about: lines are lost)."""
     if not Path(path).is_file():
         return []
+    lines = Path(path).read_bytes().decode("utf-8", errors="replace").splitlines()
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(lines, start=1):
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut short by a kill: what follows it was never written
+            record = None
+        if not isinstance(record, dict):
+            if n < len(lines):
+                console.warn(f"{path}: line {n} is not a JSON object; the file is damaged, so lines {n}-{len(lines)} "
+                             f"are left out")
+            break
+        out.append(record)
     return out
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object file (`what` says which); one clear error for a file missing, damaged or of another shape."""
     path = Path(path)
     if not path.is_file():
         raise LrftError(f"{path}: missing {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LrftError(f"{path}: not valid JSON ({e})") from None
+        raise LrftError(f"{path}: not valid JSON ({e}); restore the {what}, or rerun the command that wrote it") \
+            from None
+    if not isinstance(obj, dict):
+        raise LrftError(f"{path}: the {what} is a JSON {type(obj).__name__}, not an object; restore it, or rerun the "
+                        f"command that wrote it")
+    return obj

@@ -23,10 +23,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lrft import console, methods
 from lrft.adapt import Opened, attach, check_fingerprint, load_base
+from lrft.checkpoint import load_tensors
 from lrft.data import get_task
 from lrft.errors import LrftError
 from lrft.files import atomic_dir, read_json
@@ -46,13 +47,8 @@ TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm":
 
 
 def is_peft_dir(path: Path) -> bool:
-    config = Path(path) / CONFIG
-    if not config.is_file() or not (Path(path) / WEIGHTS).is_file():
-        return False
-    try:
-        return "peft_type" in json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    """Whether `path` has a PEFT adapter's files (what they hold, `load_peft` checks)."""
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -138,8 +134,10 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     """A PEFT LoRA dir opened on its base model as lrft `lora` adapters, like `lrft.rundir.load_run`."""
     path = Path(path)
     config = read_json(path / CONFIG, "PEFT adapter config")
-    if config.get("peft_type") != "LORA":
-        raise LrftError(f"{path}: a PEFT {config.get('peft_type')} adapter; lrft reads LoRA adapters only")
+    if "peft_type" not in config:
+        raise LrftError(f"{path / CONFIG}: no peft_type, so not a PEFT adapter config; restore the adapter dir")
+    if config["peft_type"] != "LORA":
+        raise LrftError(f"{path}: a PEFT {config['peft_type']} adapter; lrft reads LoRA adapters only")
     if config.get("use_dora"):  # fan_in_fan_out (Conv1D bases) needs nothing: lora_A and lora_B keep their shapes
         raise LrftError(f"{path}: use_dora=True is not supported; lrft reads plain LoRA adapters of Linear layers")
     provenance = _read_provenance(path)
@@ -149,15 +147,7 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     base_name = base_name or config.get("base_model_name_or_path")
     if not base_name:
         raise LrftError(f"--base: {path} names no base model (base_model_name_or_path); give one with --base")
-    tensors = load_file(str(path / WEIGHTS))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    heads: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        m = re.match(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])(?:\.\w+)?\.weight$", key)
-        if m:
-            factors.setdefault(m.group(1), {})[m.group(2)] = value.float()
-        elif key.startswith(PREFIX):
-            heads[key[len(PREFIX):].replace(".modules_to_save.default.", ".")] = value
+    factors, heads = _read_weights(path / WEIGHTS)
     task = get_task(task_name)
     label_names = provenance.get("label_names") or (list(task.label_names) if task.label_names else None)
     if label_names is None and task.problem == "classification":  # users' own labels: as many as the head has
@@ -196,6 +186,23 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     return Opened(a, config, model_cfg, DataConfig(task=task.name))
 
 
+def _read_weights(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(lora_A and lora_B per module, the saved head tensors) of a PEFT weights file."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, torch.Tensor] = {}
+    for key, value in load_tensors(path).items():
+        m = re.match(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])(?:\.\w+)?\.weight$", key)
+        if m:
+            factors.setdefault(m.group(1), {})[m.group(2)] = value.float()
+        elif key.startswith(PREFIX):
+            heads[key[len(PREFIX):].replace(".modules_to_save.default.", ".")] = value
+    half = sorted(name for name, f in factors.items() if set(f) != {"A", "B"})
+    if not factors or half:
+        what = f"{half[0]} has only one of lora_A and lora_B" if half else "it holds no lora_A / lora_B tensors"
+        raise LrftError(f"{path}: not the weights of a PEFT LoRA adapter ({what}); restore the adapter dir")
+    return factors, heads
+
+
 def _pattern(patterns: dict, name: str, default):
     """PEFT's rank/alpha pattern lookup: a key matches a module name it ends with (as a regex)."""
     for key, value in patterns.items():
@@ -206,4 +213,4 @@ def _pattern(patterns: dict, name: str, default):
 
 def _read_provenance(path: Path) -> dict:
     p = path / PROVENANCE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    return read_json(p, "lrft export record") if p.is_file() else {}

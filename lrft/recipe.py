@@ -6,7 +6,7 @@ method's own params class, once. Every field carries a one-line description (`lr
 as comments). Validation gathers every problem of a recipe (unknown keys with a did-you-mean, wrong
 types, out-of-range values, conflicting options) into one ConfigError, so a user fixes them all in
 one go. Values a run cannot use are refused here, not where they would fail: NaN and Inf, seeds
-outside NumPy's range, an empty list of target modules. YAML is read with `yaml.safe_load`'s loader,
+outside NumPy's range, token lengths no tokenizer takes, an empty list of target modules. YAML is read with `yaml.safe_load`'s loader,
 made strict: a key repeated in one mapping is an error naming the key and its lines, never the last
 value silently winning.
 """
@@ -27,6 +27,7 @@ from lrft.methods import MethodParams
 
 
 SEED_LIMIT = 2**32  # NumPy's seeds are 0 ≤ seed < 2**32 (accelerate's set_seed seeds NumPy too)
+TOKENS_LIMIT = 2**20  # more tokens than any model reads; tokenizers take lengths as C integers (2**64 overflows)
 
 
 class Section(BaseModel):
@@ -52,14 +53,15 @@ TRACKERS = tuple(tracking.PACKAGES)
 class DataConfig(Section):
     task: TaskName = Field(description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction")
     path: str | None = Field(None, description="local dir with the task's files (else $LRFT_DATA_DIR, else the hub)")
-    max_length: int = Field(128, ge=8, description="truncate examples to this many tokens")
+    max_length: int = Field(128, ge=8, le=TOKENS_LIMIT, description="truncate examples to this many tokens")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training examples")
     max_eval_samples: int | None = Field(None, gt=0, description="use only the first N evaluation examples")
     text_column: str = Field("text", description="text-classification: field holding the text")
     text_pair_column: str | None = Field(None, description="text-classification: field of the second text, if any")
     label_column: str = Field("label", description="text-classification: field holding the label")
     label_names: list[str] | None = Field(None, description="text-classification: labels in order (default: sorted)")
-    max_new_tokens: int = Field(256, gt=0, description="generation tasks (gsm8k): tokens generated per answer at evaluation")
+    max_new_tokens: int = Field(256, gt=0, le=TOKENS_LIMIT,
+                                description="generation tasks (gsm8k): tokens generated per answer at evaluation")
 
     @field_validator("label_names")
     @classmethod

@@ -27,10 +27,9 @@ from pathlib import Path
 from lrft import console
 
 from lrft.adapt import Opened, adapt, check_fingerprint, load_base
-from lrft.checkpoint import CONFIG_FILE, load_adapter
+from lrft.checkpoint import CONFIG_FILE, load_adapter, read_adapter_config
 from lrft.data import get_task
 from lrft.errors import LrftError
-from lrft.files import read_json
 from lrft.guard import RUN_MARKER
 from lrft.inject import load_saved_state
 from lrft.peft_format import is_peft_dir, load_peft
@@ -89,11 +88,10 @@ class RunDir:
     def adapter_config(self) -> dict:
         """adapter/adapter_config.json, read without loading any model."""
         self.read_recipe()  # a clear error for a dir that is not a run dir
-        path = self.adapter / CONFIG_FILE
-        if not path.is_file():
+        if not (self.adapter / CONFIG_FILE).is_file():
             raise LrftError(f"{self.path}: no trained adapter in {self.adapter}; the run has not finished "
                             f"(rerun `lrft train` on its recipe to resume it)")
-        return read_json(path, "adapter config")
+        return read_adapter_config(self.adapter)
 
 
 def load_run(run_dir: Path, *, best: bool = False, force: bool = False) -> Opened:

@@ -17,6 +17,7 @@ counted from the batch's indices, which every process knows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import resource
@@ -49,6 +50,8 @@ from lrft.rundir import LAYOUT, Busy, RunDir, writer_lock
 from lrft.targets import head_modules
 from lrft.tracking import Trackers, check_installed
 
+# What `Trainer.checkpoint` saves, and the container each part is: a resume checks them first.
+CHECKPOINT_PARTS = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (list, dict), "progress": dict}
 # Recipe keys that may change between a run and its resumption without making it another run; those of
 # them that leave the length of training alone leave a finished run finished.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.epochs",
@@ -205,8 +208,12 @@ class Trainer:
         changed = set(recipe_diff(saved_recipe(run).model_dump(mode="json"), self.recipe.model_dump(mode="json")))
         if changed - (RESUMABLE_CHANGES - LENGTH_KEYS):
             return None  # longer training continues it; another recipe is refused by resume_point
-        summary = read_json(run.summary, "summary")
-        final = ", ".join(f"{k} {v:.4f}" for k, v in (summary.get("final") or {}).items())
+        summary = complete_summary(run.summary)
+        if summary is None:
+            console.warn(f"{run.summary} is damaged; the run is finished again from its last checkpoint, which "
+                         f"writes it anew")
+            return None
+        final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
         console.log(f"{run.path} is complete ({summary.get('steps')} steps; {final}); nothing to do. `--restart` "
                     f"trains it again from scratch, a larger train.epochs or train.max_steps continues it")
         return summary
@@ -330,7 +337,11 @@ class Trainer:
             self.write_adapter_stats()
 
     def resume(self, checkpoint: Path) -> None:
-        tree = load_tree(checkpoint)
+        tree = load_tree(checkpoint, CHECKPOINT_PARTS)
+        unknown = set(tree["progress"]) - {f.name for f in dataclasses.fields(Progress)}
+        if unknown:
+            raise LrftError(f"{checkpoint}: a damaged checkpoint (progress holds {', '.join(sorted(unknown)[:3])}); "
+                            f"rerun with --restart to start over")
         load_saved_state(self.unwrapped, tree["model"], str(checkpoint))
         self.optimizer.load_state_dict(tree["optimizer"])
         self.scheduler.load_state_dict(tree["scheduler"])
@@ -643,6 +654,18 @@ def saved_recipe(run: RunDir) -> Recipe:
     except LrftError as e:
         raise LrftError(f"{e}; the run dir's recipe is damaged: rerun with --restart to start over, or set "
                         f"name=... for a new run") from None
+
+
+def complete_summary(path: Path) -> dict | None:
+    """A run's summary.json if it holds what `Trainer.summary` writes (the final metrics and the time, as
+    numbers); None for a damaged one."""
+    try:
+        summary = read_json(path, "summary")
+    except LrftError:
+        return None
+    final = summary.get("final")
+    numbers = isinstance(final, dict) and all(isinstance(v, (int, float)) for v in final.values())
+    return summary if numbers and isinstance(summary.get("train_seconds"), (int, float)) else None
 
 
 def recipe_diff(a, b, prefix: str = "") -> list[str]:

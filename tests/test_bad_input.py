@@ -271,6 +271,39 @@ CASES = {
                                    ["--restart: the run dir", "is the current dir", "lrft never deletes it"]),
     "damaged run recipe on resume": (lambda w, s: ["train", _own_run(w, s, damage=b"model: [\n")],
                                      ["recipe.yaml: YAML syntax error", "the run dir's recipe is damaged", "--restart"]),
+    # ------------------------ found by fuzzing (tests/test_fuzz.py): data, command lines, damaged run and PEFT dirs
+    "max length beyond any tokenizer": (lambda w, s: ["train", w / "good.yaml", f"data.max_length={2**64}"],
+                                        ["data.max_length", "less than or equal to 1048576", str(2**64)]),
+    "data with one label": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(
+        _data_dir(s, '{"text": "good film", "label": 1}\n{"text": "a plot", "label": 1}\n'))})],
+        ["every example in", "has the label '1'", "two or more labels"]),
+    "null text": (lambda w, s: ["train", _recipe_file(s, w, **{"data.path": str(
+        _data_dir(s, '{"text": "good film", "label": 1}\n{"text": null, "label": 0}\n'))})],
+        ["train.jsonl:2: field 'text' is null, not a text or a label"]),
+    "eval data with another label": (lambda w, s: ["eval", w / "runs" / "good", "--data-path", str(
+        _data_dir(s, '{"text": "a", "label": 1}\n', '{"text": "good film", "label": 0.5}\n'))],
+        ["dev.jsonl:1: label 0.5 is not one of data.label_names (0, 1)"]),
+    "missing option": (lambda w, s: ["count-params", "--rank", "4"], ["missing option '--method'", "lrft count-params --help"]),
+    "not an integer": (lambda w, s: ["count-params", "--method", "lora", "--rank", "abc"],
+                       ["invalid value for '--rank'", "(got 'abc')", "lrft count-params --help"]),
+    "unknown command": (lambda w, s: ["trian", "r.yaml"], ["no such command 'trian'", "Did you mean 'train'", "lrft --help"]),
+    "too many labels": (lambda w, s: ["count-params", "--method", "lora", "--num-labels", str(2**31)],
+                        ["invalid value for '--num-labels'", "less than or equal to 100000", "(got '2147483648')"]),
+    "path name too long": (lambda w, s: ["eval", s / ("x" * 300)], ["xxxxxxxx", "a name in it is longer than the file system"]),
+    "adapter config emptied to {}": (lambda w, s: ["eval", _damaged_run(w, s, "adapter/adapter_config.json", b"{}")],
+                                     ["adapter_config.json: method: missing", "the adapter config is damaged"]),
+    "adapter config not an object": (lambda w, s: ["count-params", "--method", "lora", "--calibrated",
+                                                   _damaged_run(w, s, "adapter/adapter_config.json", b"[1, 2]")],
+                                     ["the adapter config is a JSON list, not an object"]),
+    "damaged checkpoint": (lambda w, s: ["train", _own_run(w, s, checkpoint=b"{}"), "train.max_steps=3"],
+                           ["a damaged checkpoint (no valid model, optimizer, scheduler, rng, progress)", "--restart"]),
+    "damaged calibration record": (lambda w, s: ["analyze", _damaged_run(w, s, "calibration/calibration.json", b"[]", run="ta"),
+                                                 "--out", s / "a"], ["calibration.json: the calibration is a JSON list"]),
+    "damaged PEFT weights": (lambda w, s: ["eval", _peft_files(s, weights=_unrelated_tensors()), "--task",
+                                           "text-classification", "--base", w / "model"],
+                             ["adapter_model.safetensors: not the weights of a PEFT LoRA adapter", "no lora_A / lora_B"]),
+    "PEFT config without peft_type": (lambda w, s: ["merge", _peft_files(s, config="{}"), "--out", s / "m"],
+                                      ["adapter_config.json: no peft_type, so not a PEFT adapter config"]),
 }
 
 
@@ -368,6 +401,12 @@ def _peft_files(scratch: Path, config: str = '{"peft_type": "LORA", "r": 4}', we
     _write(d / "adapter_config.json", config)
     _write(d / "adapter_model.safetensors", weights)
     return d
+
+
+def _unrelated_tensors() -> bytes:
+    from safetensors.torch import save
+
+    return save({"unrelated": torch.zeros(3)})
 
 
 CAUSAL_CASES = {"gsm8k line without answer", "instruction layout", "nothing left to learn"}  # on a tiny Llama

@@ -106,6 +106,19 @@ def test_changed_recipe_is_not_resumed_silently(cli, tiny_recipe):
     assert code == 0, err
 
 
+def test_a_damaged_summary_is_written_anew_by_the_same_command(cli, tiny_recipe, tmp_path):
+    """A finished run whose summary.json is damaged is finished again from its last checkpoint (found
+    by tests/test_fuzz.py: the summary was printed as it stood, and `{}` was a KeyError)."""
+    recipe = tiny_recipe("lora", name="summed", train={"max_steps": 2})
+    assert cli("train", recipe)[0] == 0
+    summary = tmp_path / "runs" / "summed" / "summary.json"
+    final = json.loads(summary.read_text())["final"]
+    summary.write_text("{}")
+    code, _, err = cli("train", recipe)
+    assert code == 0 and "summary.json is damaged" in err, err
+    assert json.loads(summary.read_text())["final"] == final
+
+
 def test_init_writes_a_valid_commented_recipe(cli, tmp_path):
     out = tmp_path / "my.yaml"
     code, _, err = cli("init", "--method", "tlora", "--task", "glue/rte", "--model", "minilm", "-o", out)

@@ -37,6 +37,15 @@ def field(record: dict, column: str, path: Path, line_no: int):
     return record[column]
 
 
+def scalar_field(record: dict, column: str, path: Path, line_no: int):
+    """A field holding one text, number or label (not null, a list or an object)."""
+    value = field(record, column, path, line_no)
+    if value is None or isinstance(value, (list, dict)):
+        raise LrftError(f"{path}:{line_no}: field '{column}' is {json.dumps(value)[:40]}, not a text or a label; "
+                        f"give every example a plain value there")
+    return value
+
+
 def read_records(path: Path) -> list[tuple[int, dict, Path]]:
     """(line number, record, file) for each example of a jsonl/json/csv/tsv file."""
     text = read_text(path)

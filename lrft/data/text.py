@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrft.data.files import field, find_split_file, read_records
+from lrft.data.files import find_split_file, read_records, scalar_field
 from lrft.data.tasks import Split, TaskData, get_task
 from lrft.errors import LrftError
 
@@ -34,7 +34,7 @@ def _load(path: Path, data_cfg, need_train: bool) -> TaskData:
     pair_col = data_cfg.text_pair_column
     if pair_col is None and rows[""] and "text_pair" in rows[""][0][1]:
         pair_col = "text_pair"
-    raw_labels = {k: [field(r, data_cfg.label_column, f, n) for n, r, f in v] for k, v in rows.items()}
+    raw_labels = {k: [scalar_field(r, data_cfg.label_column, f, n) for n, r, f in v] for k, v in rows.items()}
     label_names = data_cfg.label_names or sorted({str(x) for v in raw_labels.values() for x in v}, key=_natural)
     index = {name: i for i, name in enumerate(label_names)}
     splits = {}
@@ -44,9 +44,12 @@ def _load(path: Path, data_cfg, need_train: bool) -> TaskData:
             if str(raw) not in index:
                 raise LrftError(f"{f}:{n}: label {raw!r} is not one of data.label_names ({', '.join(label_names)})")
             labels.append(index[str(raw)])
-        texts = [str(field(r, data_cfg.text_column, f, n)) for n, r, f in recs]
-        pairs = [str(field(r, pair_col, f, n)) for n, r, f in recs] if pair_col else None
+        texts = [str(scalar_field(r, data_cfg.text_column, f, n)) for n, r, f in recs]
+        pairs = [str(scalar_field(r, pair_col, f, n)) for n, r, f in recs] if pair_col else None
         splits[key] = Split(texts, pairs, labels)
+    if need_train and len(label_names) == 1:  # none at all: the empty split is reported as such
+        raise LrftError(f"data: every example in {path} has the label {label_names[0]!r}; a classifier learns from "
+                        f"two or more labels, so add examples of the others (or list them in data.label_names)")
     train = splits.pop("train", Split([], None, []))
     return TaskData(get_task("text-classification"), train, splits, label_names, str(path))
 
