@@ -89,8 +89,9 @@ def check_rank(rank: int, targets: list[Target]) -> None:
                         f"({out_f}×{in_f}); use a rank ≤ {min(smallest.shape)}")
 
 
-def adapter_config(recipe, a: Adapted, trainable: int) -> dict:
-    """What adapter_config.json records: enough to rebuild the adapter on its base model."""
+def adapter_config(recipe, a: Adapted, trainable: int, data_source: str) -> dict:
+    """What adapter_config.json records: enough to rebuild the adapter on its base model, and where the
+    training data came from (`lrft eval` and `merge` read the same data without being told)."""
     return {
         "lrft_version": __version__,
         "method": a.method.name,
@@ -102,6 +103,7 @@ def adapter_config(recipe, a: Adapted, trainable: int) -> dict:
                        "model_type": a.model.config.model_type, "dtype": recipe.model.dtype,
                        "fingerprint": a.fingerprint},
         "task": a.task.name,
+        "data_source": data_source,
         "problem": a.task.problem,
         "label_names": a.label_names,
         "head_trained": recipe.train.train_head,

@@ -150,7 +150,7 @@ def train(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    target: Annotated[Path, typer.Argument(help="a run dir from `lrft train`, or a model: merged dir, alias or hub id")],
+    target: Annotated[str, typer.Argument(help="a run dir from `lrft train`, or a model: merged dir, alias or hub id")],
     task: Annotated[str | None, typer.Option(help="task to evaluate on (needed for a model), e.g. glue/mrpc, gsm8k")] = None,
     data_path: Annotated[str | None, typer.Option("--data-path", help="local dir with the task's files")] = None,
     max_samples: Annotated[int | None, typer.Option("--max-samples", min=1, help="evaluate the first N examples")] = None,
@@ -177,7 +177,7 @@ def eval_cmd(
 @app.command()
 @user_errors
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="a run dir from `lrft train`, or a PEFT LoRA adapter dir")],
+    run_dir: Annotated[str, typer.Argument(help="a run dir from `lrft train`, or a PEFT LoRA adapter dir")],
     out: Annotated[Path, typer.Option("--out", "-o", help="where to write the merged model (or PEFT adapter) dir")],
     format: Annotated[str, typer.Option(help="hf: a merged model dir; peft: the adapter as a standard PEFT LoRA dir")] = "hf",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the base model's)")] = None,

@@ -12,34 +12,32 @@ from lrft.files import check_writable, read_json, write_jsonl
 from lrft.guard import check_output
 from lrft.models import load_model
 from lrft.recipe import DataConfig, ModelConfig
-from lrft.rundir import RECIPE, RunDir, open_adapted
+from lrft.rundir import RECIPE, RunDir, data_settings, merged_data_source, open_adapted
 
 
-def evaluate_target(target: Path, *, task_name: str | None = None, data_path: str | None = None,
+def evaluate_target(target: str | Path, *, task_name: str | None = None, data_path: str | None = None,
                     max_samples: int | None = None, batch_size: int = 64, best: bool = False,
                     predictions_path: Path | None = None, base: str | None = None, force: bool = False) -> dict:
     """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
-    (default for a run dir: its predictions.jsonl)."""
-    target = Path(target)
+    (default for a run dir: its predictions.jsonl). A run, an export or a merged dir reads the data it
+    was trained (or checked) on unless `data_path` says otherwise."""
     if predictions_path is not None:
         predictions_path = Path(predictions_path)
-        check_output(predictions_path, "--predictions", sources={target: "what this command evaluates"},
-                     own=[RunDir(target).predictions()])
+        check_output(predictions_path, "--predictions", sources={Path(target): "what this command evaluates"},
+                     own=[RunDir(Path(target)).predictions()])
         check_writable(predictions_path, "--predictions", kind="file")
     opened = open_adapted(target, task=task_name, base=base, force=force, best=best)
     if opened is not None:
         a = opened.adapted
         model, tokenizer, task, label_names = a.model, a.tokenizer, a.task, a.label_names
-        data_cfg = opened.data_cfg.model_copy()
+        data_cfg = data_settings(opened, data_path)
         if opened.run_dir is not None:
             predictions_path = predictions_path or RunDir(opened.run_dir).predictions()
     else:
         model, tokenizer, task, label_names = _open_model(target, task_name)
-        data_cfg = DataConfig(task=task.name)
+        data_cfg = DataConfig(task=task.name, path=data_path or merged_data_source(Path(target), task.name))
     if label_names and not task.label_names:  # labels learned from the training data: the data must use them
         data_cfg = data_cfg.model_copy(update={"label_names": list(label_names)})
-    if data_path:
-        data_cfg.path = data_path
     data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
     data = load_task_data(task, data_cfg, need_train=False)
     evals = eval_sets(task, data.evals, tokenizer, data_cfg.max_length)
@@ -51,7 +49,7 @@ def evaluate_target(target: Path, *, task_name: str | None = None, data_path: st
     return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()), **metrics}
 
 
-def _open_model(target: Path, task_name: str | None):
+def _open_model(target: str | Path, task_name: str | None):
     """(model, tokenizer, task, label names) of a plain model dir, alias or hub id evaluated on `task_name`."""
     if not task_name:
         raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "

@@ -24,7 +24,7 @@ from lrft.errors import LrftError
 from lrft.files import atomic_dir, check_writable
 from lrft.guard import check_output
 from lrft.inject import merge
-from lrft.rundir import load_run, open_adapted, writer_lock
+from lrft.rundir import MERGE_REPORT, data_settings, load_run, open_adapted, writer_lock
 
 PARITY_TOL_FP32 = 1e-4
 PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
@@ -64,12 +64,10 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
         raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
                         f"(adapter_config.json + adapter_model.safetensors)")
     _check_out(out, force, read_from(run_dir, opened))
-    a, config, data_cfg = opened.adapted, opened.config, opened.data_cfg.model_copy()
-    if data_path:
-        data_cfg.path = data_path
+    a, config, data_cfg = opened.adapted, opened.config, data_settings(opened, data_path)
     task, model = a.task, a.model
     causal = task.problem == "causal_lm"
-    batch, prompts = _parity_inputs(data_cfg, a)
+    batch, prompts, data_source = _parity_inputs(data_cfg, a)
     before = _logits(model, batch)
     generated = _greedy(model, a.tokenizer, prompts) if causal else None
 
@@ -77,7 +75,8 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
     base_dtype = next(model.parameters()).dtype
     target = DTYPES[dtype] if dtype else DTYPES[opened.model_cfg.dtype]
     report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": task.name,
-              "dtype": str(target).removeprefix("torch."), "parity_examples": int(batch["input_ids"].shape[0])}
+              "data_source": data_source, "dtype": str(target).removeprefix("torch."),
+              "parity_examples": int(batch["input_ids"].shape[0])}
     merged = _logits(model, batch)
     report["max_abs_logit_diff_in_memory"] = _maxdiff(merged, before)
     if target != base_dtype:
@@ -112,7 +111,7 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
         if target == torch.float32 and report["max_abs_logit_diff"] > PARITY_TOL_FP32:
             raise RuntimeError(f"merged model differs from the adapted one by {report['max_abs_logit_diff']:.3g} > "
                                f"{PARITY_TOL_FP32} in fp32")
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -135,8 +134,9 @@ def read_from(target: Path, opened) -> dict[Path, str]:
     return sources
 
 
-def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict]]:
-    """A batch of real validation examples (without labels) and, for causal LMs, a few prompts."""
+def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict], str]:
+    """A batch of real validation examples (without labels), for causal LMs a few prompts, and where the
+    examples came from."""
     task = a.task
     data = load_task_data(task, data_cfg, need_train=False)
     split = next(iter(data.evals.values())).head(PARITY_EXAMPLES[task.problem])
@@ -148,7 +148,7 @@ def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict]]:
     prompts = []
     if task.problem == "causal_lm":
         prompts = [p["prompt_ids"] for p in prompt_features(split.head(GENERATION_PROMPTS), a.tokenizer)]
-    return dict(batch), prompts
+    return dict(batch), prompts, data.source
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from lrft import console
+from lrft import console, hub
 from lrft.errors import LrftError
 from lrft.files import atomic_dir
 
@@ -63,7 +63,7 @@ def resolve(name: str, gguf_file: str | None = None, revision: str | None = None
     if gguf_file:
         if path.is_dir():
             return dequantized(path / gguf_file)
-        if _looks_local(name):
+        if looks_local(name):
             raise LrftError(f"model.name: no directory at {name}; it should hold model.gguf_file {gguf_file}")
         return dequantized(_hub_file(name, gguf_file, revision))
     if path.exists():
@@ -75,24 +75,30 @@ def resolve(name: str, gguf_file: str | None = None, revision: str | None = None
             raise LrftError(f"model.name: {path} has no config.json; point it at a Hugging Face model directory "
                             f"(or set model.gguf_file to the GGUF file in it)")
         return str(path)
-    if _looks_local(name):
+    if looks_local(name):
         raise LrftError(f"model.name: no directory at {name}; give an existing model dir, a hub id or an alias "
                         f"({', '.join(ALIASES)})")
+    hub.unreachable_reason()  # an unreachable hub: offline mode before transformers tries it
     return name
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+def looks_local(name: str) -> bool:
+    """Whether a name is meant as a path, never a hub id ("org/model"): it starts with '.', '/' or '~',
+    ends with a slash, has more than one '/' or a backslash, or its first part is a dir here (runs/x)."""
+    if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or "\\" in name or name.count("/") > 1:
+        return True
+    head, sep, _ = name.partition("/")
+    return bool(sep) and Path(head).is_dir()
 
 
 def _hub_file(repo: str, filename: str, revision: str | None) -> Path:
+    hub.unreachable_reason()
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo, filename, revision=revision))
     except Exception as e:  # offline, unknown repo or file: all the user can act on
-        raise LrftError(f"model.gguf_file: could not get {filename} from the hub repo {repo}: "
-                        f"{type(e).__name__}: {_first_line(e)}") from None
+        raise LrftError(f"model.gguf_file: {hub.unavailable(f'{filename} of the hub repo {repo}', e)}") from None
 
 
 GGUF_MAGIC = b"GGUF"
@@ -155,7 +161,8 @@ def load_config(model_cfg, **overrides):
         return AutoConfig.from_pretrained(source, revision=model_cfg.revision,
                                           trust_remote_code=model_cfg.trust_remote_code, **overrides)
     except (OSError, ValueError, KeyError) as e:
-        raise LrftError(f"model.name: could not load the config of {model_cfg.name!r}: {_first_line(e)}") from None
+        raise LrftError(f"model.name: could not load the config of {model_cfg.name!r}: "
+                        f"{_load_problem(e, model_cfg.name)}") from None
 
 
 def load_model(model_cfg, task, label_names: list[str] | None):
@@ -178,7 +185,8 @@ def load_for_causal_lm(model_cfg):
                                                      **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
-        raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: {_load_problem(e)}") from None
+        raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: "
+                        f"{_load_problem(e, model_cfg.name)}") from None
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -207,7 +215,7 @@ def load_for_classification(model_cfg, num_labels: int, label_names: list[str] |
             ignore_mismatched_sizes=True, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
-        raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_load_problem(e)}") from None
+        raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_load_problem(e, model_cfg.name)}") from None
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder backbones (Llama) have no pad token
@@ -224,8 +232,10 @@ def _check_tokenizer(tokenizer, name: str) -> None:
                         f"tokenizer files (tokenizer.json or vocab.txt, tokenizer_config.json) to the model dir")
 
 
-def _load_problem(e: Exception) -> str:
+def _load_problem(e: Exception, name: str) -> str:
     """What went wrong loading weights, in words a user can act on."""
+    if not Path(name).expanduser().exists() and name not in ALIASES and isinstance(e, OSError):
+        return hub.unavailable(name, e)  # a hub id: not cached, no such repo, or no hub to ask
     text = _first_line(e)
     if "safetensors" in text.lower() and ("no file" in text.lower() or "not found" in text.lower()
                                          or "does not appear" in text.lower()):

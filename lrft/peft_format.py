@@ -70,7 +70,8 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         provenance = {"lrft_method": config["method"], "lrft_params": config["params"], "run_dir": str(run_dir),
-                      "base_model": base, "task": config["task"], "label_names": config.get("label_names")}
+                      "base_model": base, "task": config["task"], "label_names": config.get("label_names"),
+                      "data_source": config.get("data_source")}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     console.log(f"PEFT LoRA adapter written to {out}: {report['modules']} modules, rank {r}"
                 + (f" ({len(others)} modules with their own rank)" if others else "")
@@ -182,7 +183,8 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
         own[key].copy_(value)
     a.model.eval()
     config = {"method": "lora", "source": "peft", "task": task.name, "params": params.model_dump(),
-              "base_model": {"name": base_name}}
+              "base_model": {"name": base_name},
+              "data_source": provenance.get("data_source") if provenance.get("task") == task.name else None}
     return Opened(a, config, model_cfg, DataConfig(task=task.name))
 
 

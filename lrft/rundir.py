@@ -28,12 +28,14 @@ from lrft import console
 
 from lrft.adapt import Opened, adapt, check_fingerprint, load_base
 from lrft.checkpoint import CONFIG_FILE, load_adapter, read_adapter_config
-from lrft.data import get_task
+from lrft.data import DATA_DIR_ENV, HUB_SOURCE, get_task, local_source
 from lrft.errors import LrftError
+from lrft.files import read_json
 from lrft.guard import RUN_MARKER
 from lrft.inject import load_saved_state
+from lrft.models import ALIASES, looks_local
 from lrft.peft_format import is_peft_dir, load_peft
-from lrft.recipe import Recipe, read_recipe_mapping, validate
+from lrft.recipe import DataConfig, Recipe, read_recipe_mapping, validate
 
 RECIPE = RUN_MARKER  # the file that makes a dir a run dir: lrft.guard never lets a command replace one
 METRICS = "metrics.jsonl"
@@ -51,6 +53,7 @@ PRUNED = "pruned.json"
 # Every entry a run dir may hold: `train --restart` deletes a run dir only if it holds nothing else.
 LAYOUT = frozenset({RECIPE, METRICS, ADAPTER_STATS, SUMMARY, ADAPTER, BEST_ADAPTER, CHECKPOINTS, CALIBRATION, ANALYSIS,
                     PREDICTIONS, PREDICTIONS_AT_START, TRACKERS, PRUNED})
+MERGE_REPORT = "merge_report.json"  # in a merged model dir: the parity numbers and where their data came from
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class RunDir:
         return self.recipe.is_file()
 
     def read_recipe(self) -> Recipe:
+        if not self.path.exists():
+            raise LrftError(f"{self.path}: no such directory; give the run dir `lrft train` wrote")
         if not self.is_run():
             raise LrftError(f"{self.path}: not an lrft run dir (no {RECIPE}); give the dir `lrft train` wrote")
         return validate(read_recipe_mapping(self.recipe), source=str(self.recipe))
@@ -116,10 +121,16 @@ def load_run(run_dir: Path, *, best: bool = False, force: bool = False) -> Opene
     return Opened(a, config, recipe.model, recipe.data, run.path)
 
 
-def open_adapted(target: Path, *, task: str | None = None, base: str | None = None, force: bool = False,
+def open_adapted(name: str | Path, *, task: str | None = None, base: str | None = None, force: bool = False,
                  best: bool = False) -> Opened | None:
-    """An lrft run dir or a PEFT LoRA dir, opened on its base model; None for anything else (a model)."""
-    target = Path(target)
+    """An lrft run dir or a PEFT LoRA dir, opened on its base model; None for anything else (a model).
+
+    A name meant as a path (models.looks_local) that is not there is refused at once, never tried as a
+    hub id."""
+    target = Path(name).expanduser()
+    if not target.exists() and looks_local(str(name)):
+        raise LrftError(f"{name}: no such directory; give a run dir of `lrft train`, a PEFT adapter dir, a model "
+                        f"dir, an alias ({', '.join(ALIASES)}) or a hub id")
     if RunDir(target).is_run():
         opened = load_run(target, best=best, force=force)
         if task and task != opened.adapted.task.name:
@@ -129,6 +140,32 @@ def open_adapted(target: Path, *, task: str | None = None, base: str | None = No
     if is_peft_dir(target):
         return load_peft(target, task, base, force)
     return None
+
+
+def data_settings(opened: Opened, data_path: str | None) -> DataConfig:
+    """Where eval and merge read the task's examples: `data_path` (--data-path); else the dir the run or
+    export was trained on (its adapter config's data_source), while it is there; else the recipe's
+    data.path, $LRFT_DATA_DIR or the hub."""
+    data = opened.data_cfg.model_copy()
+    recorded = opened.config.get("data_source")
+    if data_path:
+        data.path = data_path
+    elif local_source(recorded):
+        data.path = recorded
+    elif recorded and not recorded.startswith(HUB_SOURCE):
+        elsewhere = data.path or (f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the hub")
+        console.warn(f"{opened.config.get('task')} was trained on the files in {recorded}, which are gone; "
+                     f"reading them from {elsewhere} (--data-path names another dir)")
+    return data
+
+
+def merged_data_source(model_dir: Path, task: str) -> str | None:
+    """The local data dir a merged model dir's parity check read, if it was for `task` and is still there."""
+    path = Path(model_dir) / MERGE_REPORT
+    if not path.is_file():
+        return None
+    report = read_json(path, "merge report")
+    return local_source(report.get("data_source")) if report.get("task") == task else None
 
 
 # ------------------------------------------------------------------------------- one writer per dir

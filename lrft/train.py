@@ -533,7 +533,7 @@ class Trainer:
 
     def save_adapter(self, directory: Path) -> None:
         save_adapter(directory, saved_state(self.unwrapped, self.cfg.train_head),
-                     adapter_config(self.recipe, self.adapted, self.trainable))
+                     adapter_config(self.recipe, self.adapted, self.trainable, self.data.source))
 
     def checkpoint(self) -> None:
         """Checkpoint of this exact step; each process contributes its own RNG state (its dropout stream)."""
@@ -573,7 +573,7 @@ class Trainer:
         progress, stats = self.progress, self.stats
         return {
             "name": self.recipe.name, "task": self.task.name, "method": self.adapted.method.name,
-            "model": self.recipe.model.name, "final": progress.last_eval,
+            "model": self.recipe.model.name, "data_source": self.data.source, "final": progress.last_eval,
             "best": {"step": progress.best_step, self.metric_for_best: progress.best_metric},
             "metric_for_best": self.metric_for_best, "steps": progress.step, "epochs": self.epoch_of(progress.step),
             "train_examples": len(self.train_features), "trainable_params": self.trainable,

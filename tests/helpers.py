@@ -192,6 +192,19 @@ def make_problems(n: int, seed: int) -> list[dict]:
     return out
 
 
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+
+
+def write_glue_mrpc(d: Path) -> Path:
+    """A tiny GLUE MRPC dir in GLUE's own layout (train.tsv, dev.tsv) of make_sentences pairs."""
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", 64, 1), ("dev", 32, 2)):
+        rows = [f"{r['label']}\t{i}\t{i + 1}\t{r['text']}\t{r['text'][::-1]}\n"
+                for i, r in enumerate(make_sentences(n, seed))]
+        (d / f"{split}.tsv").write_text(MRPC_HEADER + "".join(rows))
+    return d
+
+
 def write_splits(d: Path, make, splits) -> Path:
     """`split.jsonl` files of make(n, seed) records, for each (split, n, seed)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -229,6 +242,14 @@ def recipe_dict(model_dir: Path, data_dir: Path, out_dir: Path, method: str = "l
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The command lines of the first bash block under a README heading, as written there."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(f"\n{heading}\n"):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "lrft"
 
 # Lowest first; a module may import from its own layer and the ones below, never from above.
 LAYERS = [
-    ["lrft", "lrft.errors", "lrft.console", "lrft.guard", "lrft.files", "lrft.tracking"],
+    ["lrft", "lrft.errors", "lrft.console", "lrft.guard", "lrft.files", "lrft.tracking", "lrft.hub"],
     ["lrft.targets"],
     ["lrft.methods"],
     ["lrft.inject", "lrft.loss"],

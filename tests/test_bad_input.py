@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import make_problems, save_tiny_llama, snapshot, tiny_bert
+from tests.helpers import MRPC_HEADER, make_problems, save_tiny_llama, snapshot, tiny_bert
 
 
 @pytest.fixture
@@ -53,8 +53,6 @@ def _data_dir(scratch: Path, train: str, dev: str = '{"text": "good film", "labe
     _write(scratch / "d" / f"{eval_stem}{suffix}", dev)
     return scratch / "d"
 
-
-MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 
 CASES = {
     # ------------------------------------------------------------------------------------ recipes
@@ -125,6 +123,9 @@ CASES = {
                     ["--output:", "already exists", "--force"]),
     "init method": (lambda w, s: ["init", "--method", "qlora"], ["adapter.method: unknown 'qlora'"]),
     "eval model without task": (lambda w, s: ["eval", w / "model"], ["--task:", "is not an lrft run dir"]),
+    "eval missing run dir": (lambda w, s: ["eval", _runs_here(s) / "does_not_exist", "--task", "glue/mrpc"],
+                             ["runs/does_not_exist: no such directory", "give a run dir"]),
+    "merge missing run dir": (lambda w, s: ["merge", "./nowhere", "--out", s / "m"], ["./nowhere: no such directory"]),
     "eval wrong task": (lambda w, s: ["eval", w / "runs" / "good", "--task", "glue/rte"],
                         ["--task: the run was trained on text-classification, not glue/rte", "leave out --task"]),
     "analyze unknown module": (lambda w, s: ["analyze", w / "runs" / "good", "--out", s / "a", "--module", "nope"],
@@ -305,6 +306,12 @@ CASES = {
     "PEFT config without peft_type": (lambda w, s: ["merge", _peft_files(s, config="{}"), "--out", s / "m"],
                                       ["adapter_config.json: no peft_type, so not a PEFT adapter config"]),
 }
+
+
+def _runs_here(scratch: Path) -> Path:
+    """`runs`, relative, with a runs/ dir in the working dir: a path by its look, never a hub id."""
+    (scratch.parent / "runs").mkdir(exist_ok=True)
+    return Path("runs")
 
 
 def _broken_model(world: Path, scratch: Path, weights: bytes | None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import METHODS, read_jsonl
+from tests.helpers import METHODS, read_jsonl, readme_commands, recipe_dict, write_glue_mrpc, write_recipe
 
 RUN_FILES = ["recipe.yaml", "metrics.jsonl", "adapter_stats.jsonl", "summary.json", "adapter/adapter.safetensors",
              "adapter/adapter_config.json", "best_adapter/adapter.safetensors"]
@@ -186,3 +187,78 @@ def test_real_process_exit_codes(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lrft", "count-params", "--method", "tlora", "--rank", "8", "--json"],
                          capture_output=True, text=True)
     assert run.returncode == 0 and json.loads(run.stdout)["trainable"] == 3120
+
+
+def run_readme_line(cli, monkeypatch, line: str):
+    """One README command line as written: `VAR=value` prefixes set for it, `| jq .a.b` applied to its
+    JSON output; returns (exit code, stdout, stderr)."""
+    words = shlex.split(line, comments=True)
+    env = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    pipe = words.index("|") if "|" in words else len(words)
+    command, jq = words[:pipe], words[pipe + 1:]
+    assert command[0] == "lrft", line
+    with monkeypatch.context() as m:
+        for key, value in env.items():
+            m.setenv(key, value)
+        code, out, err = cli(*command[1:])
+    if jq and code == 0:
+        assert jq[0] == "jq", line
+        value = json.loads(out)
+        for key in jq[1].strip(".").split("."):
+            value = value[key]
+        out = json.dumps(value)
+    return code, out, err
+
+
+def test_the_readme_commands_run_in_order_without_the_data_dir(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """The README's Set-up training, then its Commands block line by line as written, on tiny models
+    (recipes of the same names): eval, merge and analyze of a run read the data the run trained on,
+    with neither LRFT_DATA_DIR nor the hub."""
+    work = tmp_path / "work"
+    write_glue_mrpc(tmp_path / "shared" / "data" / "glue" / "mrpc")  # ../shared/data, as the README says
+    for name, method in (("quickstart", "tlora"), ("glue_mrpc_talora", "talora")):
+        recipe = recipe_dict(tiny_model_dir, tmp_path, "runs", method, name, data={"task": "glue/mrpc", "path": None},
+                             calibration={"samples": 16, "batch_size": 8})
+        (work / "recipes").mkdir(parents=True, exist_ok=True)
+        write_recipe(work / "recipes" / f"{name}.yaml", recipe)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("LRFT_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    setup = [line for line in readme_commands("## Set-up") if line.startswith("LRFT_DATA_DIR=")]
+    outputs = {}
+    for line in setup + readme_commands("## Commands"):
+        code, out, err = run_readme_line(cli, monkeypatch, line)
+        assert code == 0, f"{line}\n{err}"
+        outputs[line.split("#")[0].strip()] = out
+    final = json.loads((work / "runs" / "quickstart" / "summary.json").read_text())["final"]
+    for line in ("lrft eval runs/quickstart", "lrft eval merged/ --task glue/mrpc"):
+        got = dict(row.split("\t") for row in outputs[line].splitlines())
+        assert float(got["accuracy"]) == pytest.approx(final["accuracy"]), line
+    assert -1 <= float(outputs["lrft analyze runs/quickstart --against runs/r16 --json | jq .cosine.mean"]) <= 1
+    assert (work / "runs" / "quickstart" / "analysis" / "report.html").is_file() and (work / "my.yaml").is_file()
+    assert "talora" in outputs["lrft count-params --method talora --calibrated runs/glue_mrpc_talora"]
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"HF_HUB_OFFLINE": "1"}, "the hub is unreachable (HF_HUB_OFFLINE=1)"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "the hub is unreachable (no connection to 127.0.0.1:9: Connection refused)"),
+])
+@pytest.mark.parametrize("what", ["data", "model"])
+def test_an_unreachable_hub_is_said_once_without_retries(tiny_model_dir, tmp_path, env, reason, what):
+    """Hub data (glue/sst2 without a local dir) or a hub model: one error line saying the hub cannot be
+    reached and what to do, with none of the libraries' retry lines."""
+    import os
+
+    model = str(tiny_model_dir) if what == "data" else "some-org/some-model"
+    clean = {k: v for k, v in os.environ.items() if k not in ("LRFT_DATA_DIR", "HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    run = subprocess.run([sys.executable, "-m", "lrft", "eval", model, "--task", "glue/sst2"], capture_output=True,
+                         text=True, cwd=tmp_path, env={**clean, "HF_HOME": str(tmp_path / "hf"), **env}, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("error:") == 1 and reason in run.stderr, run.stderr
+    assert "Retrying" not in run.stderr and "Traceback" not in run.stderr
+    expected = ("nyu-mll/glue (sst2) is not in the local cache", "LRFT_DATA_DIR") if what == "data" else (
+        "model.name: could not load the config of 'some-org/some-model'", "is not in the local cache")
+    assert all(words in run.stderr for words in expected), run.stderr

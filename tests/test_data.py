@@ -10,6 +10,7 @@ import pytest
 from lrft.data import compute_metrics, get_task, load_task_data
 from lrft.errors import LrftError
 from lrft.recipe import DataConfig
+from tests.helpers import MRPC_HEADER
 
 BOM = "\ufeff"
 
@@ -20,9 +21,6 @@ def glue_dir(tmp_path, task: str, files: dict[str, str]):
     for name, text in files.items():
         (d / name).write_text(text, encoding="utf-8")
     return d
-
-
-MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 
 
 def test_mrpc_layout_keeps_literal_quotes_and_strips_bom(tmp_path):

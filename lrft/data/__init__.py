@@ -8,13 +8,16 @@ batch them, score predictions.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lrft.data import causal, glue, text
 from lrft.data.metrics import compute_metrics
-from lrft.data.tasks import DATA_DIR_ENV, TASKS, PromptSplit, Split, Task, TaskData, get_task
+from lrft.data.tasks import (DATA_DIR_ENV, HUB_SOURCE, TASKS, PromptSplit, Split, Task, TaskData, get_task,
+                             local_source)
 from lrft.errors import LrftError
 
-__all__ = ["DATA_DIR_ENV", "TASKS", "PromptSplit", "Split", "Task", "TaskData", "collator", "compute_metrics",
-           "encode", "features", "get_task", "load_task_data"]
+__all__ = ["DATA_DIR_ENV", "HUB_SOURCE", "TASKS", "PromptSplit", "Split", "Task", "TaskData", "collator",
+           "compute_metrics", "encode", "features", "get_task", "load_task_data", "local_source"]
 
 
 def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
@@ -25,6 +28,8 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
         data = text.load(data_cfg, need_train)
     else:
         data = glue.load(task, data_cfg, need_train)
+    if not data.source.startswith(HUB_SOURCE):
+        data.source = str(Path(data.source).resolve())  # what a run records: eval and merge find it from anywhere
     data.train = data.train.head(data_cfg.max_train_samples)
     data.evals = {k: v.head(data_cfg.max_eval_samples) for k, v in data.evals.items()}
     if need_train and len(data.train) == 0:

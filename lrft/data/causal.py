@@ -17,9 +17,9 @@ import os
 import re
 from pathlib import Path
 
-from lrft import console
+from lrft import console, hub
 from lrft.data.files import find_split_file, read_records
-from lrft.data.tasks import DATA_DIR_ENV, PromptSplit, TaskData
+from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, PromptSplit, TaskData
 from lrft.errors import LrftError
 
 IGNORE = -100
@@ -59,19 +59,21 @@ def load(task, data_cfg, need_train: bool):
 
 
 def _gsm8k_hub(task, need_train: bool):
+    hub.unreachable_reason()  # an unreachable hub: offline mode before datasets tries it
     import datasets
 
     try:
         ds = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:  # offline, unknown dataset, ...: say what to do instead
-        raise LrftError(f"data: could not load gsm8k from the hub (openai/gsm8k): {type(e).__name__}; set "
-                        f"{DATA_DIR_ENV} to a dir holding gsm8k/train.jsonl and test.jsonl, or data.path") from None
+        raise LrftError(f"data: gsm8k has no local dir and {hub.unavailable('openai/gsm8k (main)', e)}; set "
+                        f"{DATA_DIR_ENV} to a dir holding gsm8k/train.jsonl and test.jsonl, or the task's dir "
+                        f"with data.path (lrft eval and merge: --data-path)") from None
 
     def split(name: str) -> PromptSplit:
         return _gsm8k_split([(i + 1, r) for i, r in enumerate(ds[name])])
 
     return TaskData(task, split("train") if need_train else PromptSplit([], [], []), {"": split("test")}, None,
-                    "hub:openai/gsm8k/main")
+                    f"{HUB_SOURCE}openai/gsm8k/main")
 
 
 def _records(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:

@@ -12,8 +12,9 @@ import csv
 import os
 from pathlib import Path
 
+from lrft import hub
 from lrft.data.files import read_text
-from lrft.data.tasks import DATA_DIR_ENV, Split, Task, TaskData
+from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, Split, Task, TaskData
 from lrft.errors import LrftError
 
 
@@ -41,7 +42,8 @@ def _local_task_dir(task: Task, data_cfg) -> Path | None:
 
 
 def _expected_files(task: Task) -> str:
-    return ", ".join(["train.tsv"] + [f"{s.local_file}.tsv" for s in task.eval_splits])
+    names = ["train.tsv"] + [f"{s.local_file}.tsv" for s in task.eval_splits]
+    return ", ".join(names[:-1]) + f" and {names[-1]}"
 
 
 def _load_local(task: Task, path: Path, need_train: bool) -> TaskData:
@@ -120,15 +122,16 @@ def _parse_label(task: Task, raw: str, path: Path, line_no: int):
 
 
 def _load_hub(task: Task, need_train: bool) -> TaskData:
+    hub_id, config = task.hub
+    hub.unreachable_reason()  # an unreachable hub: offline mode before datasets tries it
     import datasets
 
-    hub_id, config = task.hub
     try:
         ds = datasets.load_dataset(hub_id, config)
     except Exception as e:  # offline, unknown dataset, ...: say what to do instead
-        raise LrftError(f"data: could not load {task.name} from the hub ({hub_id}, {config}): {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}; set {DATA_DIR_ENV} to a dir holding "
-                        f"glue/<task>/train.tsv and dev.tsv, or data.path") from None
+        raise LrftError(f"data: {task.name} has no local dir and {hub.unavailable(f'{hub_id} ({config})', e)}; "
+                        f"set {DATA_DIR_ENV} to a dir holding {task.name}/{_expected_files(task)}, or the "
+                        f"task's dir with data.path (lrft eval and merge: --data-path)") from None
     cols = task.hub_columns
 
     def split(name: str) -> Split:
@@ -137,4 +140,5 @@ def _load_hub(task: Task, need_train: bool) -> TaskData:
 
     train = split("train") if need_train else Split([], None, [])
     evals = {s.suffix: split(s.hub_split) for s in task.eval_splits}
-    return TaskData(task, train, evals, list(task.label_names) if task.label_names else None, f"hub:{hub_id}/{config}")
+    return TaskData(task, train, evals, list(task.label_names) if task.label_names else None,
+                    f"{HUB_SOURCE}{hub_id}/{config}")

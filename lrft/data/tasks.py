@@ -8,11 +8,13 @@ a task is one entry in TASKS (and, for a new file layout, a reader in this packa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lrft.errors import unknown_choice
 
 DATA_DIR_ENV = "LRFT_DATA_DIR"
+HUB_SOURCE = "hub:"  # TaskData.source of examples from the hub: "hub:<dataset id>/<config>"
 
 
 @dataclass(frozen=True)
@@ -131,4 +133,11 @@ class TaskData:
     train: Split | PromptSplit
     evals: dict[str, Split | PromptSplit]  # metric-name suffix → split
     label_names: list[str] | None
-    source: str  # where the examples came from, for logs and the summary
+    source: str  # where the examples came from: an absolute dir, or HUB_SOURCE + the dataset; runs record it
+
+
+def local_source(source: str | None) -> str | None:
+    """The dir a recorded data source names, if it is a dir that is still there (None for the hub)."""
+    if not source or source.startswith(HUB_SOURCE):
+        return None
+    return source if Path(source).is_dir() else None
