@@ -90,10 +90,9 @@ def run(model, targets: list[Target], features: list[dict], batches: list[list[i
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     sums = Sums(targets, needs, cfg)
     want_grad = "importance" in needs
+    mine = batches[rank::world]
     with calibration_mode(model, targets, want_grad, sums):
-        for j, batch_idx in enumerate(batches):
-            if j % world != rank:
-                continue
+        for batch_idx in console.track(mine, "calibration", "batches"):
             batch = {k: v.to(device) for k, v in collate([features[i] for i in batch_idx]).items()}
             sums.mask = batch.get("attention_mask")
             with torch.set_grad_enabled(want_grad):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -132,19 +133,19 @@ def train(
     json_out: JsonOpt = False,
 ):
     """Train an adapter: load → (calibrate) → inject → train → evaluate → save. Resumes by itself."""
+    started = time.perf_counter()
     from lrft.recipe import load_recipe
+    from lrft.train import summary_lines
     from lrft.train import train as run_training
 
     r = load_recipe(recipe, overrides or [])
     console.log(f"run {r.name}: {r.adapter.method} on {r.data.task} with {r.model.name} → {r.run_dir}")
     with training_stops():
-        summary = run_training(r, restart=restart)
+        summary = run_training(r, restart=restart, started=started)
     if json_out:
         console.emit_json(summary)
     else:
-        final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
-        console.log(f"done in {summary['train_seconds']:.0f} s: {final}")
-        console.log(f"adapter: {r.run_dir / 'adapter'}")
+        console.emit_lines(summary_lines(summary, r.run_dir))
 
 
 @app.command("eval")
@@ -191,7 +192,8 @@ def merge(
     """Fold the adapter into the base weights (an HF model dir, parity checked) or export it in PEFT's format."""
     if format not in ("hf", "peft"):
         raise LrftError(f"--format: unknown {format!r}; choose hf (a merged model) or peft (a PEFT LoRA adapter)")
-    from lrft.merge import export_run, merge_run
+    from lrft.merge import export_run, merge_run, parity_lines
+    from lrft.peft_format import export_lines
 
     if format == "peft":
         if dtype is not None:
@@ -202,7 +204,7 @@ def merge(
     if json_out:
         console.emit_json(report)
     else:
-        console.log(f"{'PEFT adapter' if format == 'peft' else 'merged model'} written to {out}")
+        console.emit_lines(export_lines(report) if format == "peft" else parity_lines(report))
 
 
 @app.command("count-params")

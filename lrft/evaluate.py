@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lrft import console
 from lrft.data import Task, compute_metrics, features
 from lrft.data.causal import extract_answer, prompt_features
 from lrft.loss import batch_loss
@@ -43,7 +44,7 @@ def predict(model, features: list[dict], collate, batch_size: int, device, rank:
     # Similar lengths in a batch waste little on padding; order is restored by index afterwards.
     mine.sort(key=lambda i: len(features[i]["input_ids"]))
     logits, loss_sum, weight = [], 0.0, 0
-    for start in range(0, len(mine), batch_size):
+    for start in console.track(range(0, len(mine), batch_size), "evaluation", "batches"):
         idx = mine[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         with autocast() if autocast else nullcontext():
@@ -65,27 +66,48 @@ def predict(model, features: list[dict], collate, batch_size: int, device, rank:
 @torch.no_grad()
 def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_size: int, device,
              rank: int = 0, world: int = 1) -> list[dict]:
-    """Greedy completions of this process's shard of `prompts`, each with its index."""
+    """Greedy completions of this process's shard of `prompts`, each with its index; progress in
+    generated token steps (a batch takes up to max_new_tokens of them)."""
     was_training = model.training
     model.eval()
     mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]["prompt_ids"]))
+    starts = range(0, len(mine), batch_size)
     out = []
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
-        # left padding: every prompt ends where generation starts
-        batch = tokenizer.pad({"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left",
-                              return_tensors="pt")
-        width = batch["input_ids"].shape[1]
-        tokens = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
-            answer = extract_answer(completion)
-            gold = prompts[i]["gold"]
-            out.append({"index": i, "prompt": prompts[i]["prompt"], "completion": completion, "answer": answer,
-                        "gold": gold, "correct": answer is not None and answer == gold})
+    with console.progress("generation", len(starts) * max_new_tokens, "token steps") as phase:
+        for b, start in enumerate(starts):
+            idx = mine[start:start + batch_size]
+            # left padding: every prompt ends where generation starts
+            batch = tokenizer.pad({"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left",
+                                  return_tensors="pt")
+            width = batch["input_ids"].shape[1]
+            tokens = model.generate(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
+                                    do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, streamer=StepCounter(phase))
+            phase.update((b + 1) * max_new_tokens, note=f"batch {b + 1}/{len(starts)}")  # a batch may end early
+            for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
+                answer = extract_answer(completion)
+                gold = prompts[i]["gold"]
+                out.append({"index": i, "prompt": prompts[i]["prompt"], "completion": completion, "answer": answer,
+                            "gold": gold, "correct": answer is not None and answer == gold})
     model.train(was_training)
     return out
+
+
+class StepCounter:
+    """A transformers streamer (put/end) that advances a phase by one per generated token step; the
+    first put is the prompt."""
+
+    def __init__(self, phase: console.Phase):
+        self.phase, self.prompt_seen = phase, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.phase.advance()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, *, batch_size: int, accelerator=None,

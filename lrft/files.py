@@ -99,8 +99,10 @@ def atomic_dir(final: Path, overwrite: bool = True, *, flag: str | None = None) 
     tmp.mkdir()
     try:
         yield tmp
+        mode = plain_file_mode(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, mode)  # safetensors writes its files 0600; give them what every other file gets
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
@@ -168,6 +170,16 @@ def _name_max(directory: Path) -> int:
         return os.pathconf(directory, "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
+
+
+def plain_file_mode(directory: Path) -> int:
+    """The permission bits a file created with open() gets in `directory` (0644 under umask 022)."""
+    probe = Path(directory) / f".mode-probe-{os.getpid()}"
+    probe.touch()
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
 
 
 def append_jsonl(path: Path, record: dict) -> None:

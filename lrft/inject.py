@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrft import console
 from lrft.errors import LrftError
 from lrft.methods.base import Adapter, Built
 from lrft.targets import Target, head_modules
@@ -126,7 +127,7 @@ def merge(model: nn.Module) -> nn.Module:
     The sum is formed in fp32 and cast back to the weight's dtype; a non-finite result stops the merge
     before anything is written (the weights are left half-merged in memory only).
     """
-    for name, wrapper in list(adapted(model).items()):
+    for name, wrapper in console.track(list(adapted(model).items()), "merging", "modules"):
         w = wrapper.base.weight
         delta = wrapper.adapter.delta_weight().to(w.device)
         merged = w.float() + (delta.T if wrapper.transposed else delta)

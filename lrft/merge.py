@@ -4,9 +4,12 @@ or (`--format peft`) export it as a standard PEFT LoRA adapter dir (lrft.peft_fo
 ΔW is added module by module in fp32 and cast to the base dtype, then the model to `--dtype`; one
 copy of the model is in memory at a time (merging happens in place, on the CPU unless the model is
 elsewhere). Parity on real validation batches: the merged model's logits against the adapted
-model's (refused above 1e-4 in fp32), for bf16/fp16 also against the fp32 merge, and for causal
-LMs identical greedy generations. The dir is written under a temporary name and loaded back with
-plain transformers before it gets its final name; `merge_report.json` records the numbers.
+model's (refused above 1e-4 in fp32), for bf16/fp16 also against the fp32 merge, with how much of
+each module's update survives rounding to that dtype (a verdict: within rounding, or a warning), and
+for causal LMs identical greedy generations. A cast keeps the buffers a model computes for itself
+(rotary inv_freq) in their dtype, as from_pretrained does, so the files give the logits that were
+checked. The dir is written under a temporary name and loaded back with plain transformers before it
+gets its final name; `merge_report.json` records the numbers and where the parity data came from.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
 from lrft.files import atomic_dir, check_writable
 from lrft.guard import check_output
-from lrft.inject import merge
+from lrft.inject import adapted, merge
 from lrft.rundir import MERGE_REPORT, data_settings, load_run, open_adapted, writer_lock
 
 PARITY_TOL_FP32 = 1e-4
+UPDATE_KEPT_MIN = 0.9  # a bf16/fp16 merge warns when a module keeps less of its update than this
 PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
 CAUSAL_PARITY_TOKENS = 128  # logits of a causal LM are (tokens × vocab): a short window suffices
 GENERATION_PROMPTS, GENERATION_TOKENS = 3, 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a merge does, in order (the notes of its progress).
+MERGE_STEPS = ("loading the adapted model", "the adapted model's outputs", "merging", "the merged model's outputs",
+               "writing", "the written model's outputs")
 
 
 def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
@@ -43,8 +50,8 @@ def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
         return peft_format.export(opened, out, force)
 
 
-def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool = False, task: str | None = None,
-              base: str | None = None, data_path: str | None = None) -> dict:
+def merge_run(run_dir: str | Path, out: Path, *, dtype: str | None = None, force: bool = False,
+              task: str | None = None, base: str | None = None, data_path: str | None = None) -> dict:
     """Write the merged model to `out` (atomically) and return the parity report.
 
     `run_dir` is an lrft run dir or a PEFT LoRA dir (then `task` and `base` may be needed).
@@ -53,12 +60,15 @@ def merge_run(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool
     if dtype is not None and dtype not in DTYPES:
         raise LrftError(f"--dtype: unknown {dtype!r}; choose one of: {', '.join(DTYPES)}")
     _check_out(out, force, {Path(run_dir): "the run or adapter dir this command reads"})
-    with writer_lock(out):
-        return _merge(run_dir, out, dtype, force, task, base, data_path)
+    with writer_lock(out), console.progress("merge", len(MERGE_STEPS), "steps") as phase:
+        return _merge(run_dir, out, dtype, force, task, base, data_path, phase)
 
 
-def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str | None, base: str | None,
-           data_path: str | None) -> dict:
+
+def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None, base: str | None,
+           data_path: str | None, phase: console.Phase) -> dict:
+    step = iter(MERGE_STEPS)
+    phase.update(0, note=next(step))
     opened = open_adapted(run_dir, task=task, base=base, force=force)
     if opened is None:
         raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
@@ -67,52 +77,132 @@ def _merge(run_dir: Path, out: Path, dtype: str | None, force: bool, task: str |
     a, config, data_cfg = opened.adapted, opened.config, data_settings(opened, data_path)
     task, model = a.task, a.model
     causal = task.problem == "causal_lm"
+    phase.advance(note=next(step))
     batch, prompts, data_source = _parity_inputs(data_cfg, a)
     before = _logits(model, batch)
     generated = _greedy(model, a.tokenizer, prompts) if causal else None
-
-    merge(model)
     base_dtype = next(model.parameters()).dtype
     target = DTYPES[dtype] if dtype else DTYPES[opened.model_cfg.dtype]
+    phase.advance(note=next(step))
+    kept = update_kept(model, target) if target != base_dtype else None
+    merge(model)
     report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": task.name,
               "data_source": data_source, "dtype": str(target).removeprefix("torch."),
               "parity_examples": int(batch["input_ids"].shape[0])}
+    phase.advance(note=next(step))
     merged = _logits(model, batch)
     report["max_abs_logit_diff_in_memory"] = _maxdiff(merged, before)
     if target != base_dtype:
-        model.to(target)
+        cast_parameters(model, target)
         cast = _logits(model, batch)
         if base_dtype == torch.float32:
             report["max_abs_logit_diff_vs_fp32_merge"] = _maxdiff(cast, merged)
+            report["update_kept_min"] = min(kept.values()) if kept else None
         merged = cast
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     with atomic_dir(out, overwrite=force, flag="--out") as tmp:
+        phase.advance(note=next(step))
         model.save_pretrained(tmp)
         a.tokenizer.save_pretrained(tmp)
         del model, a, opened  # the reload below is the only copy from here on
         gc.collect()
+        phase.advance(note=next(step))
         reloaded = _reload(tmp, causal, target)
         after = _logits(reloaded, batch)
         report["max_abs_logit_diff"] = _maxdiff(after, before)
-        report["reload_matches_memory"] = _maxdiff(after, merged) == 0.0
+        report["max_abs_logit_diff_reload_vs_memory"] = _maxdiff(after, merged)
+        report["reload_matches_memory"] = report["max_abs_logit_diff_reload_vs_memory"] == 0.0
         if causal:
-            report["generation_identical"] = _greedy(reloaded, _tokenizer(tmp), prompts) == generated
-            emb, head = reloaded.get_input_embeddings(), reloaded.get_output_embeddings()
-            report["tied_embeddings"] = bool(emb is not None and head is not None and
-                                             emb.weight.data_ptr() == head.weight.data_ptr())
-            if tied and not report["tied_embeddings"]:
-                raise RuntimeError("the merged model lost its tied input/output embeddings")
-        console.log(f"parity on {report['parity_examples']} validation examples: max |logit diff| "
-                    f"{report['max_abs_logit_diff']:.3g} ({report['dtype']})"
-                    + (f", {report['max_abs_logit_diff_vs_fp32_merge']:.3g} against the fp32 merge"
-                       if "max_abs_logit_diff_vs_fp32_merge" in report else "")
-                    + (f"; greedy generations identical: {report['generation_identical']}" if causal else ""))
-        if target == torch.float32 and report["max_abs_logit_diff"] > PARITY_TOL_FP32:
-            raise RuntimeError(f"merged model differs from the adapted one by {report['max_abs_logit_diff']:.3g} > "
-                               f"{PARITY_TOL_FP32} in fp32")
+            report.update(_causal_checks(reloaded, tmp, prompts, generated, tied))
+        _check_parity(report, target, kept)
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        phase.advance()
     return report
+
+
+def _causal_checks(reloaded, model_dir: Path, prompts: list[list[int]], generated: list[list[int]],
+                   tied: bool) -> dict:
+    """Whether the written causal LM generates what the adapted one did, and keeps tied embeddings tied."""
+    emb, head = reloaded.get_input_embeddings(), reloaded.get_output_embeddings()
+    checks = {"generation_identical": _greedy(reloaded, _tokenizer(model_dir), prompts) == generated,
+              "tied_embeddings": bool(emb is not None and head is not None
+                                      and emb.weight.data_ptr() == head.weight.data_ptr())}
+    if tied and not checks["tied_embeddings"]:
+        raise RuntimeError("the merged model lost its tied input/output embeddings")
+    return checks
+
+
+def _check_parity(report: dict, target: torch.dtype, kept: dict[str, float] | None) -> None:
+    """An fp32 merge must equal the adapted model (a bug otherwise); a bf16/fp16 one gets a verdict."""
+    if target == torch.float32 and report["max_abs_logit_diff"] > PARITY_TOL_FP32:
+        raise RuntimeError(f"merged model differs from the adapted one by {report['max_abs_logit_diff']:.3g} > "
+                           f"{PARITY_TOL_FP32} in fp32")
+    if not report["reload_matches_memory"]:
+        console.warn(f"the written model's logits differ from the merged model's in memory by "
+                     f"{report['max_abs_logit_diff_reload_vs_memory']:.3g} (same weights and code should give the "
+                     f"same numbers); compare its outputs before serving it")
+    lost = sorted(name for name, share in (kept or {}).items() if share < UPDATE_KEPT_MIN)
+    report["verdict"] = "update_lost_in_rounding" if lost else "ok"
+    if lost:
+        dtype = report["dtype"]
+        console.warn(f"{len(lost)} of {len(kept)} modules keep less than {UPDATE_KEPT_MIN:.0%} of their update in "
+                     f"{dtype} (e.g. {lost[0]}: {kept[lost[0]]:.0%}): ΔW is below the resolution of {dtype} "
+                     f"weights there, so the merged model is closer to the base model than the adapted one is. Merge "
+                     f"in float32, or serve the adapter on the base model (--format peft)")
+
+
+def parity_lines(report: dict) -> list[str]:
+    """What `lrft merge` prints: where the model went and what the parity check found."""
+    dtype, kept = report["dtype"], report.get("update_kept_min")
+    against = f"max |logit diff| {report['max_abs_logit_diff']:.3g} against the adapted model"
+    if "max_abs_logit_diff_vs_fp32_merge" in report:
+        against += f", {report['max_abs_logit_diff_vs_fp32_merge']:.3g} against the float32 merge"
+    if report["verdict"] != "ok":
+        verdict = f"{dtype} rounding loses part of the update (see the warning)"
+    elif report["max_abs_logit_diff"] <= PARITY_TOL_FP32:
+        verdict = "identical up to float32 rounding"
+    else:
+        verdict = f"within {dtype} rounding of the float32 merge" + (
+            f" (every module keeps ≥ {int(kept * 100)}% of its update)" if kept is not None else "")
+    lines = [f"merged model written to {report['out']} ({dtype})",
+             f"parity on {report['parity_examples']} validation examples: {against}: {verdict}"]
+    if "generation_identical" in report:
+        lines.append(f"greedy generations of {GENERATION_PROMPTS} prompts: "
+                     + ("identical to the adapted model's" if report["generation_identical"] else
+                        f"not all identical to the adapted model's ({dtype} rounding)"))
+    return lines
+
+
+@torch.no_grad()
+def update_kept(model, dtype: torch.dtype) -> dict[str, float]:
+    """Per adapted module, the share of its update ΔW that survives merging in `dtype`:
+    ⟨Q(W0 + ΔW) − Q(W0), ΔW⟩ / ‖ΔW‖², Q rounding to `dtype`. About 1 when ΔW is well above the resolution
+    of the weights in `dtype`; near 0 when round-to-nearest gives W0's own value back. Modules with a
+    zero update are left out. One module's temporaries at a time."""
+    kept = {}
+    for name, wrapper in adapted(model).items():
+        w = wrapper.base.weight.float()
+        delta = wrapper.adapter.delta_weight().to(w.device)
+        delta = delta.T if wrapper.transposed else delta
+        norm2 = float((delta * delta).sum())
+        if norm2 > 0:
+            survived = (w + delta).to(dtype).float() - w.to(dtype).float()
+            kept[name] = float((survived * delta).sum()) / norm2
+    return kept
+
+
+def cast_parameters(model, dtype: torch.dtype) -> None:
+    """The model in `dtype` as from_pretrained(dtype=...) loads it: parameters and saved buffers cast,
+    buffers a model computes for itself (rotary inv_freq, not saved) kept in their own dtype. A plain
+    `.to(dtype)` casts those too, and the merged model in memory would compute other logits than the
+    files it writes."""
+    saved = set(model.state_dict())
+    computed = {name: buf for name, buf in model.named_buffers() if name not in saved}
+    model.to(dtype)
+    for name, buf in computed.items():
+        owner, _, leaf = name.rpartition(".")
+        getattr(model.get_submodule(owner), "_buffers")[leaf] = buf
 
 
 def _check_out(out: Path, force: bool, sources: dict[Path, str]) -> None:

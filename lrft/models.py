@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def dequantized(gguf_path: Path) -> str:
     console.log(f"dequantising {gguf_path.name} once into {cache}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        with gguf_progress():
+            quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                             dtype=torch.float32)
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise LrftError(f"model.gguf_file: could not read {gguf_path}: {type(e).__name__}: {_first_line(e)}") from None
     config = quantised.config
@@ -143,6 +146,20 @@ def dequantized(gguf_path: Path) -> str:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return str(cache)
+
+
+@contextmanager
+def gguf_progress():
+    """transformers dequantises GGUF tensors under a tqdm bar of its own, which it writes to stderr
+    even when that is a log file; lrft's progress (a bar on a terminal only) stands in for it."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda tensors, **_: console.track(tensors, "dequantising", "tensors")
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _common(model_cfg) -> dict:

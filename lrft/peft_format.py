@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lrft import console, methods
+from lrft import methods
 from lrft.adapt import Opened, attach, check_fingerprint, load_base
 from lrft.checkpoint import load_tensors
 from lrft.data import get_task
@@ -34,7 +34,7 @@ from lrft.files import atomic_dir, read_json
 from lrft.inject import adapted
 from lrft.methods import Built
 from lrft.methods.lora import LoRA
-from lrft.models import resolve
+from lrft.models import looks_local, resolve
 from lrft.recipe import DataConfig, ModelConfig
 from lrft.targets import OUTPUT_HEADS, head_modules
 
@@ -60,23 +60,30 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
     state, lora_config, worst = lora_adapter(a.model, heads)
     r, others = lora_config["r"], lora_config["rank_pattern"]
     base = config["base_model"]
-    peft_config = {"peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem],
-                   "base_model_name_or_path": _portable_name(opened.model_cfg.name, opened.model_cfg.gguf_file),
+    base_name = portable_name(opened.model_cfg.name)
+    peft_config = {"peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem], "base_model_name_or_path": base_name,
                    "revision": base.get("revision"), **lora_config}
     report = {"run_dir": str(run_dir), "out": str(out), "format": "peft", "method": config["method"],
               "modules": len(lora_config["target_modules"]), "rank": r, "rank_pattern": len(others),
-              "modules_to_save": heads, "max_abs_branch_diff": worst}
+              "modules_to_save": heads, "max_abs_branch_diff": worst, "base_model_name_or_path": base_name}
     with atomic_dir(out, overwrite=force, flag="--out") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         provenance = {"lrft_method": config["method"], "lrft_params": config["params"], "run_dir": str(run_dir),
-                      "base_model": base, "task": config["task"], "label_names": config.get("label_names"),
+                      "base_model": {**base, "resolved_path": resolve(opened.model_cfg.name, opened.model_cfg.gguf_file,
+                                                                      opened.model_cfg.revision)},
+                      "task": config["task"], "label_names": config.get("label_names"),
                       "data_source": config.get("data_source")}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-    console.log(f"PEFT LoRA adapter written to {out}: {report['modules']} modules, rank {r}"
-                + (f" ({len(others)} modules with their own rank)" if others else "")
-                + f"; exported factors match the lrft branches to {worst:.2g}")
     return report
+
+
+def export_lines(report: dict) -> list[str]:
+    """What `lrft merge --format peft` prints: where the adapter went and how exactly it matches."""
+    others = f" ({report['rank_pattern']} modules with their own rank)" if report["rank_pattern"] else ""
+    return [f"PEFT LoRA adapter written to {report['out']}: {report['modules']} modules, rank {report['rank']}{others}, "
+            f"base model {report['base_model_name_or_path']}",
+            f"exported factors match the lrft branches to {report['max_abs_branch_diff']:.2g}"]
 
 
 def lora_adapter(model, heads: list[str]) -> tuple[dict[str, torch.Tensor], dict, float]:
@@ -124,9 +131,12 @@ def _check_export(model, state: dict[str, torch.Tensor]) -> float:
     return worst
 
 
-def _portable_name(name: str, gguf_file: str | None) -> str:
-    """A hub id stays one; an alias, a local dir or a GGUF becomes the local HF dir PEFT users can load."""
-    return resolve(name, gguf_file) if (gguf_file or Path(name).expanduser().exists() or "/" not in name) else name
+def portable_name(name: str) -> str:
+    """The base model as PEFT's config names it on another machine: the hub id or lrft alias the recipe
+    gave, a relative dir as given, an absolute dir by its own name; never this machine's absolute path
+    (lrft_export.json keeps that, as base_model.resolved_path)."""
+    path = Path(name).expanduser()
+    return path.name if path.is_absolute() else name
 
 
 # ------------------------------------------------------------------------------------------- import
@@ -145,9 +155,7 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     task_name = task_name or provenance.get("task")
     if not task_name:
         raise LrftError(f"--task: {path} is a PEFT adapter; say which task it is for, e.g. --task glue/mrpc")
-    base_name = base_name or config.get("base_model_name_or_path")
-    if not base_name:
-        raise LrftError(f"--base: {path} names no base model (base_model_name_or_path); give one with --base")
+    model_cfg = ModelConfig(**base_model(path, config, provenance, base_name), revision=config.get("revision"))
     factors, heads = _read_weights(path / WEIGHTS)
     task = get_task(task_name)
     label_names = provenance.get("label_names") or (list(task.label_names) if task.label_names else None)
@@ -158,7 +166,6 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
                             f"{task.name} has here")
         label_names = [str(i) for i in range(rows[-1])]
     r = int(config.get("r", 8))
-    model_cfg = ModelConfig(name=base_name, revision=config.get("revision"))
     base = load_base(model_cfg, task, label_names, sorted(factors), min(f["A"].shape[0] for f in factors.values()))
     check_fingerprint(provenance, base, path, force)  # exported by lrft: the base it was trained on is known
     adapters = {}
@@ -179,11 +186,11 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     own = a.model.state_dict()
     for key, value in heads.items():
         if key not in own or own[key].shape != value.shape:
-            raise LrftError(f"{path}: the saved head tensor {key} does not fit {base_name} for {task.name}")
+            raise LrftError(f"{path}: the saved head tensor {key} does not fit {model_cfg.name} for {task.name}")
         own[key].copy_(value)
     a.model.eval()
     config = {"method": "lora", "source": "peft", "task": task.name, "params": params.model_dump(),
-              "base_model": {"name": base_name},
+              "base_model": {"name": model_cfg.name},
               "data_source": provenance.get("data_source") if provenance.get("task") == task.name else None}
     return Opened(a, config, model_cfg, DataConfig(task=task.name))
 
@@ -203,6 +210,21 @@ def _read_weights(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[
         what = f"{half[0]} has only one of lora_A and lora_B" if half else "it holds no lora_A / lora_B tensors"
         raise LrftError(f"{path}: not the weights of a PEFT LoRA adapter ({what}); restore the adapter dir")
     return factors, heads
+
+
+def base_model(path: Path, config: dict, provenance: dict, given: str | None) -> dict:
+    """The base model to load a PEFT dir on: `given` (--base); else, for an lrft export, the model its run
+    trained on when it is here (an alias, a hub id, or a dir that exists; with its GGUF file); else the
+    config's base_model_name_or_path."""
+    if given:
+        return {"name": given}
+    trained = provenance.get("base_model") or {}
+    name = trained.get("name")
+    if name and (not looks_local(name) or Path(name).expanduser().exists()):
+        return {"name": name, "gguf_file": trained.get("gguf_file")}
+    if not config.get("base_model_name_or_path"):
+        raise LrftError(f"--base: {path} names no base model (base_model_name_or_path); give one with --base")
+    return {"name": config["base_model_name_or_path"]}
 
 
 def _pattern(patterns: dict, name: str, default):

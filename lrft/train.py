@@ -71,7 +71,8 @@ class Progress:
     best_step: int | None = None
     last_eval: dict | None = None  # metrics of the latest evaluation, at step last_eval_step
     last_eval_step: int | None = None
-    train_seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase (PHASES), over every session
+    wall_seconds: float = 0.0  # wall time of the run up to this checkpoint, over every session
     skipped_nonfinite: int = 0  # batches skipped by train.skip_nonfinite
     step_times: list[float] = field(default_factory=list)
     metrics_bytes: int = 0  # length of metrics.jsonl / adapter_stats.jsonl at the checkpoint
@@ -83,10 +84,42 @@ class Progress:
 # step is already written).
 EvalHook = Callable[[dict, Progress], None]
 
+PHASES = ("loading", "calibration", "training", "evaluation", "saving")  # where a run's wall time goes
 
-def train(recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None) -> dict:
-    """Run the recipe to the end; returns the summary written to summary.json."""
-    return Trainer(recipe, restart=restart, on_evaluate=on_evaluate).run()
+
+def train(recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None,
+          started: float | None = None) -> dict:
+    """Run the recipe to the end; returns the summary written to summary.json. `started`: the
+    time.perf_counter() at which the command began (its wall time counts from there)."""
+    return Trainer(recipe, restart=restart, on_evaluate=on_evaluate, started=started).run()
+
+
+class Stopwatch:
+    """Wall time per phase into a dict; time in a phase inside another counts for the inner one only."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+        self.open: list[list] = []  # [phase, since] of the phases running, innermost last
+
+    @contextmanager
+    def phase(self, name: str):
+        now = time.perf_counter()
+        if self.open:
+            self._charge(now)
+        self.open.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._charge(now)
+            self.open.pop()
+            if self.open:
+                self.open[-1][1] = now
+
+    def _charge(self, now: float) -> None:
+        """The innermost open phase's time up to `now`."""
+        name, since = self.open[-1]
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - since
 
 
 class Stopped(Exception):
@@ -150,8 +183,11 @@ class NonFinitePolicy:
 class Trainer:
     """One run of a recipe: `run()` = `setup()` → `fit()` → `finish()`, holding the run dir's lock."""
 
-    def __init__(self, recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None):
+    def __init__(self, recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None,
+                 started: float | None = None):
         self.recipe, self.cfg, self.restart, self.on_evaluate = recipe, recipe.train, restart, on_evaluate
+        self.started = time.perf_counter() if started is None else started
+        self.wall_before = 0.0  # wall time of earlier sessions of a resumed run
         self.run_dir = RunDir(recipe.run_dir)
         self.accelerator = make_accelerator(self.cfg, self.run_dir)
         console.set_main_process(self.accelerator.is_main_process)
@@ -160,6 +196,7 @@ class Trainer:
         self.parallel = Parallel(self.accelerator)
         self.trackers = Trackers(self.accelerator, self.cfg.report_to, self.run_dir.trackers)
         self.progress = Progress()
+        self.clock = Stopwatch(self.progress.seconds)
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
 
     def run(self) -> dict:
@@ -170,7 +207,8 @@ class Trainer:
                 if finished is not None:
                     return finished
                 try:
-                    self.setup()
+                    with self.clock.phase("loading"):
+                        self.setup()
                     self.fit()
                     return self.finish()
                 finally:
@@ -277,7 +315,8 @@ class Trainer:
         # labels after the first position), or 1 for a classification example
         self.loss_weights = [sum(t != IGNORE for t in f["labels"][1:]) if task.problem == "causal_lm" else 1
                              for f in self.train_features]
-        self.stats = self.calibration(base)
+        with self.clock.phase("calibration"):
+            self.stats = self.calibration(base)
         self.adapted = adapt(base, recipe, calibration=self.stats)
         self.model = self.adapted.model
         if self.cfg.gradient_checkpointing:
@@ -348,7 +387,11 @@ class Trainer:
         states = tree["rng"] if isinstance(tree["rng"], list) else [tree["rng"]]
         # another process count than the run had: the main process's stream
         set_rng_state(states[self.rank] if self.rank < len(states) else states[0])
-        self.progress = Progress(**tree["progress"])
+        known = {f.name for f in dataclasses.fields(Progress)}  # a checkpoint of an older lrft may hold others
+        resumed = Progress(**{k: v for k, v in tree["progress"].items() if k in known})
+        for phase, seconds in self.progress.seconds.items():  # this session's so far (loading)
+            resumed.seconds[phase] = resumed.seconds.get(phase, 0.0) + seconds
+        self.progress, self.clock.seconds, self.wall_before = resumed, resumed.seconds, resumed.wall_seconds
         if self.main:
             truncate(self.run_dir.metrics, self.progress.metrics_bytes)
             truncate(self.run_dir.adapter_stats, self.progress.stats_bytes)
@@ -366,22 +409,19 @@ class Trainer:
         self.model.train()
         self.window_losses: list[float] = []
         self.last_checkpoint = time.monotonic()
-        bar = TrainBar(self.total_steps, progress.step) if console.interactive() and self.main else None
-        t_start = time.perf_counter() - progress.train_seconds
         batches = None
-        with StopSignals() as signals, ExitStack() as cleanup:
-            if bar is not None:
-                cleanup.callback(bar.close)  # also when a stop, an error or a pruner ends the run
+        with StopSignals() as signals, console.progress("training", self.total_steps, "steps", done=progress.step,
+                                                        plain_lines=False) as shown:
             while progress.step < self.total_steps:
                 batches = batches or self.epoch_batches(progress.epoch)
-                t0 = time.perf_counter()
-                loss = self.optimizer_step(batches[progress.batch])
-                progress.step += 1
-                progress.batch += 1
-                step_time = time.perf_counter() - t0
-                progress.step_times.append(round(step_time, 5))
-                progress.train_seconds = time.perf_counter() - t_start
-                self.log_step(loss, step_time, bar)
+                with self.clock.phase("training"):
+                    t0 = time.perf_counter()
+                    loss = self.optimizer_step(batches[progress.batch])
+                    progress.step += 1
+                    progress.batch += 1
+                    step_time = time.perf_counter() - t0
+                    progress.step_times.append(round(step_time, 5))
+                    self.log_step(loss, step_time, shown)
                 if progress.batch == len(batches):
                     self.end_epoch()
                     batches = None
@@ -439,8 +479,9 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         return loss_total, self.parallel.clip_grad_norm(params, self.cfg.max_grad_norm)
 
-    def log_step(self, loss: float, step_time: float, bar: TrainBar | None) -> None:
-        """A metrics.jsonl line every train.log_every steps (the mean loss of the window), progress."""
+    def log_step(self, loss: float, step_time: float, shown: console.Phase) -> None:
+        """A metrics.jsonl line every train.log_every steps (the mean loss of the window, and a log line
+        off a terminal), and the progress bar."""
         progress = self.progress
         if math.isfinite(loss):
             self.window_losses.append(loss)
@@ -450,11 +491,10 @@ class Trainer:
             self.window_losses = []
             self.record({"type": "train", "step": progress.step, "epoch": self.epoch_of(progress.step), "loss": mean,
                          "lr": lr, "step_time_s": step_time})
-            if bar is None:
+            if shown.bar is None:
                 console.log(f"step {progress.step}/{self.total_steps} epoch {self.epoch_of(progress.step):.2f} "
                             f"loss {mean if mean is None else round(mean, 4)} lr {lr:.2e} {step_time:.2f} s/step")
-        if bar is not None:
-            bar.update(progress.step, loss)
+        shown.update(progress.step, note=f"loss {loss:.4f}")
 
     def record(self, record: dict) -> None:
         """A metrics record: a line of metrics.jsonl, and a point for the trackers."""
@@ -511,10 +551,11 @@ class Trainer:
         """Metrics on the evaluation splits (and, with `generation`, scored generations: the first and
         last evaluation of a generation task); the best adapter so far is kept in best_adapter/."""
         recipe, progress = self.recipe, self.progress
-        metrics, predictions = evaluate(self.model, self.evals, self.task, self.collate,
-                                        batch_size=self.cfg.eval_batch_size, accelerator=self.accelerator,
-                                        tokenizer=self.adapted.tokenizer, max_new_tokens=recipe.data.max_new_tokens,
-                                        generation=generation, shard=not self.parallel.fsdp)
+        with self.clock.phase("evaluation"):
+            metrics, predictions = evaluate(self.model, self.evals, self.task, self.collate,
+                                            batch_size=self.cfg.eval_batch_size, accelerator=self.accelerator,
+                                            tokenizer=self.adapted.tokenizer, max_new_tokens=recipe.data.max_new_tokens,
+                                            generation=generation, shard=not self.parallel.fsdp)
         if predictions and self.main:
             write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions)
         record = {"type": "eval", "step": progress.step, "epoch": self.epoch_of(progress.step), **metrics}
@@ -532,8 +573,9 @@ class Trainer:
             self.on_evaluate(record, progress)
 
     def save_adapter(self, directory: Path) -> None:
-        save_adapter(directory, saved_state(self.unwrapped, self.cfg.train_head),
-                     adapter_config(self.recipe, self.adapted, self.trainable, self.data.source))
+        with self.clock.phase("saving"):
+            save_adapter(directory, saved_state(self.unwrapped, self.cfg.train_head),
+                         adapter_config(self.recipe, self.adapted, self.trainable, self.data.source))
 
     def checkpoint(self) -> None:
         """Checkpoint of this exact step; each process contributes its own RNG state (its dropout stream)."""
@@ -544,10 +586,12 @@ class Trainer:
             progress = self.progress
             progress.metrics_bytes = file_size(self.run_dir.metrics)
             progress.stats_bytes = file_size(self.run_dir.adapter_stats)
+            progress.wall_seconds = self.wall_seconds()
             tree = {"model": saved_state(self.unwrapped, include_head=self.cfg.train_head),
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
                     "progress": vars(progress)}
-            save_checkpoint(self.run_dir.checkpoints, progress.step, tree, self.cfg.keep_last)
+            with self.clock.phase("saving"):
+                save_checkpoint(self.run_dir.checkpoints, progress.step, tree, self.cfg.keep_last)
         self.last_checkpoint = time.monotonic()
         self.accelerator.wait_for_everyone()
 
@@ -562,12 +606,17 @@ class Trainer:
         progress = self.progress
         if progress.last_eval_step != progress.step:
             self.evaluate(generation=self.task.generate)
-        summary = self.summary()
         if self.main:
             self.save_adapter(self.run_dir.adapter)
+        summary = self.summary()
+        if self.main:
             atomic_write_json(self.run_dir.summary, summary)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def wall_seconds(self) -> float:
+        """Wall time of the run so far: earlier sessions (a resumed run) and this one, from its command's start."""
+        return self.wall_before + time.perf_counter() - self.started
 
     def summary(self) -> dict:
         progress, stats = self.progress, self.stats
@@ -578,12 +627,31 @@ class Trainer:
             "metric_for_best": self.metric_for_best, "steps": progress.step, "epochs": self.epoch_of(progress.step),
             "train_examples": len(self.train_features), "trainable_params": self.trainable,
             "head_params": sum(p.numel() for p in self.head_params), "total_params": self.total,
-            "train_seconds": round(progress.train_seconds, 2),
+            "wall_seconds": round(self.wall_seconds(), 2),
+            "seconds": {phase: round(progress.seconds[phase], 2) for phase in PHASES if phase in progress.seconds},
+            "train_seconds": round(progress.seconds.get("training", 0.0), 2),
             "calibration_seconds": round(stats.seconds, 2) if stats is not None else None,
             "skipped_nonfinite": progress.skipped_nonfinite,
             "median_step_time_s": round(statistics.median(progress.step_times), 4) if progress.step_times else None,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+
+
+def summary_lines(summary: dict, run_dir: Path) -> list[str]:
+    """What `lrft train` prints on stdout: where the wall time went, the final and best metrics, the adapter."""
+    if "wall_seconds" in summary:
+        parts = [f"{phase} {console.duration(seconds)}" for phase, seconds in summary["seconds"].items()
+                 if seconds >= 0.5]
+        took = f"done in {console.duration(summary['wall_seconds'])}" + (f" ({', '.join(parts)})" if parts else "")
+    else:  # a run finished by an older lrft
+        took = f"done: training {console.duration(summary['train_seconds'])}"
+    final = ", ".join(f"{k} {v:.4f}" for k, v in (summary.get("final") or {}).items())
+    best = summary.get("best") or {}
+    metric = summary.get("metric_for_best")
+    lines = [took, f"final (step {summary.get('steps')}): {final}"]
+    if best.get(metric) is not None:
+        lines.append(f"best (step {best['step']}): {metric} {best[metric]:.4f} in {RunDir(run_dir).best_adapter}")
+    return lines + [f"adapter: {RunDir(run_dir).adapter}"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -702,21 +770,3 @@ def truncate(path: Path, size: int) -> None:
     if path.exists() and path.stat().st_size > size:
         with open(path, "r+b") as f:
             f.truncate(size)
-
-
-class TrainBar:
-    """A rich progress bar of the training steps, on a terminal."""
-
-    def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                                 TimeRemainingColumn(), console=console.err, transient=True)
-        self.task = self.progress.add_task("train", total=total, completed=done, loss="-")
-        self.progress.start()
-
-    def update(self, step: int, loss: float) -> None:
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}")
-
-    def close(self) -> None:
-        self.progress.stop()

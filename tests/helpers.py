@@ -244,12 +244,17 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def readme_commands(heading: str) -> list[str]:
-    """The command lines of the first bash block under a README heading, as written there."""
+def readme_block(heading: str, language: str = "bash") -> str:
+    """The first code block of `language` under a README heading, as written there."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text[text.index(f"\n{heading}\n"):]
-    block = section[section.index("```bash\n") + len("```bash\n"):]
-    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
+    block = section[section.index(f"```{language}\n") + len(f"```{language}\n"):]
+    return block[:block.index("```")]
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The command lines of the first bash block under a README heading."""
+    return [line for line in readme_block(heading).splitlines() if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[dict]:

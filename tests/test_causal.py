@@ -184,3 +184,16 @@ def test_bad_causal_inputs(cli, causal_recipe, tmp_path, case, expect):
     code, _, err = cli("train", recipe, "train.max_steps=1")
     assert code == 2 and expect in err and err.count("error:") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_gguf_dequantisation_bar_is_lrfts_own(capfd):
+    """transformers' GGUF loader calls its module's `tqdm`; under lrft that is lrft's progress, which
+    writes nothing off a terminal (here: pytest's captured stderr), and the loader's own comes back after."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from lrft.models import gguf_progress
+
+    original = gguf_utils.tqdm
+    with gguf_progress():
+        assert list(gguf_utils.tqdm([1, 2, 3], desc="Converting and de-quantizing GGUF tensors...")) == [1, 2, 3]
+    assert capfd.readouterr().err == "" and gguf_utils.tqdm is original

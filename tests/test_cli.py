@@ -262,3 +262,73 @@ def test_an_unreachable_hub_is_said_once_without_retries(tiny_model_dir, tmp_pat
     expected = ("nyu-mll/glue (sst2) is not in the local cache", "LRFT_DATA_DIR") if what == "data" else (
         "model.name: could not load the config of 'some-org/some-model'", "is not in the local cache")
     assert all(words in run.stderr for words in expected), run.stderr
+
+
+def test_long_phases_show_progress_off_a_terminal(cli, tiny_recipe, causal_recipe, tmp_path, monkeypatch):
+    """Every phase that can take long prints where it stands off a terminal (here at every unit: the
+    interval set to 0), on stderr only: stdout keeps the results, and `--json` pure JSON."""
+    from lrft import console
+
+    monkeypatch.setattr(console, "PLAIN_EVERY_S", 0.0)
+    code, out, err = cli("train", tiny_recipe("talora", name="shown", calibration={"samples": 16, "batch_size": 8}),
+                         "train.max_steps=2", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 2, err
+    assert "calibration: 2/2 batches" in err and "evaluation: 1/1 batches" in err
+    run = tmp_path / "runs" / "shown"
+    code, out, err = cli("eval", run, "--batch-size", "8")
+    assert code == 0 and "evaluation: 4/4 batches" in err and "evaluation:" not in out and out.startswith("task\t")
+    code, out, err = cli("merge", run, "--out", tmp_path / "m", "--json")
+    assert code == 0 and "merge: 1/6 steps" in err and "merging: 4/4 modules" in err and json.loads(out)["verdict"] == "ok"
+    code, out, err = cli("analyze", run, "--json")
+    assert code == 0 and "figures: 1/" in err and "shown: spectra: 4/4 modules" in err and json.loads(out)["run"]
+    lm = causal_recipe("lora", name="lm_shown")
+    code, out, err = cli("train", lm, "train.max_steps=1", "data.max_new_tokens=4", "train.eval_batch_size=6")
+    assert code == 0, err
+    assert "generation: 4/8 token steps, " in err and "left (batch 1/2)" in err and "left (batch 2/2)" in err
+    assert "generation" not in out
+
+
+def test_progress_bars_on_a_terminal_nest_and_stay_off_stdout(cli, tiny_recipe, monkeypatch):
+    """On a terminal the phases share one rich display (training holds its bar while an evaluation adds
+    its own); the bars go to stderr, the result lines to stdout."""
+    import io
+
+    from rich.console import Console
+
+    from lrft import console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(console, "err", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(console, "interactive", lambda: True)
+    code, out, err = cli("train", tiny_recipe("lora", name="bars"), "train.eval_every=2", "train.max_steps=4")
+    assert code == 0, err
+    drawn = screen.getvalue()
+    assert "training" in drawn and "evaluation" in drawn and "loss " in drawn
+    assert out.splitlines()[0].startswith("done in ") and "training" not in out.splitlines()[1]
+    assert console._live == {}  # every bar closed
+
+
+def test_done_in_is_the_wall_time_with_its_parts(cli, tiny_recipe, tmp_path):
+    code, out, err = cli("train", tiny_recipe("lora", name="timed"), "train.max_steps=3")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "timed" / "summary.json").read_text())
+    parts = summary["seconds"]
+    assert set(parts) <= {"loading", "calibration", "training", "evaluation", "saving"}
+    assert {"loading", "training", "evaluation", "saving"} <= set(parts)
+    assert sum(parts.values()) <= summary["wall_seconds"] and summary["train_seconds"] == parts["training"]
+    lines = out.splitlines()
+    assert lines[0].startswith("done in ") and lines[1].startswith("final (step 3): accuracy ")
+    assert lines[-1] == f"adapter: {tmp_path / 'runs' / 'timed' / 'adapter'}"
+
+
+def test_the_stopwatch_charges_nested_phases_to_the_inner_one(monkeypatch):
+    from lrft import train
+
+    ticks = iter([0.0, 1.0, 3.0, 6.0])  # outer starts, inner starts, inner ends, outer ends
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(ticks))
+    seconds = {}
+    clock = train.Stopwatch(seconds)
+    with clock.phase("loading"):
+        with clock.phase("calibration"):
+            pass
+    assert seconds == {"loading": 1.0 + 3.0, "calibration": 2.0}

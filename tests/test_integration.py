@@ -8,6 +8,7 @@ real model and data go through every stage and that eval and merge agree with tr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,25 @@ def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path,
     assert report["max_abs_logit_diff"] <= 1e-4 and report["generation_identical"] and report["tied_embeddings"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.model_type == "llama" and not hasattr(merged.config, "quantization_config")
+    code, out, err = cli("merge", run, "--out", tmp_path / "merged16", "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    report = json.loads(out)  # the rotary inv_freq stays fp32 in memory as in the files: the same logits
+    assert report["reload_matches_memory"] and report["verdict"] == "ok", report
+
+
+def test_smollm2_dequantisation_writes_no_bar_into_a_log(smollm2, tmp_path):
+    """The GGUF is dequantised (a fresh cache) by a process whose stderr is a file, as on a cluster:
+    lrft's log line, and none of transformers' tqdm bar."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "from lrft.models import resolve; print(resolve('smollm2'))"],
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
+                         env={**os.environ, "LRFT_CACHE_DIR": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip(), "config.json").is_file() and str(tmp_path) in run.stdout
+    assert run.stderr.startswith("dequantising SmolLM2-135M-Instruct.Q4_1.gguf once into ")
+    assert "de-quantizing" not in run.stderr and "%|" not in run.stderr, run.stderr
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import METHODS, tiny_bert
+from tests.helpers import METHODS, readme_block, recipe_dict, tiny_bert, write_recipe
 
 peft = pytest.importorskip("peft")
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
@@ -149,8 +152,63 @@ def test_bf16_merge_reports_the_diff_against_the_fp32_merge(cli, tiny_recipe, tm
     assert code == 0, err
     report = json.loads(out)
     assert report["dtype"] == "bfloat16" and "max_abs_logit_diff_vs_fp32_merge" in report
+    assert report["reload_matches_memory"] and report["verdict"] == "ok" and report["update_kept_min"] > 0.9
     saved = json.loads((tmp_path / "m16" / "merge_report.json").read_text())
     assert saved == report
+    code, out, err = cli("merge", tmp_path / "runs" / "bf", "--out", tmp_path / "m16b", "--dtype", "bfloat16")
+    assert code == 0 and out.splitlines()[0] == f"merged model written to {tmp_path / 'm16b'} (bfloat16)"
+    assert "against the float32 merge: within bfloat16 rounding of the float32 merge (every module keeps ≥" in out
+
+
+def test_a_causal_bf16_merge_writes_what_it_checked(cli, causal_recipe, tmp_path):
+    """The merged model in memory is cast as from_pretrained(dtype=...) loads it (rotary inv_freq stays
+    fp32), so the written files give bit-identical logits; a plain .to(bfloat16) did not."""
+    assert cli("train", causal_recipe("lora", name="lm16"), "train.max_steps=2", "train.lr=5e-2")[0] == 0
+    code, out, err = cli("merge", tmp_path / "runs" / "lm16", "--out", tmp_path / "m", "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["reload_matches_memory"] and report["max_abs_logit_diff_reload_vs_memory"] == 0.0
+    assert report["verdict"] == "ok" and report["tied_embeddings"]
+
+
+def test_a_merge_that_rounds_the_update_away_says_so(cli, tiny_recipe, tmp_path):
+    """An update far below the resolution of bf16 weights: the merge warns and its verdict says so."""
+    from safetensors.torch import load_file, save_file
+
+    assert cli("train", tiny_recipe("lora", name="faint"), "train.max_steps=2")[0] == 0
+    adapter = tmp_path / "runs" / "faint" / "adapter" / "adapter.safetensors"
+    tensors = {k: (v * 1e-4 if ".lora_B" in k or k.endswith(".B") else v) for k, v in load_file(adapter).items()}
+    save_file(tensors, str(adapter))
+    code, out, err = cli("merge", tmp_path / "runs" / "faint", "--out", tmp_path / "m", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "warning:" in err and "keep less than 90% of their update in bfloat16" in err and "--format peft" in err
+    assert "bfloat16 rounding loses part of the update (see the warning)" in out
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["verdict"] == "update_lost_in_rounding"
+
+
+def test_outputs_are_portable(cli, tiny_recipe, tmp_path, tiny_model_dir):
+    """A PEFT export names no path of this machine as its base (lrft's provenance keeps it), prints its
+    result once on stdout, and reads back without --base here; every file lrft writes gets the same
+    permissions as a plain file (safetensors writes 0600)."""
+    from lrft.files import plain_file_mode
+
+    train_tiny(cli, tiny_recipe, "tlora", "portable")
+    run, out = tmp_path / "runs" / "portable", tmp_path / "served"
+    code, stdout, err = cli("merge", run, "--format", "peft", "--out", out)
+    assert code == 0, err
+    assert stdout.count("written to") == 1 and "written to" not in err
+    name = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert name == tiny_model_dir.name and not any(str(tmp_path) in f.read_text() for f in [out / "adapter_config.json"])
+    provenance = json.loads((out / "lrft_export.json").read_text())
+    assert provenance["base_model"]["resolved_path"] == str(tiny_model_dir)
+    code, stdout, err = cli("eval", out, "--json")
+    assert code == 0 and json.loads(stdout)["task"] == "text-classification", err
+    assert cli("merge", run, "--out", tmp_path / "merged")[0] == 0
+    mode = plain_file_mode(tmp_path)
+    written = [f for d in (run, out, tmp_path / "merged") for f in d.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in written)
+    assert {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in written
+            if f.stat().st_mode & 0o777 != mode} == {}
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -172,3 +230,29 @@ def test_foreign_peft_types_are_refused(cli, tmp_path):
     save_file({"x": torch.zeros(1)}, str(d / "adapter_model.safetensors"))
     code, _, err = cli("eval", d, "--task", "glue/mrpc")
     assert code == 2 and "a PEFT IA3 adapter; lrft reads LoRA adapters only" in err
+
+
+def test_the_readme_serving_snippet_runs_as_written(cli, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """The README's PEFT snippet, verbatim, in a fresh process without lrft, on an export of a run whose
+    recipe names its base model by a relative dir: it loads without transformers' MISSING report, and
+    the served model computes what lrft's does."""
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny-bert")
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "snippet.yaml", recipe_dict(Path("tiny-bert"), tiny_data_dir, Path("runs"), "tlora",
+                                                                 "snippet", train={"max_steps": 3, "lr": 5e-2}))
+    assert cli("train", recipe)[0] == 0
+    code, _, err = cli("merge", "runs/snippet", "--format", "peft", "--out", "served/adapter")
+    assert code == 0, err
+    texts = ["the film was good", "a very bad plot"]
+    script = readme_block("## Serving", "python") + (
+        "import json, torch\nfrom transformers import AutoTokenizer\n"
+        f"batch = AutoTokenizer.from_pretrained(base_name)({texts!r}, padding=True, return_tensors='pt')\n"
+        "with torch.no_grad():\n    print(json.dumps(model.eval()(**batch).logits.tolist()))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "MISSING" not in run.stderr and "LOAD REPORT" not in run.stderr, run.stderr
+    future = [line for line in run.stderr.splitlines() if "FutureWarning" in line]
+    assert all("is_gradient_checkpointing" in line for line in future), future  # the one the README explains
+    served = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
+    torch.testing.assert_close(served, lrft_logits(tmp_path / "runs" / "snippet", batch_of(tmp_path / "tiny-bert", texts)),
+                               atol=1e-5, rtol=0)

@@ -164,7 +164,8 @@ def read_run(run_dir: Path, selected: set[str], label: str) -> RunData:
     model_run, config = opened.adapted, opened.config
     targets = [t for t in model_run.targets if t.name in selected]
     wrappers = {n: w for n, w in adapted(model_run.model).items() if n in selected}
-    modules = {t.name: module_update(t, wrappers[t.name].adapter) for t in targets}
+    modules = {t.name: module_update(t, wrappers[t.name].adapter)
+               for t in console.track(targets, f"{label}: factors", "modules")}
     histograms = weight_histograms(targets, wrappers, model_run.model)
     del opened, model_run, wrappers, targets
     gc.collect()  # the base model goes before the next run is loaded

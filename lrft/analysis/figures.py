@@ -13,6 +13,7 @@ import matplotlib.patheffects
 import numpy as np
 from matplotlib.figure import Figure
 
+from lrft import console
 from lrft.analysis.extract import ModuleUpdate, RunData
 from lrft.analysis.numeric import difference_stats, nonzero_eigenvalues, strided_indices, update_entries
 
@@ -327,29 +328,37 @@ def write_figures(out_dir: Path, runs: list[RunData], numbers: list[dict], resul
     figures: list[Plot] = []
     all_modules = {**(runs[1].modules if len(runs) > 1 else {}), **runs[0].modules}
     grid = Grid(all_modules)
-    fig_loss(out_dir, figures, runs)
-    fig_singular_values(out_dir, figures, runs, grid)
-    fig_eigenvalues(out_dir, figures, runs)
-    fig_effective_rank(out_dir, figures, runs, grid, numbers)
+    steps = [lambda: fig_loss(out_dir, figures, runs), lambda: fig_singular_values(out_dir, figures, runs, grid),
+             lambda: fig_eigenvalues(out_dir, figures, runs),
+             lambda: fig_effective_rank(out_dir, figures, runs, grid, numbers)]
     for run, prefix in zip(runs, ("", "against_")):
-        fig_histograms(out_dir, figures, run, prefix)
-        fig_factor_norms(out_dir, figures, run, grid, prefix)
-        fig_adapter_stats(out_dir, figures, run, grid, prefix)
-        fig_calibration(out_dir, figures, run, grid, prefix)
+        steps += [lambda r=run, p=prefix: fig_histograms(out_dir, figures, r, p),
+                  lambda r=run, p=prefix: fig_factor_norms(out_dir, figures, r, grid, p),
+                  lambda r=run, p=prefix: fig_adapter_stats(out_dir, figures, r, grid, p),
+                  lambda r=run, p=prefix: fig_calibration(out_dir, figures, r, grid, p)]
     if len(runs) == 2 and result["cosine"]["per_module"]:
-        a, b = runs[0].label, runs[1].label
-        fig_layer_metric(out_dir, figures, grid, {"cosine": result["cosine"]["per_module"]}, "cosine.png",
-                         "cosine similarity", f"Cosine similarity of the flattened updates ΔW of {a} and {b} per "
-                         "layer and module (1: same direction, 0: orthogonal, −1: opposite).",
-                         cmap="RdBu_r", vmin=-1, vmax=1)
-        fig_layer_metric(out_dir, figures, grid, {"left (U)": result["subspace"]["left"]["per_module"],
-                                                  "right (V)": result["subspace"]["right"]["per_module"]},
-                         "subspace.png", "subspace similarity φ",
-                         f"Subspace similarity φ = ‖U₁ᵀU₂‖²_F / r of the top-r singular vectors of the updates of "
-                         f"{a} and {b}: heatmap of the left (output-side) φ, lines of left and right φ per layer.",
-                         vmin=0, vmax=1)
-        fig_layer_metric(out_dir, figures, grid, {"relative distance": result["rel_frobenius"]["per_module"]},
-                         "rel_frobenius.png", "‖ΔW₁−ΔW₂‖_F / ‖ΔW₂‖_F",
-                         f"Relative Frobenius distance ‖ΔW({a}) − ΔW({b})‖_F / ‖ΔW({b})‖_F per layer and module.")
-    heat = fig_update_heatmap(out_dir, figures, runs, chosen) if chosen else None
-    return figures, heat
+        steps.append(lambda: fig_comparisons(out_dir, figures, runs, grid, result))
+    heat: list[dict] = []
+    if chosen:
+        steps.append(lambda: heat.append(fig_update_heatmap(out_dir, figures, runs, chosen)))
+    for draw in console.track(steps, "figures", "figures"):
+        draw()
+    return figures, heat[0] if heat else None
+
+
+def fig_comparisons(out_dir, figures, runs: list[RunData], grid: Grid, result: dict) -> None:
+    """Cosine similarity, subspace similarity and relative distance of the two runs' updates per module."""
+    a, b = runs[0].label, runs[1].label
+    fig_layer_metric(out_dir, figures, grid, {"cosine": result["cosine"]["per_module"]}, "cosine.png",
+                     "cosine similarity", f"Cosine similarity of the flattened updates ΔW of {a} and {b} per "
+                     "layer and module (1: same direction, 0: orthogonal, −1: opposite).",
+                     cmap="RdBu_r", vmin=-1, vmax=1)
+    fig_layer_metric(out_dir, figures, grid, {"left (U)": result["subspace"]["left"]["per_module"],
+                                              "right (V)": result["subspace"]["right"]["per_module"]},
+                     "subspace.png", "subspace similarity φ",
+                     f"Subspace similarity φ = ‖U₁ᵀU₂‖²_F / r of the top-r singular vectors of the updates of "
+                     f"{a} and {b}: heatmap of the left (output-side) φ, lines of left and right φ per layer.",
+                     vmin=0, vmax=1)
+    fig_layer_metric(out_dir, figures, grid, {"relative distance": result["rel_frobenius"]["per_module"]},
+                     "rel_frobenius.png", "‖ΔW₁−ΔW₂‖_F / ‖ΔW₂‖_F",
+                     f"Relative Frobenius distance ‖ΔW({a}) − ΔW({b})‖_F / ‖ΔW({b})‖_F per layer and module.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lrft import console
 from lrft.analysis.extract import ModuleUpdate, RunData
 from lrft.analysis.numeric import (LowRankSVD, cosine_similarity, effective_rank, low_rank_svd, mean_of,
                                    nonzero_eigenvalues, numerical_rank, relative_frobenius, subspace_similarity)
@@ -25,7 +26,7 @@ def module_numbers(m: ModuleUpdate, svd: LowRankSVD) -> dict:
 
 
 def run_numbers(run: RunData) -> dict:
-    for name, m in run.modules.items():
+    for name, m in console.track(run.modules.items(), f"{run.label}: spectra", "modules", total=len(run.modules)):
         run.svds[name] = low_rank_svd(m.lora_A, m.lora_B)
     modules = {name: module_numbers(m, run.svds[name]) for name, m in run.modules.items()}
     out = {"dir": str(run.dir), "label": run.label, "method": run.method, "params": run.config.get("params"),

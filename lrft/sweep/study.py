@@ -256,7 +256,8 @@ class EpochReporter:
         self.report(*at)
         if at[0] != self.last_epoch and self.trial.should_prune():
             raise Pruned({"sweep": self.sweep.name, "trial": self.trial.number, "epoch": at[0], "step": record["step"],
-                          "metric": self.sweep.metric, "value": at[1], "train_seconds": round(progress.train_seconds, 2)})
+                          "metric": self.sweep.metric, "value": at[1],
+                          "train_seconds": round(progress.seconds.get("training", 0.0), 2)})
 
     def report(self, epoch: int, value: float) -> None:
         if epoch not in self.reported:
