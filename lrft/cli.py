@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 import typer.core
+from typer.core import TyperCommand
 
 from lrft import console
 from lrft.errors import LrftError
@@ -71,7 +72,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # a bug prints its plain traceback
-    rich_markup_mode=None,
+    rich_markup_mode=None,  # plain help: it reads the same in a terminal, a pager and a log
+    context_settings={"max_content_width": 110, "help_option_names": ["-h", "--help"]},
 )
 
 MAX_LABELS = 100_000  # a model config lists every label by name: 2**31 of them would fill the memory
@@ -87,6 +89,60 @@ PATH_ERRORS = {
     errno.EPERM: "operation not permitted; give a path you may use, or change its permissions",
     errno.EROFS: "it is on a read-only file system; give a path on a writable one",
 }
+
+
+def version(value: bool) -> None:
+    """--version: lrft's version and those of the libraries a bug report needs, then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        from lrft import __version__
+
+        def of(package: str) -> str:
+            try:
+                return installed(package)
+            except PackageNotFoundError:
+                return "not installed"
+
+        typer.echo(f"lrft {__version__} (python {sys.version.split()[0]}, torch {of('torch')}, "
+                   f"transformers {of('transformers')}, peft {of('peft')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    show_version: Annotated[bool, typer.Option("--version", callback=version, is_eager=True,
+                                               help="print lrft's version (and torch's, transformers', peft's)")] = False,
+):
+    """Options of `lrft` itself, before the command (its help is the app's)."""
+
+
+class PlainHelp(TyperCommand):
+    """Help that reads like other command lines': `lrft train [OPTIONS] RECIPE [KEY=VALUE]...` and
+    arguments by their metavar, where typer writes `{recipe}`, `[overrides]...` and `<list[str]>`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        params = self.get_params(ctx)
+        arguments = [(self.argument_name(p), p.help or "") for p in params if p.param_type_name == "argument"]
+        options = [record for p in params if p.param_type_name == "option" and (record := p.get_help_record(ctx))]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    @staticmethod
+    def argument_name(param) -> str:
+        return (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
 
 
 def user_errors(fn):
@@ -124,11 +180,13 @@ def training_stops():
         raise typer.Exit(130) from None
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@app.command(cls=PlainHelp, context_settings={"allow_extra_args": False},
+             short_help="train an adapter from a recipe (resumes by itself)")
 @user_errors
 def train(
-    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.lr=1e-3")] = None,
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe YAML file")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        metavar="KEY=VALUE", help="overrides of recipe keys, e.g. train.lr=1e-3 adapter.params.rank=16")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="delete the run dir's checkpoints and start over")] = False,
     json_out: JsonOpt = False,
 ):
@@ -148,18 +206,26 @@ def train(
         console.emit_lines(summary_lines(summary, r.run_dir))
 
 
-@app.command("eval")
+@app.command("eval", cls=PlainHelp, short_help="evaluate a run, a PEFT adapter or a model on a task")
 @user_errors
 def eval_cmd(
-    target: Annotated[str, typer.Argument(help="a run dir from `lrft train`, or a model: merged dir, alias or hub id")],
-    task: Annotated[str | None, typer.Option(help="task to evaluate on (needed for a model), e.g. glue/mrpc, gsm8k")] = None,
-    data_path: Annotated[str | None, typer.Option("--data-path", help="local dir with the task's files")] = None,
-    max_samples: Annotated[int | None, typer.Option("--max-samples", min=1, help="evaluate the first N examples")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    target: Annotated[str, typer.Argument(
+        metavar="TARGET", help="a run dir of `lrft train`, a PEFT adapter dir, or a model: merged dir, alias or hub id")],
+    task: Annotated[str | None, typer.Option(
+        metavar="TASK", help="task to evaluate on (needed for a model), e.g. glue/mrpc, gsm8k")] = None,
+    data_path: Annotated[str | None, typer.Option(
+        "--data-path", metavar="DIR", help="dir with the task's files (default: the data the run trained on)")] = None,
+    max_samples: Annotated[int | None, typer.Option(
+        "--max-samples", metavar="N", min=1, help="evaluate the first N examples")] = None,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", metavar="N", min=8, help="cut examples to N tokens (default: the run's data.max_length; for a "
+                                                 "model, the task's: 128, gsm8k 320, instruction 512)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="examples per batch")] = 64,
     best: Annotated[bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")] = False,
-    predictions: Annotated[Path | None, typer.Option(
-        help="generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)")] = None,
-    base: Annotated[str | None, typer.Option(help="PEFT adapter dirs: the base model (default: the one it names)")] = None,
+    predictions: Annotated[Path | None, typer.Option(metavar="FILE", help=(
+        "generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)"))] = None,
+    base: Annotated[str | None, typer.Option(
+        metavar="MODEL", help="PEFT adapter dirs: the base model (default: the one it names)")] = None,
     force: Annotated[bool, typer.Option("--force", help="use a base model whose weights differ from the adapter's")] = False,
     json_out: JsonOpt = False,
 ):
@@ -167,7 +233,8 @@ def eval_cmd(
     from lrft.evaluate_run import evaluate_target
 
     metrics = evaluate_target(target, task_name=task, data_path=data_path, max_samples=max_samples,
-                              batch_size=batch_size, best=best, predictions_path=predictions, base=base, force=force)
+                              max_length=max_length, batch_size=batch_size, best=best, predictions_path=predictions,
+                              base=base, force=force)
     if json_out:
         console.emit_json(metrics)
     else:
@@ -175,16 +242,21 @@ def eval_cmd(
             typer.echo(f"{k}\t{v:.4f}" if isinstance(v, float) else f"{k}\t{v}")
 
 
-@app.command()
+@app.command(cls=PlainHelp, short_help="merge an adapter into its base model, or export it as a PEFT LoRA")
 @user_errors
 def merge(
-    run_dir: Annotated[str, typer.Argument(help="a run dir from `lrft train`, or a PEFT LoRA adapter dir")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the merged model (or PEFT adapter) dir")],
-    format: Annotated[str, typer.Option(help="hf: a merged model dir; peft: the adapter as a standard PEFT LoRA dir")] = "hf",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the base model's)")] = None,
-    task: Annotated[str | None, typer.Option(help="PEFT adapter dirs: the task of its parity data, e.g. glue/mrpc")] = None,
-    base: Annotated[str | None, typer.Option(help="PEFT adapter dirs: the base model (default: the one it names)")] = None,
-    data_path: Annotated[str | None, typer.Option("--data-path", help="local dir with the parity data's task files")] = None,
+    run_dir: Annotated[str, typer.Argument(metavar="RUN_DIR", help="a run dir of `lrft train`, or a PEFT LoRA adapter dir")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="where to write the merged model (or PEFT adapter)")],
+    format: Annotated[str, typer.Option(
+        metavar="hf|peft", help="hf: a merged model dir; peft: the adapter as a standard PEFT LoRA dir")] = "hf",
+    dtype: Annotated[str | None, typer.Option(
+        metavar="DTYPE", help="float32, bfloat16 or float16 (default: the base model's)")] = None,
+    task: Annotated[str | None, typer.Option(
+        metavar="TASK", help="PEFT adapter dirs: the task of its parity data, e.g. glue/mrpc")] = None,
+    base: Annotated[str | None, typer.Option(
+        metavar="MODEL", help="PEFT adapter dirs: the base model (default: the one it names)")] = None,
+    data_path: Annotated[str | None, typer.Option(
+        "--data-path", metavar="DIR", help="dir with the parity data (default: the data the run trained on)")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="replace --out if it exists; use a base model whose weights differ from the adapter's")] = False,
     json_out: JsonOpt = False,
@@ -207,17 +279,19 @@ def merge(
         console.emit_lines(export_lines(report) if format == "peft" else parity_lines(report))
 
 
-@app.command("count-params")
+@app.command("count-params", cls=PlainHelp, short_help="count a method's trainable parameters from a model's config")
 @user_errors
 def count_params_cmd(
-    method: Annotated[str, typer.Option(help="adapter method, or 'full' for full fine-tuning")],
-    rank: Annotated[int, typer.Option(help="rank r")] = 8,
-    model: Annotated[str, typer.Option(help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
-    targets: Annotated[str | None, typer.Option(help="comma-separated target module names (default: the model family's query and value projections)")] = None,
-    num_labels: Annotated[int, typer.Option("--num-labels", min=1, max=MAX_LABELS,
+    method: Annotated[str, typer.Option(metavar="METHOD", help="lora, tlora, talora, lorta, or full (full fine-tuning)")],
+    rank: Annotated[int, typer.Option(metavar="R", help="rank r")] = 8,
+    model: Annotated[str, typer.Option(
+        metavar="MODEL", help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
+    targets: Annotated[str | None, typer.Option(metavar="NAMES", help=(
+        "comma-separated target module names (default: the model family's query and value projections)"))] = None,
+    num_labels: Annotated[int, typer.Option("--num-labels", metavar="N", min=1, max=MAX_LABELS,
                                             help="classification labels of the head")] = 2,
-    calibrated: Annotated[Path | None, typer.Option(
-        "--calibrated", help="a finished run dir: its exact count (talora's calibrated per-module ranks)")] = None,
+    calibrated: Annotated[Path | None, typer.Option("--calibrated", metavar="RUN_DIR", help=(
+        "a finished run dir: its exact count (talora's calibrated per-module ranks)"))] = None,
     json_out: JsonOpt = False,
 ):
     """Count trainable parameters of a method on a model, from its config alone (no weights)."""
@@ -240,13 +314,14 @@ def count_params_cmd(
         typer.echo(render(counts))
 
 
-@app.command()
+@app.command(cls=PlainHelp, short_help="write a commented recipe")
 @user_errors
 def init(
-    method: Annotated[str, typer.Option(help="adapter method")] = "tlora",
-    task: Annotated[str, typer.Option(help="task, e.g. glue/mrpc")] = "glue/mrpc",
-    model: Annotated[str, typer.Option(help="model alias, dir or hub id")] = "minilm",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")] = None,
+    method: Annotated[str, typer.Option(metavar="METHOD", help="lora, tlora, talora or lorta")] = "tlora",
+    task: Annotated[str, typer.Option(metavar="TASK", help="task, e.g. glue/mrpc, gsm8k")] = "glue/mrpc",
+    model: Annotated[str, typer.Option(metavar="MODEL", help="model alias, dir or hub id")] = "minilm",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", metavar="FILE", help="file to write (default: stdout)")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
 ):
     """Write a commented recipe for a method, task and model."""
@@ -273,19 +348,21 @@ def init(
         sys.stdout.write(text)
     else:
         atomic_write_text(output, text)
-        console.log(f"wrote {output}")
+        console.emit_lines([f"wrote {output}"])
 
 
-@app.command()
+@app.command(cls=PlainHelp, short_help="spectra, norms and plots of a run's updates; compare two runs")
 @user_errors
 def analyze(
-    run_dir: Annotated[Path, typer.Argument(help="a run dir from `lrft train`")],
-    against: Annotated[Path | None, typer.Option("--against", help="another run on the same base model to compare with")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write the analysis (default: RUN_DIR/analysis)")] = None,
-    module: Annotated[str | None, typer.Option(
-        "--module", help="module for the element-wise ΔW (difference) heatmap (default: the first in common)")] = None,
-    modules: Annotated[str | None, typer.Option(
-        "--modules", help="analyse only modules whose name contains one of these comma-separated substrings")] = None,
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run dir of `lrft train`")],
+    against: Annotated[Path | None, typer.Option(
+        "--against", metavar="RUN_DIR", help="another run on the same base model to compare with")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="DIR", help="where to write the analysis (default: RUN_DIR/analysis)")] = None,
+    module: Annotated[str | None, typer.Option("--module", metavar="NAME", help=(
+        "module for the element-wise ΔW (difference) heatmap (default: the first in common)"))] = None,
+    modules: Annotated[str | None, typer.Option("--modules", metavar="SUBSTRINGS", help=(
+        "analyse only modules whose name contains one of these comma-separated substrings"))] = None,
     json_out: JsonOpt = False,
 ):
     """Spectra, norms, histograms and training curves of a run's updates ΔW; similarities against another run."""
@@ -305,22 +382,22 @@ def analyze(
             typer.echo(f"mean {key}\t{'—' if value is None else f'{value:.4f}'}")
 
 
-@app.command()
+@app.command(cls=PlainHelp, short_help="search recipe settings for the smallest adapter that still works")
 @user_errors
 def sweep(
-    specs: Annotated[list[Path], typer.Argument(help="sweep spec YAML file(s); several run one after another and "
-                                                     "report together")],
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="sweep spec YAML file(s); several run one after "
+                                                                     "another and report together")],
     plan: Annotated[bool, typer.Option("--plan", help="print one `lrft train` command per run (for a job array or "
                                                       "xargs -P) and train nothing")] = False,
     report: Annotated[bool, typer.Option("--report", help="train nothing: report the run dirs there are")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a Markdown section")] = False,
     tolerance: Annotated[float, typer.Option(
-        "--tolerance", min=0, help="the smallest adapter within this many points of the best (metric × 100; loss "
+        "--tolerance", metavar="POINTS", min=0, help="the smallest adapter within this many points of the best (metric × 100; loss "
                                    "and perplexity as they are)")] = 1.0,
     plot: Annotated[Path | None, typer.Option(
-        "--plot", help="where to write the Pareto plot (default: pareto.png in the sweep dir)")] = None,
+        "--plot", metavar="FILE", help="where to write the Pareto plot (default: pareto.png in the sweep dir)")] = None,
     workers: Annotated[int, typer.Option(
-        "--workers", min=1, help="start this many worker processes on the sweep (they split its trials)")] = 1,
+        "--workers", metavar="N", min=1, help="start this many worker processes on the sweep (they split its trials)")] = 1,
     json_out: JsonOpt = False,
 ):
     """Search recipe settings (optuna: grid or TPE, pruning on per-epoch evaluations) for the smallest adapter
@@ -355,4 +432,4 @@ def sweep(
 
 
 def main() -> None:
-    app()
+    app(prog_name="lrft")

@@ -16,11 +16,13 @@ from lrft.rundir import RECIPE, RunDir, data_settings, merged_data_source, open_
 
 
 def evaluate_target(target: str | Path, *, task_name: str | None = None, data_path: str | None = None,
-                    max_samples: int | None = None, batch_size: int = 64, best: bool = False,
-                    predictions_path: Path | None = None, base: str | None = None, force: bool = False) -> dict:
+                    max_samples: int | None = None, max_length: int | None = None, batch_size: int = 64,
+                    best: bool = False, predictions_path: Path | None = None, base: str | None = None,
+                    force: bool = False) -> dict:
     """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
     (default for a run dir: its predictions.jsonl). A run, an export or a merged dir reads the data it
-    was trained (or checked) on unless `data_path` says otherwise."""
+    was trained (or checked) on unless `data_path` says otherwise. Examples are cut at `max_length`
+    tokens, by default the run's data.max_length, or for a model the task's (gsm8k: 320, as its recipes)."""
     if predictions_path is not None:
         predictions_path = Path(predictions_path)
         check_output(predictions_path, "--predictions", sources={Path(target): "what this command evaluates"},
@@ -35,10 +37,12 @@ def evaluate_target(target: str | Path, *, task_name: str | None = None, data_pa
             predictions_path = predictions_path or RunDir(opened.run_dir).predictions()
     else:
         model, tokenizer, task, label_names = _open_model(target, task_name)
-        data_cfg = DataConfig(task=task.name, path=data_path or merged_data_source(Path(target), task.name))
+        data_cfg = DataConfig(task=task.name, path=data_path or merged_data_source(Path(target), task.name),
+                              max_length=task.max_length)
     if label_names and not task.label_names:  # labels learned from the training data: the data must use them
         data_cfg = data_cfg.model_copy(update={"label_names": list(label_names)})
     data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
+    data_cfg.max_length = max_length or data_cfg.max_length
     data = load_task_data(task, data_cfg, need_train=False)
     evals = eval_sets(task, data.evals, tokenizer, data_cfg.max_length)
     model.eval()
@@ -46,7 +50,8 @@ def evaluate_target(target: str | Path, *, task_name: str | None = None, data_pa
                                     tokenizer=tokenizer, max_new_tokens=data_cfg.max_new_tokens, generation=True)
     if predictions and predictions_path:
         write_jsonl(Path(predictions_path), predictions)
-    return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()), **metrics}
+    return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()),
+            "max_length": data_cfg.max_length, **metrics}
 
 
 def _open_model(target: str | Path, task_name: str | None):

@@ -227,9 +227,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise LrftError(f"recipe: no file at {path}; write one with `lrft init -o {path}`")
     raw = read_recipe_mapping(path)
-    apply_overrides(raw, overrides)
+    overridden = apply_overrides(raw, overrides)
     raw.setdefault("name", path.stem)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), overrides=overridden)
 
 
 def flow_yaml(value) -> str:
@@ -300,8 +300,10 @@ def _at(mark) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> None:
-    """Apply `a.b.c=value` overrides in place; values are parsed as YAML (8 → int, [q,v] → list)."""
+def apply_overrides(raw: dict, overrides: list[str]) -> dict[str, str]:
+    """Apply `a.b.c=value` overrides in place; values are parsed as YAML (8 → int, [q,v] → list).
+    Returns each dotted key with the override that set it."""
+    overridden = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -315,25 +317,41 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
                                 "itself")
             node = child
         node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value else None
+        overridden[key] = item
+    return overridden
 
 
-def validate(raw: dict, source: str | None = None) -> Recipe:
-    """A Recipe from a raw mapping, or a ConfigError listing every problem found."""
+def validate(raw: dict, source: str | None = None, overrides: dict[str, str] | None = None) -> Recipe:
+    """A Recipe from a raw mapping, or a ConfigError listing every problem found. A problem of a key a
+    command-line override set (`overrides`: dotted key → the override) is named as the override's."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(validation_problems(e, raw), source) from None
+        problems, from_file = [], not overrides
+        for error, text in zip(e.errors(), validation_problems(e, raw)):
+            where = ".".join(_location(error["loc"], Recipe))
+            item = next((item for key, item in (overrides or {}).items()
+                         if where == key or where.startswith(key + ".")), None)
+            problems.append(f"override {item!r}: {text}" if item else text)
+            from_file = from_file or item is None
+        raise ConfigError(problems, source if from_file else None) from None
+
+
+def _location(loc: tuple, root: type[BaseModel]) -> tuple[str, ...]:
+    """A pydantic location as the file's keys, without the tag pydantic puts into an adapter variant's
+    location (adapter.<method>.params...), which is not a key of the recipe."""
+    loc = tuple(str(p) for p in loc)
+    if root is Recipe and loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in ADAPTER_VARIANTS:
+        loc = loc[:1] + loc[2:]
+    return loc
 
 
 def validation_problems(err: ValidationError, raw: dict, root: type[BaseModel] = Recipe) -> list[str]:
     """One line per problem of `raw` validated as `root` (a recipe, or another file with the same
-    conventions: a sweep spec), named by its dotted key; the tag pydantic puts into an adapter
-    variant's location (adapter.<method>.params...) is left out, as it is not a key of the recipe."""
+    conventions: a sweep spec), in the errors' order, named by its dotted key."""
     out = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        if root is Recipe and loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in ADAPTER_VARIANTS:
-            loc = loc[:1] + loc[2:]
+        loc = _location(e["loc"], root)
         where = ".".join(loc) if loc else "recipe"
         kind = e["type"]
         if kind == "extra_forbidden":

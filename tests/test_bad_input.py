@@ -95,6 +95,8 @@ CASES = {
     "metric for best": (lambda w, s: ["train", _recipe_file(s, w, **{"train.metric_for_best": "bleu"})],
                         ["train.metric_for_best", "not 'bleu'"]),
     "override syntax": (lambda w, s: ["train", w / "good.yaml", "train.lr"], ["override 'train.lr': expected key=value"]),
+    "override typo": (lambda w, s: ["train", w / "good.yaml", "train.lrr=1"],
+                      ["override 'train.lrr=1': train.lrr: unknown key", "did you mean 'lr'"]),
     "override into a value": (lambda w, s: ["train", w / "good.yaml", "seed.x=1"], ["'seed' is not a section", "set seed=... itself"]),
     "changed recipe on resume": (lambda w, s: ["train", w / "good.yaml", "adapter.params.rank=2", "train.max_steps=3"],
                                  ["holds a checkpoint of another recipe", "adapter.params.rank changed", "--restart"]),

@@ -170,6 +170,23 @@ def test_gsm8k_train_eval_merge_end_to_end(cli, causal_recipe, tmp_path, tiny_gs
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
 
 
+def test_eval_cuts_examples_as_the_run_or_the_task_does(cli, causal_recipe, tmp_path, tiny_llama_dir, tiny_gsm8k_dir):
+    """A run is evaluated at its own data.max_length, a plain model at the task's (gsm8k: 320, the
+    shipped recipes'), and --max-length sets it: before/after numbers are taken alike."""
+    assert cli("train", causal_recipe("lora", name="cut"), "train.max_steps=1", "data.max_length=40")[0] == 0
+    runs = {}
+    for name, args in {"run": [tmp_path / "runs" / "cut"], "run, 16": [tmp_path / "runs" / "cut", "--max-length", "16"],
+                       "model": [tiny_llama_dir, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir],
+                       "model, 16": [tiny_llama_dir, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir, "--max-length", "16"]
+                       }.items():
+        code, out, err = cli("eval", *args, "--max-samples", "4", "--json")
+        assert code == 0, err
+        runs[name] = (json.loads(out), err)
+    assert [r["max_length"] for r, _ in runs.values()] == [40, 16, 320, 16]
+    assert "were cut to data.max_length=16 tokens" in runs["model, 16"][1] and "were cut" not in runs["model"][1]
+    assert runs["model, 16"][0]["loss"] != pytest.approx(runs["model"][0]["loss"])  # cut answers score otherwise
+
+
 @pytest.mark.parametrize("case, expect", [
     ("missing", "model.gguf_file: no file"),
     ("not_gguf", "is not a GGUF file (it does not start with 'GGUF')"),

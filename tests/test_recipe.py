@@ -35,6 +35,23 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert r.data.max_train_samples == 100 and r.seed == 7 and r.train.max_grad_norm is None
 
 
+def test_a_problem_of_an_override_is_the_overrides_not_the_files(tmp_path):
+    """A typo on the command line is named as the override it came from; the recipe file is named only
+    for problems that are in it."""
+    p = write(tmp_path, yaml.safe_dump(MINIMAL), "mine.yaml")
+    with pytest.raises(ConfigError) as only_override:
+        load_recipe(p, ["train.lrr=1"])
+    assert str(only_override.value).startswith("override 'train.lrr=1': train.lrr: unknown key (did you mean 'lr'?)")
+    assert "mine.yaml" not in str(only_override.value)
+    p = write(tmp_path, yaml.safe_dump({**MINIMAL, "seed": "x"}), "mine.yaml")
+    with pytest.raises(ConfigError) as both:
+        load_recipe(p, ["adapter.params.rank=0"])
+    lines = str(both.value).splitlines()
+    assert lines[0] == f"{p}: 2 problems:"
+    assert "  - override 'adapter.params.rank=0': adapter.params.rank: input should be greater than 0 (got 0)" in lines
+    assert any(line.startswith("  - seed: input should be a valid integer") for line in lines)
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     bad = {"model": {"name": "minilm"}, "data": {"task": "glue/mrcp", "max_lenght": 64},
            "adapter": {"method": "tlora", "params": {"rank": 0, "dropuot": 0.1}},

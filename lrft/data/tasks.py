@@ -46,6 +46,7 @@ class Task:
     headerless: tuple[int, int | None, int] | None = None  # (text, pair, label) positions (CoLA)
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("", "dev", "validation"),)
     generate: bool = False  # scored on greedy generations (exact match) besides the response loss
+    max_length: int = 128  # tokens per example when nothing says otherwise (`lrft eval` of a plain model)
 
     @property
     def num_labels(self) -> int:
@@ -80,9 +81,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     # Users' own data: data.path is a dir with train.{jsonl,json,csv,tsv} and dev (or validation) files.
     Task("text-classification", "classification", None, ("accuracy", "f1_macro"), "accuracy"),
     # Causal LMs (lrft.data.causal): the response loss is tracked during training, generations are scored at the end.
+    # max_length: that of the shipped recipes (recipes/gsm8k_*.yaml, instruction_alpaca.yaml), so a base
+    # model's `lrft eval` compares with a trained run's
     Task("gsm8k", "causal_lm", None, ("exact_match", "perplexity"), "loss", eval_splits=(EvalSplit("", "test", "test"),),
-         generate=True),
-    Task("instruction", "causal_lm", None, ("perplexity",), "loss"),
+         generate=True, max_length=320),
+    Task("instruction", "causal_lm", None, ("perplexity",), "loss", max_length=512),
 ]}
 
 
