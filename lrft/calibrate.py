@@ -279,7 +279,7 @@ def plot(modules: dict[str, dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
     names = list(modules)
-    labels = [_short(n) for n in names]
+    labels = module_labels(names)
     total = sum(m["importance"] for m in modules.values()) or 1.0
     has_rank = all("rank" in m for m in modules.values())
     fig = Figure(figsize=(max(6, 0.28 * len(names)), 6 if has_rank else 3.5))
@@ -292,12 +292,26 @@ def plot(modules: dict[str, dict], path: Path) -> None:
     axes[-1, 0].set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
     axes[0, 0].set_title("calibration: importance and rank per layer and module")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long rotated module names: tight_layout may still clip them
 
 
-def _short(name: str) -> str:
-    """'bert.encoder.layer.3.attention.self.query' → 'L3 query'."""
+def module_labels(names: list[str]) -> list[str]:
+    """'L3 query', 'L3 intermediate.dense', 'L3 attention.output.dense': the layer, and the shortest
+    ending of the name after it that no other module of that layer shares ('dense' alone would name
+    three modules of a BERT layer)."""
     import re
 
-    m = re.search(r"\.(\d+)\.(.*)$", name)
-    return f"L{m.group(1)} {m.group(2).split('.')[-1] if 'attention.output' not in m.group(2) else 'attn.out'}" if m else name
+    parsed = [re.search(r"\.(\d+)\.(.*)$", n) for n in names]
+    by_layer: dict[str, list[list[str]]] = {}
+    for m in parsed:
+        if m:
+            by_layer.setdefault(m.group(1), []).append(m.group(2).split("."))
+    labels = []
+    for name, m in zip(names, parsed):
+        if not m:
+            labels.append(name)
+            continue
+        parts, others = m.group(2).split("."), [o for o in by_layer[m.group(1)] if o != m.group(2).split(".")]
+        k = next(k for k in range(1, len(parts) + 1) if all(o[-k:] != parts[-k:] for o in others) or k == len(parts))
+        labels.append(f"L{m.group(1)} {'.'.join(parts[-k:])}")
+    return labels

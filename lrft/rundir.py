@@ -4,7 +4,7 @@ what `lrft eval`, `merge` and `analyze` work on: a run dir, or a PEFT LoRA adapt
     <output.dir>/<name>/
       recipe.yaml            the resolved recipe
       metrics.jsonl          a line per logged step and per evaluation
-      adapter_stats.jsonl    per epoch and module: ‖ΔW‖_F (and α, ‖B‖_F for tlora)
+      adapter_stats.jsonl    per module at step 0, each log step and epoch end: ‖ΔW‖_F (and α, ‖B‖_F for tlora)
       summary.json           best and final metrics, counts, times, peak memory
       adapter/ best_adapter/ adapter.safetensors + adapter_config.json
       checkpoints/           resumable checkpoints (lrft.checkpoint)

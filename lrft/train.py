@@ -197,6 +197,7 @@ class Trainer:
         self.trackers = Trackers(self.accelerator, self.cfg.report_to, self.run_dir.trackers)
         self.progress = Progress()
         self.clock = Stopwatch(self.progress.seconds)
+        self.stats_step: int | None = None  # the step adapter_stats.jsonl was last written at
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
 
     def run(self) -> dict:
@@ -392,6 +393,7 @@ class Trainer:
         for phase, seconds in self.progress.seconds.items():  # this session's so far (loading)
             resumed.seconds[phase] = resumed.seconds.get(phase, 0.0) + seconds
         self.progress, self.clock.seconds, self.wall_before = resumed, resumed.seconds, resumed.wall_seconds
+        self.stats_step = resumed.step  # written before its checkpoint, if it was a log step or an epoch's end
         if self.main:
             truncate(self.run_dir.metrics, self.progress.metrics_bytes)
             truncate(self.run_dir.adapter_stats, self.progress.stats_bytes)
@@ -491,6 +493,7 @@ class Trainer:
             self.window_losses = []
             self.record({"type": "train", "step": progress.step, "epoch": self.epoch_of(progress.step), "loss": mean,
                          "lr": lr, "step_time_s": step_time})
+            self.write_adapter_stats()
             if shown.bar is None:
                 console.log(f"step {progress.step}/{self.total_steps} epoch {self.epoch_of(progress.step):.2f} "
                             f"loss {mean if mean is None else round(mean, 4)} lr {lr:.2e} {step_time:.2f} s/step")
@@ -505,8 +508,7 @@ class Trainer:
     def end_epoch(self) -> None:
         self.progress.epoch += 1
         self.progress.batch = 0
-        if self.main:
-            self.write_adapter_stats()
+        self.write_adapter_stats()
 
     def epoch_of(self, step: int) -> float:
         return round(step / self.steps_per_epoch, 4)
@@ -596,10 +598,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def write_adapter_stats(self) -> None:
+        """adapter_stats.jsonl lines of this step (once per step: a log step can end an epoch too)."""
+        step = self.progress.step
+        if not self.main or self.stats_step == step:
+            return
+        self.stats_step = step
         with torch.no_grad():
             for name, wrapper in adapted(self.unwrapped).items():
-                append_jsonl(self.run_dir.adapter_stats, {"epoch": self.progress.epoch, "step": self.progress.step,
-                                                          "module": name, **wrapper.adapter.stats()})
+                append_jsonl(self.run_dir.adapter_stats, {"step": step, "epoch": self.epoch_of(step), "module": name,
+                                                          **wrapper.adapter.stats()})
 
     def finish(self) -> dict:
         """The last evaluation (generation tasks generate at the last step only), the adapter, the summary."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_grid_rows_and_labels():
              ("bert.encoder.layer.11.attention.self.query", "query")]
     grid = Grid({n: mod(n, k) for n, k in names})
     assert grid.rows == ["bert.encoder.layer.0", "bert.encoder.layer.11"] and grid.cols == ["query", "value"]
-    assert grid.label(names[2][0]) == "11 query"
+    assert grid.label(names[2][0]) == "L11 query"
     m = grid.matrix({names[1][0]: 0.5, names[2][0]: None})
     assert m[0, 1] == 0.5 and np.isnan(m[1, 0]) and np.isnan(m[0, 0])
     t5 = Grid({"encoder.block.0.layer.0.SelfAttention.q": mod("a", "q"), "decoder.block.0.layer.0.SelfAttention.q": mod("b", "q")})
@@ -303,6 +304,110 @@ def test_report_renders_with_every_figure(compared):
     assert all(f"]({f})" in md for f in files)
     assert data["element_difference"]["module"] == next(iter(data["cosine"]["per_module"]))
     assert not list(out.parent.glob(".analysis.tmp-*"))  # written through a temporary dir
+
+
+def test_block_means_of_an_update_match_dense_numpy():
+    rng = np.random.default_rng(5)
+    A, B = factors(rng, 10, 7, 2)
+    dense = np.abs(B @ A)
+    means = an.block_mean_abs(lambda r, c: an.update_entries(A, B, r, c), 10, 7, 3)
+    rows, cols = np.array_split(np.arange(10), 3), np.array_split(np.arange(7), 3)
+    np.testing.assert_allclose(means, [[dense[np.ix_(r, c)].mean() for c in cols] for r in rows], rtol=1e-12)
+    assert an.block_mean_abs(lambda r, c: an.update_entries(A, B, r, c), 10, 7, 48).shape == (10, 7)
+
+
+def test_figures_say_what_they_show(runs, monkeypatch, tmp_path):
+    """What a reader of the figures needs: the layers of the spectra on a colour bar and the runs in a
+    legend, a colour of its own per module, the run named on every per-run figure (the against_ ones
+    too) and both on the comparisons, ΔW ordered by its singular vectors and as block means."""
+    from lrft.analysis import figures
+
+    drawn = {}
+    save = figures.save
+
+    def keep(fig, out_dir, file, caption, plots):
+        drawn[file] = fig
+        save(fig, out_dir, file, caption, plots)
+
+    monkeypatch.setattr(figures, "save", keep)
+    lrft.analysis.analyze(runs["tlora"], runs["lora"], tmp_path / "a")
+    spectra = drawn["singular_values.png"]
+    bar = [ax for ax in spectra.axes if ax.get_ylabel() == "layer"]
+    assert len(bar) == 1 and [t.get_text() for t in bar[0].get_yticklabels()] == ["0", "1"]
+    assert [t.get_text() for t in spectra.axes[0].get_legend().get_texts()] == ["tlora", "lora"]
+    for file in ("adapter_stats.png", "against_adapter_stats.png"):
+        lines = drawn[file].axes[0].get_lines()
+        assert len(lines) == 4 and len({tuple(line.get_color()) for line in lines}) == 4, file
+        assert lines[0].get_xdata().tolist() == [0, 1, 2]  # a point per logged step (train.log_every is 1)
+    for file, run in (("histograms.png", "tlora"), ("factor_norms.png", "tlora"), ("adapter_stats.png", "tlora"),
+                      ("against_histograms.png", "lora"), ("against_factor_norms.png", "lora"),
+                      ("against_adapter_stats.png", "lora")):
+        assert drawn[file].get_suptitle().startswith(f"{run} ({run}): "), file
+    for file in ("cosine.png", "subspace.png", "rel_frobenius.png"):
+        assert drawn[file].get_suptitle() == "tlora (tlora) vs lora (lora)", file
+    heat = drawn["update_heatmap.png"]
+    titles = [ax.get_title() for ax in heat.axes if ax.get_images()]
+    assert len(titles) == 6 and sum("ordered by u₁ and v₁ of ΔW tlora" in t for t in titles) == 2
+    assert sum("ordered by u₁ and v₁ of ΔW lora" in t for t in titles) == 1
+    assert sum(t.startswith("mean |ΔW") for t in titles) == 3
+
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+REPORT_WIDTH = 1280  # a laptop browser window: the report must fit it without a horizontal scroll bar
+# Runs once the page has loaded: what the browser made of every image, and whether the page is wider than
+# the window; written into the DOM, which --dump-dom prints.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images].map(i => ({alt: i.alt, complete: i.complete, natural: i.naturalWidth,
+                                                 shown: i.getBoundingClientRect().width}));
+  const probe = document.createElement("pre");
+  probe.id = "lrft-probe";
+  probe.textContent = JSON.stringify({images, scrollWidth: document.documentElement.scrollWidth,
+                                      viewport: window.innerWidth, height: document.documentElement.scrollHeight});
+  document.body.appendChild(probe);
+});
+</script>"""
+
+
+def chromium(*args, profile: Path, width: int, height: int) -> subprocess.CompletedProcess:
+    """Headless Chromium, isolated: a fresh profile, no network services, no GPU, no sandbox (root in CI)."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={profile}", f"--window-size={width},{height}"]
+    return subprocess.run([CHROMIUM, *flags, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium); the "
+                                             "report is rendered in a real browser where there is one")
+def test_the_report_in_a_real_browser(compared, tmp_path):
+    """report.html as a person opens it: in headless Chromium at 1280 px, every figure loads (no broken
+    image) and fits, the page has no horizontal scroll bar, and a full-page screenshot is drawn."""
+    import html as html_lib
+
+    data, out = compared
+    probed = tmp_path / "probed.html"  # the report is self-contained: a copy elsewhere renders the same
+    probed.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
+                      encoding="utf-8")
+    run = chromium("--virtual-time-budget=10000", "--dump-dom", probed.as_uri(), profile=tmp_path / "profile-1",
+                   width=REPORT_WIDTH, height=900)
+    found = re.search(r'<pre id="lrft-probe">(.*?)</pre>', run.stdout, re.S)
+    assert found, run.stderr[-2000:]
+    page = json.loads(html_lib.unescape(found.group(1)))
+    assert len(page["images"]) == len(data["figures"])
+    broken = [i["alt"] for i in page["images"] if not (i["complete"] and i["natural"] > 0)]
+    assert broken == [], f"figures that did not load: {broken}"
+    assert all(0 < i["shown"] <= page["viewport"] for i in page["images"])
+    assert page["viewport"] == REPORT_WIDTH and page["scrollWidth"] <= page["viewport"], page["scrollWidth"]
+
+    shot = tmp_path / "report.png"
+    run = chromium(f"--screenshot={shot}", (out / "report.html").as_uri(), profile=tmp_path / "profile-2",
+                   width=REPORT_WIDTH, height=min(page["height"], 16000))
+    assert shot.is_file(), run.stderr[-2000:]
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[1] == REPORT_WIDTH and pixels.shape[0] == min(page["height"], 16000)
+    assert float(pixels[..., :3].std()) > 0.05  # figures and text drawn, not a blank page
 
 
 def test_known_updates_through_the_cli(runs, cli, numbers_only):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, assert_same_adapter, launch, lrft, train_lines
+from tests.helpers import ROOT, assert_same_adapter, launch, lrft, read_jsonl, train_lines
 
 @pytest.mark.parametrize("method, killer, resumed_from", [
     ("tlora", ("sigkill", 7), "step-000000006"),      # mid-epoch: after step 7, checkpoints every 2 steps
@@ -39,6 +39,9 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_result(tiny_recipe, t
     assert f"resuming from {resumed_from}" in resumed.stderr
     assert_same_adapter(run, tmp_path / "runs" / "straight")
     assert train_lines(run) == train_lines(tmp_path / "runs" / "straight")  # nothing lost, nothing twice
+    stats, straight_stats = (read_jsonl(d / "adapter_stats.jsonl") for d in (run, tmp_path / "runs" / "straight"))
+    assert [(r["step"], r["module"]) for r in stats] == [(r["step"], r["module"]) for r in straight_stats]
+    assert [r["delta_norm"] for r in stats] == pytest.approx([r["delta_norm"] for r in straight_stats], abs=1e-6)
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]  # the dead write is gone
     assert json.loads((run / "summary.json").read_text())["final"] == \
         json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())["final"]

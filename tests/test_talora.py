@@ -240,3 +240,16 @@ def test_too_many_calibration_samples(cli, tiny_recipe, tmp_path):
     assert code == 2 and "calibration.samples: 1000 is more than the 64 training examples" in err
     code, _, err = cli("train", talora_recipe(tiny_recipe, name="zero"), "calibration.samples=0")
     assert code == 2 and "calibration.samples: input should be greater than 0" in err
+
+
+def test_calibration_plot_labels_tell_every_module_apart():
+    """BERT has three `...dense` Linear layers per block: the importance chart names them apart."""
+    kinds = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense"]
+    names = [f"bert.encoder.layer.{i}.{k}" for i in (0, 11) for k in kinds]
+    labels = calibrate.module_labels(names)
+    assert labels[:6] == ["L0 query", "L0 key", "L0 value", "L0 attention.output.dense", "L0 intermediate.dense",
+                          "L0 output.dense"]
+    assert len(set(labels)) == len(names) and labels[6] == "L11 query"
+    assert calibrate.module_labels(["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj", "score"]) == [
+        "L3 q_proj", "L3 down_proj", "score"]

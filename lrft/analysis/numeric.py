@@ -116,6 +116,19 @@ def update_entries(A: np.ndarray, B: np.ndarray, rows: np.ndarray, cols: np.ndar
     return np.asarray(B, np.float64)[rows] @ np.asarray(A, np.float64)[:, cols]
 
 
+def block_mean_abs(entries, out_f: int, in_f: int, side: int) -> np.ndarray:
+    """Mean |x| over a grid of at most side × side blocks of an out_f × in_f matrix whose dense rows
+    `entries(rows, cols)` gives; one block row is dense at a time."""
+    row_groups = np.array_split(np.arange(out_f), min(side, out_f))
+    col_starts = np.array([g[0] for g in np.array_split(np.arange(in_f), min(side, in_f))])
+    widths = np.diff(np.append(col_starts, in_f))
+    cols = np.arange(in_f)
+    means = np.empty((len(row_groups), len(col_starts)))
+    for i, rows in enumerate(row_groups):
+        means[i] = np.add.reduceat(np.abs(entries(rows, cols)).sum(axis=0), col_starts) / (len(rows) * widths)
+    return means
+
+
 def difference_stats(A1, B1, A2, B2) -> dict:
     """max and mean of |ΔW₁ − ΔW₂| element-wise, ROW_BLOCK rows of the dense difference at a time."""
     out_f, in_f = B1.shape[0], A1.shape[1]
