@@ -225,6 +225,10 @@ def test_the_readme_commands_run_in_order_without_the_data_dir(cli, tmp_path, ti
                              calibration={"samples": 16, "batch_size": 8})
         (work / "recipes").mkdir(parents=True, exist_ok=True)
         write_recipe(work / "recipes" / f"{name}.yaml", recipe)
+    (work / "sweeps").mkdir()  # the Commands block's sweep, on the tiny quickstart: two learning rates, one epoch
+    (work / "sweeps" / "mrpc_tlora_r8_3ep.yaml").write_text(yaml.safe_dump({
+        "recipe": "../recipes/quickstart.yaml", "overrides": {"train.epochs": 1, "output.dir": "results/sweeps"},
+        "search": {"train.lr": [1.0e-2, 2.0e-2]}, "objective": "accuracy", "seeds": [42]}))
     monkeypatch.chdir(work)
     monkeypatch.delenv("LRFT_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -241,6 +245,7 @@ def test_the_readme_commands_run_in_order_without_the_data_dir(cli, tmp_path, ti
     assert -1 <= float(outputs["lrft analyze runs/quickstart --against runs/r16 --json | jq .cosine.mean"]) <= 1
     assert (work / "runs" / "quickstart" / "analysis" / "report.html").is_file() and (work / "my.yaml").is_file()
     assert "talora" in outputs["lrft count-params --method talora --calibrated runs/glue_mrpc_talora"]
+    assert {p.name for p in (work / "results" / "sweeps" / "mrpc_tlora_r8_3ep").iterdir()} >= {"lr1e-2_s42", "lr2e-2_s42"}
 
 
 @pytest.mark.parametrize("env, reason", [
