@@ -152,7 +152,7 @@ def test_bf16_merge_reports_the_diff_against_the_fp32_merge(cli, tiny_recipe, tm
     assert code == 0, err
     report = json.loads(out)
     assert report["dtype"] == "bfloat16" and "max_abs_logit_diff_vs_fp32_merge" in report
-    assert report["reload_matches_memory"] and report["verdict"] == "ok" and report["update_kept_min"] > 0.9
+    assert report["reload_matches_memory"] and report["verdict"] == "ok" and report["update_kept_min"] > 0.5
     saved = json.loads((tmp_path / "m16" / "merge_report.json").read_text())
     assert saved == report
     code, out, err = cli("merge", tmp_path / "runs" / "bf", "--out", tmp_path / "m16b", "--dtype", "bfloat16")
@@ -181,7 +181,7 @@ def test_a_merge_that_rounds_the_update_away_says_so(cli, tiny_recipe, tmp_path)
     save_file(tensors, str(adapter))
     code, out, err = cli("merge", tmp_path / "runs" / "faint", "--out", tmp_path / "m", "--dtype", "bfloat16")
     assert code == 0, err
-    assert "warning:" in err and "keep less than 90% of their update in bfloat16" in err and "--format peft" in err
+    assert "warning:" in err and "keep less than 50% of their update in bfloat16" in err and "--format peft" in err
     assert "bfloat16 rounding loses part of the update (see the warning)" in out
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["verdict"] == "update_lost_in_rounding"
 
