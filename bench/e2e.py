@@ -55,7 +55,8 @@ def lrft_job(job: str, work: Path, smoke: bool) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"lrft {job} failed:\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout)
-    out = {"side": "lrft", "job": job, "wall_s": wall, "peak_rss_mib": summary["peak_rss_mib"], **summary["final"]}
+    out = {"side": "lrft", "job": job, "wall_s": wall, "peak_rss_mib": summary["peak_rss_mib"], **summary["final"],
+           "phases_s": summary.get("seconds")}  # where lrft's own wall time went (loading, training, evaluation, ...)
     if job == "gsm8k":
         first = json.loads((work / f"lrft_{job}" / "metrics.jsonl").read_text().splitlines()[0])
         out["exact_match_before"] = first.get("exact_match")
