@@ -1,6 +1,6 @@
 """Whole jobs, lrft against what users run instead (HF Trainer + PEFT), with the same hyperparameters.
 
-    LRFT_DATA_DIR=../shared/data python bench/e2e.py                        # both jobs, 2 alternating rounds
+    LRFT_DATA_DIR=../shared/data python bench/e2e.py                        # every job, 2 alternating rounds
     LRFT_DATA_DIR=../shared/data python bench/e2e.py --job mrpc --rounds 3 --json
     LRFT_DATA_DIR=../shared/data python bench/e2e.py --smoke                # a few steps of each: does it run
 
@@ -12,6 +12,8 @@ and the report gives each side's median wall-clock, quality and peak RSS, and th
 - mrpc: MiniLM, LoRA r 8 (α 16) on query and value, lr 5e-4, batch 32, 3 epochs, linear schedule
   with 6 % warmup, max length 128, an evaluation on the dev set after every epoch, a checkpoint per
   epoch; accuracy.
+- mrpc-grouped: the same with batches of similar lengths on both sides (lrft `train.group_by_length`,
+  Trainer `group_by_length`): what padding costs.
 - gsm8k: the recipe recipes/gsm8k_lora.yaml (SmolLM2-135M, LoRA r 8 on every projection, 256 problems,
   batch 8, length 320, cosine schedule), evaluated before and after (response perplexity on the first
   50 test problems, greedy generation with exact match); the Trainer side evaluates with
@@ -41,7 +43,11 @@ JOBS = {
                            "train.batch_size=32", "train.eval_batch_size=64", "train.epochs=3", "seed=42"]},
     "gsm8k": {"recipe": "recipes/gsm8k_lora.yaml", "overrides": ["seed=42"]},
 }
+# The same MRPC job with batches of similar lengths on both sides (lrft's train.group_by_length, the
+# Trainer's group_by_length): what padding costs each of them.
+JOBS["mrpc-grouped"] = {**JOBS["mrpc"], "overrides": [*JOBS["mrpc"]["overrides"], "train.group_by_length=true"]}
 SMOKE = {"mrpc": ["train.max_steps=3", "data.max_eval_samples=64"],
+         "mrpc-grouped": ["train.max_steps=3", "data.max_eval_samples=64"],
          "gsm8k": ["train.max_steps=2", "data.max_train_samples=16", "data.max_eval_samples=4", "data.max_new_tokens=8"]}
 
 
@@ -110,6 +116,7 @@ def run_trainer(job: str, work: Path, smoke: bool) -> dict:
         per_device_eval_batch_size=cfg.eval_batch_size, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=math.ceil(cfg.warmup_ratio * steps),
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.log_every,
+        group_by_length=cfg.group_by_length,
         # as lrft: a classifier is evaluated after every epoch; the causal job before and after training
         eval_strategy="no" if causal else "epoch", save_strategy="epoch", save_total_limit=1, seed=recipe.seed,
         report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True, remove_unused_columns=False,
@@ -167,7 +174,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         sides = {side: [r for r in rows if r["job"] == job and r["side"] == side] for side in ("lrft", "trainer")}
         med = {side: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_mib")}
                for side, rs in sides.items()}
-        quality = "accuracy" if job == "mrpc" else "perplexity"
+        quality = "perplexity" if job == "gsm8k" else "accuracy"
         out.append({"job": job, "runs": len(sides["lrft"]), "quality": quality,
                     "lrft": {**med["lrft"], quality: statistics.median(r[quality] for r in sides["lrft"])},
                     "trainer": {**med["trainer"], quality: statistics.median(r[quality] for r in sides["trainer"])},
@@ -178,7 +185,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--job", choices=list(JOBS), help="one job (default: both)")
+    ap.add_argument("--job", choices=list(JOBS), help="one job (default: all)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of lrft and Trainer per job")
     ap.add_argument("--smoke", action="store_true", help="a few steps of each job on small subsets")
     ap.add_argument("--json", action="store_true")
