@@ -116,7 +116,7 @@ def run_trainer(job: str, work: Path, smoke: bool) -> dict:
         per_device_eval_batch_size=cfg.eval_batch_size, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=math.ceil(cfg.warmup_ratio * steps),
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.log_every,
-        group_by_length=cfg.group_by_length,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         # as lrft: a classifier is evaluated after every epoch; the causal job before and after training
         eval_strategy="no" if causal else "epoch", save_strategy="epoch", save_total_limit=1, seed=recipe.seed,
         report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True, remove_unused_columns=False,
