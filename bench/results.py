@@ -256,6 +256,11 @@ def tuned_section() -> list[str]:
             lines += [render_markdown(rep, [str(s.relative_to(ROOT)) for s in specs], plot_link=plot.name), ""]
         finally:
             os.chdir(cwd)
+    waiting = [spec.stem for spec in sorted((ROOT / "sweeps").glob("*.yaml"))
+               if not (ROOT / "results" / "sweeps" / spec.stem).is_dir()]
+    if waiting:  # say which of the comparison's sweeps these tables do not hold yet
+        lines += [f"Not run yet ({len(waiting)} of the {len(waiting) + sum(map(len, groups.values()))} specs in "
+                  f"sweeps/, each states its cost): {', '.join(waiting)}.", ""]
     return lines or ["(no sweep has run yet: `lrft sweep sweeps/mrpc_*_3ep.yaml`)", ""]
 
 
@@ -272,6 +277,9 @@ def e2e_section() -> list[str]:
         lines.append(f"| {s['job']} | {s['runs']} | {s['lrft']['wall_s']:.0f} | {s['trainer']['wall_s']:.0f} | "
                      f"{s['wall_ratio']:.2f} | {s['lrft']['peak_rss_mib']:,.0f} | {s['trainer']['peak_rss_mib']:,.0f} | "
                      f"{s['rss_ratio']:.2f} | {q} {s['lrft'][q]:.4f} | {q} {s['trainer'][q]:.4f} |")
+    lines += ["", "Where lrft's wall time went (its summary.json `seconds`, the first run of each job): " + "; ".join(
+        f"{r['job']}: " + ", ".join(f"{phase} {sec:.0f} s" for phase, sec in r["phases_s"].items() if sec >= 0.5)
+        for r in data["rows"] if r["side"] == "lrft" and r.get("phases_s")) + "."]
     return lines + [""]
 
 
