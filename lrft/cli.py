@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import typer.core
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from lrft import console
 from lrft.errors import LrftError
@@ -53,7 +52,7 @@ def usage_in_one_line():
         raise UsageLine(f"{text[:1].lower()}{text[1:]}{got}; see `{where} --help`") from None
 
 
-class LrftGroup(typer.core.TyperGroup):
+class LrftGroup(TyperGroup):
     """The `lrft` group, parsing its own and its commands' arguments under `usage_in_one_line`."""
 
     def make_context(self, *args, **kwargs):
