@@ -64,7 +64,6 @@ def merge_run(run_dir: str | Path, out: Path, *, dtype: str | None = None, force
         return _merge(run_dir, out, dtype, force, task, base, data_path, phase)
 
 
-
 def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None, base: str | None,
            data_path: str | None, phase: console.Phase) -> dict:
     step = iter(MERGE_STEPS)
