@@ -237,7 +237,8 @@ def machine() -> str:
 
 def tuned_section() -> list[str]:
     """The sweeps of sweeps/*.yaml that have run (their dirs under results/sweeps), grouped by task and
-    epochs as their spec names say (<task>_<method>_r<rank>_<epochs>ep), one `lrft sweep` report each."""
+    epochs as their spec names say (<task>_<method>_r<rank>_<epochs>ep), one `lrft sweep` report each,
+    then the papers' claims judged on them."""
     from lrft.sweep import load_sweeps
     from lrft.sweep.report import build, render_markdown
 
@@ -246,14 +247,15 @@ def tuned_section() -> list[str]:
         task, *_, epochs = spec.stem.split("_")
         if (ROOT / "results" / "sweeps" / spec.stem).is_dir():
             groups.setdefault(f"{task}_{epochs}", []).append(spec)
-    lines = []
+    lines, reports = [], {}
     for group, specs in sorted(groups.items()):
         cwd = os.getcwd()
         os.chdir(ROOT)  # the specs' output.dir (results/sweeps) is relative to the repository root
         try:
             plot = DOCS / f"sweep_{group}.png"
-            rep = build(load_sweeps([s.relative_to(ROOT) for s in specs]), tolerance=1.0, plot=plot)
-            lines += [render_markdown(rep, [str(s.relative_to(ROOT)) for s in specs], plot_link=plot.name), ""]
+            reports[group] = build(load_sweeps([s.relative_to(ROOT) for s in specs]), tolerance=1.0, plot=plot)
+            lines += [render_markdown(reports[group], [str(s.relative_to(ROOT)) for s in specs],
+                                      plot_link=plot.name), ""]
         finally:
             os.chdir(cwd)
     waiting = [spec.stem for spec in sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -261,7 +263,76 @@ def tuned_section() -> list[str]:
     if waiting:  # say which of the comparison's sweeps these tables do not hold yet
         lines += [f"Not run yet ({len(waiting)} of the {len(waiting) + sum(map(len, groups.values()))} specs in "
                   f"sweeps/, each states its cost): {', '.join(waiting)}.", ""]
+    if reports:
+        lines += claims_section(reports)
     return lines or ["(no sweep has run yet: `lrft sweep sweeps/mrpc_*_3ep.yaml`)", ""]
+
+
+# The papers' claims, each against LoRA r8 tuned the same way: (method, the claim, the least difference
+# in points it allows, the largest share of LoRA's trainable parameters it allows).
+CLAIMS = (
+    ("tlora", "tri-matrix TLoRA within 2 points of LoRA", -2.0, 1.0),
+    ("lorta", "LoRTA within 2 points of LoRA with ≥ 10× fewer parameters", -2.0, 0.1),
+    ("talora", "task-aware TLoRA ≥ LoRA with half its parameters or fewer", 0.0, 0.5),
+)
+
+
+def reference(rows: list[dict], sweep: str) -> dict | None:
+    """A sweep's point to compare: of its finished points, the one with the most seeds (the confirmed
+    best), the better mean among equals."""
+    done = [r for r in rows if r["sweep"] == sweep and r["status"] == "done"]
+    return max(done, key=lambda r: (len(r["values"]), r["mean"]), default=None)
+
+
+def verdict(method: dict, lora: dict, least_difference: float, most_share: float, scale: float) -> tuple[str, float]:
+    """Whether the claim holds for these two points, and the difference in points. The difference of
+    the means must clear the claim's bound by two standard errors either way to decide; with one seed
+    on a side, or closer than that, the seeds do not settle it."""
+    difference = (method["mean"] - lora["mean"]) * scale
+    if method["trainable"] > most_share * lora["trainable"]:
+        return "does not hold: too many parameters", difference
+    if len(method["values"]) < 2 or len(lora["values"]) < 2:
+        return "not settled: one seed", difference
+    se = scale * (method["sd"] ** 2 / len(method["values"]) + lora["sd"] ** 2 / len(lora["values"])) ** 0.5
+    if difference - least_difference >= 2 * se:
+        return "holds", difference
+    if least_difference - difference >= 2 * se:
+        return "does not hold", difference
+    return f"not settled by {min(len(method['values']), len(lora['values']))} seeds (± {2 * se:.1f} points)", difference
+
+
+def claims_section(reports: dict[str, dict]) -> list[str]:
+    """Claim by claim, per task and training length: each method's best tuned point against LoRA r8's."""
+    lines = ["### The papers' claims at this scale", "",
+             "Each method at its best swept point (the one confirmed over three seeds) against LoRA r8 at "
+             "its own; a claim holds or fails when the difference of the means clears its bound by two "
+             "standard errors, else the seeds do not settle it. Parameters are the adapters' (heads "
+             "excluded, as the papers count).", "",
+             "| task, epochs | claim | method (sweep, point) | its accuracy | LoRA r8 | difference | "
+             "parameters (× LoRA) | verdict |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for group, report in sorted(reports.items()):
+        task, epochs = group.split("_")
+        rows, scale = report["rows"], report["scale"]
+        lora = reference(rows, f"{task}_lora_r8_{epochs}")
+        for method, claim, least, share in CLAIMS:
+            swept = sorted({r["sweep"] for r in rows if r["sweep"].split("_")[1] == method})
+            if not swept:
+                lines.append(f"| {task}, {epochs[:-2]} | {claim} | — | — | — | — | — | not run: no {method} sweep |")
+            for sweep in swept:
+                point = reference(rows, sweep)
+                if point is None or lora is None:
+                    missing = "LoRA r8's sweep" if lora is None else "its sweep"
+                    lines.append(f"| {task}, {epochs[:-2]} | {claim} | {sweep} | — | — | — | — | "
+                                 f"not run: {missing} has no finished point |")
+                    continue
+                said, difference = verdict(point, lora, least, share, scale)
+                lines.append(
+                    f"| {task}, {epochs[:-2]} | {claim} | {sweep}, {point['shown']} | "
+                    f"{point['mean'] * scale:.1f} ± {(point['sd'] or 0) * scale:.1f} | "
+                    f"{lora['mean'] * scale:.1f} ± {(lora['sd'] or 0) * scale:.1f} | {difference:+.1f} | "
+                    f"{point['trainable']:,} ({point['trainable'] / lora['trainable']:.3f}) | {said} |")
+    return lines + [""]
 
 
 def e2e_section() -> list[str]:

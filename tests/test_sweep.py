@@ -398,3 +398,31 @@ def test_every_shipped_spec_validates_and_states_its_cost(path):
     assert "cost:" in path.read_text() and "min" in path.read_text()
     if sweep.task.name == "glue/sst2":
         assert sweep.base.data.max_train_samples is not None  # subsampled, as its comment says
+
+
+# --------------------------------------------------------------------- the claims in RESULTS.md
+
+def point(values: list[float], trainable: int) -> dict:
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return {"values": values, "mean": mean, "sd": sd, "trainable": trainable}
+
+
+LORA = point([0.77, 0.78, 0.76], 73_728)  # 77.0 ± 1.0: two standard errors of a 3-seed difference ≈ 1.6 points
+
+
+@pytest.mark.parametrize(("values", "trainable", "least", "share", "expected"), [
+    ([0.77, 0.78, 0.76], 780, -2.0, 1.0, "holds"),  # as good as LoRA: 2 points clear of the bound
+    ([0.71, 0.72, 0.70], 780, -2.0, 1.0, "does not hold"),  # 6 points under
+    ([0.75, 0.76, 0.74], 780, -2.0, 1.0, "not settled by 3 seeds"),  # 2 points under: the bound itself
+    ([0.80, 0.80, 0.80], 73_728, -2.0, 0.1, "does not hold: too many parameters"),
+    ([0.80], 780, -2.0, 1.0, "not settled: one seed"),
+    ([0.79, 0.80, 0.81], 30_000, 0.0, 0.5, "holds"),  # talora's: 3 points over at 0.41× the parameters
+])
+def test_a_claim_holds_fails_or_is_not_settled_by_two_standard_errors(values, trainable, least, share, expected):
+    import runpy
+
+    results = runpy.run_path(str(ROOT / "bench" / "results.py"), run_name="bench")
+    said, difference = results["verdict"](point(values, trainable), LORA, least, share, 100)
+    assert said.startswith(expected)
+    assert difference == pytest.approx((point(values, trainable)["mean"] - LORA["mean"]) * 100)
