@@ -75,7 +75,7 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
         talora = f"recipes/glue_{t}_talora.yaml"
         configs = [
             ("lora", 8, quick[0], (*quick[1], *LORA_MINILM)),
-            ("tlora", 8, *quick),
+            ("tlora", 8, quick[0], (*quick[1], "train.lr=3e-2")),  # the quickstart's lr when these rows ran
             ("tlora", 32, quick[0], (*quick[1], "adapter.params.rank=32", "train.lr=1e-2")),
             ("talora", 8, talora, ("adapter.params.rank=8", "adapter.params.alpha=8")),
             ("talora", 32, talora, ()),

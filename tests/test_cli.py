@@ -130,7 +130,7 @@ def test_init_writes_a_valid_commented_recipe(cli, tmp_path):
     from lrft.recipe import load_recipe
 
     r = load_recipe(out)
-    assert r.adapter.method == "tlora" and r.train.lr == 1e-2 and r.name == "my"
+    assert r.adapter.method == "tlora" and r.train.lr == 2e-2 and r.name == "my"
     code, _, err = cli("init", "--method", "lora", "-o", out)
     assert code == 2 and "already exists" in err and out.read_text() == text
     assert cli("init", "--method", "lora", "-o", out, "--force")[0] == 0
