@@ -324,7 +324,7 @@ def claims_section(reports: dict[str, dict]) -> list[str]:
                 if point is None or lora is None:
                     missing = "LoRA r8's sweep" if lora is None else "its sweep"
                     lines.append(f"| {task}, {epochs[:-2]} | {claim} | {sweep} | — | — | — | — | "
-                                 f"not run: {missing} has no finished point |")
+                                 f"no result yet: {missing} has no finished point |")
                     continue
                 said, difference = verdict(point, lora, least, share, scale)
                 lines.append(

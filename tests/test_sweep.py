@@ -214,6 +214,23 @@ def test_a_sweep_begun_with_another_spec_is_refused(cli, pruned_sweep, tmp_path)
     assert code == 2 and "was begun with another spec or base recipe (spec.search.train.lr" in err, err
 
 
+def test_a_base_recipe_changed_only_where_every_run_sets_its_own_value_still_resumes(cli, base_recipe, tmp_path):
+    """The base lr of an lr sweep, its seed and name reach no run: retuning them keeps the sweep; any other
+    change of the base recipe is refused."""
+    recipe = yaml.safe_load(base_recipe.read_text())
+    base = write_recipe(tmp_path / "base.yaml", recipe)
+    spec = write_spec(tmp_path / "one.yaml", base, overrides={"train.epochs": 1, "output.dir": str(tmp_path / "runs")},
+                      search={"train.lr": [GOOD]})
+    code, _, err = cli("sweep", spec)
+    assert code == 0 and trained(err) == ["lr1e-2"], err
+    write_recipe(base, {**recipe, "seed": 7, "name": "retuned", "train": {**recipe["train"], "lr": 0.5}})
+    code, _, err = cli("sweep", spec)
+    assert code == 0 and trained(err) == [], err
+    write_recipe(base, {**recipe, "train": {**recipe["train"], "batch_size": 2}})
+    code, _, err = cli("sweep", spec)
+    assert code == 2 and "another spec or base recipe (recipe.train.batch_size changed)" in err, err
+
+
 # -------------------------------------------------------------------------------------- resume
 
 def test_a_killed_sweep_resumes_to_the_table_of_an_uninterrupted_one(cli, pruned_sweep, base_recipe, tmp_path):

@@ -12,6 +12,7 @@ command of each run, which is exactly what the sweep trains itself.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -344,11 +345,24 @@ class Sweep:
         """The `lrft train` command of one run: the very recipe the sweep trains."""
         return shlex.join(["lrft", "train", display_path(self.recipe_path), *self.overrides(point, seed)])
 
-    def identity(self) -> dict:
+    def identity(self, recorded: dict | None = None) -> dict:
         """What makes a sweep this sweep (a rerun with other values is refused): the spec but its budget
-        and confirmation, and the base recipe as resolved."""
-        return {"spec": self.spec.model_dump(mode="json", exclude={"budget", "confirm", "name"}),
-                "recipe": self.base.model_dump(mode="json")}
+        and confirmation, and the base recipe as resolved but for the keys every run sets itself (the
+        searched ones, seed, name, output.dir), whose base values reach no run: a base recipe whose
+        default lr is retuned still resumes an lr sweep. With `recorded`, that identity (as stored by
+        the sweep's first process) reduced the same way."""
+        if recorded is None:
+            recorded = {"spec": self.spec.model_dump(mode="json", exclude={"budget", "confirm", "name"}),
+                        "recipe": self.base.model_dump(mode="json")}
+        recipe = copy.deepcopy(recorded["recipe"])  # cut keys from a copy
+        for key in [*self.spec.search, "seed", "name", "output.dir"]:
+            *parents, leaf = key.split(".")
+            section = recipe
+            for part in parents:
+                section = section.get(part) if isinstance(section, dict) else None
+            if isinstance(section, dict):
+                section.pop(leaf, None)
+        return {**recorded, "recipe": recipe}
 
     def check(self) -> None:
         """Every point's recipe is valid (a sampled space: its corners), its name plain; the metric exists."""

@@ -99,8 +99,8 @@ def open_study(sweep: Sweep, create: bool = True) -> optuna.Study | None:
         stored = study.user_attrs.get("identity")
         if stored is None:
             study.set_user_attr("identity", sweep.identity())
-        elif stored != sweep.identity():
-            changed = recipe_diff(stored, sweep.identity())
+        elif sweep.identity(stored) != sweep.identity():
+            changed = recipe_diff(sweep.identity(stored), sweep.identity())
             raise LrftError(f"{sweep.path}: the sweep in {sweep.dir} was begun with another spec or base recipe "
                             f"({', '.join(changed[:4])} changed); restore them, or name this sweep anew (name: ...)")
     return study
