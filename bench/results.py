@@ -314,21 +314,21 @@ def claims_section(reports: dict[str, dict]) -> list[str]:
     for group, report in sorted(reports.items()):
         task, epochs = group.split("_")
         rows, scale = report["rows"], report["scale"]
-        lora = reference(rows, f"{task}_lora_r8_{epochs}")
+        lora, where = reference(rows, f"{task}_lora_r8_{epochs}"), f"{task}, {epochs.removesuffix('ep')}"
         for method, claim, least, share in CLAIMS:
             swept = sorted({r["sweep"] for r in rows if r["sweep"].split("_")[1] == method})
             if not swept:
-                lines.append(f"| {task}, {epochs[:-2]} | {claim} | — | — | — | — | — | not run: no {method} sweep |")
+                lines.append(f"| {where} | {claim} | — | — | — | — | — | not run: no {method} sweep |")
             for sweep in swept:
                 point = reference(rows, sweep)
                 if point is None or lora is None:
                     missing = "LoRA r8's sweep" if lora is None else "its sweep"
-                    lines.append(f"| {task}, {epochs[:-2]} | {claim} | {sweep} | — | — | — | — | "
+                    lines.append(f"| {where} | {claim} | {sweep} | — | — | — | — | "
                                  f"no result yet: {missing} has no finished point |")
                     continue
                 said, difference = verdict(point, lora, least, share, scale)
                 lines.append(
-                    f"| {task}, {epochs[:-2]} | {claim} | {sweep}, {point['shown']} | "
+                    f"| {where} | {claim} | {sweep}, {point['shown']} | "
                     f"{point['mean'] * scale:.1f} ± {(point['sd'] or 0) * scale:.1f} | "
                     f"{lora['mean'] * scale:.1f} ± {(lora['sd'] or 0) * scale:.1f} | {difference:+.1f} | "
                     f"{point['trainable']:,} ({point['trainable'] / lora['trainable']:.3f}) | {said} |")

@@ -356,10 +356,8 @@ class Sweep:
                         "recipe": self.base.model_dump(mode="json")}
         recipe = copy.deepcopy(recorded["recipe"])  # cut keys from a copy
         for key in [*self.spec.search, "seed", "name", "output.dir"]:
-            *parents, leaf = key.split(".")
-            section = recipe
-            for part in parents:
-                section = section.get(part) if isinstance(section, dict) else None
+            parent, _, leaf = key.rpartition(".")
+            section = dotted_get(recipe, parent) if parent else recipe
             if isinstance(section, dict):
                 section.pop(leaf, None)
         return {**recorded, "recipe": recipe}
