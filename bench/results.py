@@ -3,14 +3,15 @@
     python bench/results.py plan                      # every row's `lrft train` command
     LRFT_DATA_DIR=../shared/data python bench/results.py run [--only mrpc] [--seeds 42]   # finished runs are skipped
     python bench/results.py report                    # docs/RESULTS.md + docs/results_params_accuracy.png
-    python bench/results.py update                    # only the sections below, in the RESULTS.md there is
+    python bench/results.py update [--section NAME]   # only the sections below, in the RESULTS.md there is
 
 The report also renders results/bench/*.json (bench/speed.py --json) and results/serving_parity.jsonl
 (bench/serving_parity.py's output) when they exist, and these sections, each between its own markers
 (`update` rewrites just them, leaving the rest of RESULTS.md as it is):
 - tuned: the `lrft sweep` reports of sweeps/*.yaml whose run dirs exist under results/sweeps;
 - e2e: whole jobs against HF Trainer + PEFT (`python bench/e2e.py --json > results/e2e.json`);
-- memory: the memory levers (`python bench/memory.py --json > results/memory.json`).
+- memory: the memory levers (`python bench/memory.py --json > results/memory.json`);
+- heads: the task head's defaults before and after issue 27 (run dirs under results/heads).
 
 Every number in RESULTS.md comes from a run dir's summary.json, metrics.jsonl and recipe.yaml (or a
 bench/speed.py JSON), never from hand edits; each row lists the command that regenerates it.
@@ -367,7 +368,51 @@ def memory_section() -> list[str]:
     return lines + [""]
 
 
+# The task head's defaults (issue 27): the same jobs on lrft before the change (2c9738f: the head at the
+# adapter's lr, a regression bias at 0) and after it (the head at max(lr, 1e-2), a regression bias at the
+# training labels' mean). Run names: <job>_<epochs>ep_<before|after>_s<seed>, under results/heads.
+HEADS = Path("results/heads")
+HEAD_JOBS = {  # job: (task, recipe, overrides); LoRA r8 on query, value at the sweep's lr 1e-3
+    "stsb_lora": ("glue/stsb", "recipes/quickstart.yaml",
+                  ("data.task=glue/stsb", "data.max_train_samples=3000", *LORA_MINILM[:2], "train.lr=1e-3")),
+    "mrpc_lora": ("glue/mrpc", "recipes/quickstart.yaml", (*LORA_MINILM[:2], "train.lr=1e-3")),
+    "rte_lora": ("glue/rte", "recipes/quickstart.yaml", ("data.task=glue/rte", *LORA_MINILM[:2], "train.lr=1e-3")),
+    "sst2_lora": ("glue/sst2", "recipes/quickstart.yaml",
+                  ("data.task=glue/sst2", "data.max_train_samples=8000", *LORA_MINILM[:2], "train.lr=1e-3")),
+    "mrpc_talora": ("glue/mrpc", "recipes/glue_mrpc_talora.yaml", ()),
+}
+
+
+def heads_section(runs: Path = ROOT / HEADS) -> list[str]:
+    """Before/after rows of the head defaults from the run dirs in `runs` (mean ± sd over seeds)."""
+    found: dict[tuple[str, int], dict[str, list[tuple[int, float]]]] = {}
+    for summary in sorted(runs.glob("*/summary.json")):
+        job, epochs, phase, seed = summary.parent.name.rsplit("_", 3)
+        task = HEAD_JOBS[job][0]
+        metric = "pearson" if task == "glue/stsb" else "accuracy"
+        value = json.loads(summary.read_text())["final"][metric]
+        found.setdefault((job, int(epochs.removesuffix("ep"))), {}).setdefault(phase, []).append((int(seed[1:]), value))
+    if not found:
+        return [f"(not measured yet: the commands below, with output.dir={HEADS})", ""]
+    lines = ["| job | epochs | metric | before (lrft 2c9738f) | seeds | after | seeds | command (after) |",
+             "| --- | ---: | --- | ---: | --- | ---: | --- | --- |"]
+    for (job, epochs), phases in sorted(found.items()):
+        task, recipe, overrides = HEAD_JOBS[job]
+        metric = "Pearson" if task == "glue/stsb" else "accuracy (%)"
+        scale = 1.0 if task == "glue/stsb" else 100.0
+        cells = []
+        for phase in ("before", "after"):
+            runs = sorted(phases.get(phase, []))
+            cells += [mean_std([v for _, v in runs], scale, 3 if scale == 1.0 else 1),
+                      ", ".join(str(seed) for seed, _ in runs) or "—"]
+        command = shlex.join(["lrft", "train", recipe, *overrides, f"train.epochs={epochs}", "seed=N",
+                              f"name={job}_{epochs}ep_after_sN", f"output.dir={HEADS}"])
+        lines.append(f"| {job.replace('_', ' ')} | {epochs} | {metric} | {' | '.join(cells)} | `{command}` |")
+    return lines + [""]
+
+
 SECTIONS = {
+    "heads": ("## Task-head defaults: before and after", heads_section),
     "tuned": ("## Tuned comparison (`lrft sweep`)", tuned_section),
     "e2e": ("## Whole jobs against HF Trainer + PEFT (`bench/e2e.py`)", e2e_section),
     "memory": ("## Memory levers (`bench/memory.py`)", memory_section),
@@ -380,11 +425,12 @@ def section(name: str) -> list[str]:
             *render(), f"<!-- end {name} -->", ""]
 
 
-def update() -> Path:
-    """Rewrite the generated sections of docs/RESULTS.md in place (added before the observations when new)."""
+def update(names: list[str] | None = None) -> Path:
+    """Rewrite the generated sections of docs/RESULTS.md in place (added before the observations when new);
+    `names`: only these (the others' run dirs may be on another machine)."""
     path = DOCS / "RESULTS.md"
     text = path.read_text()
-    for name in SECTIONS:
+    for name in names or SECTIONS:
         block = "\n".join(section(name))
         begin, end = f"<!-- begin {name}:", f"<!-- end {name} -->\n"
         if begin in text:
@@ -442,6 +488,7 @@ def main(argv=None) -> None:
     ap.add_argument("action", choices=["plan", "run", "report", "update"])
     ap.add_argument("--only", default=None, help="rows whose run name contains this")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: 42,1,2)")
+    ap.add_argument("--section", action="append", choices=list(SECTIONS), help="update: only this section (repeatable)")
     args = ap.parse_args(argv)
     rows = plan(tuple(int(s) for s in args.seeds.split(",")) if args.seeds else SEEDS)
     if args.only:
@@ -452,7 +499,7 @@ def main(argv=None) -> None:
     elif args.action == "run":
         run(rows)
     elif args.action == "update":
-        print(update())
+        print(update(args.section))
     else:
         print(report(plan()))
 

@@ -134,7 +134,7 @@ def save_checkpoint(root: Path, step: int, tree: dict, keep_last: int) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep_last`."""
     final = Path(root) / f"{CKPT_PREFIX}{step:09d}"
     remove_stale(Path(root), f".{CKPT_PREFIX}")  # any step's write a kill interrupted
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, what=f"checkpoint {final.name}") as tmp:
         save_tree(tmp, tree)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

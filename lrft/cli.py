@@ -2,7 +2,9 @@
 
 Results go to stdout (`--json` for pipelines), logs to stderr. Exit codes: 0 ok, 1 a bug (with its
 traceback), 2 a user mistake (one clear message, no traceback): an LrftError, or a command line
-Click cannot parse (a missing option, a value of the wrong type), both as one `error:` line.
+Click cannot parse (a missing option, a value of the wrong type), both as one `error:` line; 74 the
+disk failed under a write (full, over quota, read-only, an I/O error: one `error:` line too; nothing
+half-written is left, so the same command reruns once the disk is fixed); 75 a run stopped on request.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from lrft import console
-from lrft.errors import LrftError
+from lrft.errors import DISK_ERRORS, EXIT_DISK, DiskError, LrftError
 
 # Click's exception classes, taken from Typer's public BadParameter: Typer ships its own copy of Click.
 _CLICK = {c.__name__: c for c in typer.BadParameter.__mro__}
@@ -145,22 +147,46 @@ class PlainHelp(TyperCommand):
 
 
 def user_errors(fn):
-    """LrftError, and an OSError about a user's path, → one line on stderr and exit code 2."""
+    """LrftError, and an OSError about a user's path, → one line on stderr and exit code 2; a disk that
+    failed under a write → one line and exit code 74 (EXIT_DISK)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        code = 2
         try:
             return fn(*args, **kwargs)
+        except DiskError as e:
+            message, code = str(e), EXIT_DISK
         except LrftError as e:
             message = str(e)
         except OSError as e:
-            if e.errno not in PATH_ERRORS or e.filename is None:
+            if e.errno in PATH_ERRORS and e.filename is not None:
+                message = f"{e.filename}: {PATH_ERRORS[e.errno]}"
+            elif (message := unwrapped_disk_failure(e)) is not None:
+                code = EXIT_DISK
+            else:
                 raise
-            message = f"{e.filename}: {PATH_ERRORS[e.errno]}"
+        except Exception as e:
+            if (message := unwrapped_disk_failure(e)) is None:
+                raise
+            code = EXIT_DISK
         console.err.print(f"error: {message}", markup=False, style="red")
-        raise typer.Exit(2) from None
+        raise typer.Exit(code) from None
 
     return wrapper
+
+
+def unwrapped_disk_failure(error: Exception) -> str | None:
+    """The line for a disk failure that no lrft writer named (a library's own write), else None."""
+    from lrft.files import disk_errno
+
+    code = disk_errno(error)
+    if code is None:
+        return None
+    reason, fix = DISK_ERRORS[code]
+    where = getattr(error, "filename", None)
+    return (f"{where or 'a write'}: {reason} ({type(error).__name__}); {fix} and rerun the same command "
+            f"(exit code {EXIT_DISK})")
 
 
 @contextmanager
@@ -325,6 +351,7 @@ def init(
 ):
     """Write a commented recipe for a method, task and model."""
     from lrft import methods
+    from lrft.data import get_task
     from lrft.files import atomic_write_text, check_writable
     from lrft.guard import check_output
     from lrft.recipe import commented_yaml, validate
@@ -338,6 +365,8 @@ def init(
     name = output.stem if output is not None else f"{task.replace('/', '_')}_{method}"
     recipe = validate({"name": name, "model": {"name": model}, "data": {"task": task},
                        "adapter": {"method": method, "params": {}}, "train": {"lr": m.suggested_lr}})
+    if get_task(task).problem != "causal_lm":  # the head's own lr, written out so a changed lr leaves it be
+        recipe.train.head_lr = recipe.train.head_learning_rate
     text = commented_yaml(recipe, [
         f"lrft recipe: {m.summary}",
         f"run:       lrft train {output or 'recipe.yaml'}",

@@ -1,4 +1,5 @@
-"""The one user-facing error type: the CLI prints it as a clear message and exits with code 2.
+"""The user-facing error types: the CLI prints each as one clear line and exits with code 2 (LrftError:
+a user mistake) or 74 (DiskError: the disk failed under a write).
 
 Anything else that escapes a command is a bug and keeps its traceback (exit code 1).
 """
@@ -6,11 +7,39 @@ Anything else that escapes a command is a bug and keeps its traceback (exit code
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
+from pathlib import Path
+
+EXIT_DISK = 74  # sysexits' EX_IOERR: the disk failed under a write; nothing half-written, rerun once it is fixed
+
+# What a disk's failure under a write is and what to do before rerunning: the environment failed, not
+# the user nor lrft (a read-only file system met before any work is a user's path: lrft.cli's PATH_ERRORS).
+DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota (or have it raised)"),
+    errno.EROFS: ("the file system became read-only", "make it writable again (remount it read-write)"),
+    errno.EIO: ("an I/O error", "check the disk (dmesg; for a network file system, its server)"),
+}
 
 
 class LrftError(Exception):
     """A user mistake (bad recipe, missing file, wrong argument), explained in one line."""
+
+
+class DiskError(LrftError):
+    """The disk failed under a write (DISK_ERRORS: full, over quota, read-only, an I/O error): an environment
+    failure, neither a mistake nor a bug. Writers (lrft.files) leave nothing half-written, so the same command,
+    rerun once the disk is fixed, does the work (a run resumes). Exit code EXIT_DISK.
+
+    `where`: the dir written to; `what`: what was being written; `kept`: what is left that counts (a run's last
+    complete checkpoint), `then`: what the rerun does with it."""
+
+    def __init__(self, code: int, where: Path | str, what: str, kept: str = "", then: str = ""):
+        self.code, self.where, self.what = code, Path(where), what
+        reason, fix = DISK_ERRORS[code]
+        super().__init__(f"{where}: {reason} while writing {what}; nothing half-written is left{kept}; {fix} and "
+                         f"rerun the same command{then} (exit code {EXIT_DISK})")
 
 
 class ConfigError(LrftError):

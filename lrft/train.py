@@ -38,7 +38,7 @@ from lrft.adapt import adapt, adapter_config, load_base
 from lrft.checkpoint import CONFIG_FILE, list_checkpoints, load_tree, save_adapter, save_checkpoint
 from lrft.data import collator, features, get_task, load_task_data
 from lrft.data.causal import IGNORE
-from lrft.errors import LrftError
+from lrft.errors import DiskError, LrftError
 from lrft.evaluate import eval_sets, evaluate
 from lrft.files import append_jsonl, atomic_write_json, atomic_write_text, check_writable, read_json, write_jsonl
 from lrft.guard import check_restartable, remove_run_dir, run_dir_holding
@@ -47,7 +47,7 @@ from lrft.loss import batch_loss
 from lrft.parallel import Parallel
 from lrft.recipe import SEED_LIMIT, Recipe
 from lrft.rundir import LAYOUT, Busy, RunDir, writer_lock
-from lrft.targets import head_modules
+from lrft.targets import head_modules, start_regression_head_at
 from lrft.tracking import Trackers, check_installed
 
 # What `Trainer.checkpoint` saves, and the container each part is: a resume checks them first.
@@ -199,6 +199,7 @@ class Trainer:
         self.clock = Stopwatch(self.progress.seconds)
         self.stats_step: int | None = None  # the step adapter_stats.jsonl was last written at
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
+        self.disk_failure: DiskError | None = None  # the main process's write the disk failed under (main_writes)
 
     def run(self) -> dict:
         self.check_run_dir()
@@ -279,6 +280,7 @@ class Trainer:
             # Every rank started from the same seed (same model init); from here each draws its own dropout masks.
             set_seed((self.recipe.seed + self.rank) % SEED_LIMIT)
         self.resume(resume_from) if resume_from is not None else self.start()
+        self.stop_if_disk_failed()
         self.trackers.start(self.recipe, resumed_at=self.progress.step if resume_from is not None else None)
 
     def check_run_dir(self) -> None:
@@ -308,6 +310,8 @@ class Trainer:
         recipe, task = self.recipe, self.task
         base = load_base(recipe.model, task, self.data.label_names, recipe.adapter.target_modules,
                          recipe.adapter.params.rank)
+        if task.problem == "regression" and self.cfg.train_head:
+            self.start_regression_head(base.model)
         self.train_features = features(task, self.data.train, base.tokenizer, recipe.data.max_length,
                                        "training examples")
         self.evals = eval_sets(task, self.data.evals, base.tokenizer, recipe.data.max_length)
@@ -328,11 +332,21 @@ class Trainer:
         a = self.adapted
         console.log(f"model: {recipe.model.name} ({self.model.config.model_type}), {len(a.targets)} targets "
                     f"({', '.join(sorted({t.kind for t in a.targets}))}); {a.method.name} trains {self.trainable:,} "
-                    f"adapter params + {sum(p.numel() for p in self.head_params):,} head params of {self.total:,}")
+                    f"adapter params + {sum(p.numel() for p in self.head_params):,} head params of {self.total:,}"
+                    + (f" (head lr {self.cfg.head_learning_rate:g})" if self.head_params else ""))
+
+    def start_regression_head(self, model) -> None:
+        """A fresh regression head predicts the training labels' mean before its first step (a resumed run's
+        saved head replaces it); before calibration, so importance is measured on a sensible head."""
+        labels = [float(y) for y in self.data.train.label]
+        mean = math.fsum(labels) / len(labels)
+        if start_regression_head_at(model, mean):
+            console.log(f"regression head: bias starts at the training labels' mean, {mean:.4g}")
 
     def save_calibration(self) -> None:
-        if self.stats is not None and self.main:
-            calibrate.save(self.run_dir.calibration, self.stats, self.adapted.built.meta.get("modules"))
+        if self.stats is not None:
+            self.main_writes(lambda: calibrate.save(self.run_dir.calibration, self.stats,
+                                                    self.adapted.built.meta.get("modules")))
 
     def calibration(self, base) -> calibrate.Statistics | None:
         """Statistics for methods that calibrate, before any optimizer exists; None for the others."""
@@ -360,7 +374,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         groups = [{"params": list(adapter_parameters(self.model)), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
         if self.head_params:
-            groups.append({"params": self.head_params, "lr": cfg.head_lr or cfg.lr, "weight_decay": cfg.weight_decay})
+            groups.append({"params": self.head_params, "lr": cfg.head_learning_rate, "weight_decay": cfg.weight_decay})
         optimizer = torch.optim.AdamW(groups)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler),
@@ -371,7 +385,7 @@ class Trainer:
         if self.main:
             run = self.run_dir
             run.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run.recipe, self.recipe.to_yaml())
+            self.main_writes(lambda: atomic_write_text(run.recipe, self.recipe.to_yaml()))
             for p in (run.metrics, run.adapter_stats):
                 p.unlink(missing_ok=True)
             self.write_adapter_stats()
@@ -501,8 +515,7 @@ class Trainer:
 
     def record(self, record: dict) -> None:
         """A metrics record: a line of metrics.jsonl, and a point for the trackers."""
-        if self.main:
-            append_jsonl(self.run_dir.metrics, record)
+        self.main_writes(lambda: append_jsonl(self.run_dir.metrics, record))
         self.trackers.log(record)
 
     def end_epoch(self) -> None:
@@ -528,17 +541,57 @@ class Trainer:
 
     def requests(self, signals: StopSignals) -> tuple[bool, bool]:
         """(stop, checkpoint overdue): whether any process was asked to stop, and whether
-        train.save_every_minutes have passed on any process since the last checkpoint."""
+        train.save_every_minutes have passed on any process since the last checkpoint; every process
+        stops here if the main one's disk failed under a write of this step (stop_if_disk_failed)."""
         minutes = self.cfg.save_every_minutes
         flags = torch.tensor([signals.requested is not None,
-                              minutes is not None and time.monotonic() - self.last_checkpoint >= 60 * minutes],
-                             dtype=torch.float32)
+                              minutes is not None and time.monotonic() - self.last_checkpoint >= 60 * minutes,
+                              self.disk_failure is not None], dtype=torch.float32)
         if self.world > 1:  # every process takes the same decision at the same step
             import torch.distributed as dist
 
             flags = flags.to(self.accelerator.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_if_disk_failed(bool(flags[2]))
         return bool(flags[0]), bool(flags[1])
+
+    # ---------------------------------------------------------------------------- disk failures
+
+    def main_writes(self, write: Callable[[], object]) -> None:
+        """A write of the main process (the others do nothing). If the disk fails under it, the failure is
+        kept and every later write skipped, so nothing more is written after it (no checkpoint holds a
+        metrics line that is not on disk); every process stops together at the next `stop_if_disk_failed`."""
+        if not self.main or self.disk_failure is not None:
+            return
+        try:
+            write()
+        except DiskError as e:
+            self.disk_failure = e
+
+    def stop_if_disk_failed(self, flagged: bool | None = None) -> None:
+        """Every process raises the main process's disk failure here, at the same point, naming the last
+        complete checkpoint; `flagged`: whether it failed, if an all-reduce said so already (else one
+        is done here: with several processes this is where they all wait for the main one's writes)."""
+        import torch.distributed as dist
+        from accelerate.utils import broadcast_object_list
+
+        if flagged is None:
+            flagged = self.disk_failure is not None
+            if self.world > 1:
+                flag = torch.tensor([float(flagged)], device=self.accelerator.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                flagged = bool(flag[0])
+        if not flagged:
+            return
+        failure = None
+        if self.main:
+            e, last = self.disk_failure, list_checkpoints(self.run_dir.checkpoints)
+            kept, then = ((f", and the last complete checkpoint is {last[-1].name}", " to resume from it") if last
+                          else (", and no checkpoint was written yet", " to start the run again"))
+            failure = [e.code, str(e.where), e.what, kept, then]
+        if self.world > 1:
+            failure = broadcast_object_list([failure])[0]
+        raise DiskError(*failure) from self.disk_failure
 
     def stopped_message(self, signals: StopSignals) -> str:
         progress, last = self.progress, list_checkpoints(self.run_dir.checkpoints)
@@ -558,8 +611,8 @@ class Trainer:
                                             batch_size=self.cfg.eval_batch_size, accelerator=self.accelerator,
                                             tokenizer=self.adapted.tokenizer, max_new_tokens=recipe.data.max_new_tokens,
                                             generation=generation, shard=not self.parallel.fsdp)
-        if predictions and self.main:
-            write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions)
+        if predictions:
+            self.main_writes(lambda: write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions))
         record = {"type": "eval", "step": progress.step, "epoch": self.epoch_of(progress.step), **metrics}
         self.record(record)
         console.log("eval step {}: {}".format(progress.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
@@ -569,8 +622,7 @@ class Trainer:
             value < progress.best_metric if self.metric_for_best == "loss" else value > progress.best_metric)
         if better:
             progress.best_metric, progress.best_step = value, progress.step
-            if self.main:
-                self.save_adapter(self.run_dir.best_adapter)
+            self.main_writes(lambda: self.save_adapter(self.run_dir.best_adapter))
         if self.on_evaluate is not None:
             self.on_evaluate(record, progress)
 
@@ -593,9 +645,10 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
                     "progress": vars(progress)}
             with self.clock.phase("saving"):
-                save_checkpoint(self.run_dir.checkpoints, progress.step, tree, self.cfg.keep_last)
+                self.main_writes(lambda: save_checkpoint(self.run_dir.checkpoints, progress.step, tree,
+                                                         self.cfg.keep_last))
         self.last_checkpoint = time.monotonic()
-        self.accelerator.wait_for_everyone()
+        self.stop_if_disk_failed()  # every process waits for the main one's write, and learns how it went
 
     def write_adapter_stats(self) -> None:
         """adapter_stats.jsonl lines of this step (once per step: a log step can end an epoch too)."""
@@ -605,20 +658,18 @@ class Trainer:
         self.stats_step = step
         with torch.no_grad():
             for name, wrapper in adapted(self.unwrapped).items():
-                append_jsonl(self.run_dir.adapter_stats, {"step": step, "epoch": self.epoch_of(step), "module": name,
-                                                          **wrapper.adapter.stats()})
+                self.main_writes(lambda: append_jsonl(self.run_dir.adapter_stats, {
+                    "step": step, "epoch": self.epoch_of(step), "module": name, **wrapper.adapter.stats()}))
 
     def finish(self) -> dict:
         """The last evaluation (generation tasks generate at the last step only), the adapter, the summary."""
         progress = self.progress
         if progress.last_eval_step != progress.step:
             self.evaluate(generation=self.task.generate)
-        if self.main:
-            self.save_adapter(self.run_dir.adapter)
+        self.main_writes(lambda: self.save_adapter(self.run_dir.adapter))
         summary = self.summary()
-        if self.main:
-            atomic_write_json(self.run_dir.summary, summary)
-        self.accelerator.wait_for_everyone()
+        self.main_writes(lambda: atomic_write_json(self.run_dir.summary, summary))
+        self.stop_if_disk_failed()  # every process waits for the main one's writes, and learns how they went
         return summary
 
     def wall_seconds(self) -> float:

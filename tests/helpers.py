@@ -377,6 +377,24 @@ def visible_update(model, base_hidden: torch.Tensor, b: dict) -> dict[str, torch
     raise AssertionError("no adapter values tried moved the hidden states by 1e-2")
 
 
+# ------------------------------------------------------------------------------------ tolerances
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: float, msg: str = "") -> None:
+    """got ≈ want entry by entry within `tol` of want's largest |entry|: float error in a tensor is a share
+    of the size of the numbers summed into it, so an entry near zero carries the error of the large ones
+    and one absolute bound cannot fit tensors of every size. An all-zero `want` asks for exact zeros."""
+    scale = float(want.detach().abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, atol=tol * scale, rtol=0, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def assert_merge_parity(report: dict, rtol: float = 1e-5) -> None:
+    """A merge report's fp32 parity, on the report's own numbers: within `lrft merge`'s tolerance and,
+    independently of how that is derived, within `rtol` of the adapted model's max |logit| (the tiny
+    models' float32 rounding is below 1e-6 of it)."""
+    assert report["max_abs_logit_diff"] <= report["parity_tolerance"], report
+    assert report["max_abs_logit_diff"] <= rtol * report["max_abs_logit"], report
+
+
 # ------------------------------------------------------------------------------ real lrft processes
 
 # `lrft` in a real process that hurts itself at a chosen point: after its Nth optimizer step
@@ -442,7 +460,9 @@ def launch(*args, processes: int = 2, patch: tuple[str, int, int] | None = None,
 
 
 def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
-    """Two run dirs end with the same adapter tensors (within tol)."""
+    """Two run dirs end with the same adapter tensors, within `tol` of each other: an absolute bound on
+    purpose, as two trainings part by rounding amplified through Adam, whose steps are the learning rate's
+    size whatever the size of the tensor (a tensor-relative bound fails FSDP against one process)."""
     import torch
     from safetensors.torch import load_file
 
@@ -455,3 +475,85 @@ def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
 def train_lines(run: Path) -> list[dict]:
     """metrics.jsonl without wall-clock fields."""
     return [{k: v for k, v in r.items() if k != "step_time_s"} for r in read_jsonl(run / "metrics.jsonl")]
+
+
+# ------------------------------------------------------------------------------ damaged weight files
+
+HEADER_BYTES = 8  # a safetensors file: a little-endian u64, the JSON header's length, then the header
+
+
+def safetensors_header(data: bytes) -> tuple[dict, bytes]:
+    """(the JSON header, the tensor data) of a safetensors file's bytes."""
+    length = int.from_bytes(data[:HEADER_BYTES], "little")
+    return json.loads(data[HEADER_BYTES:HEADER_BYTES + length]), data[HEADER_BYTES + length:]
+
+
+def with_header(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(HEADER_BYTES, "little") + raw + body
+
+
+def reshaped_tensor(data: bytes, name: str, shape: list[int]) -> bytes:
+    """A safetensors file with one tensor's shape changed in its header, the rest kept: a consistent file
+    when `shape` has the same number of elements, one whose header contradicts itself otherwise."""
+    header, body = safetensors_header(data)
+    header[name] = {**header[name], "shape": shape}
+    return with_header(header, body)
+
+
+def save_sharded_bert(d: Path) -> Path:
+    """The tiny BERT saved in several safetensors shards with model.safetensors.index.json."""
+    save_tiny_bert(d)
+    (d / "model.safetensors").unlink()
+    tiny_bert(seed=0).save_pretrained(d, max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("model-*.safetensors"))) > 1
+    return d
+
+
+GGUF_TOKENS = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz ", "Ġ", "ab"]
+
+
+def save_tiny_gguf(path: Path) -> Path:
+    """A tiny Llama as a GGUF file (f32 tensors, a byte-level BPE tokenizer of 32 tokens), about 80 KB,
+    that transformers loads and lrft dequantises like a real one (a real one is 100 MB)."""
+    import gguf
+    import numpy as np
+
+    hidden, layers, heads, kv_heads, ff, vocab = 32, 2, 4, 2, 64, len(GGUF_TOKENS)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(GGUF_TOKENS)
+    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))  # 3: control tokens (unk, bos, eos), 1: normal
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    rng = np.random.default_rng(0)
+
+    def weights(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", weights(vocab, hidden))
+    for i in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * 8, hidden)),
+                            ("attn_v", (kv_heads * 8, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)), ("ffn_down", (hidden, ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", weights(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -19,7 +19,7 @@ LAYERS = [
     ["lrft.targets"],
     ["lrft.methods"],
     ["lrft.inject", "lrft.loss"],
-    ["lrft.models"],
+    ["lrft.models", "lrft.weight_files"],
     ["lrft.data"],
     ["lrft.recipe"],
     ["lrft.adapt"],

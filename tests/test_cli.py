@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
-from tests.helpers import METHODS, read_jsonl, readme_commands, recipe_dict, write_glue_mrpc, write_recipe
+from tests.helpers import (METHODS, assert_merge_parity, assert_same_adapter, read_jsonl, readme_commands, recipe_dict,
+                           write_glue_mrpc, write_recipe)
 
 RUN_FILES = ["recipe.yaml", "metrics.jsonl", "adapter_stats.jsonl", "summary.json", "adapter/adapter.safetensors",
              "adapter/adapter_config.json", "best_adapter/adapter.safetensors"]
@@ -55,8 +54,7 @@ def test_train_eval_merge_end_to_end(cli, tiny_recipe, tmp_path, tiny_data_dir, 
     merged = tmp_path / "merged"
     code, out, err = cli("merge", run, "--out", merged, "--json")
     assert code == 0, err
-    report = json.loads(out)
-    assert report["max_abs_logit_diff"] <= 1e-4
+    assert_merge_parity(json.loads(out))
     from transformers import AutoModelForSequenceClassification
 
     plain = AutoModelForSequenceClassification.from_pretrained(merged)
@@ -79,7 +77,7 @@ def test_golden_loss_from_fixed_seed(cli, tiny_recipe, tmp_path, method, lr, gol
                        "train.head_lr=1e-2")
     assert code == 0, err
     losses = [m["loss"] for m in read_jsonl(tmp_path / "runs" / "golden" / "metrics.jsonl") if m["type"] == "train"]
-    assert losses == pytest.approx(golden, abs=1e-5)
+    assert losses == pytest.approx(golden, rel=2e-5)
 
 
 def test_rerun_resumes_and_matches_uninterrupted_run(cli, tiny_recipe, tmp_path):
@@ -90,11 +88,7 @@ def test_rerun_resumes_and_matches_uninterrupted_run(cli, tiny_recipe, tmp_path)
     assert cli("train", split)[0] == 0
     code, _, err = cli("train", split, "train.epochs=2")
     assert code == 0 and "resuming from step-000000004" in err
-    a = load_file(tmp_path / "runs" / "straight" / "adapter" / "adapter.safetensors")
-    b = load_file(tmp_path / "runs" / "split" / "adapter" / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert_same_adapter(tmp_path / "runs" / "split", tmp_path / "runs" / "straight", tol=1e-6)
     steps = [m["step"] for m in read_jsonl(tmp_path / "runs" / "split" / "metrics.jsonl") if m["type"] == "train"]
     assert steps == list(range(1, 9))  # nothing logged twice
 

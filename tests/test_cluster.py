@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from lrft.checkpoint import list_checkpoints, load_tree
-from tests.helpers import ROOT, assert_same_adapter, launch, lrft, read_jsonl, train_lines
+from tests.helpers import (ROOT, assert_close_scaled, assert_merge_parity, assert_same_adapter, launch, lrft, read_jsonl,
+                           train_lines)
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/gloo path; GPUs are exercised on a cluster")
 FSDP_CONFIG = ROOT / "docs" / "accelerate_fsdp.yaml"
@@ -174,12 +175,16 @@ def test_fsdp_two_processes_match_one(causal_recipe, cli, tmp_path, method):
     assert first.returncode == 0 and "2 processes (fsdp over" in first.stderr, first.stderr[-3000:]
     resumed = launch("train", recipe, config=FSDP_CONFIG)
     assert resumed.returncode == 0 and "resuming from step-000000002" in resumed.stderr, resumed.stderr[-3000:]
-    assert_same_adapter(tmp_path / "runs" / "fsdp", tmp_path / "runs" / "one", tol=1e-5)
+    # Adam divides each entry's gradient by its own running size, so a near-zero entry whose reduction order
+    # differs moves by far more than float32 rounding: 1.3e-5 on weights of 0.2 with one thread per
+    # process. A wrong gradient (a rank without the other's half-batch) moves entries by about lr = 2e-2.
+    assert_same_adapter(tmp_path / "runs" / "fsdp", tmp_path / "runs" / "one", tol=1e-4)
     code, out, err = cli("eval", tmp_path / "runs" / "fsdp", "--json")
     assert code == 0 and json.loads(out)["loss"] == pytest.approx(
         read_jsonl(tmp_path / "runs" / "one" / "metrics.jsonl")[-1]["loss"], rel=1e-4), err
     code, out, err = cli("merge", tmp_path / "runs" / "fsdp", "--out", tmp_path / "merged", "--json")
-    assert code == 0 and json.loads(out)["max_abs_logit_diff"] <= 1e-4, err
+    assert code == 0, err
+    assert_merge_parity(json.loads(out))
 
 
 # ------------------------------------------------------------------------------- token-correct loss
@@ -220,7 +225,7 @@ def test_grad_accum_gives_the_gradients_of_the_whole_batch(uneven_recipe):
     split = step_gradients(uneven_recipe("ga4", train={"batch_size": 8, "grad_accum": 4}))
     assert whole.keys() == split.keys() and whole
     for k in whole:
-        torch.testing.assert_close(split[k], whole[k], atol=1e-6, rtol=1e-5, msg=k)
+        assert_close_scaled(split[k], whole[k], 1e-5, msg=k)
 
 
 @CPU_ONLY
@@ -304,7 +309,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(causal_recipe):
                                                                            "gradient_checkpointing": True}))
     assert plain.keys() == recomputed.keys() and plain
     for k in plain:
-        torch.testing.assert_close(recomputed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+        assert_close_scaled(recomputed[k], plain[k], 1e-5, msg=k)
 
 
 def test_length_grouped_batches_are_deterministic_and_cover_the_epoch():

@@ -4,7 +4,8 @@ Generated inputs: recipes and `key=value` overrides made by mutating the fields 
 (walked from the schema, so a new field is fuzzed with no change here): wrong types, boundary and
 beyond-boundary numbers, NaN/Inf, huge ints, empty and duplicate lists, unicode, keys given twice,
 paths that are files, missing, unwritable or inside a run dir; the arguments of every command; a
-finished run with one file truncated, emptied, made invalid or removed; damaged data files.
+finished run with one file truncated, emptied, made invalid or removed; damaged data files; a base
+model's damaged weight files (safetensors, one file or shards and their index; GGUF).
 
 The property, for each: exit 0, or exit 2 with exactly one `error:` line; never a traceback (any
 exception other than a user error fails the test with its traceback); no file that existed before
@@ -51,10 +52,11 @@ from lrft import methods
 from lrft.errors import LrftError
 from lrft.recipe import ADAPTER_VARIANTS, Recipe, load_recipe
 from lrft.rundir import RunDir
-from tests.helpers import snapshot
+from tests.helpers import reshaped_tensor, safetensors_header, save_sharded_bert, save_tiny_gguf, snapshot
 
 # Generated cases per test in CI; LRFT_FUZZ_EXAMPLES=N shares N cases out in the same proportions.
-CI_EXAMPLES = {"recipe": 200, "recipe_cli": 20, "cli": 60, "damaged_run": 50, "damaged_analyze": 6, "data": 30}
+CI_EXAMPLES = {"recipe": 200, "recipe_cli": 20, "cli": 60, "damaged_run": 50, "damaged_analyze": 6, "data": 30,
+               "weights": 40}
 TOTAL = int(os.environ.get("LRFT_FUZZ_EXAMPLES") or 0)
 
 
@@ -714,3 +716,121 @@ def test_damaged_data_is_used_or_refused_in_one_line(case, template, finished_ru
         args = [str(a) for a in args]
         outputs, own = places(args, w)
         check(run(cli, w, finished_runs, args), outputs, own)
+
+
+# ----------------------------------------------------------------------------- damaged weights
+
+@pytest.fixture(scope="module")
+def weight_sources(finished_runs, tmp_path_factory) -> dict[str, Path]:
+    """Base models to damage a copy of: the finished runs' tiny BERT (one safetensors file), the same in
+    shards with an index, and a tiny Llama as a GGUF file."""
+    root = tmp_path_factory.mktemp("weights")
+    gguf_dir = root / "gguf"
+    gguf_dir.mkdir()
+    save_tiny_gguf(gguf_dir / "tiny.gguf")
+    return {"single": finished_runs / "model", "sharded": save_sharded_bert(root / "sharded"), "gguf": gguf_dir}
+
+
+def overwrite(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new):]
+
+
+def header_end(data: bytes) -> int:
+    """Where a safetensors file's tensor data starts (its whole length when its header length is not sane)."""
+    length = int.from_bytes(data[:8], "little")
+    return 8 + length if 8 + length <= len(data) else len(data)
+
+
+def gguf_header_end(path: Path) -> int:
+    """Where a sound GGUF file's tensor data starts: before it, its metadata and tensor table."""
+    import gguf
+
+    return gguf.GGUFReader(str(path)).data_offset
+
+
+def reshape(data: bytes, pick: int, same_size: bool) -> bytes:
+    """One tensor (the pick-th of those with two dims) given another shape in the header: its dims swapped
+    (the file still consistent, the shape not the config's), or one row more (the header contradicting itself)."""
+    header, _ = safetensors_header(data)
+    matrices = sorted(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
+    name = matrices[pick % len(matrices)]
+    rows, cols = header[name]["shape"]
+    if same_size and rows == cols:
+        return reshaped_tensor(data, name, [rows // 2, cols * 2])
+    return reshaped_tensor(data, name, [cols, rows] if same_size else [rows + 1, cols])
+
+
+# A file's bytes damaged: (data, a position in [0, 1), bytes drawn, where the header ends) → the new bytes;
+# "header overwritten" places the bytes in a safetensors header, or a GGUF's metadata and tensor table.
+FILE_DAMAGES = {
+    "truncated": lambda data, at, new, head: data[: int(at * len(data))],
+    "emptied": lambda data, at, new, head: b"",
+    "header overwritten": lambda data, at, new, head: overwrite(data, int(at * head), new),
+    "bytes overwritten": lambda data, at, new, head: overwrite(data, int(at * len(data)), new),
+    "bytes appended": lambda data, at, new, head: data + new,
+}
+SAFETENSORS_DAMAGES = {
+    "header json corrupted": lambda data, at, new, head: overwrite(data, 8 + int(at * (head - 8)), new[:1]),
+    "tensor reshaped": lambda data, at, new, head: reshape(data, int(at * 1000), same_size=True),
+    "tensor resized": lambda data, at, new, head: reshape(data, int(at * 1000), same_size=False),
+}
+INDEX_DAMAGES = {  # the shard index of a sharded model
+    "shard removed": None,
+    "index truncated": lambda text, at: text[: int(at * len(text))],
+    "index names a missing shard": lambda text, at: text.replace("-00002-of-", "-00007-of-"),
+    "index without weight_map": lambda text, at: '{"metadata": {"total_size": 1}}',
+    "index not an object": lambda text, at: "[1, 2]",
+}
+WEIGHT_COMMANDS = {  # what loads the base model: a new run on it; the PEFT export evaluated on it as --base
+    "single": [["train", "{recipe}", "name=new", "model.name={model}", "train.max_steps=1"],
+               ["eval", "{peft}", "--base", "{model}"]],
+    "gguf": [["train", "{recipe}", "name=new", "model.name={model}", "model.gguf_file=tiny.gguf",
+              "train.max_steps=1"]],
+}
+WEIGHT_COMMANDS["sharded"] = WEIGHT_COMMANDS["single"]
+
+
+@st.composite
+def weights_case(draw):
+    layout = draw(st.sampled_from(sorted(WEIGHT_COMMANDS)))
+    kinds = sorted(FILE_DAMAGES) + (sorted(SAFETENSORS_DAMAGES) if layout != "gguf" else [])
+    kinds += sorted(INDEX_DAMAGES) if layout == "sharded" else []
+    how = draw(st.sampled_from(kinds))
+    at = draw(st.floats(0, 1, exclude_max=True))
+    new = draw(st.binary(min_size=1, max_size=16))
+    return layout, how, at, new, draw(st.integers(0, 2)), draw(st.sampled_from(WEIGHT_COMMANDS[layout]))
+
+
+def damage_weights(model: Path, layout: str, how: str, at: float, new: bytes, shard: int) -> None:
+    """One weight file of the model copy damaged: the GGUF, the single file, or the shard-th shard or the index."""
+    index = model / "model.safetensors.index.json"
+    if how in INDEX_DAMAGES:
+        if INDEX_DAMAGES[how] is None:
+            sorted(model.glob("model-*.safetensors"))[shard % 3].unlink()
+        else:
+            index.write_text(INDEX_DAMAGES[how](index.read_text(), at))
+        return
+    shards = sorted(model.glob("model-*.safetensors"))
+    path = {"gguf": model / "tiny.gguf", "single": model / "model.safetensors"}.get(layout) or shards[shard % 3]
+    data = path.read_bytes()
+    head = gguf_header_end(path) if layout == "gguf" else header_end(data)
+    path.write_bytes({**FILE_DAMAGES, **SAFETENSORS_DAMAGES}[how](data, at, new, head))
+
+
+@fuzz("weights")
+@given(case=weights_case())
+def test_damaged_weight_files_are_used_or_refused_in_one_line(case, template, finished_runs, weight_sources, cli):
+    """A base model whose weight files are damaged, loaded to train on or as an export's base: a model that
+    loads (the damage was in tensor data) trains, or the export is refused for its weights; anything else
+    is refused in one line naming the file."""
+    layout, how, at, new, shard, command = case
+    with example_world(template) as w, mock.patch.dict(os.environ, {"LRFT_CACHE_DIR": str(w / "cache")}):
+        model = w / "damaged-model"
+        shutil.copytree(weight_sources[layout], model)
+        damage_weights(model, layout, how, at, new, shard)
+        args = [a.format(recipe=w / "good.yaml", model=model, peft=w / "peft") for a in command]
+        outputs, own = places(args, w)
+        outcome = run(cli, w, finished_runs, args)
+        check(outcome, [*outputs, w / "cache"], own)
+        if how in INDEX_DAMAGES or how in ("truncated", "emptied", "tensor resized"):
+            assert outcome.code == 2, f"{how} {layout} weights were used: {outcome.err}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import METHODS
+from tests.helpers import METHODS, assert_merge_parity
 
 pytestmark = pytest.mark.integration
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
@@ -59,7 +59,7 @@ def test_minilm_mrpc_train_eval_merge(short_run, cli, tmp_path, method):
 
     code, out, err = cli("merge", run, "--out", tmp_path / "merged", "--json")
     assert code == 0, err
-    assert json.loads(out)["max_abs_logit_diff"] <= 1e-4
+    assert_merge_parity(json.loads(out), rtol=1e-4)  # real models: deeper and wider, more rounding
     code, out, err = cli("eval", tmp_path / "merged", "--task", "glue/mrpc", "--max-samples", "96", "--json")
     assert code == 0, err
     assert json.loads(out)["accuracy"] == pytest.approx(summary["final"]["accuracy"])
@@ -94,7 +94,8 @@ def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path,
     code, out, err = cli("merge", run, "--out", tmp_path / "merged", "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["max_abs_logit_diff"] <= 1e-4 and report["generation_identical"] and report["tied_embeddings"]
+    assert_merge_parity(report, rtol=1e-4)  # SmolLM2: 30 layers, rounding ~3e-6 of max |logit|
+    assert report["generation_identical"] and report["tied_embeddings"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.model_type == "llama" and not hasattr(merged.config, "quantization_config")
     code, out, err = cli("merge", run, "--out", tmp_path / "merged16", "--dtype", "bfloat16", "--json")

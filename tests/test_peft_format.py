@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import METHODS, readme_block, recipe_dict, tiny_bert, write_recipe
+from tests.helpers import METHODS, assert_close_scaled, assert_merge_parity, readme_block, recipe_dict, tiny_bert, write_recipe
 
 peft = pytest.importorskip("peft")
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
@@ -59,7 +59,7 @@ def test_encoder_export_loads_in_peft_with_identical_outputs(cli, tiny_recipe, t
     b = batch_of(tiny_model_dir, ["the film was good", "a very bad plot and it was awful", "movie"])
     with torch.no_grad():
         theirs = served(**b).logits
-    torch.testing.assert_close(theirs, lrft_logits(run, b), atol=1e-5, rtol=0)
+    assert_close_scaled(theirs, lrft_logits(run, b), 1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -76,7 +76,7 @@ def test_causal_export_loads_in_peft_with_identical_outputs(cli, causal_recipe, 
     b = batch_of(tiny_llama_dir, ["what is 1 plus 2?", "the film"])
     with torch.no_grad():
         theirs = served(**b).logits
-    torch.testing.assert_close(theirs, lrft_logits(run, b), atol=1e-5, rtol=0)
+    assert_close_scaled(theirs, lrft_logits(run, b), 1e-5)
 
 
 def test_peft_lora_dirs_are_read_for_eval_and_merge(cli, tmp_path, tiny_model_dir, tiny_data_dir):
@@ -103,14 +103,15 @@ def test_peft_lora_dirs_are_read_for_eval_and_merge(cli, tmp_path, tiny_model_di
     a = load_peft(adapter_dir, "text-classification", str(tiny_model_dir)).adapted
     b = batch_of(tiny_model_dir, ["the film was good", "bad"])
     with torch.no_grad():
-        torch.testing.assert_close(a.model(**b).logits, model.eval()(**b).logits, atol=1e-5, rtol=0)
+        assert_close_scaled(a.model(**b).logits, model.eval()(**b).logits, 1e-5)
     dev = [json.loads(line) for line in (tiny_data_dir / "dev.jsonl").read_text().splitlines()]
     with torch.no_grad():
         predicted = model(**batch_of(tiny_model_dir, [r["text"] for r in dev])).logits.argmax(-1).tolist()
     assert ours["accuracy"] == pytest.approx(sum(p == r["label"] for p, r in zip(predicted, dev)) / len(dev))
     code, out, err = cli("merge", adapter_dir, "--out", tmp_path / "merged", "--task", "text-classification",
                          "--base", tiny_model_dir, "--data-path", tiny_data_dir, "--json")
-    assert code == 0 and json.loads(out)["max_abs_logit_diff"] <= 1e-4, err
+    assert code == 0, err
+    assert_merge_parity(json.loads(out))
 
 
 def test_a_different_base_is_refused_unless_forced(cli, tiny_recipe, tmp_path, tiny_model_dir):
@@ -254,5 +255,4 @@ def test_the_readme_serving_snippet_runs_as_written(cli, tmp_path, tiny_model_di
     future = [line for line in run.stderr.splitlines() if "FutureWarning" in line]
     assert all("is_gradient_checkpointing" in line for line in future), future  # the one the README explains
     served = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
-    torch.testing.assert_close(served, lrft_logits(tmp_path / "runs" / "snippet", batch_of(tmp_path / "tiny-bert", texts)),
-                               atol=1e-5, rtol=0)
+    assert_close_scaled(served, lrft_logits(tmp_path / "runs" / "snippet", batch_of(tmp_path / "tiny-bert", texts)), 1e-5)

@@ -41,7 +41,7 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_result(tiny_recipe, t
     assert train_lines(run) == train_lines(tmp_path / "runs" / "straight")  # nothing lost, nothing twice
     stats, straight_stats = (read_jsonl(d / "adapter_stats.jsonl") for d in (run, tmp_path / "runs" / "straight"))
     assert [(r["step"], r["module"]) for r in stats] == [(r["step"], r["module"]) for r in straight_stats]
-    assert [r["delta_norm"] for r in stats] == pytest.approx([r["delta_norm"] for r in straight_stats], abs=1e-6)
+    assert [r["delta_norm"] for r in stats] == pytest.approx([r["delta_norm"] for r in straight_stats], rel=1e-5)
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]  # the dead write is gone
     assert json.loads((run / "summary.json").read_text())["final"] == \
         json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())["final"]

@@ -189,7 +189,9 @@ def test_a_point_worse_than_the_median_at_epoch_1_is_pruned_and_stays_pruned(cli
     assert [p.name for p in (pruned / "checkpoints").iterdir()] == ["step-000000004"]  # kept, resumable
     assert not (pruned / "summary.json").exists() and not (pruned / "adapter").exists()
     rows = {r["point"]: r for r in report(cli, spec)["rows"]}
-    assert rows["lr1e-9"]["status"] == "pruned" and rows["lr1e-9"]["note"].startswith("epoch 1: 0.68")
+    # the note is the epoch-1 value the pruner judged (the head, at train.head_lr's floor, learns even here)
+    assert rows["lr1e-9"]["status"] == "pruned"
+    assert rows["lr1e-9"]["note"] == f"epoch 1: {states['lr1e-9'].intermediate_values[1]:.4f}"
     before = {p: p.read_bytes() for p in pruned.rglob("*") if p.is_file()}
     code, _, err = cli("sweep", spec)
     assert code == 0 and trained(err) == [], err
@@ -444,3 +446,20 @@ def test_a_claim_holds_fails_or_is_not_settled_by_two_standard_errors(values, tr
     said, difference = results["verdict"](point(values, trainable), LORA, least, share, 100)
     assert said.startswith(expected)
     assert difference == pytest.approx((point(values, trainable)["mean"] - LORA["mean"]) * 100)
+
+
+def test_the_head_defaults_table_pairs_before_and_after_runs(tmp_path):
+    import runpy
+
+    results = runpy.run_path(str(ROOT / "bench" / "results.py"), run_name="bench")
+    for name, metric, value in [("stsb_lora_1ep_before_s42", "pearson", -0.0334),
+                                ("stsb_lora_1ep_after_s42", "pearson", 0.7372),
+                                ("stsb_lora_1ep_after_s1", "pearson", 0.7128),
+                                ("mrpc_lora_3ep_after_s42", "accuracy", 0.7721)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"final": {metric: value}}))
+    rows = [line for line in results["heads_section"](tmp_path) if line.startswith("| ")][2:]
+    assert [row.split(" | ")[:7] for row in rows] == [
+        ["| mrpc lora", "3", "accuracy (%)", "—", "—", "77.2", "42"],
+        ["| stsb lora", "1", "Pearson", "-0.033", "42", "0.725 ± 0.017", "1, 42"]]
+    assert "data.task=glue/stsb" in rows[1] and "train.epochs=1" in rows[1]

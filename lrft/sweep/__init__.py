@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lrft import console
 from lrft.errors import LrftError
+from lrft.files import disk_failures
 from lrft.sweep.results import collect, top_points
 from lrft.sweep.spec import Sweep, load_sweep
 from lrft.sweep.study import failures, planned_points, work
@@ -40,9 +41,12 @@ def load_sweeps(paths: list[Path]) -> list[Sweep]:
 
 
 def run_sweeps(sweeps: list[Sweep]) -> None:
-    """This process works through each sweep in turn (other processes may work on the same ones)."""
+    """This process works through each sweep in turn (other processes may work on the same ones). A disk
+    that fails under the storage (SQLite: "database or disk is full") is a DiskError as a run's is: the
+    trial stays RUNNING and the rerun takes it over, resuming its run."""
     for sweep in sweeps:
-        work(sweep)
+        with disk_failures(sweep.dir, f"{sweep.storage.name} (the sweep's storage)"):
+            work(sweep)
 
 
 def run_workers(paths: list[Path], workers: int) -> int:
