@@ -13,6 +13,7 @@ removed: what was on disk before is all there is, so the same command, rerun, do
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -111,6 +112,15 @@ def disk_failures(where: Path, what: str, inner: Path | None = None) -> Iterator
         if code is None:
             raise
         raise DiskError(code, where, what) from e
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time (weights files are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ atomic writes

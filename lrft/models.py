@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 
 from lrft import console, hub, weight_files
 from lrft.errors import LrftError
-from lrft.files import atomic_dir
+from lrft.files import atomic_dir, file_sha256
 
 # What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
@@ -149,18 +149,13 @@ def dequantized(gguf_path: Path) -> str:
     refuses training and save_pretrained; a plain model is rebuilt from its config and weights. The
     result is cached by the file's content hash, so the 20-30 s conversion happens once.
     """
-    import hashlib
-
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise LrftError(f"model.gguf_file: no file {gguf_path}; name a .gguf file inside model.name's directory")
     with open(gguf_path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise LrftError(f"model.gguf_file: {gguf_path} is not a GGUF file (it does not start with 'GGUF')")
-        h = hashlib.sha256(GGUF_MAGIC)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        digest = h.hexdigest()[:16]
+    digest = file_sha256(gguf_path)[:16]
     cache = Path(os.environ.get(CACHE_ENV) or "~/.cache/lrft").expanduser() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (cache / "config.json").is_file():
         return str(cache)

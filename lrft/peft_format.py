@@ -29,7 +29,6 @@ cache is the installed alias, when its weights file has the hub's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -43,7 +42,7 @@ from lrft.adapt import Opened, attach, check_fingerprint, load_base
 from lrft.checkpoint import load_tensors
 from lrft.data import get_task
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, read_json
+from lrft.files import atomic_dir, file_sha256, read_json
 from lrft.inject import adapted
 from lrft.methods import Built
 from lrft.methods.lora import LoRA
@@ -213,14 +212,6 @@ def hub_cached(alias: Alias) -> Path | None:
         if isinstance(found, str):
             return Path(found)
     return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- import
