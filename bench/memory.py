@@ -59,14 +59,14 @@ def child(spec: dict) -> dict:
     import torch
 
     from lrft.recipe import load_recipe
-    from lrft.train import Trainer
+    from lrft.training import Trainer
 
     recipe = load_recipe(ROOT / spec["recipe"], spec["overrides"])
     trainer = Trainer(recipe)
     trainer.setup()
-    trainer.model.train()
+    trainer.plan.model.train()
     batches = trainer.epoch_batches(0)[:spec["steps"]]
-    lengths = [len(f["input_ids"]) for f in trainer.train_features]
+    lengths = [len(f["input_ids"]) for f in trainer.plan.features]
     padding = [1 - sum(lengths[i] for i in b) / (max(lengths[i] for i in b) * len(b)) for b in trainer.epoch_batches(0)]
     times = []
     for batch in batches:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrft.data import collator, features, load_task_data  # noqa: E402
 from lrft.models import resolve  # noqa: E402
-from lrft.rundir import load_run  # noqa: E402
+from lrft.open_runs import load_run  # noqa: E402
 
 EXAMPLES = 128
 

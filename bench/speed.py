@@ -37,8 +37,8 @@ from lrft.data import collator, features, get_task, load_task_data  # noqa: E402
 from lrft.inject import inject, set_head_trainable  # noqa: E402
 from lrft.methods.base import BuildContext  # noqa: E402
 from lrft.models import load_model  # noqa: E402
-from lrft.targets import find_targets  # noqa: E402
 from lrft.recipe import CalibrationConfig, DataConfig, ModelConfig  # noqa: E402
+from lrft.targets import find_targets  # noqa: E402
 
 ATTENTION = {"bert": "query,key,value,attention.output.dense", "llama": "q_proj,k_proj,v_proj,o_proj"}
 

@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lrft import console
+from lrft.atomic_files import atomic_dir, atomic_write_json
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, atomic_write_json
 from lrft.loss import batch_loss
 from lrft.targets import Target, weights_checksum
 

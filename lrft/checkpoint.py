@@ -3,7 +3,7 @@
 Nothing here pickles. Training state (optimizer, scheduler, RNG) is split into its tensors, saved
 with safetensors, and a JSON skeleton that records where each tensor goes and which containers were
 tuples or dicts with non-string keys, so it comes back exactly. Dirs get their final name only once
-complete (lrft.files), so a killed process never leaves a checkpoint that looks whole.
+complete (lrft.atomic_files), so a killed process never leaves a checkpoint that looks whole.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lrft.adapt import check_adapter_config
+from lrft.adapted_model import check_adapter_config
+from lrft.atomic_files import atomic_dir, read_json, remove_stale
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, read_json, remove_stale
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -37,6 +37,11 @@ def warn(message: str) -> None:
         err.print(f"warning: {message}", markup=False, style="yellow")
 
 
+def error(message: str) -> None:
+    """A user's mistake or a failed disk, as one `error:` line: said by whichever process met it."""
+    err.print(f"error: {message}", markup=False, style="red")
+
+
 def interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -117,7 +122,14 @@ def track(items: Iterable, label: str, unit: str, total: int | None = None) -> I
 
 
 def _shared_display():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if not _live:
         _live["display"] = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

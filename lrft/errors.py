@@ -29,7 +29,7 @@ class LrftError(Exception):
 
 class DiskError(LrftError):
     """The disk failed under a write (DISK_ERRORS: full, over quota, read-only, an I/O error): an environment
-    failure, neither a mistake nor a bug. Writers (lrft.files) leave nothing half-written, so the same command,
+    failure, neither a mistake nor a bug. Writers (lrft.atomic_files) leave nothing half-written, so the same command,
     rerun once the disk is fixed, does the work (a run resumes). Exit code EXIT_DISK.
 
     `where`: the dir written to; `what`: what was being written; `kept`: what is left that counts (a run's last

@@ -9,9 +9,10 @@ dir, or to put a command's output, where that would destroy what it must keep:
   holding it;
 - an lrft run dir (a dir holding recipe.yaml), a path inside one or a dir holding one;
 
-save for the command's own place inside what it reads (`analyze`'s RUN_DIR/analysis, `eval`'s
-RUN_DIR/predictions.jsonl). `train --restart` deletes the run's own dir, and only when every entry in
-it is a file or dir of the run (`check_restartable`): files of yours put there are never taken along.
+save for the command's own place inside what it reads (`analyze`'s RUN_DIR/analysis, or
+RUN_DIR/comparisons/OTHER with --against; `eval`'s RUN_DIR/predictions.jsonl). `train --restart`
+deletes the run's own dir, and only when every entry in it is a file or dir of the run
+(`check_restartable`): files of yours put there are never taken along.
 Paths are compared after resolving symlinks, so a link cannot smuggle a protected dir past a check.
 """
 
@@ -23,8 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from lrft.errors import LrftError
-
-RUN_MARKER = "recipe.yaml"  # the file that makes a dir an lrft run dir (lrft.rundir.RECIPE)
+from lrft.run_layout import RECIPE
 
 
 def check_output(path: Path, flag: str, *, sources: Mapping[Path, str] | None = None,
@@ -81,7 +81,7 @@ def remove_run_dir(run_dir: Path, layout: Collection[str]) -> None:
 
 
 def is_temporary(name: str) -> bool:
-    """A `.NAME.tmp-PID` / `.NAME.old-PID` entry of lrft.files' atomic writes."""
+    """A `.NAME.tmp-PID` / `.NAME.old-PID` entry of lrft.atomic_files' atomic writes."""
     for infix in (".tmp-", ".old-"):
         head, sep, pid = name.rpartition(infix)
         if sep and head.startswith(".") and pid.isdigit():
@@ -92,7 +92,7 @@ def is_temporary(name: str) -> bool:
 def run_dir_holding(path: Path) -> Path | None:
     """The run dir `path` lies inside (itself excluded), if any."""
     real = _real(path)
-    return next((p for p in real.parents if (p / RUN_MARKER).is_file()), None)
+    return next((p for p in real.parents if (p / RECIPE).is_file()), None)
 
 
 # ------------------------------------------------------------------------------------------ reasons
@@ -132,8 +132,8 @@ def _source_reason(path: Path, sources: Mapping[Path, str], own: Sequence[Path])
 
 def _run_reason(path: Path, own: Sequence[Path], inside: bool) -> str | None:
     real = _real(path)
-    if (real / RUN_MARKER).is_file():
-        return f"is an lrft run dir ({RUN_MARKER}, the run's adapter, checkpoints and metrics)"
+    if (real / RECIPE).is_file():
+        return f"is an lrft run dir ({RECIPE}, the run's adapter, checkpoints and metrics)"
     if inside and not any(real == _real(o) for o in own):
         around = run_dir_holding(path)
         if around is not None:
@@ -148,7 +148,7 @@ def _run_below(path: Path) -> Path | None:
     if not real.is_dir():
         return None
     for here, dirs, files in os.walk(real):
-        if RUN_MARKER in files and Path(here) != real:
+        if RECIPE in files and Path(here) != real:
             return Path(here)
         dirs.sort()
     return None

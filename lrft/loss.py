@@ -1,4 +1,10 @@
-"""The loss of a batch, without a causal LM's full logits.
+"""What training minimises: an `Objective` per kind of task, and the loss of a batch without a causal
+LM's full logits.
+
+The trainer asks its objective (chosen once, from the task's problem: `objective_for`) two things: what
+an example weighs in a step's mean loss, and the mean loss of a batch. Classifiers and regressors
+take their model's own loss (`ExampleLoss`); causal LMs the cross-entropy of their response tokens
+(`ResponseTokenLoss`). A new objective (a preference loss, say) is a class beside these.
 
 A causal LM's output layer turns every position into a vocabulary-sized row of logits (SmolLM2:
 49,152 per token, 0.5 GB in fp32 for a training batch of 8 × 320 tokens, copied again by the
@@ -13,6 +19,7 @@ than `lm_head(hidden)` (and Gemma's final soft-capping) keep transformers' own l
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +32,49 @@ CHUNK_TOKENS = 512  # positions whose logits exist at once: 512 × 49,152 fp32 =
 # causal LMs whose logits are exactly lm_head(final hidden states), soft-capped where the config says
 PLAIN_LOGITS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
                 "smollm3", "olmo", "olmo2"}
+
+
+class Objective(ABC):
+    """What training minimises for one kind of task."""
+
+    @abstractmethod
+    def example_weight(self, feature: dict) -> int:
+        """What a training example weighs in the mean loss of its step."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean loss of `batch` through `model` (which may wrap `core`, e.g. in DDP)."""
+
+
+class ExampleLoss(Objective):
+    """Classification and regression: the model's own loss from its task head (cross-entropy, or the
+    squared error of a regression head), the mean over the batch's examples, each weighing 1."""
+
+    def example_weight(self, feature: dict) -> int:
+        return 1
+
+    def loss(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+
+class ResponseTokenLoss(Objective):
+    """Causal LMs: the cross-entropy of the tokens the model predicts (the labelled ones after the first
+    position, the response), their mean (`batch_loss`); an example weighs its response tokens."""
+
+    def example_weight(self, feature: dict) -> int:
+        return sum(t != IGNORE for t in feature["labels"][1:])
+
+    def loss(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch_loss(model, core, batch)
+
+
+OBJECTIVES: dict[str, Objective] = {"classification": ExampleLoss(), "regression": ExampleLoss(),
+                                    "causal_lm": ResponseTokenLoss()}
+
+
+def objective_for(problem: str) -> Objective:
+    """The objective of a task's problem ("classification", "regression" or "causal_lm")."""
+    return OBJECTIVES[problem]
 
 
 def batch_loss(model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 
 from lrft import console, peft_format
+from lrft.adapted_model import Opened
+from lrft.atomic_files import atomic_dir, check_writable
 from lrft.data import collator, features, load_task_data
 from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, check_writable
 from lrft.guard import check_output
 from lrft.inject import adapted, merge
-from lrft.rundir import MERGE_REPORT, data_settings, load_run, open_adapted, writer_lock
+from lrft.open_runs import data_settings, load_run, open_adapted
+from lrft.run_layout import MERGE_REPORT
+from lrft.run_lock import writer_lock
 
 # An fp32 merge computes (W0 + ΔW)·x where the adapted model computed W0·x + ΔW·x: the same products
 # summed in another order, after W0 + ΔW was rounded once to fp32. Rounding errors of eps_fp32 relative
@@ -50,6 +53,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What a merge does, in order (the notes of its progress).
 MERGE_STEPS = ("loading the adapted model", "the adapted model's outputs", "merging", "the merged model's outputs",
                "writing", "the written model's outputs")
+
+
+FORMATS = ("hf", "peft")  # `--format`: a merged model dir, or the adapter as a PEFT LoRA dir
+
+
+def merge_command(run_dir: str | Path, out: Path, *, format: str = "hf", dtype: str | None = None,
+                  force: bool = False, task: str | None = None, base: str | None = None,
+                  data_path: str | None = None) -> dict:
+    """`lrft merge`: `merge_run` (format hf) or `export_run` (format peft); its report."""
+    if format not in FORMATS:
+        raise LrftError(f"--format: unknown {format!r}; choose hf (a merged model) or peft (a PEFT LoRA adapter)")
+    if format == "peft":
+        if dtype is not None:
+            raise LrftError("--dtype: a PEFT export keeps the adapter in float32; drop --dtype or use --format hf")
+        return export_run(run_dir, out, force=force)
+    return merge_run(run_dir, out, dtype=dtype, force=force, task=task, base=base, data_path=data_path)
+
+
+def report_lines(report: dict, format: str) -> list[str]:
+    """What `lrft merge` prints for its `--format`."""
+    return peft_format.export_lines(report) if format == "peft" else parity_lines(report)
 
 
 def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
@@ -80,14 +104,10 @@ def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None,
            data_path: str | None, phase: console.Phase) -> dict:
     step = iter(MERGE_STEPS)
     phase.update(0, note=next(step))
-    opened = open_adapted(run_dir, task=task, base=base, force=force)
-    if opened is None:
-        raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
-                        f"(adapter_config.json + adapter_model.safetensors)")
-    _check_out(out, force, read_from(run_dir, opened))
+    opened = _open_to_merge(run_dir, out, task, base, force)
     a, config, data_cfg = opened.adapted, opened.config, data_settings(opened, data_path)
-    task, model = a.task, a.model
-    causal = task.problem == "causal_lm"
+    model = a.model
+    causal = a.task.problem == "causal_lm"
     phase.advance(note=next(step))
     batch, prompts, data_source = _parity_inputs(data_cfg, a)
     before = _logits(model, batch)
@@ -97,21 +117,12 @@ def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None,
     phase.advance(note=next(step))
     kept = update_kept(model, target) if target != base_dtype else None
     merge(model)
-    report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": task.name,
+    report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": a.task.name,
               "data_source": data_source, "dtype": str(target).removeprefix("torch."),
               "parity_examples": int(batch["input_ids"].shape[0])}
     phase.advance(note=next(step))
-    merged = _logits(model, batch)
-    report["max_abs_logit_diff_in_memory"] = _maxdiff(merged, before)
-    if target != base_dtype:
-        cast_parameters(model, target)
-        cast = _logits(model, batch)
-        if base_dtype == torch.float32:
-            report["max_abs_logit_diff_vs_fp32_merge"] = _maxdiff(cast, merged)
-            report["update_kept_min"] = min(kept.values()) if kept else None
-        merged = cast
+    merged = _merged_logits(model, batch, before, base_dtype, target, kept, report)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-
     with atomic_dir(out, overwrite=force, flag="--out") as tmp:
         phase.advance(note=next(step))
         model.save_pretrained(tmp)
@@ -130,6 +141,32 @@ def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None,
         (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         phase.advance()
     return report
+
+
+def _open_to_merge(run_dir, out: Path, task: str | None, base: str | None, force: bool) -> Opened:
+    """The run or PEFT dir `lrft merge` folds, once `out` is checked to replace nothing it reads."""
+    opened = open_adapted(run_dir, task=task, base=base, force=force)
+    if opened is None:
+        raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
+                        f"(adapter_config.json + adapter_model.safetensors)")
+    _check_out(out, force, read_from(run_dir, opened))
+    return opened
+
+
+def _merged_logits(model: torch.nn.Module, batch: dict, before: torch.Tensor, base_dtype: torch.dtype,
+                   target: torch.dtype, kept: dict | None, report: dict) -> torch.Tensor:
+    """The merged model's logits, in the target dtype (cast to it here); the report gets how far they
+    are from the adapted model's (`before`) and, for a cast from fp32, from the fp32 merge."""
+    merged = _logits(model, batch)
+    report["max_abs_logit_diff_in_memory"] = _maxdiff(merged, before)
+    if target != base_dtype:
+        cast_parameters(model, target)
+        cast = _logits(model, batch)
+        if base_dtype == torch.float32:
+            report["max_abs_logit_diff_vs_fp32_merge"] = _maxdiff(cast, merged)
+            report["update_kept_min"] = min(kept.values()) if kept else None
+        merged = cast
+    return merged
 
 
 def _causal_checks(reloaded, model_dir: Path, prompts: list[list[int]], generated: list[list[int]],
@@ -242,7 +279,7 @@ def cast_parameters(model, dtype: torch.dtype) -> None:
     model.to(dtype)
     for name, buf in computed.items():
         owner, _, leaf = name.rpartition(".")
-        getattr(model.get_submodule(owner), "_buffers")[leaf] = buf
+        model.get_submodule(owner)._buffers[leaf] = buf
 
 
 def _check_out(out: Path, force: bool, sources: dict[Path, str]) -> None:

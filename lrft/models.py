@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 
 from lrft import console, hub, weight_files
+from lrft.atomic_files import atomic_dir, file_sha256
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, file_sha256
 
 # What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)

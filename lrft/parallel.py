@@ -9,6 +9,11 @@ adapter, its optimizer state and its statistics are plain tensors on every proce
 and adapters are the same files whatever the launcher. lrft shards with FSDP2 itself rather than
 through `accelerator.prepare`, so the same code runs on GPUs and, over gloo, on CPU-only machines
 (accelerate has no FSDP on the CPU), where the tests exercise it.
+
+Every call that synchronises the processes is a method of `Parallel` (`barrier`, `broadcast`,
+`all_gather`, `any_rank`, `mean`, and `clip_grad_norm`, which all-reduces under FSDP): each process
+must reach each of them, in the same order, or the others wait forever. So a branch that only the
+main process takes (`if parallel.main:`) never holds one, and never returns early before one.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 def fsdp_requested() -> bool:
@@ -31,8 +39,10 @@ class Parallel:
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-        self.fsdp = fsdp_requested() and accelerator.num_processes > 1
-        self.kind = "fsdp" if self.fsdp else ("ddp" if accelerator.num_processes > 1 else "single")
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.fsdp = fsdp_requested() and self.world > 1
+        self.kind = "fsdp" if self.fsdp else ("ddp" if self.world > 1 else "single")
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The model wrapped (DDP) or its frozen base sharded (FSDP), and the optimizer."""
@@ -59,7 +69,8 @@ class Parallel:
         return nullcontext() if sync or self.fsdp else self.accelerator.no_sync(model)
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-        """Average the gradients over processes where no wrapper did (FSDP), clip the total norm, return it."""
+        """Average the gradients over processes where no wrapper did (FSDP), clip the total norm, return it.
+        Every process must call it (under FSDP it all-reduces the gradients)."""
         if not self.fsdp:
             return self.accelerator.clip_grad_norm_(params, max_norm or math.inf)
         import torch.distributed as dist
@@ -73,3 +84,53 @@ class Parallel:
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
         return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+
+    # ---------------------------------------------------------------- collectives: every process calls them
+
+    def barrier(self) -> None:
+        """Wait until every process is here. Every process must call it."""
+        self.accelerator.wait_for_everyone()
+
+    def leave(self) -> None:
+        """Every process, together, at the end of a run: the process group is torn down while all of them
+        are still there. Left to each interpreter's exit, gloo's threads can be destroyed while still
+        joinable, and a process whose work is done aborts ("terminate called without an active
+        exception", SIGABRT), failing the launcher's run."""
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            self.barrier()
+            dist.destroy_process_group()
+
+    def broadcast(self, obj: T) -> T:
+        """The main process's `obj` (picklable), on every process. Every process must call it."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
+
+    def all_gather(self, obj: T) -> list[T]:
+        """Every process's `obj` (picklable), in rank order, on every process. Every process must call it."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true wherever it is true on any process: so every process takes the same decision.
+        Every process must call it, with as many flags."""
+        if self.world == 1:
+            return tuple(bool(flag) for flag in flags)
+        import torch.distributed as dist
+
+        reduced = torch.tensor([float(flag) for flag in flags], dtype=torch.float32, device=self.accelerator.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return tuple(bool(flag) for flag in reduced.tolist())
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the processes (reduced as a float32 tensor). Every process must call it."""
+        if self.world == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "mean"))

@@ -38,11 +38,11 @@ import torch
 from safetensors.torch import save_file
 
 from lrft import console, methods
-from lrft.adapt import Opened, attach, check_fingerprint, load_base
+from lrft.adapted_model import Opened, attach, check_fingerprint, load_base
+from lrft.atomic_files import atomic_dir, file_sha256, read_json
 from lrft.checkpoint import load_tensors
 from lrft.data import get_task
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, file_sha256, read_json
 from lrft.inject import adapted
 from lrft.methods import Built
 from lrft.methods.lora import LoRA
@@ -217,7 +217,7 @@ def hub_cached(alias: Alias) -> Path | None:
 # ------------------------------------------------------------------------------------------- import
 
 def load_peft(path: Path, task_name: str | None, base_name: str | None = None, force: bool = False) -> Opened:
-    """A PEFT LoRA dir opened on its base model as lrft `lora` adapters, like `lrft.rundir.load_run`."""
+    """A PEFT LoRA dir opened on its base model as lrft `lora` adapters, like `lrft.open_runs.load_run`."""
     path = Path(path)
     config = read_json(path / CONFIG, "PEFT adapter config")
     if "peft_type" not in config:
@@ -240,21 +240,9 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
             raise LrftError(f"{path}: no trained head and no label names; lrft cannot tell how many labels "
                             f"{task.name} has here")
         label_names = [str(i) for i in range(rows[-1])]
-    r = int(config.get("r", 8))
     base = load_base(model_cfg, task, label_names, sorted(factors), min(f["A"].shape[0] for f in factors.values()))
     check_fingerprint(provenance, base, path, force)  # exported by lrft: the base it was trained on is known
-    adapters = {}
-    for t in base.targets:
-        A, B = factors[t.name]["A"], factors[t.name]["B"]
-        rank = A.shape[0]
-        alpha = float(_pattern(config.get("alpha_pattern") or {}, t.name, config.get("lora_alpha", r)))
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        if B.shape != (t.shape[0], rank) or A.shape[1] != t.shape[1]:
-            raise LrftError(f"{path}: {t.name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do not fit "
-                            f"the base layer ({t.shape[0]}×{t.shape[1]}); give the adapter's base model with --base")
-        adapters[t.name] = LoRA(A.clone(), t.shape[0], scale, 0.0)
-        with torch.no_grad():
-            adapters[t.name].B.copy_(B)
+    adapters = _lora_adapters(path, config, base.targets, factors)
     lora = methods.get("lora")
     params = lora.params(rank=min(ad.A.shape[0] for ad in adapters.values()))
     a = attach(base, Built(adapters, meta={"peft": str(path)}), lora, params, train_head=bool(heads))
@@ -268,6 +256,25 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
               "base_model": {"name": model_cfg.name},
               "data_source": provenance.get("data_source") if provenance.get("task") == task.name else None}
     return Opened(a, config, model_cfg, DataConfig(task=task.name))
+
+
+def _lora_adapters(path: Path, config: dict, targets: list, factors: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """lrft `lora` adapters holding a PEFT dir's lora_A and lora_B per target, at PEFT's scale (lora_alpha
+    or its alpha_pattern over the rank, or over √rank with use_rslora)."""
+    r = int(config.get("r", 8))
+    adapters = {}
+    for t in targets:
+        A, B = factors[t.name]["A"], factors[t.name]["B"]
+        rank = A.shape[0]
+        alpha = float(_pattern(config.get("alpha_pattern") or {}, t.name, config.get("lora_alpha", r)))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        if B.shape != (t.shape[0], rank) or A.shape[1] != t.shape[1]:
+            raise LrftError(f"{path}: {t.name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do not fit "
+                            f"the base layer ({t.shape[0]}×{t.shape[1]}); give the adapter's base model with --base")
+        adapters[t.name] = LoRA(A.clone(), t.shape[0], scale, 0.0)
+        with torch.no_grad():
+            adapters[t.name].B.copy_(B)
+    return adapters
 
 
 def _read_weights(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:

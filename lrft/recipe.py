@@ -1,38 +1,37 @@
-"""Recipes: the typed YAML schema of a run, `key=value` overrides, and strict validation.
+"""Recipes: the typed schema of a run, what a recipe file is validated against.
 
 The schema is complete by itself: the task is one of the registered tasks, `adapter` is one variant
 per registered method (chosen by `adapter.method`), so `adapter.params` is validated and typed by that
 method's own params class, once. Every field carries a one-line description (`lrft init` writes them
-as comments). Validation gathers every problem of a recipe (unknown keys with a did-you-mean, wrong
-types, out-of-range values, conflicting options) into one ConfigError, so a user fixes them all in
-one go. Values a run cannot use are refused here, not where they would fail: NaN and Inf, seeds
-outside NumPy's range, token lengths no tokenizer takes, an empty list of target modules. YAML is read with `yaml.safe_load`'s loader,
-made strict: a key repeated in one mapping is an error naming the key and its lines, never the last
-value silently winning.
+as comments; docs/recipe-reference.md lists them). Values a run cannot use are refused here, not where
+they would fail: NaN and Inf, seeds outside NumPy's range, token lengths no tokenizer takes, an empty
+list of target modules, names that are no plain dir name.
+
+Reading a file (strict YAML), `key=value` overrides and the problem lines of a bad recipe (every
+problem at once, in one ConfigError) are lrft.config's; `load_recipe` and `validate` bind them to this
+schema.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from lrft import methods, tracking
+from lrft.config.names import distinct_names_problem, plain_name_problem
+from lrft.config.overrides import apply_overrides
+from lrft.config.problems import validated
+from lrft.config.sections import Section
+from lrft.config.yaml_files import read_yaml_mapping
 from lrft.data import TASKS
-from lrft.errors import ConfigError, LrftError, did_you_mean
+from lrft.errors import LrftError
 from lrft.methods import MethodParams
-
 
 SEED_LIMIT = 2**32  # NumPy's seeds are 0 ≤ seed < 2**32 (accelerate's set_seed seeds NumPy too)
 TOKENS_LIMIT = 2**20  # more tokens than any model reads; tokenizers take lengths as C integers (2**64 overflows)
-
-
-class Section(BaseModel):
-    # NaN and Inf are no learning rate, dropout or scale: refused like any out-of-range value.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -68,7 +67,7 @@ class DataConfig(Section):
     def _distinct_labels(cls, names: list[str] | None) -> list[str] | None:
         if names is None:
             return None
-        problem = _names_problem(names) or (f"{names!r} is one label; a classifier needs two or more"
+        problem = distinct_names_problem(names) or (f"{names!r} is one label; a classifier needs two or more"
                                             if len(names) < 2 else None)
         if problem:
             raise ValueError(f"data.label_names: {problem}; list every label once, in order (e.g. [negative, "
@@ -98,7 +97,7 @@ class AdapterConfig(Section):
             raise ValueError("adapter.target_modules: [] adapts no layer, so nothing but the head would train; list "
                              "the Linear layers to adapt (e.g. [query, value]) or leave the key out for the model's "
                              "default")
-        problem = _names_problem(names)
+        problem = distinct_names_problem(names)
         if problem:
             raise ValueError(f"adapter.target_modules: {problem}; list each Linear layer to adapt once, by name "
                              f"suffix (e.g. query, value)")
@@ -114,7 +113,8 @@ def adapter_variant(method: methods.Method) -> type[AdapterConfig]:
 
 
 ADAPTER_VARIANTS = {name: adapter_variant(m) for name, m in methods.REGISTRY.items()}
-AnyAdapterConfig = Annotated[Union[tuple(ADAPTER_VARIANTS.values())], Field(discriminator="method")]
+# Union[...] of a tuple built at run time: the `X | Y` spelling needs the members written out
+AnyAdapterConfig = Annotated[Union[tuple(ADAPTER_VARIANTS.values())], Field(discriminator="method")]  # noqa: UP007
 
 
 # The task head is a new, randomly initialised layer, while an adapter perturbs pretrained weights: LoRA's
@@ -184,16 +184,7 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="runs are written to <dir>/<name>/")
 
 
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run name: one path component, never '..'
 NAME_MAX = 200  # a run dir's name, with room for the temporary names of atomic writes next to it
-
-
-def _names_problem(names: list[str]) -> str | None:
-    """What is wrong with a list of names that must be distinct and non-empty, if anything."""
-    if any(not n.strip() for n in names):
-        return f"{names!r} holds an empty name"
-    twice = sorted({n for n in names if names.count(n) > 1})
-    return f"{twice[0]!r} is listed twice" if twice else None
 
 
 class Recipe(Section):
@@ -209,11 +200,9 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str | None) -> str | None:
-        if name is not None and not PLAIN_NAME.match(name):
-            raise ValueError(f"name: {name!r} is not a plain run name (letters, digits, '.', '_', '-'; no '/' or '..')")
-        if name is not None and len(name) > NAME_MAX:
-            raise ValueError(f"name: {name[:24]!r}… is {len(name)} characters long; use a run name of at most "
-                             f"{NAME_MAX}")
+        if name is not None and (problem := plain_name_problem(name, "run name", refused="; no '/' or '..'",
+                                                               max_length=NAME_MAX)):
+            raise ValueError(f"name: {problem}")
         return name
 
     @model_validator(mode="after")
@@ -232,7 +221,10 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-# --------------------------------------------------------------------------------------- loading
+# ------------------------------------------------------- loading: lrft.config bound to this schema
+
+NAMED_CHOICES = ("data.task",)  # a wrong value is answered with a did-you-mean, not every task there is
+
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; the run name defaults to the file's stem."""
@@ -245,194 +237,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate(raw, source=str(path), overrides=overridden)
 
 
-def flow_yaml(value) -> str:
-    """A value as one line of YAML (`[query, value]`, `{rank: 8}`, `0.01`): what an override's value is."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True,
-                          sort_keys=False).removesuffix("...\n").strip()
-
-
 def read_recipe_mapping(path: Path) -> dict:
     """The raw mapping of a recipe file (a user's, or a run dir's recipe.yaml), not yet validated."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LrftError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a UTF-8 YAML file") from None
-    raw = parse_yaml(text, str(path))
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise LrftError(f"{path}: a recipe is a YAML mapping (model:, data:, adapter:, ...), not a {type(raw).__name__}")
-    return raw
-
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    """A key given twice in one YAML mapping; `first` marks where it was given before."""
-
-    def __init__(self, key, first, mark):
-        super().__init__(None, None, f"key {key!r} appears twice in one mapping", mark)
-        self.key, self.first = key, first
-
-
-class StrictLoader(yaml.SafeLoader):
-    """`yaml.safe_load`'s loader, except that a key repeated in one mapping is an error: YAML would keep
-    the last value silently, and the recipe would then run with a setting its author did not see."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, as YAML says
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    seen = first.get(key)
-                except TypeError:  # an unhashable key: the base class reports it
-                    continue
-                if seen is not None:
-                    raise DuplicateKeyError(key, seen, key_node.start_mark)
-                first[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_yaml(text: str, source: str):
-    try:
-        return yaml.load(text, Loader=StrictLoader)
-    except DuplicateKeyError as e:
-        raise LrftError(f"{source}: key {e.key!r} is given twice in one mapping, at {_at(e.first)} and at "
-                        f"{_at(e.problem_mark)}; keep one of the two") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at {_at(mark)}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise LrftError(f"{source}: YAML syntax error{where}: {problem}") from None
-    except RecursionError:
-        raise LrftError(f"{source}: YAML nested too deeply to read; a recipe is a few levels of mappings") from None
-
-
-def _at(mark) -> str:
-    return f"line {mark.line + 1}, column {mark.column + 1}"
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict[str, str]:
-    """Apply `a.b.c=value` overrides in place; values are parsed as YAML (8 → int, [q,v] → list).
-    Returns each dotted key with the override that set it."""
-    overridden = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise LrftError(f"override {item!r}: expected key=value, e.g. train.lr=1e-3")
-        node = raw
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1], 1):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise LrftError(f"override {item!r}: '{part}' is not a section; set {'.'.join(parts[:depth])}=... "
-                                "itself")
-            node = child
-        node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value else None
-        overridden[key] = item
-    return overridden
+    return read_yaml_mapping(path, "a recipe", "model:, data:, adapter:, ...")
 
 
 def validate(raw: dict, source: str | None = None, overrides: dict[str, str] | None = None) -> Recipe:
     """A Recipe from a raw mapping, or a ConfigError listing every problem found. A problem of a key a
     command-line override set (`overrides`: dotted key → the override) is named as the override's."""
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        problems, from_file = [], not overrides
-        for error, text in zip(e.errors(), validation_problems(e, raw)):
-            where = ".".join(_location(error["loc"], Recipe))
-            item = next((item for key, item in (overrides or {}).items()
-                         if where == key or where.startswith(key + ".")), None)
-            problems.append(f"override {item!r}: {text}" if item else text)
-            from_file = from_file or item is None
-        raise ConfigError(problems, source if from_file else None) from None
-
-
-def _location(loc: tuple, root: type[BaseModel]) -> tuple[str, ...]:
-    """A pydantic location as the file's keys, without the tag pydantic puts into an adapter variant's
-    location (adapter.<method>.params...), which is not a key of the recipe."""
-    loc = tuple(str(p) for p in loc)
-    if root is Recipe and loc[:1] == ("adapter",) and len(loc) > 1 and loc[1] in ADAPTER_VARIANTS:
-        loc = loc[:1] + loc[2:]
-    return loc
-
-
-def validation_problems(err: ValidationError, raw: dict, root: type[BaseModel] = Recipe) -> list[str]:
-    """One line per problem of `raw` validated as `root` (a recipe, or another file with the same
-    conventions: a sweep spec), in the errors' order, named by its dotted key."""
-    out = []
-    for e in err.errors():
-        loc = _location(e["loc"], root)
-        where = ".".join(loc) if loc else "recipe"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            known = _fields_at(raw, loc[:-1], root)
-            out.append(f"{where}: unknown key{did_you_mean(loc[-1], known)}"
-                       + (f"; known keys here: {', '.join(known)}" if known else ""))
-        elif kind in ("missing", "union_tag_not_found"):
-            out.append(f"{where}{'.method' if kind == 'union_tag_not_found' else ''}: required, but missing")
-        elif kind == "union_tag_invalid":
-            name = e["input"].get("method")
-            if not isinstance(name, str):
-                out.append(f"{where}.method: input should be a valid string (got {name!r})")
-            else:
-                out.append(f"{where}.method: unknown method {name!r}{did_you_mean(name, methods.REGISTRY)}; "
-                           f"choose one of: {', '.join(methods.REGISTRY)}")
-        elif kind == "literal_error" and loc == ("data", "task") and isinstance(e["input"], str):
-            task = e["input"]
-            out.append(f"data.task: unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
-        elif kind == "model_type":  # a section given as something other than a mapping
-            out.append(f"{where}: input should be a valid dictionary (got {e['input']!r})")
-        elif kind == "value_error":
-            out.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            out.append(f"{where}: {e['msg'][0].lower()}{e['msg'][1:]} (got {e['input']!r})")
-    return out
-
-
-def _fields_at(raw: dict, loc: tuple, root: type[BaseModel]) -> list[str]:
-    """Field names of the section at `loc` (adapter.params: those of the recipe's method; a mapping of
-    sections, as a sweep's search: those of its values' section)."""
-    schema: type[BaseModel] = root
-    keyed = False  # the previous part named a mapping of sections: this part is one of its keys
-    for part in loc:
-        if keyed:
-            keyed = False
-            continue
-        if schema is Recipe and part == "adapter":
-            method = raw.get("adapter", {}).get("method") if isinstance(raw.get("adapter"), dict) else None
-            schema = ADAPTER_VARIANTS.get(method, AdapterConfig)
-            continue
-        field = schema.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if get_origin(ann) is dict:
-            ann, keyed = get_args(ann)[1], True
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        schema = ann
-    return list(schema.model_fields)
-
-
-# ------------------------------------------------------------------------------- commented YAML
-
-def commented_yaml(recipe: Recipe, header: list[str]) -> str:
-    """The recipe as YAML with each field's description as a comment (what `lrft init` writes)."""
-    lines = [f"# {h}" if h else "#" for h in header] + [""]
-
-    def emit(section: BaseModel, indent: str) -> None:
-        values = section.model_dump(mode="json")
-        for key, f in type(section).model_fields.items():
-            value = getattr(section, key)
-            comment = f"  # {f.description}" if f.description else ""
-            if isinstance(value, BaseModel):
-                lines.append(f"{indent}{key}:{comment}")
-                emit(value, indent + "  ")
-                if indent == "":
-                    lines.append("")
-            else:
-                lines.append(f"{indent}{key}: {flow_yaml(values[key])}{comment}")
-
-    emit(recipe, "")
-    return "\n".join(lines).rstrip() + "\n"
+    return validated(Recipe, raw, source, overrides, whole="recipe", named_choices=NAMED_CHOICES)

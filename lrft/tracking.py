@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lrft.atomic_files import atomic_write_json
 from lrft.errors import LrftError
-from lrft.files import atomic_write_json
 
 # accelerate's tracker names and the pip package that brings each
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",

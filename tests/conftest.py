@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (make_problems, make_sentences, recipe_dict, save_tiny_bert, save_tiny_llama, write_recipe,
-                           write_splits)
+from tests.helpers import (
+    make_problems,
+    make_sentences,
+    recipe_dict,
+    save_tiny_bert,
+    save_tiny_llama,
+    write_recipe,
+    write_splits,
+)
 
 
 @pytest.fixture(scope="session")

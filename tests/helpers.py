@@ -244,9 +244,10 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def readme_block(heading: str, language: str = "bash") -> str:
-    """The first code block of `language` under a README heading, as written there."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def markdown_block(page: str, heading: str, language: str = "bash") -> str:
+    """The first code block of `language` under a heading of one of the repo's Markdown files
+    (`README.md`, `docs/serving.md`, ...), as written there."""
+    text = (ROOT / page).read_text(encoding="utf-8")
     section = text[text.index(f"\n{heading}\n"):]
     block = section[section.index(f"```{language}\n") + len(f"```{language}\n"):]
     return block[:block.index("```")]
@@ -254,7 +255,7 @@ def readme_block(heading: str, language: str = "bash") -> str:
 
 def readme_commands(heading: str) -> list[str]:
     """The command lines of the first bash block under a README heading."""
-    return [line for line in readme_block(heading).splitlines() if line.strip()]
+    return [line for line in markdown_block("README.md", heading).splitlines() if line.strip()]
 
 
 def read_jsonl(path: Path) -> list[dict]:

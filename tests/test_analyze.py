@@ -195,7 +195,7 @@ def write_lora_factors(run_dir: Path, set_factors) -> None:
     """Overwrite a lora run's A and B per module with set_factors(name, A, B) → (A, B)."""
     from lrft.checkpoint import save_adapter
     from lrft.inject import adapted, saved_state
-    from lrft.rundir import load_run
+    from lrft.open_runs import load_run
 
     opened = load_run(run_dir)
     a, config = opened.adapted, opened.config
@@ -209,7 +209,7 @@ def write_lora_factors(run_dir: Path, set_factors) -> None:
 
 def dense_updates(run_dir: Path) -> dict[str, np.ndarray]:
     from lrft.inject import adapted
-    from lrft.rundir import load_run
+    from lrft.open_runs import load_run
 
     a = load_run(run_dir).adapted
     with torch.no_grad():

@@ -7,27 +7,26 @@ function: a lazy import still ties the two modules together.
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 PACKAGE = Path(__file__).parents[1] / "lrft"
 
-# Lowest first; a module may import from its own layer and the ones below, never from above.
-LAYERS = [
-    ["lrft", "lrft.errors", "lrft.console", "lrft.guard", "lrft.files", "lrft.tracking", "lrft.hub"],
-    ["lrft.targets"],
-    ["lrft.methods"],
-    ["lrft.inject", "lrft.loss"],
-    ["lrft.models", "lrft.weight_files"],
-    ["lrft.data"],
-    ["lrft.recipe"],
-    ["lrft.adapt"],
-    ["lrft.calibrate", "lrft.evaluate", "lrft.checkpoint", "lrft.peft_format", "lrft.parallel"],
-    ["lrft.rundir"],
-    ["lrft.train", "lrft.merge", "lrft.analysis", "lrft.params", "lrft.evaluate_run", "lrft.sweep"],
-    ["lrft.cli"],
-]
+# Lowest first; a module may import from its own layer and the ones below, never from above. The same
+# file writes the layer table of docs/ARCHITECTURE.md (docs/generate.py), so the two cannot drift.
+LAYERS = [list(layer) for layer in yaml.safe_load((PACKAGE.parent / "docs" / "layers.yaml").read_text(encoding="utf-8"))]
+
+
+def test_the_layer_table_of_the_docs_is_written_from_the_same_file():
+    """docs/ARCHITECTURE.md's table is what `python docs/generate.py` writes from docs/layers.yaml."""
+    spec = importlib.util.spec_from_file_location("docs_generate", PACKAGE.parent / "docs" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    committed = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert committed == generate.architecture(), "run: python docs/generate.py"
 
 
 def modules() -> dict[str, Path]:
@@ -55,7 +54,7 @@ def layer_of(module: str) -> int:
         for name in layer:
             if module == name or (name != "lrft" and module.startswith(name + ".")):
                 best = i
-    assert best is not None, f"{module} is in no layer of LAYERS (and docs/ARCHITECTURE.md): place it"
+    assert best is not None, f"{module} is in no layer of docs/layers.yaml: place it there"
     return best
 
 
@@ -90,3 +89,31 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def assigned_attributes(function: ast.FunctionDef) -> set[str]:
+    """The names X of every `self.X = ...` (plain, annotated, augmented or unpacked) in a method."""
+    found = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    found.add(t.attr)
+    return found
+
+
+def test_the_trainer_state_is_set_up_front():
+    """Every attribute of the Trainer is first set in `__init__`, but the Plan, which `setup` sets once:
+    no step of the run adds state that a later one silently depends on."""
+    tree = ast.parse((PACKAGE / "training" / "loop.py").read_text(encoding="utf-8"))
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    methods = {f.name: assigned_attributes(f) for f in trainer.body if isinstance(f, ast.FunctionDef)}
+    set_up_front = methods.pop("__init__")
+    later = {(method, attr) for method, attrs in methods.items() for attr in attrs - set_up_front}
+    assert later == {("setup", "plan")}, f"Trainer attributes first set outside __init__: {sorted(later)}"

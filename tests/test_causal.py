@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lrft.data import PromptSplit, get_task, load_task_data
-from lrft.errors import LrftError
 from lrft.data.causal import IGNORE, encode_prompts, extract_answer, gold_answer, render
+from lrft.errors import LrftError
 from lrft.recipe import DataConfig
 from tests.helpers import METHODS, assert_merge_parity, save_tiny_llama
 

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.helpers import (METHODS, assert_merge_parity, assert_same_adapter, read_jsonl, readme_commands, recipe_dict,
-                           write_glue_mrpc, write_recipe)
+from tests.helpers import (
+    METHODS,
+    assert_merge_parity,
+    assert_same_adapter,
+    markdown_block,
+    read_jsonl,
+    readme_commands,
+    recipe_dict,
+    write_glue_mrpc,
+    write_recipe,
+)
 
 RUN_FILES = ["recipe.yaml", "metrics.jsonl", "adapter_stats.jsonl", "summary.json", "adapter/adapter.safetensors",
              "adapter/adapter_config.json", "best_adapter/adapter.safetensors"]
@@ -175,6 +186,67 @@ def test_merge_and_eval_refusals(cli, finished_runs, tmp_path):
     assert code == 2 and "trained on text-classification" in err
 
 
+def test_eval_says_on_stderr_what_it_evaluates(cli, finished_runs):
+    """The run (its method, base model and adapter), the task, its data and splits, and the result go to
+    stderr; stdout holds the metrics alone, a line each."""
+    run = finished_runs / "runs" / "good"
+    code, out, err = cli("eval", run)
+    assert code == 0, err
+    metrics = dict(row.split("\t") for row in out.splitlines())
+    assert list(metrics)[:3] == ["task", "examples", "max_length"] and "eval" not in out
+    assert f"eval the run {run} (lora on " in err and "its final adapter) on text-classification" in err
+    assert f"data: text-classification from {(finished_runs / 'data').resolve()}: {metrics['examples']} dev" in err
+    assert f"accuracy {float(metrics['accuracy']):.4f}" in err and "eval done in " in err
+    code, _, err = cli("eval", run, "--best", "--max-samples", "4")
+    assert code == 0 and "its best adapter) on text-classification" in err and ": 4 dev, max_length" in err, err
+
+
+def test_a_plan_carries_the_data_dir_its_jobs_read(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """A recipe that names no data dir reads $LRFT_DATA_DIR: `--plan` puts it (absolute) before each
+    command, since a job array's job may run without it; a recipe's own data.path needs nothing."""
+    monkeypatch.chdir(tmp_path)
+    for name, path in (("hub", None), ("local", str(tmp_path / "data"))):
+        recipe = recipe_dict(tiny_model_dir, tmp_path, "runs", "lora", name, data={"task": "glue/mrpc", "path": path})
+        write_recipe(tmp_path / f"{name}.yaml", recipe)
+        (tmp_path / f"{name}_sweep.yaml").write_text(yaml.safe_dump({
+            "recipe": f"{name}.yaml", "search": {"train.lr": [1.0e-2, 2.0e-2]}, "objective": "accuracy"}))
+    monkeypatch.setenv("LRFT_DATA_DIR", "shared data")  # relative, with a space: quoted, made absolute
+    code, out, err = cli("sweep", "hub_sweep.yaml", "--plan")
+    assert code == 0 and len(out.splitlines()) == 2, err
+    for line in out.splitlines():
+        words = shlex.split(line)
+        assert words[0] == f"LRFT_DATA_DIR={tmp_path / 'shared data'}" and words[1:4] == ["lrft", "train", "hub.yaml"]
+    code, out, _ = cli("sweep", "local_sweep.yaml", "--plan")
+    assert code == 0 and all(line.startswith("lrft train local.yaml ") for line in out.splitlines())
+    monkeypatch.delenv("LRFT_DATA_DIR")
+    code, out, _ = cli("sweep", "hub_sweep.yaml", "--plan")
+    assert code == 0 and all(line.startswith("lrft train hub.yaml ") for line in out.splitlines())
+
+
+def test_a_comparison_leaves_the_runs_own_analysis_in_place(cli, finished_runs, tmp_path, monkeypatch):
+    """`analyze RUN` writes RUN/analysis, `analyze RUN --against OTHER` RUN/comparisons/OTHER: neither
+    replaces the other, in either order; `--restart` still deletes a run dir holding both."""
+    import lrft.analysis
+
+    monkeypatch.setattr(lrft.analysis, "write_figures", lambda out_dir, runs, numbers, result, chosen: ([], {}))
+    for name in ("good", "ta"):
+        shutil.copytree(finished_runs / "runs" / name, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))
+    run, analysis, comparison = tmp_path / "good", tmp_path / "good" / "analysis", tmp_path / "good" / "comparisons" / "ta"
+    code, out, err = cli("analyze", run)
+    assert code == 0 and out.splitlines()[0] == f"report\t{analysis / 'report.html'}", err
+    alone = (analysis / "analysis.json").read_bytes()
+    code, out, err = cli("analyze", run, "--against", tmp_path / "ta")
+    assert code == 0 and out.splitlines()[0] == f"report\t{comparison / 'report.html'}", err
+    assert "mean cosine\t" in out and (analysis / "analysis.json").read_bytes() == alone
+    assert json.loads((comparison / "analysis.json").read_text())["against"]["modules"]
+    code, out, err = cli("analyze", run, "--json")
+    assert code == 0 and json.loads(out)["out"] == str(analysis) and (comparison / "report.html").is_file(), err
+    from lrft.guard import check_restartable
+    from lrft.run_layout import LAYOUT
+
+    check_restartable(run, LAYOUT)  # comparisons/ is the run's own
+
+
 def test_real_process_exit_codes(tmp_path):
     """Outside the test runner: exit 2 and one line for bad input, results on stdout."""
     run = subprocess.run([sys.executable, "-m", "lrft", "train", str(tmp_path / "none.yaml")], capture_output=True, text=True)
@@ -231,13 +303,16 @@ def test_the_readme_commands_run_in_order_without_the_data_dir(cli, tmp_path, ti
     for line in setup + readme_commands("## Commands"):
         code, out, err = run_readme_line(cli, monkeypatch, line)
         assert code == 0, f"{line}\n{err}"
-        outputs[line.split("#")[0].strip()] = out
-    final = json.loads((work / "runs" / "quickstart" / "summary.json").read_text())["final"]
-    for line in ("lrft eval runs/quickstart", "lrft eval merged/ --task glue/mrpc"):
+        outputs.setdefault(line.split("#")[0].strip(), out)  # a line run twice keeps its first output
+    printed = markdown_block("README.md", "## Set-up", "text").splitlines()  # what the README says training prints
+    trained = outputs[setup[0].split("#")[0].strip()].splitlines()
+    assert [line.split()[0] for line in trained] == [line.split()[0] for line in printed] and trained[-1] == printed[-1]
+    final = json.loads((work / "runs" / "glue_mrpc_talora" / "summary.json").read_text())["final"]
+    for line in ("lrft eval runs/glue_mrpc_talora", "lrft eval merged/ --task glue/mrpc"):
         got = dict(row.split("\t") for row in outputs[line].splitlines())
         assert float(got["accuracy"]) == pytest.approx(final["accuracy"]), line
-    assert -1 <= float(outputs["lrft analyze runs/quickstart --against runs/r16 --json | jq .cosine.mean"]) <= 1
-    assert (work / "runs" / "quickstart" / "analysis" / "report.html").is_file() and (work / "my.yaml").is_file()
+    assert -1 <= float(outputs["lrft analyze runs/glue_mrpc_talora --against runs/r8 --json | jq .cosine.mean"]) <= 1
+    assert (work / "runs" / "glue_mrpc_talora" / "analysis" / "report.html").is_file() and (work / "my.yaml").is_file()
     assert "talora" in outputs["lrft count-params --method talora --calibrated runs/glue_mrpc_talora"]
     assert {p.name for p in (work / "results" / "sweeps" / "mrpc_tlora_r8_3ep").iterdir()} >= {"lr1e-2_s42", "lr2e-2_s42"}
 
@@ -315,19 +390,21 @@ def test_done_in_is_the_wall_time_with_its_parts(cli, tiny_recipe, tmp_path):
     parts = summary["seconds"]
     assert set(parts) <= {"loading", "calibration", "training", "evaluation", "saving"}
     assert {"loading", "training", "evaluation", "saving"} <= set(parts)
-    assert sum(parts.values()) <= summary["wall_seconds"] and summary["train_seconds"] == parts["training"]
+    rounding = 0.005 * (len(parts) + 1)  # each part and the wall time are rounded to 0.01 s
+    assert math.fsum(parts.values()) <= summary["wall_seconds"] + rounding
+    assert summary["train_seconds"] == parts["training"]
     lines = out.splitlines()
     assert lines[0].startswith("done in ") and lines[1].startswith("final (step 3): accuracy ")
     assert lines[-1] == f"adapter: {tmp_path / 'runs' / 'timed' / 'adapter'}"
 
 
 def test_the_stopwatch_charges_nested_phases_to_the_inner_one(monkeypatch):
-    from lrft import train
+    from lrft.training import state
 
     ticks = iter([0.0, 1.0, 3.0, 6.0])  # outer starts, inner starts, inner ends, outer ends
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(state.time, "perf_counter", lambda: next(ticks))
     seconds = {}
-    clock = train.Stopwatch(seconds)
+    clock = state.Stopwatch(seconds)
     with clock.phase("loading"):
         with clock.phase("calibration"):
             pass

@@ -19,8 +19,16 @@ import pytest
 import torch
 
 from lrft.checkpoint import list_checkpoints, load_tree
-from tests.helpers import (ROOT, assert_close_scaled, assert_merge_parity, assert_same_adapter, launch, lrft, read_jsonl,
-                           train_lines)
+from tests.helpers import (
+    ROOT,
+    assert_close_scaled,
+    assert_merge_parity,
+    assert_same_adapter,
+    launch,
+    lrft,
+    read_jsonl,
+    train_lines,
+)
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/gloo path; GPUs are exercised on a cluster")
 FSDP_CONFIG = ROOT / "docs" / "accelerate_fsdp.yaml"
@@ -80,9 +88,9 @@ def test_the_epoch_end_checkpoint_comes_before_its_evaluation(tiny_recipe, tmp_p
     assert lrft("train", tiny_recipe("lora", name="straight", **sections)).returncode == 0
     recipe = tiny_recipe("lora", name="killed", **sections)
     run = tmp_path / "runs" / "killed"
-    code = ("import os, signal, sys, lrft.evaluate as e\nreal = e.evaluate\n"
+    code = ("import os, signal, sys, lrft.evaluation as e\nreal = e.evaluate\n"
             "def dying(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-            "import lrft.train as t\nt.evaluate = dying\nsys.argv = ['lrft'] + sys.argv[1:]\nfrom lrft.cli import main\nmain()")
+            "import lrft.training.loop as t\nt.evaluate = dying\nsys.argv = ['lrft'] + sys.argv[1:]\nfrom lrft.cli import main\nmain()")
     died = subprocess.run([sys.executable, "-c", code, "train", str(recipe)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert died.returncode == -9
@@ -119,7 +127,7 @@ def test_rerunning_a_finished_run_changes_nothing(cli, tiny_recipe, tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from lrft.rundir import writer_lock
+from lrft.run_lock import writer_lock
 with writer_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -211,13 +219,13 @@ def uneven_recipe(tmp_path, tiny_llama_dir):
 
 def step_gradients(recipe: Path) -> dict[str, torch.Tensor]:
     from lrft.recipe import load_recipe
-    from lrft.train import Trainer
+    from lrft.training import Trainer
 
     trainer = Trainer(load_recipe(recipe))
     trainer.setup()
-    trainer.model.train()
+    trainer.plan.model.train()
     trainer.train_step(list(range(8)))
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in trainer.plan.model.named_parameters() if p.grad is not None}
 
 
 def test_grad_accum_gives_the_gradients_of_the_whole_batch(uneven_recipe):
@@ -313,7 +321,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(causal_recipe):
 
 
 def test_length_grouped_batches_are_deterministic_and_cover_the_epoch():
-    from lrft.train import epoch_order, length_grouped_batches
+    from lrft.training.batches import epoch_order, length_grouped_batches
 
     lengths = [(i * 37) % 101 + 1 for i in range(1000)]
     make = lambda epoch: length_grouped_batches(epoch_order(1000, 3, epoch), lengths, 8, 3, epoch)  # noqa: E731

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
+from lrft.atomic_files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, disk_errno, disk_failures
 from lrft.checkpoint import list_checkpoints, load_tree
 from lrft.errors import DISK_ERRORS, EXIT_DISK, DiskError
-from lrft.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, disk_errno, disk_failures
 from tests.helpers import ROOT, assert_same_adapter, lrft, snapshot, train_lines
 
 # 8 steps, a checkpoint after each one, all kept: most of what a run writes is checkpoints
@@ -272,12 +272,12 @@ def test_a_full_sweep_storage_names_it_and_a_runs_own_failure_passes_unchanged(t
 
 
 def test_a_disk_failure_no_lrft_writer_named_is_one_line_too(cli, tiny_recipe, monkeypatch):
-    import lrft.train
+    import lrft.training
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/.tiny.lock.json")
 
-    monkeypatch.setattr(lrft.train, "train", full)
+    monkeypatch.setattr(lrft.training, "train", full)
     code, _, err = cli("train", tiny_recipe("lora"))
     assert code == EXIT_DISK and error_lines(err) == [
         "error: /data/runs/.tiny.lock.json: no space left on device (OSError); free space and rerun the same command "
@@ -285,19 +285,19 @@ def test_a_disk_failure_no_lrft_writer_named_is_one_line_too(cli, tiny_recipe, m
 
 
 def test_other_os_errors_stay_bugs(cli, tiny_recipe, monkeypatch):
-    import lrft.train
+    import lrft.training
 
     def broken(*a, **k):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(lrft.train, "train", broken)
+    monkeypatch.setattr(lrft.training, "train", broken)
     with pytest.raises(OSError, match="Bad file descriptor"):
         cli("train", tiny_recipe("lora"))
 
 
 # ------------------------------------------------------------------------------------ 2 processes
 
-ENOSPC_LRFT = """
+ENOSPC_LRFT = f"""
 import sys
 from pathlib import Path
 from safetensors import SafetensorError
@@ -307,12 +307,12 @@ real = checkpoint.save_file
 def full(tensors, path, *a, **k):
     if part in str(path):
         Path(path).write_bytes(b"half a file")
-        raise SafetensorError(%r)
+        raise SafetensorError({FULL!r})
     return real(tensors, path, *a, **k)
 checkpoint.save_file = full
 from lrft.cli import main
 main()
-""" % FULL
+"""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/gloo path; GPUs are exercised on a cluster")

@@ -110,7 +110,7 @@ def test_an_export_on_an_alias_loads_in_peft_by_its_hub_id(cli, tiny_recipe, tmp
     path; PEFT's AutoPeftModel loads it from an HF cache holding that hub id, computing what lrft does."""
     from peft import AutoPeftModelForSequenceClassification
 
-    from lrft.rundir import load_run
+    from lrft.open_runs import load_run
 
     run, out = export_on_alias(cli, tiny_recipe, tmp_path)
     config = json.loads((out / "adapter_config.json").read_text())

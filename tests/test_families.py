@@ -21,12 +21,25 @@ import pytest
 import torch
 
 from lrft import methods
+from lrft.count_params import count_params
 from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_parameters, merge, set_head_trainable
-from lrft.params import count_params
 from lrft.targets import default_targets, head_modules
-from tests.helpers import (FAMILIES, METHODS, assert_merge_parity, batch, build, labeled, outputs, recipe_dict,
-                           save_tiny_family, tiny_family, tiny_family_config, visible_update, write_recipe)
+from tests.helpers import (
+    FAMILIES,
+    METHODS,
+    assert_merge_parity,
+    batch,
+    build,
+    labeled,
+    outputs,
+    recipe_dict,
+    save_tiny_family,
+    tiny_family,
+    tiny_family_config,
+    visible_update,
+    write_recipe,
+)
 
 peft = pytest.importorskip("peft")
 MATRIX = [(f, m) for f in FAMILIES for m in METHODS]

@@ -50,8 +50,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from lrft import methods
 from lrft.errors import LrftError
+from lrft.open_runs import trained_adapter_config
 from lrft.recipe import ADAPTER_VARIANTS, Recipe, load_recipe
-from lrft.rundir import RunDir
+from lrft.run_layout import RunDir
 from tests.helpers import reshaped_tensor, safetensors_header, save_sharded_bert, save_tiny_gguf, snapshot
 
 # Generated cases per test in CI; LRFT_FUZZ_EXAMPLES=N shares N cases out in the same proportions.
@@ -390,7 +391,7 @@ def stop_at_model_load():
     def stop(*args, **kwargs):
         raise ModelLoad
 
-    with mock.patch("lrft.adapt.load_model", stop), mock.patch("lrft.evaluate_run.load_model", stop):
+    with mock.patch("lrft.adapted_model.load_model", stop), mock.patch("lrft.eval_command.load_model", stop):
         yield
 
 
@@ -412,7 +413,7 @@ def _parsed(path: Path) -> dict:
 @given(case=recipe_case(), restart=st.booleans())
 def test_recipes_are_accepted_or_refused_in_one_line(case, restart, template, finished_runs):
     """load_recipe, then the Trainer up to the model load: a Recipe or a user error, no file changed."""
-    from lrft.train import Trainer
+    from lrft.training import Trainer
 
     with example_world(template) as w:
         path, overrides = case.write(w, base_recipe(template, w))
@@ -439,7 +440,7 @@ def test_recipes_train_end_to_end_or_are_refused(case, template, finished_runs, 
         outcome = run(cli, w, finished_runs, ["train", path, *overrides])
         check(outcome, outputs=[run_dir] if run_dir else [], own=[run_dir] if run_dir else [])
         if outcome.code == 0:
-            config = RunDir(run_dir).adapter_config()
+            config = trained_adapter_config(run_dir)
             assert config["targets"], "a run that adapted no layer reported success"
 
 
@@ -525,7 +526,7 @@ def places(args: list[str], world: Path) -> tuple[list[Path], list[Path]]:
         written = Path(opts.get("--predictions", own))
         return [written], [own] if written == own else []
     if name == "analyze":
-        own = RunDir(target).analysis
+        own = RunDir(target).comparison(Path(opts["--against"])) if "--against" in opts else RunDir(target).analysis
         return [Path(opts.get("--out", own))], [own]
     key = {"merge": "--out", "init": "--output"}.get(name)
     return ([Path(opts[key])] if key in opts else []), []

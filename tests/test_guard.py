@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from lrft.atomic_files import atomic_dir
 from lrft.errors import LrftError
-from lrft.files import atomic_dir
 from lrft.guard import check_output, check_replaceable, check_restartable, is_temporary
-from lrft.rundir import LAYOUT
+from lrft.run_layout import LAYOUT
 from tests.helpers import snapshot
 
 

@@ -77,11 +77,10 @@ def test_init_writes_the_head_lr_for_heads_only(cli):
 
 def test_optimizer_groups_use_the_head_lr(tiny_recipe):
     from lrft.recipe import load_recipe
-    from lrft.train import Trainer
+    from lrft.training import Trainer
 
     trainer = Trainer(load_recipe(tiny_recipe("lora", train={"lr": 1e-3})))
-    trainer.load_data()
-    trainer.build_model()
-    groups = trainer.make_optimizer().param_groups
+    trainer.setup()
+    groups = trainer.plan.optimizer.param_groups
     assert [g["initial_lr"] for g in groups] == [1e-3, HEAD_LR_MIN]  # "lr" is the warmup's 0
-    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in trainer.head_params] != []
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in trainer.plan.head_params] != []

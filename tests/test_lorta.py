@@ -13,8 +13,18 @@ from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_parameters, saved_state
 from lrft.methods.lorta import METHOD, Branch
 from lrft.targets import find_targets
-from tests.helpers import (FAMILIES, assert_close_scaled, assert_merge_parity, batch, build, labeled, randomize, tiny_bert,
-                           tiny_family, tiny_llama)
+from tests.helpers import (
+    FAMILIES,
+    assert_close_scaled,
+    assert_merge_parity,
+    batch,
+    build,
+    labeled,
+    randomize,
+    tiny_bert,
+    tiny_family,
+    tiny_llama,
+)
 
 BERT_QKVO = ["query", "key", "value", "attention.output.dense"]
 LLAMA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -66,7 +66,7 @@ def test_chunked_loss_equals_transformers_loss_with_its_gradients(name, monkeypa
 
 def test_evaluation_loss_is_chunked_and_unchanged():
     from lrft.data import get_task
-    from lrft.evaluate import EvalSet, evaluate
+    from lrft.evaluation import EvalSet, evaluate
 
     model = tiny_llama()
     feats = [{k: v[i].tolist() for k, v in prompt_and_response(n=4).items()} for i in range(4)]

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import METHODS, assert_close_scaled, assert_merge_parity, readme_block, recipe_dict, tiny_bert, write_recipe
+from tests.helpers import (
+    METHODS,
+    assert_close_scaled,
+    assert_merge_parity,
+    markdown_block,
+    recipe_dict,
+    tiny_bert,
+    write_recipe,
+)
 
 peft = pytest.importorskip("peft")
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
@@ -27,7 +35,7 @@ def train_tiny(cli, tiny_recipe, method, name, **sections):
 
 
 def lrft_logits(run, batch):
-    from lrft.rundir import load_run
+    from lrft.open_runs import load_run
 
     a = load_run(run).adapted
     with torch.no_grad():
@@ -191,7 +199,7 @@ def test_outputs_are_portable(cli, tiny_recipe, tmp_path, tiny_model_dir):
     """A PEFT export names no path of this machine as its base (lrft's provenance keeps it), prints its
     result once on stdout, and reads back without --base here; every file lrft writes gets the same
     permissions as a plain file (safetensors writes 0600)."""
-    from lrft.files import plain_file_mode
+    from lrft.atomic_files import plain_file_mode
 
     train_tiny(cli, tiny_recipe, "tlora", "portable")
     run, out = tmp_path / "runs" / "portable", tmp_path / "served"
@@ -233,8 +241,8 @@ def test_foreign_peft_types_are_refused(cli, tmp_path):
     assert code == 2 and "a PEFT IA3 adapter; lrft reads LoRA adapters only" in err
 
 
-def test_the_readme_serving_snippet_runs_as_written(cli, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
-    """The README's PEFT snippet, verbatim, in a fresh process without lrft, on an export of a run whose
+def test_the_serving_page_snippet_runs_as_written(cli, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """docs/serving.md's PEFT snippet, verbatim, in a fresh process without lrft, on an export of a run whose
     recipe names its base model by a relative dir: it loads without transformers' MISSING report, and
     the served model computes what lrft's does."""
     shutil.copytree(tiny_model_dir, tmp_path / "tiny-bert")
@@ -245,7 +253,7 @@ def test_the_readme_serving_snippet_runs_as_written(cli, tmp_path, tiny_model_di
     code, _, err = cli("merge", "runs/snippet", "--format", "peft", "--out", "served/adapter")
     assert code == 0, err
     texts = ["the film was good", "a very bad plot"]
-    script = readme_block("## Serving", "python") + (
+    script = markdown_block("docs/serving.md", "## Loading an export with PEFT", "python") + (
         "import json, torch\nfrom transformers import AutoTokenizer\n"
         f"batch = AutoTokenizer.from_pretrained(base_name)({texts!r}, padding=True, return_tensors='pt')\n"
         "with torch.no_grad():\n    print(json.dumps(model.eval()(**batch).logits.tolist()))\n")
@@ -253,6 +261,6 @@ def test_the_readme_serving_snippet_runs_as_written(cli, tmp_path, tiny_model_di
     assert run.returncode == 0, run.stderr
     assert "MISSING" not in run.stderr and "LOAD REPORT" not in run.stderr, run.stderr
     future = [line for line in run.stderr.splitlines() if "FutureWarning" in line]
-    assert all("is_gradient_checkpointing" in line for line in future), future  # the one the README explains
+    assert all("is_gradient_checkpointing" in line for line in future), future  # the one docs/serving.md explains
     served = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
     assert_close_scaled(served, lrft_logits(tmp_path / "runs" / "snippet", batch_of(tmp_path / "tiny-bert", texts)), 1e-5)

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 import yaml
+from pydantic import Field
 
+from lrft import methods
+from lrft.config.commented import commented_yaml
+from lrft.config.overrides import apply_overrides, dotted_get, dotted_pop
+from lrft.config.problems import validated
+from lrft.config.reference import markdown_text
+from lrft.config.sections import Section
+from lrft.config.yaml_files import parse_yaml
 from lrft.errors import ConfigError, LrftError
-from lrft.recipe import apply_overrides, commented_yaml, load_recipe, parse_yaml, validate
+from lrft.recipe import load_recipe, validate
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 MINIMAL = {"model": {"name": "minilm"}, "data": {"task": "glue/mrpc"}, "adapter": {"method": "tlora"}}
 
 
@@ -143,3 +155,88 @@ def test_shipped_recipes_validate(path):
     text = path.read_text()
     assert text.startswith("#") and "lrft train recipes/" in text, "recipes open with a comment showing the run command"
 
+
+
+# ------------------------------------------------------------------- the config toolkit, any schema
+
+class Circle(Section):
+    kind: Literal["circle"]
+    radius: float = Field(1.0, gt=0, description="the radius")
+
+
+class Square(Section):
+    kind: Literal["square"]
+    side: float = Field(1.0, gt=0, description="the side")
+
+
+class Drawing(Section):
+    colour: Literal["red", "green", "blue"] = Field("red", description="the pen")
+    shape: Annotated[Circle | Square, Field(discriminator="kind")]
+
+
+def drawing_problems(raw: dict, **conventions) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        validated(Drawing, raw, "d.yaml", whole="drawing", **conventions)
+    return e.value.problems
+
+
+def test_problem_lines_follow_any_schema_and_its_unions():
+    """What recipes get (variant tags dropped from keys, the discriminator's unknown value with a
+    did-you-mean, the keys of the chosen variant) comes from the schema, not from knowing a recipe."""
+    assert drawing_problems({"shape": {"kind": "circel"}}) == [
+        "shape.kind: unknown kind 'circel' (did you mean 'circle'?); choose one of: circle, square"]
+    assert drawing_problems({"shape": {"kind": "square", "sied": 2, "side": 0}}) == [
+        "shape.side: input should be greater than 0 (got 0)",
+        "shape.sied: unknown key (did you mean 'side'?); known keys here: kind, side"]
+    assert drawing_problems({"shape": {}, "color": "red"}) == [
+        "shape.kind: required, but missing", "color: unknown key (did you mean 'colour'?); known keys here: colour, shape"]
+    assert drawing_problems({"shape": {"kind": "circle"}, "colour": "reed"}) == [
+        "colour: input should be 'red', 'green' or 'blue' (got 'reed')"]
+    assert drawing_problems({"shape": {"kind": "circle"}, "colour": "reed"}, named_choices=["colour"]) == [
+        "colour: unknown colour 'reed' (did you mean 'red'?); choose one of: red, green, blue"]
+
+
+def test_dotted_keys_get_and_pop():
+    tree = {"train": {"lr": 1.0, "epochs": 2}, "seed": 3}
+    assert dotted_get(tree, "train.lr") == 1.0 and dotted_get(tree, "train.lr.x") is None
+    dotted_pop(tree, "train.lr")
+    dotted_pop(tree, "seed")
+    dotted_pop(tree, "nothing.here")
+    assert tree == {"train": {"epochs": 2}}
+
+
+def generate_docs():
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recipe_reference_is_generated_from_the_schema():
+    """docs/recipe-reference.md is what `python docs/generate.py` makes of the schema: after changing a
+    field, regenerate it."""
+    committed = (ROOT / "docs" / "recipe-reference.md").read_text(encoding="utf-8")
+    assert committed == generate_docs().recipe_reference(), "run: python docs/generate.py"
+
+
+def test_the_reference_describes_each_key_as_init_comments_it():
+    reference = generate_docs().recipe_reference()
+    for method in methods.REGISTRY:
+        recipe = validate({**MINIMAL, "adapter": {"method": method}})
+        comments = [line.split("  # ", 1)[1] for line in commented_yaml(recipe, []).splitlines() if "  # " in line]
+        assert len(comments) > 40 and all(markdown_text(c) in reference for c in comments), method
+
+
+def test_generate_check_names_a_page_that_differs(tmp_path, monkeypatch, capsys):
+    generate = generate_docs()
+    monkeypatch.setattr(generate, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    for name in ("ARCHITECTURE.md", "layers.yaml"):  # the architecture page is prose around a generated table
+        shutil.copy(ROOT / "docs" / name, tmp_path / "docs" / name)
+    page = tmp_path / "docs" / "ARCHITECTURE.md"
+    page.write_text(page.read_text(encoding="utf-8").replace("| 0 |", "| zero |"), encoding="utf-8")
+    assert generate.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "docs/recipe-reference.md: differs" in err and "docs/ARCHITECTURE.md: differs" in err
+    assert generate.main([]) == 0 and generate.main(["--check"]) == 0
+    assert (tmp_path / "docs" / "recipe-reference.md").read_text(encoding="utf-8") == generate.recipe_reference()

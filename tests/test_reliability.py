@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import ROOT, assert_same_adapter, launch, lrft, read_jsonl, train_lines
 
+
 @pytest.mark.parametrize("method, killer, resumed_from", [
     ("tlora", ("sigkill", 7), "step-000000006"),      # mid-epoch: after step 7, checkpoints every 2 steps
     ("talora", ("checkpoint", 3), "step-000000004"),  # mid-write of the step-6 checkpoint
@@ -145,7 +146,7 @@ def test_two_processes_resume(tiny_recipe, tmp_path):
 # ---------------------------------------------------------------------------------- bugs, security
 
 def test_a_bug_keeps_its_traceback_and_exit_code_1(tiny_recipe):
-    code = "import lrft.train as t; t.train = lambda *a, **k: 1 / 0\nimport sys; sys.argv = ['lrft'] + sys.argv[1:]\n" \
+    code = "import lrft.training as t; t.train = lambda *a, **k: 1 / 0\nimport sys; sys.argv = ['lrft'] + sys.argv[1:]\n" \
            "from lrft.cli import main; main()"
     run = subprocess.run([sys.executable, "-c", code, "train", str(tiny_recipe("lora", name="bug"))],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -155,7 +156,7 @@ def test_a_bug_keeps_its_traceback_and_exit_code_1(tiny_recipe):
 def test_no_pickle_and_safe_yaml_anywhere():
     import yaml
 
-    from lrft.recipe import StrictLoader
+    from lrft.config.yaml_files import StrictLoader
 
     assert issubclass(StrictLoader, yaml.SafeLoader)  # yaml.load with it is safe_load, made strict
     sources = {p: p.read_text() for p in (ROOT / "lrft").rglob("*.py")}

@@ -13,10 +13,18 @@ from lrft import calibrate
 from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_parameters
 from lrft.methods.talora import TaLoRAParams, allocate, largest_remainder
-from lrft.targets import find_targets
 from lrft.recipe import CalibrationConfig
-from tests.helpers import (assert_close_scaled, assert_merge_parity, batch, build, calibration_features, labeled, pad_collate,
-                           tiny_bert)
+from lrft.targets import find_targets
+from tests.helpers import (
+    assert_close_scaled,
+    assert_merge_parity,
+    batch,
+    build,
+    calibration_features,
+    labeled,
+    pad_collate,
+    tiny_bert,
+)
 
 BATCHES = [[0, 1, 2], [3, 4, 5]]
 

@@ -17,8 +17,16 @@ import pytest
 from lrft.errors import LrftError
 from lrft.models import load_for_causal_lm, load_for_classification, resolve
 from lrft.recipe import ModelConfig
-from tests.helpers import (GGUF_TOKENS, recipe_dict, reshaped_tensor, safetensors_header, save_sharded_bert,
-                           save_tiny_gguf, with_header, write_recipe)
+from tests.helpers import (
+    GGUF_TOKENS,
+    recipe_dict,
+    reshaped_tensor,
+    safetensors_header,
+    save_sharded_bert,
+    save_tiny_gguf,
+    with_header,
+    write_recipe,
+)
 
 SAVE_AGAIN = "; download or save the model again"
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"  # 32 × 32 in the tiny BERT

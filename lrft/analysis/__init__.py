@@ -22,7 +22,7 @@ zero or rank-deficient update leaves arbitrary. φ is 1 for updates equal up to 
 updates with orthogonal column (row) spaces. Quantities that are undefined (cosine or φ of a zero
 update) are null in analysis.json and left out of the means.
 
-The run is loaded once (`lrft.rundir.load_run`), its low-rank factors and statistics are extracted, and
+The run is loaded once (`lrft.open_runs.load_run`), its low-rank factors and statistics are extracted, and
 the model is released before the second run is loaded, so two 7B-sized runs never sit in memory
 together. Layout: `numeric` (pure functions on factors) → `extract` (from run dirs) → `numbers` (the
 analysis dict) → `figures` (matplotlib's object API) → `report` (HTML with embedded figures,
@@ -39,10 +39,12 @@ from lrft.analysis.extract import check_same_base, name_filter, read_run, select
 from lrft.analysis.figures import write_figures
 from lrft.analysis.numbers import choose_module, compare_numbers, run_numbers
 from lrft.analysis.report import ANALYSIS_FILE, render_html, render_markdown
+from lrft.atomic_files import atomic_dir, check_writable
 from lrft.errors import LrftError
-from lrft.files import atomic_dir, check_writable
 from lrft.guard import check_output
-from lrft.rundir import RunDir, writer_lock
+from lrft.open_runs import trained_adapter_config
+from lrft.run_layout import RunDir
+from lrft.run_lock import writer_lock
 
 DEFINITIONS = {
     "update": "ΔW = lora_B·lora_A (out × in, every scale applied), the update merged into W0",
@@ -68,18 +70,14 @@ def label_for(path: Path, other: Path | None) -> str:
 
 def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None, module: str | None = None,
             modules: str | None = None) -> dict:
-    """Analyse a run (and compare it with `against`); write figures, analysis.json and the reports to `out`."""
+    """Analyse a run (and compare it with `against`); write figures, analysis.json and the reports to `out`,
+    by default the run's analysis/ (comparisons/<against's name>/ with `against`: a comparison never
+    replaces the run's own analysis)."""
     run_dir, against = Path(run_dir), Path(against) if against is not None else None
-    out = Path(out) if out is not None else RunDir(run_dir).analysis
-    sources = {run_dir: "the run dir this command reads"}
-    if against is not None:
-        sources[against] = "the run dir --against names"
-    check_output(out, "--out", sources=sources, own=[RunDir(run_dir).analysis])
-    check_out_dir(out)
-    check_writable(out, "--out")
+    out = checked_out(run_dir, against, out)
     # Every argument is checked against the adapter configs before a model is loaded.
-    config = RunDir(run_dir).adapter_config()
-    other_config = RunDir(against).adapter_config() if against is not None else None
+    config = trained_adapter_config(run_dir)
+    other_config = trained_adapter_config(against) if against is not None else None
     if other_config is not None:
         check_same_base(config, other_config, run_dir, against)
     patterns = name_filter(modules)
@@ -116,3 +114,31 @@ def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None,
         (tmp / "report.md").write_text(render_markdown(result, figures), encoding="utf-8")
     console.log(f"analysis written to {out} ({len(figures)} figures, report.html, report.md, {ANALYSIS_FILE})")
     return result
+
+
+def checked_out(run_dir: Path, against: Path | None, out: Path | None) -> Path:
+    """Where the analysis goes (`out`, else the run's analysis/ or comparisons/<against's name>/), checked
+    to replace nothing it must not and to be writable."""
+    own = RunDir(run_dir).analysis if against is None else RunDir(run_dir).comparison(against)
+    out = Path(out) if out is not None else own
+    sources = {run_dir: "the run dir this command reads"}
+    if against is not None:
+        sources[against] = "the run dir --against names"
+    check_output(out, "--out", sources=sources, own=[own])
+    check_out_dir(out)
+    check_writable(out, "--out")
+    return out
+
+
+def report_lines(result: dict) -> list[str]:
+    """`lrft analyze`'s lines on stdout: the report, a line per module, the comparison's means."""
+    lines = [f"report\t{Path(result['out']) / 'report.html'}"]
+    for name, m in result["run"]["modules"].items():
+        lines.append(f"{name}\t‖ΔW‖_F {m['fro_norm']:.4g}\teffective rank {m['effective_rank']:.3g}")
+    if "against" in result:
+        for key, value in (("cosine", result["cosine"]["mean"]),
+                           ("subspace φ left", result["subspace"]["left"]["mean"]),
+                           ("subspace φ right", result["subspace"]["right"]["mean"]),
+                           ("relative Frobenius distance", result["rel_frobenius"]["mean"])):
+            lines.append(f"mean {key}\t{'—' if value is None else f'{value:.4f}'}")
+    return lines

@@ -13,11 +13,12 @@ import torch
 
 from lrft import console
 from lrft.analysis.numeric import LowRankSVD
+from lrft.atomic_files import read_json, read_jsonl
 from lrft.calibrate import INFO_FILE
 from lrft.errors import LrftError
-from lrft.files import read_json, read_jsonl
 from lrft.inject import SHARED_NAME, adapted
-from lrft.rundir import RunDir, load_run
+from lrft.open_runs import load_run
+from lrft.run_layout import RunDir
 
 HIST_BINS = 120
 

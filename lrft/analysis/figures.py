@@ -15,8 +15,7 @@ from matplotlib.figure import Figure
 
 from lrft import console
 from lrft.analysis.extract import ModuleUpdate, RunData
-from lrft.analysis.numeric import (block_mean_abs, difference_stats, nonzero_eigenvalues, strided_indices,
-                                   update_entries)
+from lrft.analysis.numeric import block_mean_abs, difference_stats, nonzero_eigenvalues, strided_indices, update_entries
 
 HEATMAP_MAX_SIDE = 512  # an element-wise heatmap draws at most this many rows and columns
 HEATMAP_BLOCKS = 48  # the |ΔW| map averages over at most this many blocks a side

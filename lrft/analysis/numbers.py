@@ -7,8 +7,17 @@ import numpy as np
 
 from lrft import console
 from lrft.analysis.extract import ModuleUpdate, RunData
-from lrft.analysis.numeric import (LowRankSVD, cosine_similarity, effective_rank, low_rank_svd, mean_of,
-                                   nonzero_eigenvalues, numerical_rank, relative_frobenius, subspace_similarity)
+from lrft.analysis.numeric import (
+    LowRankSVD,
+    cosine_similarity,
+    effective_rank,
+    low_rank_svd,
+    mean_of,
+    nonzero_eigenvalues,
+    numerical_rank,
+    relative_frobenius,
+    subspace_similarity,
+)
 from lrft.errors import LrftError
 
 

@@ -1,6 +1,6 @@
 """Tasks and their data: where examples come from, how they are tokenized and batched, how they are scored.
 
-Layout: `tasks` (the registry and the example containers), `files` (reading users' files), one reader
+Layout: `tasks` (the registry and the example containers), `user_files` (reading users' files), one reader
 per family of tasks (`glue`, `text` for users' own labelled texts, `causal` for gsm8k and instruction
 data), `metrics`. This module is what the rest of lrft uses: load a task's splits, tokenize them,
 batch them, score predictions.
@@ -12,8 +12,7 @@ from pathlib import Path
 
 from lrft.data import causal, glue, text
 from lrft.data.metrics import compute_metrics
-from lrft.data.tasks import (DATA_DIR_ENV, HUB_SOURCE, TASKS, PromptSplit, Split, Task, TaskData, get_task,
-                             local_source)
+from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, TASKS, PromptSplit, Split, Task, TaskData, get_task, local_source
 from lrft.errors import LrftError
 
 __all__ = ["DATA_DIR_ENV", "HUB_SOURCE", "TASKS", "PromptSplit", "Split", "Task", "TaskData", "collator",

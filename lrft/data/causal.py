@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 
 from lrft import console, hub
-from lrft.data.files import find_split_file, read_records
 from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, PromptSplit, TaskData
+from lrft.data.user_files import find_split_file, read_records
 from lrft.errors import LrftError
 
 IGNORE = -100

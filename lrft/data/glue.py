@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from lrft import hub
-from lrft.data.files import read_text
 from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, Split, Task, TaskData
+from lrft.data.user_files import read_text
 from lrft.errors import LrftError
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrft.data.files import find_split_file, read_records, scalar_field
 from lrft.data.tasks import Split, TaskData, get_task
+from lrft.data.user_files import find_split_file, read_records, scalar_field
 from lrft.errors import LrftError
 
 

@@ -21,7 +21,6 @@ from torch import nn
 from lrft.targets import Target
 
 
-
 class MethodParams(BaseModel):
     """`adapter.params` of a recipe; each method extends it with its own fields."""
 

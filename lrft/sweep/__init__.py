@@ -16,11 +16,22 @@ import sys
 from pathlib import Path
 
 from lrft import console
+from lrft.atomic_files import disk_failures
 from lrft.errors import LrftError
-from lrft.files import disk_failures
+from lrft.signals import handling
 from lrft.sweep.results import collect, top_points
 from lrft.sweep.spec import Sweep, load_sweep
 from lrft.sweep.study import failures, planned_points, work
+
+
+def check_flags(*, plan: bool, report: bool, markdown: bool, json_out: bool, workers: int) -> None:
+    """The flag combinations `lrft sweep` refuses, each in one line."""
+    if plan and (report or markdown or json_out or workers > 1):
+        raise LrftError("--plan prints commands only; drop --report, --markdown, --json and --workers with it")
+    if report and workers > 1:
+        raise LrftError("--workers trains a sweep; drop it with --report")
+    if markdown and json_out:
+        raise LrftError("--markdown and --json: choose one")
 
 
 def load_sweeps(paths: list[Path]) -> list[Sweep]:
@@ -61,12 +72,8 @@ def run_workers(paths: list[Path], workers: int) -> int:
         for proc in procs:
             proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    with handling((signal.SIGTERM, signal.SIGUSR1), pass_on):
         codes = [proc.wait() for proc in procs]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     console.log(f"{workers} workers done: exit codes {codes}")
     return next((c for c in codes if c != 0), 0)
 
@@ -77,7 +84,7 @@ def plan_commands(sweeps: list[Sweep]) -> list[str]:
     commands = []
     for sweep in sweeps:
         points = planned_points(sweep)
-        commands += [sweep.command(p, seed) for p in points for seed in sweep.seeds]
+        commands += [sweep.job_command(p, seed) for p in points for seed in sweep.seeds]
         confirm = sweep.spec.confirm
         if confirm is None:
             continue
@@ -85,7 +92,7 @@ def plan_commands(sweeps: list[Sweep]) -> list[str]:
         settled = set(failures(sweep)) | {n for n, r in results.items() if r.searched(sweep) or r.pruned()}
         if all(p.name in settled for p in points):
             best = top_points(sweep, list(results.values()), confirm.top)
-            commands += [sweep.command(p, seed) for p in best for seed in confirm.seeds]
+            commands += [sweep.job_command(p, seed) for p in best for seed in confirm.seeds]
         else:
             console.log(f"sweep {sweep.name}: once these runs are done, --plan again adds the best {confirm.top} "
                         f"point(s) with seeds {', '.join(map(str, confirm.seeds))}")

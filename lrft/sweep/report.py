@@ -11,11 +11,13 @@ import io
 import os
 import shlex
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lrft import console
+from lrft.atomic_files import atomic_write_bytes
 from lrft.errors import LrftError
-from lrft.files import atomic_write_bytes
 from lrft.sweep.results import PointResult, collect
 from lrft.sweep.spec import Sweep, display_path
 from lrft.sweep.study import failures
@@ -180,6 +182,14 @@ def answer(report: dict, code: str = "") -> list[str]:
             f"{', '.join(map(str, small['seeds']))}",
             f"  {code}{small['command']}{code}",
             f"  its run dir: {small['run_dir']}"]
+
+
+def print_report(report: dict, specs: list[Path], *, markdown: bool = False, json_out: bool = False) -> None:
+    """`lrft sweep`'s result on stdout: JSON, a Markdown section (for docs/RESULTS.md) or the text table."""
+    if json_out:
+        console.emit_json(report)
+    else:
+        sys.stdout.write(render_markdown(report, [str(s) for s in specs]) if markdown else render_text(report))
 
 
 def render_text(report: dict) -> str:

@@ -10,10 +10,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from lrft.atomic_files import read_json
 from lrft.checkpoint import CONFIG_FILE
-from lrft.files import read_json
-from lrft.rundir import RunDir
-from lrft.sweep.spec import Point, Sweep, dotted_get
+from lrft.config.overrides import dotted_get
+from lrft.open_runs import read_run_recipe
+from lrft.run_layout import RunDir
+from lrft.sweep.spec import Point, Sweep
 
 RUN_NAME = re.compile(r"^(?P<point>.+)_s(?P<seed>-?\d+)$")  # <point>_s<seed>, as Sweep.run_name writes it
 
@@ -59,7 +61,7 @@ def collect(sweep: Sweep) -> list[PointResult]:
         match, run = RUN_NAME.match(path.name), RunDir(path)
         if not (match and path.is_dir() and run.is_run()):
             continue
-        recipe = run.read_recipe()
+        recipe = read_run_recipe(run.path)
         name = match["point"]
         if name not in points:
             dump = recipe.model_dump(mode="json")

@@ -23,11 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from lrft.data import get_task
+from lrft.config.names import is_plain_name, plain_name_problem
+from lrft.config.overrides import dotted_pop
+from lrft.config.problems import validated
+from lrft.config.sections import Section
+from lrft.config.yaml_files import flow_yaml, parse_yaml
+from lrft.data import DATA_DIR_ENV, get_task
 from lrft.errors import ConfigError, LrftError, did_you_mean
-from lrft.recipe import PLAIN_NAME, Recipe, Section, flow_yaml, load_recipe, parse_yaml, validation_problems
+from lrft.recipe import Recipe, load_recipe
 
 STORAGE = "sweep.db"  # the optuna study (SQLite) in the sweep dir
 # Recipe keys a sweep sets itself for every run, and where a spec says what they should be.
@@ -129,8 +134,8 @@ class SweepSpec(Section):
     @field_validator("name")
     @classmethod
     def _plain(cls, name):
-        if name is not None and not PLAIN_NAME.match(name):
-            raise ValueError(f"name: {name!r} is not a plain name (letters, digits, '.', '_', '-')")
+        if name is not None and (problem := plain_name_problem(name, "name")):
+            raise ValueError(f"name: {problem}")
         return name
 
     @property
@@ -238,12 +243,6 @@ def key_labels(keys: list[str]) -> dict[str, str]:
     return {k: ".".join(k.split(".")[-2:]) if label and shared[label] > 1 else label for k, label in last.items()}
 
 
-def dotted_get(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def display_path(path: Path) -> str:
     """A path as said from here (commands are run from here too): relative below here, else absolute."""
     try:
@@ -345,6 +344,14 @@ class Sweep:
         """The `lrft train` command of one run: the very recipe the sweep trains."""
         return shlex.join(["lrft", "train", display_path(self.recipe_path), *self.overrides(point, seed)])
 
+    def job_command(self, point: Point, seed: int) -> str:
+        """`command` as `--plan` prints it for a job array: where the recipe names no data dir, led by
+        the $LRFT_DATA_DIR this process reads the task from (absolute), which a job's environment may lack."""
+        data_dir = os.environ.get(DATA_DIR_ENV)
+        if not data_dir or self.base.data.path:
+            return self.command(point, seed)
+        return f"{DATA_DIR_ENV}={shlex.quote(os.path.abspath(data_dir))} {self.command(point, seed)}"
+
     def identity(self, recorded: dict | None = None) -> dict:
         """What makes a sweep this sweep (a rerun with other values is refused): the spec but its budget
         and confirmation, and the base recipe as resolved but for the keys every run sets itself (the
@@ -356,17 +363,14 @@ class Sweep:
                         "recipe": self.base.model_dump(mode="json")}
         recipe = copy.deepcopy(recorded["recipe"])  # cut keys from a copy
         for key in [*self.spec.search, "seed", "name", "output.dir"]:
-            parent, _, leaf = key.rpartition(".")
-            section = dotted_get(recipe, parent) if parent else recipe
-            if isinstance(section, dict):
-                section.pop(leaf, None)
+            dotted_pop(recipe, key)
         return {**recorded, "recipe": recipe}
 
     def check(self) -> None:
         """Every point's recipe is valid (a sampled space: its corners), its name plain; the metric exists."""
         points = self.grid_points() if self.finite else self.corner_points()
         for point in points:
-            if not PLAIN_NAME.match(self.run_name(point, self.seeds[0])):
+            if not is_plain_name(self.run_name(point, self.seeds[0])):
                 raise LrftError(f"{self.path}: point {point.name!r} is not a plain run name; search values that name "
                                 "runs with letters, digits, '.', '_', '-'")
             try:
@@ -388,10 +392,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else f"a {type(raw).__name__}"
         raise LrftError(f"{path}: a sweep spec is a YAML mapping (recipe:, search:, objective:, ...), not {got}")
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(validation_problems(e, raw, SweepSpec), str(path)) from None
+    spec = validated(SweepSpec, raw, str(path), whole="sweep spec")
     if problems := spec.problems():
         raise ConfigError(problems, str(path))
     sweep = Sweep(spec, path)

@@ -1,10 +1,10 @@
 """The search: an optuna study in `<sweep dir>/sweep.db` (SQLite), worked through by one or more
 `lrft sweep` processes, each trial a point trained once per seed through the ordinary `lrft train`
-path (lrft.train), in this process, into run dirs named by the point.
+path (lrft.training), in this process, into run dirs named by the point.
 
 - Claiming: one process at a time (a lock file in the sweep dir) first takes over a trial whose
   worker is gone (RUNNING in the storage, its point's lock free), else asks the sampler for a new
-  one; the point's lock (lrft.rundir.writer_lock) is held while its runs train, so no two workers
+  one; the point's lock (lrft.run_lock.writer_lock) is held while its runs train, so no two workers
   ever train the same point, and a worker killed mid-trial leaves it to the next one, which resumes
   its run from its checkpoint (a run dir resumes by itself when trained again with the same recipe).
 - Pruning: each epoch-end evaluation of a point's first seed is reported to optuna at step = epoch;
@@ -26,13 +26,15 @@ import optuna
 from optuna.trial import TrialState
 
 from lrft import console
+from lrft.atomic_files import atomic_write_json, read_jsonl
 from lrft.errors import LrftError
-from lrft.files import atomic_write_json, read_jsonl
 from lrft.recipe import Recipe
-from lrft.rundir import Busy, RunDir, writer_lock
+from lrft.run_layout import RunDir
+from lrft.run_lock import Busy, writer_lock
 from lrft.sweep.results import collect, top_points
 from lrft.sweep.spec import Point, Sweep, three_digits
-from lrft.train import Diverged, Progress, recipe_diff, train
+from lrft.training import Diverged, Progress, train
+from lrft.training.session import recipe_diff
 
 POINT = "point"  # the trial's user attribute naming its point
 FAILED = "failed"  # ... saying why it failed

@@ -20,6 +20,7 @@ from lrft.errors import LrftError
 from lrft.inject import inject, set_head_trainable
 from lrft.methods import BuildContext, Built, MethodParams
 from lrft.models import load_model
+from lrft.recipe import DataConfig, ModelConfig, Recipe
 from lrft.targets import Target, default_targets, find_targets, weights_checksum
 
 
@@ -51,12 +52,12 @@ class Opened:
 
     adapted: Adapted
     config: dict  # the adapter config
-    model_cfg: object  # recipe.ModelConfig
-    data_cfg: object  # recipe.DataConfig
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
     run_dir: Path | None = None  # None for a PEFT adapter dir
 
 
-def load_base(model_cfg, task: Task, label_names: list[str] | None, target_modules: list[str] | None,
+def load_base(model_cfg: ModelConfig, task: Task, label_names: list[str] | None, target_modules: list[str] | None,
               rank: int) -> Base:
     """Load the base model with the head the task needs, and find the targets; check the rank fits them."""
     model, tokenizer = load_model(model_cfg, task, label_names)
@@ -65,7 +66,7 @@ def load_base(model_cfg, task: Task, label_names: list[str] | None, target_modul
     return Base(model, tokenizer, targets, task, label_names, weights_checksum(targets))
 
 
-def adapt(base: Base, recipe, *, calibration=None, saved_meta: dict | None = None) -> Adapted:
+def adapt(base: Base, recipe: Recipe, *, calibration=None, saved_meta: dict | None = None) -> Adapted:
     """Build the recipe's adapters (from calibration statistics, or a saved adapter's meta) and inject them."""
     method = methods.get(recipe.adapter.method)
     params = recipe.adapter.params

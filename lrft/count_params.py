@@ -6,6 +6,7 @@ target Linears are found as in training, and each method's closed-form count is 
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 
@@ -13,7 +14,7 @@ from lrft import methods
 from lrft.errors import LrftError
 from lrft.methods import BuildContext
 from lrft.models import quiet_transformers, resolve
-from lrft.rundir import RunDir
+from lrft.open_runs import read_run_recipe, trained_adapter_config
 from lrft.targets import default_targets, find_targets
 
 # Public config values of the papers' models (../shared/DESIGN.md §5), so counts work offline.
@@ -82,11 +83,26 @@ def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: li
             "targets": patterns, "modules": len(found), "trainable": trainable, "lora": lora_count, "full": total}
 
 
-def count_run(run_dir) -> dict:
+def count_command(method: str, rank: int, model: str, targets: str | None, num_labels: int,
+                  calibrated: Path | None) -> dict:
+    """`lrft count-params`: the counts of a method on a model (`targets` comma-separated), or with
+    `calibrated` the exact count of that finished run, which must be of `method`."""
+    if method != "full":
+        methods.get(method)
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    if calibrated is None:
+        return count_params(method, rank, model, names, num_labels)
+    counts = count_run(calibrated)
+    if counts["method"] != method:
+        raise LrftError(f"--calibrated: {calibrated} is a {counts['method']} run, not {method}; give the run dir of a "
+                        f"{method} run")
+    return counts
+
+
+def count_run(run_dir: Path) -> dict:
     """The exact count of a trained run (`--calibrated`): its base model, targets, params and saved meta."""
-    run = RunDir(run_dir)
-    recipe = run.read_recipe()
-    config = run.adapter_config()
+    recipe = read_run_recipe(run_dir)
+    config = trained_adapter_config(run_dir)
     labels = config.get("label_names")
     counts = count_params(config["method"], config["params"]["rank"], recipe.model.name, config["target_modules"],
                           1 if config.get("problem") == "regression" else len(labels or [0, 1]), config["params"],
@@ -97,6 +113,7 @@ def count_run(run_dir) -> dict:
 
 
 def render(counts: dict) -> str:
+    """`lrft count-params`' table on stdout: the model, its targets, and the counts side by side."""
     full, lora, n = counts["full"], counts["lora"], counts["trainable"]
 
     def vs(other: int, what: str) -> str:
