@@ -38,14 +38,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 JOBS = {
-    "mrpc": {"recipe": "recipes/quickstart.yaml",
-             "overrides": ["adapter.method=lora", "adapter.params={rank: 8, alpha: 16}", "train.lr=5e-4",
-                           "train.batch_size=32", "train.eval_batch_size=64", "train.epochs=3", "seed=42"]},
+    "mrpc": {
+        "recipe": "recipes/quickstart.yaml",
+        "overrides": [
+            "adapter.method=lora",
+            "adapter.params={rank: 8, alpha: 16}",
+            "train.lr=5e-4",
+            "train.batch_size=32",
+            "train.eval_batch_size=64",
+            "train.epochs=3",
+            "seed=42",
+        ],
+    },
     "gsm8k": {"recipe": "recipes/gsm8k_lora.yaml", "overrides": ["seed=42"]},
 }
 JOBS["mrpc-grouped"] = {**JOBS["mrpc"], "overrides": [*JOBS["mrpc"]["overrides"], "train.group_by_length=true"]}
-SMOKE = {"mrpc": ["train.max_steps=3", "data.max_eval_samples=64"],
-         "gsm8k": ["train.max_steps=2", "data.max_train_samples=16", "data.max_eval_samples=4", "data.max_new_tokens=8"]}
+SMOKE = {
+    "mrpc": ["train.max_steps=3", "data.max_eval_samples=64"],
+    "gsm8k": ["train.max_steps=2", "data.max_train_samples=16", "data.max_eval_samples=4", "data.max_new_tokens=8"],
+}
 SMOKE["mrpc-grouped"] = SMOKE["mrpc"]
 
 
@@ -53,14 +64,25 @@ def lrft_job(job: str, work: Path, smoke: bool) -> dict:
     """`lrft train` of the job in a process of its own; its summary gives quality and peak RSS."""
     overrides = [*JOBS[job]["overrides"], *(SMOKE[job] if smoke else []), f"output.dir={work}", f"name=lrft_{job}"]
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lrft", "train", JOBS[job]["recipe"], *overrides, "--json"],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "lrft", "train", JOBS[job]["recipe"], *overrides, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"lrft {job} failed:\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout)
-    out = {"side": "lrft", "job": job, "wall_s": wall, "peak_rss_mib": summary["peak_rss_mib"], **summary["final"],
-           "phases_s": summary.get("seconds")}  # where lrft's own wall time went (loading, training, evaluation, ...)
+    out = {
+        "side": "lrft",
+        "job": job,
+        "wall_s": wall,
+        "peak_rss_mib": summary["peak_rss_mib"],
+        **summary["final"],
+        "phases_s": summary.get("seconds"),
+    }  # where lrft's own wall time went (loading, training, evaluation, ...)
     if job == "gsm8k":
         first = json.loads((work / f"lrft_{job}" / "metrics.jsonl").read_text().splitlines()[0])
         out["exact_match_before"] = first.get("exact_match")
@@ -70,8 +92,13 @@ def lrft_job(job: str, work: Path, smoke: bool) -> dict:
 def trainer_job(job: str, work: Path, smoke: bool) -> dict:
     """The same job with HF Trainer + PEFT, in a process of its own (this file with --trainer)."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--trainer", job, "--work", str(work)] + (["--smoke"] if smoke else []),
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, __file__, "--trainer", job, "--work", str(work)] + (["--smoke"] if smoke else []),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"Trainer {job} failed:\n{done.stderr[-3000:]}")
@@ -79,6 +106,7 @@ def trainer_job(job: str, work: Path, smoke: bool) -> dict:
 
 
 # ------------------------------------------------------------------------- the Trainer + PEFT side
+
 
 def settings(job: str, smoke: bool):
     """The job's recipe as lrft reads it: the Trainer side takes its hyperparameters and data from it."""
@@ -102,38 +130,68 @@ def run_trainer(job: str, work: Path, smoke: bool) -> dict:
     model, tokenizer = load_model(recipe.model, task, data.label_names)
     causal = task.problem == "causal_lm"
     params = recipe.adapter.params
-    model = get_peft_model(model, LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=0.0,
-                                             target_modules=recipe.adapter.target_modules,
-                                             task_type="CAUSAL_LM" if causal else "SEQ_CLS"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=params.rank,
+            lora_alpha=params.alpha,
+            lora_dropout=0.0,
+            target_modules=recipe.adapter.target_modules,
+            task_type="CAUSAL_LM" if causal else "SEQ_CLS",
+        ),
+    )
     train = features(task, data.train, tokenizer, recipe.data.max_length, "training examples")
     dev = features(task, data.evals[""], tokenizer, recipe.data.max_length, "evaluation examples")
     cfg = recipe.train
     steps = cfg.max_steps or cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     args = TrainingArguments(
-        output_dir=str(work / f"trainer_{job}"), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler, warmup_steps=math.ceil(cfg.warmup_ratio * steps),
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.log_every,
+        output_dir=str(work / f"trainer_{job}"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=math.ceil(cfg.warmup_ratio * steps),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.log_every,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         # as lrft: a classifier is evaluated after every epoch; the causal job before and after training
-        eval_strategy="no" if causal else "epoch", save_strategy="epoch", save_total_limit=1, seed=recipe.seed,
-        report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True, remove_unused_columns=False,
-        label_names=["labels"])
+        eval_strategy="no" if causal else "epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        seed=recipe.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
 
     def accuracy(pred) -> dict:
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev, data_collator=collator(task, tokenizer),
-                      compute_metrics=None if causal else accuracy)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev,
+        data_collator=collator(task, tokenizer),
+        compute_metrics=None if causal else accuracy,
+    )
     out = {}
     if causal:
         trainer.evaluate()
-        out["exact_match_before"] = exact_match(model, tokenizer, data.evals[""], cfg.eval_batch_size,
-                                                recipe.data.max_new_tokens)
+        out["exact_match_before"] = exact_match(
+            model, tokenizer, data.evals[""], cfg.eval_batch_size, recipe.data.max_new_tokens
+        )
         trainer.train()
         out["loss"] = trainer.evaluate()["eval_loss"]
         out["perplexity"] = math.exp(out["loss"])
-        out["exact_match"] = exact_match(model, tokenizer, data.evals[""], cfg.eval_batch_size, recipe.data.max_new_tokens)
+        out["exact_match"] = exact_match(
+            model, tokenizer, data.evals[""], cfg.eval_batch_size, recipe.data.max_new_tokens
+        )
     else:
         trainer.train()
         last = [r for r in trainer.state.log_history if "eval_loss" in r][-1]  # the evaluation after the last epoch
@@ -153,12 +211,13 @@ def exact_match(model, tokenizer, split, batch_size: int, max_new_tokens: int) -
     model.eval()
     correct = 0
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [p["prompt_ids"] for p in chunk]}, padding_side="left", return_tensors="pt")
         with torch.no_grad():
-            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            tokens = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(extract_answer(t) == p["gold"] and p["gold"] is not None for t, p in zip(texts, chunk))
     model.train()
     return correct / len(prompts)
@@ -166,18 +225,27 @@ def exact_match(model, tokenizer, split, batch_size: int, max_new_tokens: int) -
 
 # --------------------------------------------------------------------------------------- the report
 
+
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for job in dict.fromkeys(r["job"] for r in rows):
         sides = {side: [r for r in rows if r["job"] == job and r["side"] == side] for side in ("lrft", "trainer")}
-        med = {side: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_mib")}
-               for side, rs in sides.items()}
+        med = {
+            side: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_mib")}
+            for side, rs in sides.items()
+        }
         quality = "perplexity" if job == "gsm8k" else "accuracy"
-        out.append({"job": job, "runs": len(sides["lrft"]), "quality": quality,
-                    "lrft": {**med["lrft"], quality: statistics.median(r[quality] for r in sides["lrft"])},
-                    "trainer": {**med["trainer"], quality: statistics.median(r[quality] for r in sides["trainer"])},
-                    "wall_ratio": med["lrft"]["wall_s"] / med["trainer"]["wall_s"],
-                    "rss_ratio": med["lrft"]["peak_rss_mib"] / med["trainer"]["peak_rss_mib"]})
+        out.append(
+            {
+                "job": job,
+                "runs": len(sides["lrft"]),
+                "quality": quality,
+                "lrft": {**med["lrft"], quality: statistics.median(r[quality] for r in sides["lrft"])},
+                "trainer": {**med["trainer"], quality: statistics.median(r[quality] for r in sides["trainer"])},
+                "wall_ratio": med["lrft"]["wall_s"] / med["trainer"]["wall_s"],
+                "rss_ratio": med["lrft"]["peak_rss_mib"] / med["trainer"]["peak_rss_mib"],
+            }
+        )
     return out
 
 
@@ -199,17 +267,23 @@ def main() -> dict:
             for rnd in range(args.rounds):
                 for side, run in (("lrft", lrft_job), ("trainer", trainer_job)):
                     rows.append(run(job, Path(tmp) / f"{side}{rnd}", args.smoke))
-                    print(f"[e2e] {job} round {rnd} {side}: {rows[-1]['wall_s']:.0f} s, "
-                          f"{rows[-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                    print(
+                        f"[e2e] {job} round {rnd} {side}: {rows[-1]['wall_s']:.0f} s, "
+                        f"{rows[-1]['peak_rss_mib']:.0f} MiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     result = {"smoke": args.smoke, "rows": rows, "summary": summarise(rows)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for s in result["summary"]:
             q = s["quality"]
-            print(f"{s['job']}: lrft {s['lrft']['wall_s']:.0f} s, {s['lrft']['peak_rss_mib']:.0f} MiB, {q} "
-                  f"{s['lrft'][q]:.4f} | Trainer+PEFT {s['trainer']['wall_s']:.0f} s, {s['trainer']['peak_rss_mib']:.0f} "
-                  f"MiB, {q} {s['trainer'][q]:.4f} | wall ×{s['wall_ratio']:.2f}, memory ×{s['rss_ratio']:.2f}")
+            print(
+                f"{s['job']}: lrft {s['lrft']['wall_s']:.0f} s, {s['lrft']['peak_rss_mib']:.0f} MiB, {q} "
+                f"{s['lrft'][q]:.4f} | Trainer+PEFT {s['trainer']['wall_s']:.0f} s, {s['trainer']['peak_rss_mib']:.0f} "
+                f"MiB, {q} {s['trainer'][q]:.4f} | wall ×{s['wall_ratio']:.2f}, memory ×{s['rss_ratio']:.2f}"
+            )
     return result
 
 

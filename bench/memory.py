@@ -31,11 +31,16 @@ sys.path.insert(0, str(ROOT))
 WORKLOADS = {
     # name: (recipe, overrides)
     "minilm": ("recipes/quickstart.yaml", ["adapter.method=lora", "adapter.params={rank: 8}", "train.batch_size=32"]),
-    "smollm2-1024": ("recipes/gsm8k_lora.yaml", ["data.task=instruction", "data.max_length=1024", "train.batch_size=2",
-                                                  "train.eval_on_start=false"]),
+    "smollm2-1024": (
+        "recipes/gsm8k_lora.yaml",
+        ["data.task=instruction", "data.max_length=1024", "train.batch_size=2", "train.eval_on_start=false"],
+    ),
 }
-LEVERS = {"plain": [], "gradient_checkpointing": ["train.gradient_checkpointing=true"],
-          "group_by_length": ["train.group_by_length=true"]}
+LEVERS = {
+    "plain": [],
+    "gradient_checkpointing": ["train.gradient_checkpointing=true"],
+    "group_by_length": ["train.group_by_length=true"],
+}
 
 
 def long_instructions(directory: Path, examples: int = 64, per_example: int = 6) -> Path:
@@ -45,7 +50,7 @@ def long_instructions(directory: Path, examples: int = 64, per_example: int = 6)
     rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     out = []
     for i in range(examples):
-        chunk = rows[i * per_example:(i + 1) * per_example]
+        chunk = rows[i * per_example : (i + 1) * per_example]
         context = "\n\n".join(f"Q: {r['question']}\nA: {r['answer']}" for r in chunk[:-1])
         out.append({"instruction": f"{context}\n\nQ: {chunk[-1]['question']}", "output": chunk[-1]["answer"]})
     directory.mkdir(parents=True, exist_ok=True)
@@ -65,7 +70,7 @@ def child(spec: dict) -> dict:
     trainer = Trainer(recipe)
     trainer.setup()
     trainer.plan.model.train()
-    batches = trainer.epoch_batches(0)[:spec["steps"]]
+    batches = trainer.epoch_batches(0)[: spec["steps"]]
     lengths = [len(f["input_ids"]) for f in trainer.plan.features]
     padding = [1 - sum(lengths[i] for i in b) / (max(lengths[i] for i in b) * len(b)) for b in trainer.epoch_batches(0)]
     times = []
@@ -73,11 +78,15 @@ def child(spec: dict) -> dict:
         t0 = time.perf_counter()
         trainer.optimizer_step(batch)
         times.append(time.perf_counter() - t0)
-    out = {"variant": spec["variant"], "workload": spec["workload"],
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "median_step_s": statistics.median(times[1:] or times), "steps": len(times),
-           "padding_share": statistics.mean(padding), "tokens_per_batch": statistics.mean(
-               max(lengths[i] for i in b) * len(b) for b in batches)}
+    out = {
+        "variant": spec["variant"],
+        "workload": spec["workload"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "median_step_s": statistics.median(times[1:] or times),
+        "steps": len(times),
+        "padding_share": statistics.mean(padding),
+        "tokens_per_batch": statistics.mean(max(lengths[i] for i in b) * len(b) for b in batches),
+    }
     if torch.cuda.is_available():
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -89,8 +98,13 @@ def run_variant(workload: str, variant: str, steps: int, work: Path) -> dict:
     if workload.startswith("smollm2"):
         overrides.append(f"data.path={long_instructions(work / 'long')}")
     spec = {"workload": workload, "variant": variant, "recipe": recipe, "overrides": overrides, "steps": steps}
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if done.returncode != 0:
         raise SystemExit(f"{workload}/{variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -111,8 +125,12 @@ def main() -> dict:
         for workload in [args.only] if args.only else list(WORKLOADS):
             for variant in LEVERS:
                 rows.append(run_variant(workload, variant, args.steps, Path(tmp)))
-                print(f"[memory] {workload} {variant}: {rows[-1]['peak_rss_mib']:.0f} MiB, "
-                      f"{rows[-1]['median_step_s']:.2f} s/step", file=sys.stderr, flush=True)
+                print(
+                    f"[memory] {workload} {variant}: {rows[-1]['peak_rss_mib']:.0f} MiB, "
+                    f"{rows[-1]['median_step_s']:.2f} s/step",
+                    file=sys.stderr,
+                    flush=True,
+                )
     for row in rows:
         plain = next(r for r in rows if r["workload"] == row["workload"] and r["variant"] == "plain")
         row["rss_ratio_to_plain"] = row["peak_rss_mib"] / plain["peak_rss_mib"]
@@ -124,8 +142,10 @@ def main() -> dict:
         print("| workload | variant | peak RSS (MiB) | × plain | median step (s) | × plain | padding share |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['workload']} | {r['variant']} | {r['peak_rss_mib']:,.0f} | {r['rss_ratio_to_plain']:.2f} | "
-                  f"{r['median_step_s']:.2f} | {r['step_time_ratio_to_plain']:.2f} | {r['padding_share']:.1%} |")
+            print(
+                f"| {r['workload']} | {r['variant']} | {r['peak_rss_mib']:,.0f} | {r['rss_ratio_to_plain']:.2f} | "
+                f"{r['median_step_s']:.2f} | {r['step_time_ratio_to_plain']:.2f} | {r['padding_share']:.1%} |"
+            )
     return result
 
 

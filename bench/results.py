@@ -61,8 +61,15 @@ class Row:
         return f"{self.task.split('/')[-1]}_{self.method}{self.variant}_r{self.rank}_s{self.seed}"
 
     def command(self) -> list[str]:
-        return ["lrft", "train", self.recipe, *self.overrides, f"seed={self.seed}", f"name={self.name}",
-                f"output.dir={RUNS}"]
+        return [
+            "lrft",
+            "train",
+            self.recipe,
+            *self.overrides,
+            f"seed={self.seed}",
+            f"name={self.name}",
+            f"output.dir={RUNS}",
+        ]
 
 
 def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
@@ -84,8 +91,9 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
             ("lorta", 8, f"recipes/glue_{t}_lorta.yaml", ()),
         ]
         # LoRA at talora's budget: its recipe (six kinds of Linear, α/r = 1, lr, schedule), only the method differs
-        same_budget = [("lora", r, talora, ("adapter.method=lora", f"adapter.params={{rank: {r}, alpha: {r}}}"))
-                       for r in (8, 32)]
+        same_budget = [
+            ("lora", r, talora, ("adapter.method=lora", f"adapter.params={{rank: {r}, alpha: {r}}}")) for r in (8, 32)
+        ]
         for seed in seeds if t == "mrpc" else seeds[:1]:
             rows += [Row(task, m, r, seed, recipe, tuple(o)) for m, r, recipe, o in configs]
             rows += [Row(task, m, r, seed, recipe, tuple(o), variant="6") for m, r, recipe, o in same_budget]
@@ -104,6 +112,7 @@ def run(rows: list[Row]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- report
+
 
 def load(row: Row) -> dict | None:
     run = ROOT / RUNS / row.name
@@ -126,8 +135,10 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
 def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
     """Markdown rows and plot points of one GLUE task, one line per (method, rank) over its seeds."""
     metric = {"glue/mrpc": ("accuracy", "f1"), "glue/rte": ("accuracy",), "glue/sst2": ("accuracy",)}[task]
-    lines = [f"| method | rank | trainable | {' | '.join(m for m in metric)} | seeds | train time (min) | command |",
-             "| --- | ---: | ---: | " + " | ".join("---:" for _ in metric) + " | ---: | ---: | --- |"]
+    lines = [
+        f"| method | rank | trainable | {' | '.join(m for m in metric)} | seeds | train time (min) | command |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in metric) + " | ---: | ---: | --- |",
+    ]
     points = []
     groups: dict[tuple[str, int], list[Row]] = {}
     for row in rows:
@@ -144,26 +155,41 @@ def glue_table(task: str, rows: list[Row]) -> tuple[list[str], list[dict]]:
         trainable = counts[0]  # talora's allocation follows each seed's calibration sample, so counts may differ
         shown = f"{counts[0]:,}" + (f"–{counts[-1]:,}" if len(counts) > 1 else "")
         cmd = shlex.join(replace(done[0][0], seed="N").command())  # one command for all seeds
-        lines.append(f"| {label} | {rank} | {shown} | " + " | ".join(mean_std(values[m]) for m in metric)
-                     + f" | {', '.join(str(r.seed) for r, _ in done)} | {minutes:.1f} | `{cmd}` |")
-        points.append({"task": task, "method": label, "rank": rank, "trainable": trainable,
-                       "mean": statistics.mean(values["accuracy"]),
-                       "std": statistics.stdev(values["accuracy"]) if len(done) > 1 else 0.0})
+        lines.append(
+            f"| {label} | {rank} | {shown} | "
+            + " | ".join(mean_std(values[m]) for m in metric)
+            + f" | {', '.join(str(r.seed) for r, _ in done)} | {minutes:.1f} | `{cmd}` |"
+        )
+        points.append(
+            {
+                "task": task,
+                "method": label,
+                "rank": rank,
+                "trainable": trainable,
+                "mean": statistics.mean(values["accuracy"]),
+                "std": statistics.stdev(values["accuracy"]) if len(done) > 1 else 0.0,
+            }
+        )
     return lines, points
 
 
 def gsm8k_table(rows: list[Row]) -> list[str]:
-    lines = ["| method | rank | trainable | exact match before | exact match after | perplexity after | train time (min) "
-             "| command |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| method | rank | trainable | exact match before | exact match after | perplexity after | train time (min) "
+        "| command |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for row in rows:
         if row.task != "gsm8k" or not (d := load(row)):
             continue
         summary = d["summary"]
         before = next((e["exact_match"] for e in d["evals"] if e["step"] == 0 and "exact_match" in e), None)
         after = summary["final"]
-        lines.append(f"| {row.method} | {row.rank} | {summary['trainable_params']:,} | "
-                     f"{'—' if before is None else f'{100 * before:.0f} %'} | {100 * after['exact_match']:.0f} % | "
-                     f"{after['perplexity']:.3f} | {summary['train_seconds'] / 60:.1f} | `{shlex.join(row.command())}` |")
+        lines.append(
+            f"| {row.method} | {row.rank} | {summary['trainable_params']:,} | "
+            f"{'—' if before is None else f'{100 * before:.0f} %'} | {100 * after['exact_match']:.0f} % | "
+            f"{after['perplexity']:.3f} | {summary['train_seconds'] / 60:.1f} | `{shlex.join(row.command())}` |"
+        )
     return lines
 
 
@@ -171,18 +197,27 @@ def speed_tables() -> list[str]:
     out = []
     for path in sorted((ROOT / BENCH).glob("*.json")):
         b = json.loads(path.read_text())
-        out += [f"**{b['model']}, {b['task']} batches**, rank {b['rank']}, targets {', '.join(b['targets'])}, batch "
-                f"{b['batch_size']}, {b['device']} with {b['threads']} threads, {b['rounds']}×{b['steps_per_round']} "
-                f"timed steps per variant (`{b.get('command', 'python bench/speed.py')}`):", "",
-                "| variant | median s/step | tokens/s | saved for backward (MiB) | trainable | × PEFT LoRA (IQR) | "
-                "× lrft lora | calibration |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += [
+            f"**{b['model']}, {b['task']} batches**, rank {b['rank']}, targets {', '.join(b['targets'])}, batch "
+            f"{b['batch_size']}, {b['device']} with {b['threads']} threads, {b['rounds']}×{b['steps_per_round']} "
+            f"timed steps per variant (`{b.get('command', 'python bench/speed.py')}`):",
+            "",
+            "| variant | median s/step | tokens/s | saved for backward (MiB) | trainable | × PEFT LoRA (IQR) | "
+            "× lrft lora | calibration |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in b["rows"]:
-            calib = (f"{r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an epoch"
-                     if "calibration_s" in r else "")
+            calib = (
+                f"{r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an epoch"
+                if "calibration_s" in r
+                else ""
+            )
             iqr = "–".join(f"{x:.3f}" for x in r["ratio_to_peft_lora_iqr"])
-            out.append(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                       f"{r['saved_for_backward_mib']:.0f} | {r['trainable']:,} | {r['ratio_to_peft_lora']:.3f} ({iqr}) | "
-                       f"{r['ratio_to_lrft_lora']:.3f} | {calib} |")
+            out.append(
+                f"| {r['variant']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                f"{r['saved_for_backward_mib']:.0f} | {r['trainable']:,} | {r['ratio_to_peft_lora']:.3f} ({iqr}) | "
+                f"{r['ratio_to_lrft_lora']:.3f} | {calib} |"
+            )
         out.append("")
     return out
 
@@ -191,13 +226,17 @@ def parity_table() -> list[str]:
     path = ROOT / PARITY
     if not path.is_file():
         return ["(not measured yet)"]
-    lines = ["| run | method | PEFT-loaded vs lrft | merged fp32 vs lrft | merged bf16 vs lrft | bf16 vs fp32 merge | "
-             "modules with their own rank in PEFT's rank_pattern | other base refused |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| run | method | PEFT-loaded vs lrft | merged fp32 vs lrft | merged bf16 vs lrft | bf16 vs fp32 merge | "
+        "modules with their own rank in PEFT's rank_pattern | other base refused |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in map(json.loads, path.read_text().splitlines()):
-        lines.append(f"| {r['run']} | {r['method']} | {r['peft_max_abs_logit_diff']:.1e} | "
-                     f"{r['merged_float32_max_abs_logit_diff']:.1e} | {r['merged_bfloat16_max_abs_logit_diff']:.1e} | "
-                     f"{r['bf16_vs_fp32_merge']:.1e} | {r['peft_rank_pattern']} | {'yes' if r['other_base_refused'] else 'NO'} |")
+        lines.append(
+            f"| {r['run']} | {r['method']} | {r['peft_max_abs_logit_diff']:.1e} | "
+            f"{r['merged_float32_max_abs_logit_diff']:.1e} | {r['merged_bfloat16_max_abs_logit_diff']:.1e} | "
+            f"{r['bf16_vs_fp32_merge']:.1e} | {r['peft_rank_pattern']} | {'yes' if r['other_base_refused'] else 'NO'} |"
+        )
     return lines
 
 
@@ -209,14 +248,31 @@ def plot(points: list[dict], path: Path) -> None:
 
     tasks = [t for t in ("glue/mrpc", "glue/rte", "glue/sst2") if any(p["task"] == t for p in points)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False)
-    colors = {"lora": "tab:blue", "lora (6 kinds)": "tab:purple", "tlora": "tab:orange", "talora": "tab:green",
-              "lorta": "tab:red"}
+    colors = {
+        "lora": "tab:blue",
+        "lora (6 kinds)": "tab:purple",
+        "tlora": "tab:orange",
+        "talora": "tab:green",
+        "lorta": "tab:red",
+    }
     for ax, task in zip(axes[0], tasks):
         for p in (p for p in points if p["task"] == task):
-            ax.errorbar(p["trainable"], 100 * p["mean"], yerr=100 * p["std"], fmt="o", color=colors[p["method"]],
-                        capsize=3, label=p["method"])
-            ax.annotate(f"r{p['rank']}", (p["trainable"], 100 * p["mean"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.errorbar(
+                p["trainable"],
+                100 * p["mean"],
+                yerr=100 * p["std"],
+                fmt="o",
+                color=colors[p["method"]],
+                capsize=3,
+                label=p["method"],
+            )
+            ax.annotate(
+                f"r{p['rank']}",
+                (p["trainable"], 100 * p["mean"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("trainable adapter parameters (log)")
         ax.set_ylabel("dev accuracy (%)")
@@ -230,8 +286,18 @@ def plot(points: list[dict], path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                l.split(":", 1)[1].strip()
+                for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     # no thread count: this process renders the report, the runs it reads trained in other processes
     return f"{cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, torch {importlib.metadata.version('torch')}"
 
@@ -255,15 +321,23 @@ def tuned_section() -> list[str]:
         try:
             plot = DOCS / f"sweep_{group}.png"
             reports[group] = build(load_sweeps([s.relative_to(ROOT) for s in specs]), tolerance=1.0, plot=plot)
-            lines += [render_markdown(reports[group], [str(s.relative_to(ROOT)) for s in specs],
-                                      plot_link=plot.name), ""]
+            lines += [
+                render_markdown(reports[group], [str(s.relative_to(ROOT)) for s in specs], plot_link=plot.name),
+                "",
+            ]
         finally:
             os.chdir(cwd)
-    waiting = [spec.stem for spec in sorted((ROOT / "sweeps").glob("*.yaml"))
-               if not (ROOT / "results" / "sweeps" / spec.stem).is_dir()]
+    waiting = [
+        spec.stem
+        for spec in sorted((ROOT / "sweeps").glob("*.yaml"))
+        if not (ROOT / "results" / "sweeps" / spec.stem).is_dir()
+    ]
     if waiting:  # say which of the comparison's sweeps these tables do not hold yet
-        lines += [f"Not run yet ({len(waiting)} of the {len(waiting) + sum(map(len, groups.values()))} specs in "
-                  f"sweeps/, each states its cost): {', '.join(waiting)}.", ""]
+        lines += [
+            f"Not run yet ({len(waiting)} of the {len(waiting) + sum(map(len, groups.values()))} specs in "
+            f"sweeps/, each states its cost): {', '.join(waiting)}.",
+            "",
+        ]
     if reports:
         lines += claims_section(reports)
     return lines or ["(no sweep has run yet: `lrft sweep sweeps/mrpc_*_3ep.yaml`)", ""]
@@ -304,14 +378,18 @@ def verdict(method: dict, lora: dict, least_difference: float, most_share: float
 
 def claims_section(reports: dict[str, dict]) -> list[str]:
     """Claim by claim, per task and training length: each method's best tuned point against LoRA r8's."""
-    lines = ["### The papers' claims at this scale", "",
-             "Each method at its best swept point (the one confirmed over three seeds) against LoRA r8 at "
-             "its own; a claim holds or fails when the difference of the means clears its bound by two "
-             "standard errors, else the seeds do not settle it. Parameters are the adapters' (heads "
-             "excluded, as the papers count).", "",
-             "| task, epochs | claim | method (sweep, point) | its accuracy | LoRA r8 | difference | "
-             "parameters (× LoRA) | verdict |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "### The papers' claims at this scale",
+        "",
+        "Each method at its best swept point (the one confirmed over three seeds) against LoRA r8 at "
+        "its own; a claim holds or fails when the difference of the means clears its bound by two "
+        "standard errors, else the seeds do not settle it. Parameters are the adapters' (heads "
+        "excluded, as the papers count).",
+        "",
+        "| task, epochs | claim | method (sweep, point) | its accuracy | LoRA r8 | difference | "
+        "parameters (× LoRA) | verdict |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for group, report in sorted(reports.items()):
         task, epochs = group.split("_")
         rows, scale = report["rows"], report["scale"]
@@ -324,15 +402,18 @@ def claims_section(reports: dict[str, dict]) -> list[str]:
                 point = reference(rows, sweep)
                 if point is None or lora is None:
                     missing = "LoRA r8's sweep" if lora is None else "its sweep"
-                    lines.append(f"| {where} | {claim} | {sweep} | — | — | — | — | "
-                                 f"no result yet: {missing} has no finished point |")
+                    lines.append(
+                        f"| {where} | {claim} | {sweep} | — | — | — | — | "
+                        f"no result yet: {missing} has no finished point |"
+                    )
                     continue
                 said, difference = verdict(point, lora, least, share, scale)
                 lines.append(
                     f"| {where} | {claim} | {sweep}, {point['shown']} | "
                     f"{point['mean'] * scale:.1f} ± {(point['sd'] or 0) * scale:.1f} | "
                     f"{lora['mean'] * scale:.1f} ± {(lora['sd'] or 0) * scale:.1f} | {difference:+.1f} | "
-                    f"{point['trainable']:,} ({point['trainable'] / lora['trainable']:.3f}) | {said} |")
+                    f"{point['trainable']:,} ({point['trainable'] / lora['trainable']:.3f}) | {said} |"
+                )
     return lines + [""]
 
 
@@ -341,17 +422,28 @@ def e2e_section() -> list[str]:
     if not path.is_file():
         return ["(not measured yet: `python bench/e2e.py --json > results/e2e.json`)", ""]
     data = json.loads(path.read_text())
-    lines = ["| job | runs | lrft wall (s) | Trainer + PEFT wall (s) | lrft / Trainer | lrft peak RSS (MiB) | "
-             "Trainer peak RSS (MiB) | lrft / Trainer | quality lrft | quality Trainer |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| job | runs | lrft wall (s) | Trainer + PEFT wall (s) | lrft / Trainer | lrft peak RSS (MiB) | "
+        "Trainer peak RSS (MiB) | lrft / Trainer | quality lrft | quality Trainer |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for s in data["summary"]:
         q = s["quality"]
-        lines.append(f"| {s['job']} | {s['runs']} | {s['lrft']['wall_s']:.0f} | {s['trainer']['wall_s']:.0f} | "
-                     f"{s['wall_ratio']:.2f} | {s['lrft']['peak_rss_mib']:,.0f} | {s['trainer']['peak_rss_mib']:,.0f} | "
-                     f"{s['rss_ratio']:.2f} | {q} {s['lrft'][q]:.4f} | {q} {s['trainer'][q]:.4f} |")
-    lines += ["", "Where lrft's wall time went (its summary.json `seconds`, the first run of each job): " + "; ".join(
-        f"{r['job']}: " + ", ".join(f"{phase} {sec:.0f} s" for phase, sec in r["phases_s"].items() if sec >= 0.5)
-        for r in data["rows"] if r["side"] == "lrft" and r.get("phases_s")) + "."]
+        lines.append(
+            f"| {s['job']} | {s['runs']} | {s['lrft']['wall_s']:.0f} | {s['trainer']['wall_s']:.0f} | "
+            f"{s['wall_ratio']:.2f} | {s['lrft']['peak_rss_mib']:,.0f} | {s['trainer']['peak_rss_mib']:,.0f} | "
+            f"{s['rss_ratio']:.2f} | {q} {s['lrft'][q]:.4f} | {q} {s['trainer'][q]:.4f} |"
+        )
+    lines += [
+        "",
+        "Where lrft's wall time went (its summary.json `seconds`, the first run of each job): "
+        + "; ".join(
+            f"{r['job']}: " + ", ".join(f"{phase} {sec:.0f} s" for phase, sec in r["phases_s"].items() if sec >= 0.5)
+            for r in data["rows"]
+            if r["side"] == "lrft" and r.get("phases_s")
+        )
+        + ".",
+    ]
     return lines + [""]
 
 
@@ -360,11 +452,15 @@ def memory_section() -> list[str]:
     if not path.is_file():
         return ["(not measured yet: `python bench/memory.py --json > results/memory.json`)", ""]
     data = json.loads(path.read_text())
-    lines = ["| workload | variant | peak RSS (MiB) | × plain | median step (s) | × plain | padding share of the batches |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['workload']} | {r['variant']} | {r['peak_rss_mib']:,.0f} | {r['rss_ratio_to_plain']:.2f} | "
-              f"{r['median_step_s']:.2f} | {r['step_time_ratio_to_plain']:.2f} | {r['padding_share']:.1%} |"
-              for r in data["rows"]]
+    lines = [
+        "| workload | variant | peak RSS (MiB) | × plain | median step (s) | × plain | padding share of the batches |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['workload']} | {r['variant']} | {r['peak_rss_mib']:,.0f} | {r['rss_ratio_to_plain']:.2f} | "
+        f"{r['median_step_s']:.2f} | {r['step_time_ratio_to_plain']:.2f} | {r['padding_share']:.1%} |"
+        for r in data["rows"]
+    ]
     return lines + [""]
 
 
@@ -373,12 +469,18 @@ def memory_section() -> list[str]:
 # training labels' mean). Run names: <job>_<epochs>ep_<before|after>_s<seed>, under results/heads.
 HEADS = Path("results/heads")
 HEAD_JOBS = {  # job: (task, recipe, overrides); LoRA r8 on query, value at the sweep's lr 1e-3
-    "stsb_lora": ("glue/stsb", "recipes/quickstart.yaml",
-                  ("data.task=glue/stsb", "data.max_train_samples=3000", *LORA_MINILM[:2], "train.lr=1e-3")),
+    "stsb_lora": (
+        "glue/stsb",
+        "recipes/quickstart.yaml",
+        ("data.task=glue/stsb", "data.max_train_samples=3000", *LORA_MINILM[:2], "train.lr=1e-3"),
+    ),
     "mrpc_lora": ("glue/mrpc", "recipes/quickstart.yaml", (*LORA_MINILM[:2], "train.lr=1e-3")),
     "rte_lora": ("glue/rte", "recipes/quickstart.yaml", ("data.task=glue/rte", *LORA_MINILM[:2], "train.lr=1e-3")),
-    "sst2_lora": ("glue/sst2", "recipes/quickstart.yaml",
-                  ("data.task=glue/sst2", "data.max_train_samples=8000", *LORA_MINILM[:2], "train.lr=1e-3")),
+    "sst2_lora": (
+        "glue/sst2",
+        "recipes/quickstart.yaml",
+        ("data.task=glue/sst2", "data.max_train_samples=8000", *LORA_MINILM[:2], "train.lr=1e-3"),
+    ),
     "mrpc_talora": ("glue/mrpc", "recipes/glue_mrpc_talora.yaml", ()),
 }
 
@@ -394,8 +496,10 @@ def heads_section(runs: Path = ROOT / HEADS) -> list[str]:
         found.setdefault((job, int(epochs.removesuffix("ep"))), {}).setdefault(phase, []).append((int(seed[1:]), value))
     if not found:
         return [f"(not measured yet: the commands below, with output.dir={HEADS})", ""]
-    lines = ["| job | epochs | metric | before (lrft 2c9738f) | seeds | after | seeds | command (after) |",
-             "| --- | ---: | --- | ---: | --- | ---: | --- | --- |"]
+    lines = [
+        "| job | epochs | metric | before (lrft 2c9738f) | seeds | after | seeds | command (after) |",
+        "| --- | ---: | --- | ---: | --- | ---: | --- | --- |",
+    ]
     for (job, epochs), phases in sorted(found.items()):
         task, recipe, overrides = HEAD_JOBS[job]
         metric = "Pearson" if task == "glue/stsb" else "accuracy (%)"
@@ -403,10 +507,22 @@ def heads_section(runs: Path = ROOT / HEADS) -> list[str]:
         cells = []
         for phase in ("before", "after"):
             runs = sorted(phases.get(phase, []))
-            cells += [mean_std([v for _, v in runs], scale, 3 if scale == 1.0 else 1),
-                      ", ".join(str(seed) for seed, _ in runs) or "—"]
-        command = shlex.join(["lrft", "train", recipe, *overrides, f"train.epochs={epochs}", "seed=N",
-                              f"name={job}_{epochs}ep_after_sN", f"output.dir={HEADS}"])
+            cells += [
+                mean_std([v for _, v in runs], scale, 3 if scale == 1.0 else 1),
+                ", ".join(str(seed) for seed, _ in runs) or "—",
+            ]
+        command = shlex.join(
+            [
+                "lrft",
+                "train",
+                recipe,
+                *overrides,
+                f"train.epochs={epochs}",
+                "seed=N",
+                f"name={job}_{epochs}ep_after_sN",
+                f"output.dir={HEADS}",
+            ]
+        )
         lines.append(f"| {job.replace('_', ' ')} | {epochs} | {metric} | {' | '.join(cells)} | `{command}` |")
     return lines + [""]
 
@@ -421,8 +537,14 @@ SECTIONS = {
 
 def section(name: str) -> list[str]:
     title, render = SECTIONS[name]
-    return [f"<!-- begin {name}: generated by `python bench/results.py update`; do not edit -->", title, "",
-            *render(), f"<!-- end {name} -->", ""]
+    return [
+        f"<!-- begin {name}: generated by `python bench/results.py update`; do not edit -->",
+        title,
+        "",
+        *render(),
+        f"<!-- end {name} -->",
+        "",
+    ]
 
 
 def update(names: list[str] | None = None) -> Path:
@@ -446,39 +568,68 @@ def update(names: list[str] | None = None) -> Path:
 def report(rows: list[Row]) -> Path:
     DOCS.mkdir(exist_ok=True)
     sections, points = [], []
-    for task, title in (("glue/mrpc", "GLUE MRPC (full dev set, 408 pairs)"),
-                        ("glue/rte", "GLUE RTE (full dev set, 277 pairs)"),
-                        ("glue/sst2", "GLUE SST-2 (full dev set, 872 sentences; training subsampled to the first 8,000 "
-                                      "of 67,349 sentences)")):
+    for task, title in (
+        ("glue/mrpc", "GLUE MRPC (full dev set, 408 pairs)"),
+        ("glue/rte", "GLUE RTE (full dev set, 277 pairs)"),
+        (
+            "glue/sst2",
+            "GLUE SST-2 (full dev set, 872 sentences; training subsampled to the first 8,000 of 67,349 sentences)",
+        ),
+    ):
         lines, pts = glue_table(task, rows)
         points += pts
         sections += [f"### {title}", "", *lines, ""]
     plot(points, DOCS / "results_params_accuracy.png")
     notes = DOCS / "results_notes.md"
-    text = "\n".join([
-        "# Results", "",
-        "<!-- generated by `python bench/results.py report` from the run dirs under results/runs; do not edit -->", "",
-        f"Measured on {machine()}. Every row is a real run of the command it lists (`seed=N` for the seeds "
-        "averaged, mean ± sample standard deviation); train time is the wall-clock of the training loop (the "
-        "evaluations during it included) on the same shared 2-core machine, so it is indicative only. MiniLM is the packaged `minilm` "
-        "(sentence-transformers/all-MiniLM-L6-v2, 22.7 M parameters), trained 3 epochs with each method's recipe "
-        "(the papers' models need a GPU: see each recipe's comments). Trainable counts are adapter parameters; "
-        "every method also trains the 770-parameter classifier head.", "",
-        "## Quality", "", *sections,
-        "![dev accuracy against trainable parameters](results_params_accuracy.png)", "",
-        "### GSM8K with SmolLM2-135M-Instruct (test subset: the first 50 problems)", "",
-        "256 training problems (32 steps of 8), greedy decoding, exact match of the final number; "
-        "'before' is the same adapter-free model evaluated at step 0.", "", *gsm8k_table(rows), "",
-        "## Speed", "", "Measured with `bench/speed.py`: the same real batches for every variant in one process, "
-        "variants alternating round by round; ratios are medians of paired steps (same batch, same round).", "",
-        *speed_tables(),
-        "## Serving parity", "", ("Max |logit diff| over the first 128 validation examples of each run: the "
-        "`lrft merge --format peft` export loaded by PEFT's `PeftModel.from_pretrained`, and `lrft merge` dirs "
-        "(fp32, bf16) loaded by plain transformers, each against the lrft adapter; then the run pointed at a base "
-        f"with other weights (`python bench/serving_parity.py RUN_DIR ... > {PARITY}`)."), "",
-        *parity_table(), "",
-        *(line for name in SECTIONS for line in section(name)),
-        "## Observations", "", notes.read_text().strip() if notes.is_file() else "(none yet)", ""])
+    text = "\n".join(
+        [
+            "# Results",
+            "",
+            "<!-- generated by `python bench/results.py report` from the run dirs under results/runs; do not edit -->",
+            "",
+            f"Measured on {machine()}. Every row is a real run of the command it lists (`seed=N` for the seeds "
+            "averaged, mean ± sample standard deviation); train time is the wall-clock of the training loop (the "
+            "evaluations during it included) on the same shared 2-core machine, so it is indicative only. MiniLM is the packaged `minilm` "
+            "(sentence-transformers/all-MiniLM-L6-v2, 22.7 M parameters), trained 3 epochs with each method's recipe "
+            "(the papers' models need a GPU: see each recipe's comments). Trainable counts are adapter parameters; "
+            "every method also trains the 770-parameter classifier head.",
+            "",
+            "## Quality",
+            "",
+            *sections,
+            "![dev accuracy against trainable parameters](results_params_accuracy.png)",
+            "",
+            "### GSM8K with SmolLM2-135M-Instruct (test subset: the first 50 problems)",
+            "",
+            "256 training problems (32 steps of 8), greedy decoding, exact match of the final number; "
+            "'before' is the same adapter-free model evaluated at step 0.",
+            "",
+            *gsm8k_table(rows),
+            "",
+            "## Speed",
+            "",
+            "Measured with `bench/speed.py`: the same real batches for every variant in one process, "
+            "variants alternating round by round; ratios are medians of paired steps (same batch, same round).",
+            "",
+            *speed_tables(),
+            "## Serving parity",
+            "",
+            (
+                "Max |logit diff| over the first 128 validation examples of each run: the "
+                "`lrft merge --format peft` export loaded by PEFT's `PeftModel.from_pretrained`, and `lrft merge` dirs "
+                "(fp32, bf16) loaded by plain transformers, each against the lrft adapter; then the run pointed at a base "
+                f"with other weights (`python bench/serving_parity.py RUN_DIR ... > {PARITY}`)."
+            ),
+            "",
+            *parity_table(),
+            "",
+            *(line for name in SECTIONS for line in section(name)),
+            "## Observations",
+            "",
+            notes.read_text().strip() if notes.is_file() else "(none yet)",
+            "",
+        ]
+    )
     (DOCS / "RESULTS.md").write_text(text)
     return DOCS / "RESULTS.md"
 

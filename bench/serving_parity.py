@@ -49,7 +49,7 @@ def check(run: Path, work: Path) -> dict:
     split = next(iter(load_task_data(task, data_cfg, need_train=False).evals.values())).head(EXAMPLES)
     feats = features(task, split, a.tokenizer, data_cfg.max_length, "parity examples")
     collate = collator(task, a.tokenizer)
-    batches = [{k: v for k, v in collate(feats[i:i + 32]).items() if k != "labels"} for i in range(0, len(feats), 32)]
+    batches = [{k: v for k, v in collate(feats[i : i + 32]).items() if k != "labels"} for i in range(0, len(feats), 32)]
     ours = logits(a.model, batches)
     del a
     causal = task.problem == "causal_lm"

@@ -48,7 +48,7 @@ def real_batches(task, tokenizer, n_batches: int, batch_size: int, max_length: i
     data = load_task_data(task, DataConfig(task=task.name))
     feats = features(task, data.train.head(n_batches * batch_size), tokenizer, max_length, "benchmark examples")
     collate = collator(task, tokenizer)
-    batches = [collate(feats[i:i + batch_size]) for i in range(0, len(feats), batch_size)][:n_batches]
+    batches = [collate(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)][:n_batches]
     return batches, feats, collate, len(data.train)
 
 
@@ -70,8 +70,8 @@ def lrft_variant(base, method: str, params: dict, rank: int, targets: list[str],
     stats, seconds = None, None
     if m.calibration(p):
         cfg = CalibrationConfig()
-        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:cfg.samples].tolist()
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[: cfg.samples].tolist()
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         t0 = time.perf_counter()
         stats = calibrate.run(model, found, feats, batches, collate, m.calibration(p), cfg)
         seconds = time.perf_counter() - t0
@@ -83,8 +83,13 @@ def lrft_variant(base, method: str, params: dict, rank: int, targets: list[str],
 def peft_variant(base, rank: int, targets: list[str], causal: bool):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
-                     task_type="CAUSAL_LM" if causal else "SEQ_CLS")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM" if causal else "SEQ_CLS",
+    )
     return get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -135,8 +140,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--task", default="glue/mrpc")
-    ap.add_argument("--methods", default=",".join(methods.REGISTRY),
-                    help="lrft variants to compare with PEFT LoRA, e.g. lora,tlora:dropout=0;alpha_init=2")
+    ap.add_argument(
+        "--methods",
+        default=",".join(methods.REGISTRY),
+        help="lrft variants to compare with PEFT LoRA, e.g. lora,tlora:dropout=0;alpha_init=2",
+    )
     ap.add_argument("--targets", default=None, help="comma-separated (default: the attention q, k, v, o)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -171,7 +179,7 @@ def main(argv=None) -> dict:
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     timed_tokens: dict[str, int] = {k: 0 for k in variants}
     for name, model in variants.items():  # warm-up: allocator, kernels, optimizer state
-        for b in batches[:args.warmup]:
+        for b in batches[: args.warmup]:
             step(model, opts[name], b)
     cursor = args.warmup
     for _ in range(args.rounds):
@@ -195,35 +203,60 @@ def main(argv=None) -> dict:
     for name, ts in times.items():
         med = statistics.median(ts)
         to_peft = paired_ratio(ts, times["peft-lora"])
-        row = {"variant": name, "median_step_s": round(med, 4), "tokens_per_s": round(timed_tokens[name] / sum(ts), 1),
-               "saved_for_backward_mib": round(saved[name] / 2**20, 1),
-               "trainable": sum(p.numel() for p in variants[name].parameters() if p.requires_grad),
-               "ratio_to_peft_lora": to_peft[0], "ratio_to_peft_lora_iqr": to_peft[1],
-               "ratio_to_lrft_lora": paired_ratio(ts, times["lora"])[0] if "lora" in times else None}
+        row = {
+            "variant": name,
+            "median_step_s": round(med, 4),
+            "tokens_per_s": round(timed_tokens[name] / sum(ts), 1),
+            "saved_for_backward_mib": round(saved[name] / 2**20, 1),
+            "trainable": sum(p.numel() for p in variants[name].parameters() if p.requires_grad),
+            "ratio_to_peft_lora": to_peft[0],
+            "ratio_to_peft_lora_iqr": to_peft[1],
+            "ratio_to_lrft_lora": paired_ratio(ts, times["lora"])[0] if "lora" in times else None,
+        }
         if name in calibration:
             row["calibration_s"] = round(calibration[name], 2)
             row["calibration_fraction_of_epoch"] = round(calibration[name] / (med * steps_per_epoch), 4)
         if device.type == "cuda":
             row["peak_gpu_mib"] = round(peak_gpu[name] / 2**20, 1)
         rows.append(row)
-    result = {"command": "python bench/speed.py " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--json"),
-              "model": args.model, "task": args.task, "rank": args.rank, "targets": targets, "batch_size": args.batch_size,
-              "device": str(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "steps_per_round": args.steps, "steps_per_epoch": steps_per_epoch,
-              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rows": rows}
+    result = {
+        "command": "python bench/speed.py " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--json"),
+        "model": args.model,
+        "task": args.task,
+        "rank": args.rank,
+        "targets": targets,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "steps_per_epoch": steps_per_epoch,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.model} on {args.task}, rank {args.rank}, targets {','.join(targets)}, batch {args.batch_size}, "
-              f"{device}, {torch.get_num_threads()} threads, {args.rounds}×{args.steps} timed steps per variant")
-        print(f"{'variant':<18}{'median s/step':>14}{'tokens/s':>10}{'saved MiB':>10}{'trainable':>11}"
-              f"{'× PEFT':>8}{'(IQR)':>14}{'× lora':>8}")
+        print(
+            f"{args.model} on {args.task}, rank {args.rank}, targets {','.join(targets)}, batch {args.batch_size}, "
+            f"{device}, {torch.get_num_threads()} threads, {args.rounds}×{args.steps} timed steps per variant"
+        )
+        print(
+            f"{'variant':<18}{'median s/step':>14}{'tokens/s':>10}{'saved MiB':>10}{'trainable':>11}"
+            f"{'× PEFT':>8}{'(IQR)':>14}{'× lora':>8}"
+        )
         for r in rows:
             iqr = "{:.3f}-{:.3f}".format(*r["ratio_to_peft_lora_iqr"])
-            print(f"{r['variant']:<18}{r['median_step_s']:>14.4f}{r['tokens_per_s']:>10.1f}{r['saved_for_backward_mib']:>10.1f}"
-                  f"{r['trainable']:>11,}{r['ratio_to_peft_lora']:>8.3f}{iqr:>14}{r['ratio_to_lrft_lora'] or float('nan'):>8.3f}"
-                  + (f"   calibration {r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an "
-                     f"epoch" if "calibration_s" in r else ""))
+            print(
+                f"{r['variant']:<18}{r['median_step_s']:>14.4f}{r['tokens_per_s']:>10.1f}{r['saved_for_backward_mib']:>10.1f}"
+                f"{r['trainable']:>11,}{r['ratio_to_peft_lora']:>8.3f}{iqr:>14}{r['ratio_to_lrft_lora'] or float('nan'):>8.3f}"
+                + (
+                    f"   calibration {r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an "
+                    f"epoch"
+                    if "calibration_s" in r
+                    else ""
+                )
+            )
         print(f"peak RSS of the process: {result['peak_rss_mib']} MiB")
     return result
 

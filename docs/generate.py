@@ -26,14 +26,22 @@ TABLE_END = "<!-- end of the generated layer table -->"
 
 
 def recipe_reference() -> str:
-    return reference_markdown(Recipe, "Recipe keys", [
-        ("Every key of a recipe, generated from its schema (`lrft/recipe.py`) by `python docs/generate.py`: the "
-         "descriptions are the comments `lrft init` writes. A key marked required must be given; every other key "
-         "has the default shown."),
-        ("Any key can be set on the command line too, as an override of the recipe's value: "
-         "`lrft train recipe.yaml train.lr=1e-3 adapter.params.rank=16` (values are YAML)."),
-        "The keys of `adapter.params` depend on `adapter.method`: one table per method below.",
-    ])
+    return reference_markdown(
+        Recipe,
+        "Recipe keys",
+        [
+            (
+                "Every key of a recipe, generated from its schema (`lrft/recipe.py`) by `python docs/generate.py`: the "
+                "descriptions are the comments `lrft init` writes. A key marked required must be given; every other key "
+                "has the default shown."
+            ),
+            (
+                "Any key can be set on the command line too, as an override of the recipe's value: "
+                "`lrft train recipe.yaml train.lr=1e-3 adapter.params.rank=16` (values are YAML)."
+            ),
+            "The keys of `adapter.params` depend on `adapter.method`: one table per method below.",
+        ],
+    )
 
 
 def architecture() -> str:

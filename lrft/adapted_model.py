@@ -57,8 +57,9 @@ class Opened:
     run_dir: Path | None = None  # None for a PEFT adapter dir
 
 
-def load_base(model_cfg: ModelConfig, task: Task, label_names: list[str] | None, target_modules: list[str] | None,
-              rank: int) -> Base:
+def load_base(
+    model_cfg: ModelConfig, task: Task, label_names: list[str] | None, target_modules: list[str] | None, rank: int
+) -> Base:
     """Load the base model with the head the task needs, and find the targets; check the rank fits them."""
     model, tokenizer = load_model(model_cfg, task, label_names)
     targets = find_targets(model, target_modules or default_targets(model.config))
@@ -78,16 +79,27 @@ def attach(base: Base, built: Built, method: methods.Method, params: MethodParam
     """Inject built adapters into the base model: they train, the base is frozen, the head as asked."""
     inject(base.model, base.targets, built)
     set_head_trainable(base.model, train_head)
-    return Adapted(model=base.model, tokenizer=base.tokenizer, targets=base.targets, task=base.task,
-                   label_names=base.label_names, fingerprint=base.fingerprint, built=built, method=method, params=params)
+    return Adapted(
+        model=base.model,
+        tokenizer=base.tokenizer,
+        targets=base.targets,
+        task=base.task,
+        label_names=base.label_names,
+        fingerprint=base.fingerprint,
+        built=built,
+        method=method,
+        params=params,
+    )
 
 
 def check_rank(rank: int, targets: list[Target]) -> None:
     smallest = min(targets, key=lambda t: min(t.shape))
     if rank > min(smallest.shape):
         out_f, in_f = smallest.shape
-        raise LrftError(f"adapter.params.rank: {rank} is larger than the targeted layer {smallest.name} "
-                        f"({out_f}×{in_f}); use a rank ≤ {min(smallest.shape)}")
+        raise LrftError(
+            f"adapter.params.rank: {rank} is larger than the targeted layer {smallest.name} "
+            f"({out_f}×{in_f}); use a rank ≤ {min(smallest.shape)}"
+        )
 
 
 def adapter_config(recipe, a: Adapted, trainable: int, data_source: str) -> dict:
@@ -99,10 +111,15 @@ def adapter_config(recipe, a: Adapted, trainable: int, data_source: str) -> dict
         "params": a.params.model_dump(),
         "target_modules": recipe.adapter.target_modules or default_targets(a.model.config),
         "targets": [t.name for t in a.targets],
-        "base_model": {"name": recipe.model.name, "revision": recipe.model.revision,
-                       "commit": getattr(a.model.config, "_commit_hash", None), "gguf_file": recipe.model.gguf_file,
-                       "model_type": a.model.config.model_type, "dtype": recipe.model.dtype,
-                       "fingerprint": a.fingerprint},
+        "base_model": {
+            "name": recipe.model.name,
+            "revision": recipe.model.revision,
+            "commit": getattr(a.model.config, "_commit_hash", None),
+            "gguf_file": recipe.model.gguf_file,
+            "model_type": a.model.config.model_type,
+            "dtype": recipe.model.dtype,
+            "fingerprint": a.fingerprint,
+        },
         "task": a.task.name,
         "data_source": data_source,
         "problem": a.task.problem,
@@ -146,8 +163,9 @@ def check_adapter_config(config: dict, source) -> dict:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "config"
         what = "missing" if first["type"] == "missing" else f"{first['msg'].lower()} (got {repr(first['input'])[:60]})"
-        raise LrftError(f"{source}: {where}: {what}; the adapter config is damaged: restore it, or retrain the "
-                        f"run") from None
+        raise LrftError(
+            f"{source}: {where}: {what}; the adapter config is damaged: restore it, or retrain the run"
+        ) from None
     return config
 
 
@@ -156,8 +174,10 @@ def check_fingerprint(config: dict, base: Base, source, force: bool) -> None:
     expected = (config.get("base_model") or {}).get("fingerprint")
     if expected is None or expected == base.fingerprint:
         return
-    what = (f"{source}: the adapter was trained on a base model whose target weights differ from those of "
-            f"{config['base_model'].get('name')!r} now (fingerprint {expected} vs {base.fingerprint})")
+    what = (
+        f"{source}: the adapter was trained on a base model whose target weights differ from those of "
+        f"{config['base_model'].get('name')!r} now (fingerprint {expected} vs {base.fingerprint})"
+    )
     if not force:
         raise LrftError(f"{what}; load the base it was trained on, or pass --force to use this one anyway")
     console.warn(f"{what}; going on because of --force")

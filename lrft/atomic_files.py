@@ -125,6 +125,7 @@ def file_sha256(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------ atomic writes
 
+
 def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None:
     """`path` holds `data` whole, or (the process killed, the disk failed) what it held before;
     `what`: what the file is, for a disk failure's message (default: its name)."""
@@ -153,8 +154,9 @@ def atomic_write_json(path: Path, obj: Any, what: str | None = None) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path, overwrite: bool = True, *, flag: str | None = None,
-               what: str | None = None) -> Iterator[Path]:
+def atomic_dir(
+    final: Path, overwrite: bool = True, *, flag: str | None = None, what: str | None = None
+) -> Iterator[Path]:
     """Yield a temporary dir; on success it replaces `final` in one rename, on failure it vanishes.
     An existing `final` is replaced only if lrft.guard allows it (`flag`: the option that named it).
     `what`: what the dir is, for a disk failure's message (default: its name)."""
@@ -205,25 +207,29 @@ def check_writable(path: Path, flag: str, kind: str = "dir") -> None:
         while not _exists(existing) and existing != existing.parent:
             existing = existing.parent
     except OSError as e:
-        raise LrftError(f"{flag}: cannot reach {existing} ({e.strerror}); give a path in a dir you can write to") \
-            from None
+        raise LrftError(
+            f"{flag}: cannot reach {existing} ({e.strerror}); give a path in a dir you can write to"
+        ) from None
     if existing == path and path.is_dir() != (kind == "dir"):
-        raise LrftError(f"{flag}: {path} is a {'file' if kind == 'dir' else 'dir'}, not a {kind}; give a path "
-                        f"for a {kind}")
+        raise LrftError(
+            f"{flag}: {path} is a {'file' if kind == 'dir' else 'dir'}, not a {kind}; give a path for a {kind}"
+        )
     if existing != path and not existing.is_dir():
-        raise LrftError(f"{flag}: {existing} is a file, so {path} cannot be created under it; give a path "
-                        f"under a dir")
+        raise LrftError(f"{flag}: {existing} is a file, so {path} cannot be created under it; give a path under a dir")
     limit = _name_max(existing)
-    for part in path.parts[len(existing.parts):]:
+    for part in path.parts[len(existing.parts) :]:
         if len(part.encode()) + TEMP_NAME_EXTRA > limit:
-            raise LrftError(f"{flag}: the name {part[:24]}… is {len(part.encode())} bytes long; names in "
-                            f"{existing} may have {limit - TEMP_NAME_EXTRA} bytes at most, so use a shorter one")
+            raise LrftError(
+                f"{flag}: the name {part[:24]}… is {len(part.encode())} bytes long; names in "
+                f"{existing} may have {limit - TEMP_NAME_EXTRA} bytes at most, so use a shorter one"
+            )
     probe_in = existing if existing.is_dir() else existing.parent
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lrft-probe-", dir=probe_in))
     except OSError as e:
-        raise LrftError(f"{flag}: cannot write in {probe_in} ({e.strerror}); give a path in a dir you can "
-                        f"write to") from None
+        raise LrftError(
+            f"{flag}: cannot write in {probe_in} ({e.strerror}); give a path in a dir you can write to"
+        ) from None
 
 
 def _exists(path: Path) -> bool:
@@ -290,8 +296,10 @@ def read_jsonl(path: Path) -> list[dict]:
             record = None
         if not isinstance(record, dict):
             if n < len(lines):
-                console.warn(f"{path}: line {n} is not a JSON object; the file is damaged, so lines {n}-{len(lines)} "
-                             f"are left out")
+                console.warn(
+                    f"{path}: line {n} is not a JSON object; the file is damaged, so lines {n}-{len(lines)} "
+                    f"are left out"
+                )
             break
         out.append(record)
     return out
@@ -305,9 +313,12 @@ def read_json(path: Path, what: str) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LrftError(f"{path}: not valid JSON ({e}); restore the {what}, or rerun the command that wrote it") \
-            from None
+        raise LrftError(
+            f"{path}: not valid JSON ({e}); restore the {what}, or rerun the command that wrote it"
+        ) from None
     if not isinstance(obj, dict):
-        raise LrftError(f"{path}: the {what} is a JSON {type(obj).__name__}, not an object; restore it, or rerun the "
-                        f"command that wrote it")
+        raise LrftError(
+            f"{path}: the {what} is a JSON {type(obj).__name__}, not an object; restore it, or rerun the "
+            f"command that wrote it"
+        )
     return obj

@@ -52,21 +52,44 @@ class Statistics:
         return frozenset(k for k, v in (("covariance", self.covariance), ("importance", self.importance)) if v)
 
 
-def obtain(model, targets: list[Target], features: list[dict], collate, needs: frozenset[str], *, cfg, seed: int,
-           model_id: dict, own_dir: Path | None, cache_dir: Path | None = None, accelerator=None) -> Statistics:
+def obtain(
+    model,
+    targets: list[Target],
+    features: list[dict],
+    collate,
+    needs: frozenset[str],
+    *,
+    cfg,
+    seed: int,
+    model_id: dict,
+    own_dir: Path | None,
+    cache_dir: Path | None = None,
+    accelerator=None,
+) -> Statistics:
     """The statistics `needs` asks for: from `cache_dir` (calibration.cache), the run's own `own_dir`
     (a resumed run; None when restarting), or a fresh pass."""
     if not features:
-        raise LrftError("calibration: the method needs training examples to calibrate on, and the training split is empty")
+        raise LrftError(
+            "calibration: the method needs training examples to calibrate on, and the training split is empty"
+        )
     if cfg.samples > len(features):
-        raise LrftError(f"calibration.samples: {cfg.samples} is more than the {len(features)} training examples; "
-                        f"use calibration.samples ≤ {len(features)}")
+        raise LrftError(
+            f"calibration.samples: {cfg.samples} is more than the {len(features)} training examples; "
+            f"use calibration.samples ≤ {len(features)}"
+        )
     cal_seed = seed if cfg.seed is None else cfg.seed
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cal_seed))[:cfg.samples].tolist()
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    fingerprint = {**model_id, "targets": {t.name: list(t.shape) for t in targets}, "weights": weights_checksum(targets),
-                   "examples": _examples_hash(features, order), "samples": cfg.samples, "batch_size": cfg.batch_size,
-                   "center": cfg.center, "dtype": cfg.dtype}
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cal_seed))[: cfg.samples].tolist()
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    fingerprint = {
+        **model_id,
+        "targets": {t.name: list(t.shape) for t in targets},
+        "weights": weights_checksum(targets),
+        "examples": _examples_hash(features, order),
+        "samples": cfg.samples,
+        "batch_size": cfg.batch_size,
+        "center": cfg.center,
+        "dtype": cfg.dtype,
+    }
     if cache_dir is not None:
         stats = load(cache_dir, "calibration.cache")
         _check(stats, fingerprint, needs, f"calibration.cache: {cfg.cache}")
@@ -82,8 +105,16 @@ def obtain(model, targets: list[Target], features: list[dict], collate, needs: f
     return stats
 
 
-def run(model, targets: list[Target], features: list[dict], batches: list[list[int]], collate, needs: frozenset[str],
-        cfg, accelerator=None) -> Statistics:
+def run(
+    model,
+    targets: list[Target],
+    features: list[dict],
+    batches: list[list[int]],
+    collate,
+    needs: frozenset[str],
+    cfg,
+    accelerator=None,
+) -> Statistics:
     """One pass over the calibration batches with hooks on the targets; hooks are always removed."""
     t0 = time.perf_counter()
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -105,8 +136,10 @@ def run(model, targets: list[Target], features: list[dict], batches: list[list[i
     stats = sums.statistics(targets, len(batches), want_grad)
     stats.samples = sum(len(b) for b in batches)
     stats.seconds = time.perf_counter() - t0
-    console.log(f"calibration: {stats.samples} samples, {max(stats.tokens.values()):,} tokens, "
-                f"{', '.join(sorted(needs))} of {len(targets)} modules in {stats.seconds:.1f} s")
+    console.log(
+        f"calibration: {stats.samples} samples, {max(stats.tokens.values()):,} tokens, "
+        f"{', '.join(sorted(needs))} of {len(targets)} modules in {stats.seconds:.1f} s"
+    )
     return stats
 
 
@@ -116,9 +149,14 @@ class Sums:
 
     def __init__(self, targets: list[Target], needs: frozenset[str], cfg):
         self.dtype = getattr(torch, cfg.dtype)
-        self.outer = ({t.name: torch.zeros(t.shape[1], t.shape[1], dtype=self.dtype) for t in targets}
-                      if "covariance" in needs else {})
-        self.first = {t.name: torch.zeros(t.shape[1], dtype=self.dtype) for t in targets} if cfg.center and self.outer else {}
+        self.outer = (
+            {t.name: torch.zeros(t.shape[1], t.shape[1], dtype=self.dtype) for t in targets}
+            if "covariance" in needs
+            else {}
+        )
+        self.first = (
+            {t.name: torch.zeros(t.shape[1], dtype=self.dtype) for t in targets} if cfg.center and self.outer else {}
+        )
         self.tokens = {t.name: 0 for t in targets}
         self.importance = {t.name: 0.0 for t in targets}
         self.mask: torch.Tensor | None = None  # the attention mask of the batch being run
@@ -135,6 +173,7 @@ class Sums:
                 self.outer[name] += (rows.T @ rows).cpu()
                 if self.first:
                     self.first[name] += rows.sum(0).cpu()
+
         return record
 
     def add_importance(self, targets: list[Target]) -> None:
@@ -212,8 +251,10 @@ def _check_finite(stats: Statistics, name: str) -> None:
     if name in stats.importance and not math.isfinite(stats.importance[name]):
         bad.append("importance")
     if bad:
-        raise LrftError(f"calibration: the {' and '.join(bad)} of {name} is not finite (NaN or Inf); the model "
-                        f"overflows on the calibration data: use model.dtype float32 or fewer/shorter samples")
+        raise LrftError(
+            f"calibration: the {' and '.join(bad)} of {name} is not finite (NaN or Inf); the model "
+            f"overflows on the calibration data: use model.dtype float32 or fewer/shorter samples"
+        )
 
 
 def _examples_hash(features: list[dict], order: list[int]) -> str:
@@ -228,16 +269,29 @@ def _examples_hash(features: list[dict], order: list[int]) -> str:
 
 # ----------------------------------------------------------------------------------------- files
 
+
 def save(directory: Path, stats: Statistics, plan: dict | None) -> None:
     """statistics.safetensors, calibration.json (per module S_i, r_i, α_i, s_i, tokens) and the plot."""
-    modules = {name: {"importance": stats.importance.get(name), "tokens": stats.tokens[name],
-                      **{k: v for k, v in (plan or {}).get(name, {}).items() if k != "importance"}}
-               for name in stats.tokens}
-    info = {"samples": stats.samples, "seconds": round(stats.seconds, 3), "statistics": sorted(stats.kinds),
-            "fingerprint": stats.fingerprint, "modules": modules}
+    modules = {
+        name: {
+            "importance": stats.importance.get(name),
+            "tokens": stats.tokens[name],
+            **{k: v for k, v in (plan or {}).get(name, {}).items() if k != "importance"},
+        }
+        for name in stats.tokens
+    }
+    info = {
+        "samples": stats.samples,
+        "seconds": round(stats.seconds, 3),
+        "statistics": sorted(stats.kinds),
+        "fingerprint": stats.fingerprint,
+        "modules": modules,
+    }
     with atomic_dir(directory) as tmp:
-        save_file({f"covariance.{k}": v.contiguous() for k, v in stats.covariance.items()} or
-                  {"empty": torch.zeros(0)}, str(tmp / STATS_FILE))
+        save_file(
+            {f"covariance.{k}": v.contiguous() for k, v in stats.covariance.items()} or {"empty": torch.zeros(0)},
+            str(tmp / STATS_FILE),
+        )
         atomic_write_json(tmp / INFO_FILE, info)
         if stats.importance:
             plot(modules, tmp / PLOT_FILE)
@@ -249,29 +303,44 @@ def load(directory: Path, what: str) -> Statistics:
         tensors = load_file(str(directory / STATS_FILE))
         info = json.loads((directory / INFO_FILE).read_text(encoding="utf-8"))
     except (SafetensorError, OSError, ValueError) as e:
-        raise LrftError(f"{what}: no readable calibration statistics in {directory} ({e}); point it at a run dir "
-                        f"or its calibration/ dir") from None
-    if not (isinstance(info, dict) and isinstance(info.get("modules"), dict) and isinstance(info.get("fingerprint"), dict)
-            and {"samples", "seconds"} <= set(info)
-            and all(isinstance(m, dict) and "tokens" in m for m in info["modules"].values())):
-        raise LrftError(f"{what}: {directory / INFO_FILE} is damaged (not the calibration record lrft writes); "
-                        f"delete the calibration/ dir to calibrate afresh")
+        raise LrftError(
+            f"{what}: no readable calibration statistics in {directory} ({e}); point it at a run dir "
+            f"or its calibration/ dir"
+        ) from None
+    if not (
+        isinstance(info, dict)
+        and isinstance(info.get("modules"), dict)
+        and isinstance(info.get("fingerprint"), dict)
+        and {"samples", "seconds"} <= set(info)
+        and all(isinstance(m, dict) and "tokens" in m for m in info["modules"].values())
+    ):
+        raise LrftError(
+            f"{what}: {directory / INFO_FILE} is damaged (not the calibration record lrft writes); "
+            f"delete the calibration/ dir to calibrate afresh"
+        )
     mods = info["modules"]
     return Statistics(
         covariance={k.removeprefix("covariance."): v for k, v in tensors.items() if k.startswith("covariance.")},
         importance={k: m["importance"] for k, m in mods.items() if m.get("importance") is not None},
-        tokens={k: m["tokens"] for k, m in mods.items()}, fingerprint=info["fingerprint"],
-        samples=info["samples"], seconds=info["seconds"])
+        tokens={k: m["tokens"] for k, m in mods.items()},
+        fingerprint=info["fingerprint"],
+        samples=info["samples"],
+        seconds=info["seconds"],
+    )
 
 
 def _check(stats: Statistics, fingerprint: dict, needs: frozenset[str], what: str) -> None:
     differ = [k for k in fingerprint if stats.fingerprint.get(k) != fingerprint[k]]
     if differ:
-        raise LrftError(f"{what} was computed for another setup ({', '.join(differ)} differ); remove calibration.cache "
-                        f"to calibrate this run afresh")
+        raise LrftError(
+            f"{what} was computed for another setup ({', '.join(differ)} differ); remove calibration.cache "
+            f"to calibrate this run afresh"
+        )
     if not needs <= stats.kinds:
-        raise LrftError(f"{what} holds {', '.join(sorted(stats.kinds)) or 'nothing'} but this method needs "
-                        f"{', '.join(sorted(needs))}; remove calibration.cache to calibrate afresh")
+        raise LrftError(
+            f"{what} holds {', '.join(sorted(stats.kinds)) or 'nothing'} but this method needs "
+            f"{', '.join(sorted(needs))}; remove calibration.cache to calibrate afresh"
+        )
 
 
 def plot(modules: dict[str, dict], path: Path) -> None:

@@ -30,6 +30,7 @@ CKPT_PREFIX = "step-"
 
 # ------------------------------------------------------------------------------------ adapter dirs
 
+
 def save_adapter(directory: Path, state: dict[str, torch.Tensor], config: dict) -> None:
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "lrft_method": config.get("method", "")})
@@ -61,6 +62,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # -------------------------------------------------------------------------------- training state
+
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, torch.Tensor):
@@ -116,7 +118,9 @@ def load_tree(directory: Path, parts: dict[str, type | tuple[type, ...]] | None 
         raise LrftError(f"{directory}: unreadable checkpoint ({e}); rerun with --restart to start over") from None
     named = {v["__tensor__"] for v in _walk(skeleton) if isinstance(v, dict) and "__tensor__" in v}
     missing = sorted(named - set(tensors))
-    wrong = [k for k, kind in (parts or {}).items() if not (isinstance(skeleton, dict) and isinstance(skeleton.get(k), kind))]
+    wrong = [
+        k for k, kind in (parts or {}).items() if not (isinstance(skeleton, dict) and isinstance(skeleton.get(k), kind))
+    ]
     if missing or wrong:
         what = f"tensors {', '.join(missing[:3])} are missing" if missing else f"no valid {', '.join(wrong)}"
         raise LrftError(f"{directory}: a damaged checkpoint ({what}); rerun with --restart to start over")
@@ -146,5 +150,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-                  and p.name[len(CKPT_PREFIX):].isdigit())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CKPT_PREFIX) and p.name[len(CKPT_PREFIX) :].isdigit()
+    )

@@ -32,27 +32,42 @@ app = typer.Typer(
 
 MAX_LABELS = 100_000  # a model config lists every label by name: 2**31 of them would fill the memory
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-DataPathOpt = Annotated[str | None, typer.Option(
-    "--data-path", metavar="DIR", help="dir with the task's files (default: the data the run trained on)")]
-BaseOpt = Annotated[str | None, typer.Option(
-    metavar="MODEL", help="PEFT adapter dirs: the base model (default: the one it names)")]
+DataPathOpt = Annotated[
+    str | None,
+    typer.Option("--data-path", metavar="DIR", help="dir with the task's files (default: the data the run trained on)"),
+]
+BaseOpt = Annotated[
+    str | None, typer.Option(metavar="MODEL", help="PEFT adapter dirs: the base model (default: the one it names)")
+]
 
 
 @app.callback()
 def options(
-    show_version: Annotated[bool, typer.Option("--version", callback=version, is_eager=True,
-                                               help="print lrft's version (and torch's, transformers', peft's)")] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=version,
+            is_eager=True,
+            help="print lrft's version (and torch's, transformers', peft's)",
+        ),
+    ] = False,
 ):
     """Options of `lrft` itself, before the command (its help is the app's)."""
 
 
-@app.command(cls=PlainHelp, context_settings={"allow_extra_args": False},
-             short_help="train an adapter from a recipe (resumes by itself)")
+@app.command(
+    cls=PlainHelp,
+    context_settings={"allow_extra_args": False},
+    short_help="train an adapter from a recipe (resumes by itself)",
+)
 @user_errors
 def train(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe YAML file")],
-    overrides: Annotated[list[str] | None, typer.Argument(
-        metavar="KEY=VALUE", help="overrides of recipe keys, e.g. train.lr=1e-3 adapter.params.rank=16")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE", help="overrides of recipe keys, e.g. train.lr=1e-3 adapter.params.rank=16"),
+    ] = None,
     restart: Annotated[bool, typer.Option("--restart", help="delete the run dir's checkpoints and start over")] = False,
     json_out: JsonOpt = False,
 ):
@@ -72,71 +87,134 @@ def train(
 @app.command("eval", cls=PlainHelp, short_help="evaluate a run, a PEFT adapter or a model on a task")
 @user_errors
 def eval_cmd(
-    target: Annotated[str, typer.Argument(
-        metavar="TARGET", help="a run dir of `lrft train`, a PEFT adapter dir, or a model: merged dir, alias or hub id")],
-    task: Annotated[str | None, typer.Option(
-        metavar="TASK", help="task to evaluate on (needed for a model), e.g. glue/mrpc, gsm8k")] = None,
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="TARGET",
+            help="a run dir of `lrft train`, a PEFT adapter dir, or a model: merged dir, alias or hub id",
+        ),
+    ],
+    task: Annotated[
+        str | None, typer.Option(metavar="TASK", help="task to evaluate on (needed for a model), e.g. glue/mrpc, gsm8k")
+    ] = None,
     data_path: DataPathOpt = None,
-    max_samples: Annotated[int | None, typer.Option(
-        "--max-samples", metavar="N", min=1, help="evaluate the first N examples")] = None,
-    max_length: Annotated[int | None, typer.Option(
-        "--max-length", metavar="N", min=8, help="cut examples to N tokens (default: the run's data.max_length; for a "
-                                                 "model, the task's: 128, gsm8k 320, instruction 512)")] = None,
+    max_samples: Annotated[
+        int | None, typer.Option("--max-samples", metavar="N", min=1, help="evaluate the first N examples")
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length",
+            metavar="N",
+            min=8,
+            help="cut examples to N tokens (default: the run's data.max_length; for a "
+            "model, the task's: 128, gsm8k 320, instruction 512)",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="examples per batch")] = 64,
-    best: Annotated[bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")] = False,
-    predictions: Annotated[Path | None, typer.Option(metavar="FILE", help=(
-        "generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)"))] = None,
+    best: Annotated[
+        bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")
+    ] = False,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help=("generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)"),
+        ),
+    ] = None,
     base: BaseOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="use a base model whose weights differ from the adapter's")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="use a base model whose weights differ from the adapter's")
+    ] = False,
     json_out: JsonOpt = False,
 ):
     """Evaluate a trained run or PEFT LoRA dir (rebuilt on its base model), or a model (merged dir, alias, hub id)."""
     from lrft.eval_command import evaluate_target, metric_lines
 
-    metrics = evaluate_target(target, task_name=task, data_path=data_path, max_samples=max_samples,
-                              max_length=max_length, batch_size=batch_size, best=best, predictions_path=predictions,
-                              base=base, force=force)
+    metrics = evaluate_target(
+        target,
+        task_name=task,
+        data_path=data_path,
+        max_samples=max_samples,
+        max_length=max_length,
+        batch_size=batch_size,
+        best=best,
+        predictions_path=predictions,
+        base=base,
+        force=force,
+    )
     emit(metrics, json_out, metric_lines)
 
 
 @app.command(cls=PlainHelp, short_help="merge an adapter into its base model, or export it as a PEFT LoRA")
 @user_errors
 def merge(
-    run_dir: Annotated[str, typer.Argument(metavar="RUN_DIR", help="a run dir of `lrft train`, or a PEFT LoRA adapter dir")],
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="where to write the merged model (or PEFT adapter)")],
-    format: Annotated[str, typer.Option(
-        metavar="hf|peft", help="hf: a merged model dir; peft: the adapter as a standard PEFT LoRA dir")] = "hf",
-    dtype: Annotated[str | None, typer.Option(
-        metavar="DTYPE", help="float32, bfloat16 or float16 (default: the base model's)")] = None,
-    task: Annotated[str | None, typer.Option(
-        metavar="TASK", help="PEFT adapter dirs: the task of its parity data, e.g. glue/mrpc")] = None,
+    run_dir: Annotated[
+        str, typer.Argument(metavar="RUN_DIR", help="a run dir of `lrft train`, or a PEFT LoRA adapter dir")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="where to write the merged model (or PEFT adapter)")
+    ],
+    format: Annotated[
+        str,
+        typer.Option(metavar="hf|peft", help="hf: a merged model dir; peft: the adapter as a standard PEFT LoRA dir"),
+    ] = "hf",
+    dtype: Annotated[
+        str | None, typer.Option(metavar="DTYPE", help="float32, bfloat16 or float16 (default: the base model's)")
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(metavar="TASK", help="PEFT adapter dirs: the task of its parity data, e.g. glue/mrpc")
+    ] = None,
     base: BaseOpt = None,
     data_path: DataPathOpt = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="replace --out if it exists; use a base model whose weights differ from the adapter's")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="replace --out if it exists; use a base model whose weights differ from the adapter's"
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ):
     """Fold the adapter into the base weights (an HF model dir, parity checked) or export it in PEFT's format."""
     from lrft.merge import merge_command, report_lines
 
-    report = merge_command(run_dir, out, format=format, dtype=dtype, force=force, task=task, base=base,
-                           data_path=data_path)
+    report = merge_command(
+        run_dir, out, format=format, dtype=dtype, force=force, task=task, base=base, data_path=data_path
+    )
     emit(report, json_out, lambda r: report_lines(r, format))
 
 
 @app.command("count-params", cls=PlainHelp, short_help="count a method's trainable parameters from a model's config")
 @user_errors
 def count_params_cmd(
-    method: Annotated[str, typer.Option(metavar="METHOD", help="lora, tlora, talora, lorta, or full (full fine-tuning)")],
+    method: Annotated[
+        str, typer.Option(metavar="METHOD", help="lora, tlora, talora, lorta, or full (full fine-tuning)")
+    ],
     rank: Annotated[int, typer.Option(metavar="R", help="rank r")] = 8,
-    model: Annotated[str, typer.Option(
-        metavar="MODEL", help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id")] = "roberta-large",
-    targets: Annotated[str | None, typer.Option(metavar="NAMES", help=(
-        "comma-separated target module names (default: the model family's query and value projections)"))] = None,
-    num_labels: Annotated[int, typer.Option("--num-labels", metavar="N", min=1, max=MAX_LABELS,
-                                            help="classification labels of the head")] = 2,
-    calibrated: Annotated[Path | None, typer.Option("--calibrated", metavar="RUN_DIR", help=(
-        "a finished run dir: its exact count (talora's calibrated per-module ranks)"))] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            metavar="MODEL", help="preset (roberta-base, roberta-large, llama2-7b, t5-base), model dir or hub id"
+        ),
+    ] = "roberta-large",
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAMES",
+            help=("comma-separated target module names (default: the model family's query and value projections)"),
+        ),
+    ] = None,
+    num_labels: Annotated[
+        int, typer.Option("--num-labels", metavar="N", min=1, max=MAX_LABELS, help="classification labels of the head")
+    ] = 2,
+    calibrated: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibrated",
+            metavar="RUN_DIR",
+            help=("a finished run dir: its exact count (talora's calibrated per-module ranks)"),
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ):
     """Count trainable parameters of a method on a model, from its config alone (no weights)."""
@@ -152,8 +230,9 @@ def init(
     method: Annotated[str, typer.Option(metavar="METHOD", help="lora, tlora, talora or lorta")] = "tlora",
     task: Annotated[str, typer.Option(metavar="TASK", help="task, e.g. glue/mrpc, gsm8k")] = "glue/mrpc",
     model: Annotated[str, typer.Option(metavar="MODEL", help="model alias, dir or hub id")] = "minilm",
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="FILE", help="file to write (default: stdout)")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="file to write (default: stdout)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
 ):
     """Write a commented recipe for a method, task and model."""
@@ -166,15 +245,38 @@ def init(
 @user_errors
 def analyze(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run dir of `lrft train`")],
-    against: Annotated[Path | None, typer.Option(
-        "--against", metavar="RUN_DIR", help="another run on the same base model to compare with")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="DIR", help=("where to write the analysis (default: RUN_DIR/analysis; with --against, "
-                                            "RUN_DIR/comparisons/<the other run's dir name>)"))] = None,
-    module: Annotated[str | None, typer.Option("--module", metavar="NAME", help=(
-        "module for the element-wise ΔW (difference) heatmap (default: the first in common)"))] = None,
-    modules: Annotated[str | None, typer.Option("--modules", metavar="SUBSTRINGS", help=(
-        "analyse only modules whose name contains one of these comma-separated substrings"))] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", metavar="RUN_DIR", help="another run on the same base model to compare with"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="DIR",
+            help=(
+                "where to write the analysis (default: RUN_DIR/analysis; with --against, "
+                "RUN_DIR/comparisons/<the other run's dir name>)"
+            ),
+        ),
+    ] = None,
+    module: Annotated[
+        str | None,
+        typer.Option(
+            "--module",
+            metavar="NAME",
+            help=("module for the element-wise ΔW (difference) heatmap (default: the first in common)"),
+        ),
+    ] = None,
+    modules: Annotated[
+        str | None,
+        typer.Option(
+            "--modules",
+            metavar="SUBSTRINGS",
+            help=("analyse only modules whose name contains one of these comma-separated substrings"),
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ):
     """Spectra, norms, histograms and training curves of a run's updates ΔW; similarities against another run."""
@@ -185,24 +287,44 @@ def analyze(
     emit(result, json_out, report_lines)
 
 
-TOLERANCE_HELP = "the smallest adapter within this many points of the best (metric × 100; loss and perplexity as they are)"
+TOLERANCE_HELP = (
+    "the smallest adapter within this many points of the best (metric × 100; loss and perplexity as they are)"
+)
 
 
 @app.command(cls=PlainHelp, short_help="search recipe settings for the smallest adapter that still works")
 @user_errors
 def sweep(
-    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="sweep spec YAML file(s); several run one after "
-                                                                     "another and report together")],
-    plan: Annotated[bool, typer.Option("--plan", help="print one `lrft train` command per run (for a job array or "
-                                                      "xargs -P) and train nothing")] = False,
+    specs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="SPEC", help="sweep spec YAML file(s); several run one after another and report together"
+        ),
+    ],
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan", help="print one `lrft train` command per run (for a job array or xargs -P) and train nothing"
+        ),
+    ] = False,
     report: Annotated[bool, typer.Option("--report", help="train nothing: report the run dirs there are")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a Markdown section")] = False,
-    tolerance: Annotated[float, typer.Option(
-        "--tolerance", metavar="POINTS", min=0, help=TOLERANCE_HELP)] = 1.0,
-    plot: Annotated[Path | None, typer.Option(
-        "--plot", metavar="FILE", help="where to write the Pareto plot (default: pareto.png in the sweep dir)")] = None,
-    workers: Annotated[int, typer.Option(
-        "--workers", metavar="N", min=1, help="start this many worker processes on the sweep (they split its trials)")] = 1,
+    tolerance: Annotated[float, typer.Option("--tolerance", metavar="POINTS", min=0, help=TOLERANCE_HELP)] = 1.0,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", metavar="FILE", help="where to write the Pareto plot (default: pareto.png in the sweep dir)"
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            min=1,
+            help="start this many worker processes on the sweep (they split its trials)",
+        ),
+    ] = 1,
     json_out: JsonOpt = False,
 ):
     """Search recipe settings (optuna: grid or TPE, pruning on per-epoch evaluations) for the smallest adapter

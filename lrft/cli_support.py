@@ -117,8 +117,10 @@ def version(value: bool) -> None:
             except PackageNotFoundError:
                 return "not installed"
 
-        typer.echo(f"lrft {__version__} (python {sys.version.split()[0]}, torch {of('torch')}, "
-                   f"transformers {of('transformers')}, peft {of('peft')})")
+        typer.echo(
+            f"lrft {__version__} (python {sys.version.split()[0]}, torch {of('torch')}, "
+            f"transformers {of('transformers')}, peft {of('peft')})"
+        )
         raise typer.Exit()
 
 
@@ -161,8 +163,10 @@ def unwrapped_disk_failure(error: Exception) -> str | None:
         return None
     reason, fix = DISK_ERRORS[code]
     where = getattr(error, "filename", None)
-    return (f"{where or 'a write'}: {reason} ({type(error).__name__}); {fix} and rerun the same command "
-            f"(exit code {EXIT_DISK})")
+    return (
+        f"{where or 'a write'}: {reason} ({type(error).__name__}); {fix} and rerun the same command "
+        f"(exit code {EXIT_DISK})"
+    )
 
 
 @contextmanager
@@ -176,8 +180,10 @@ def training_stops():
     except Stopped:  # pre-empted: the trainer said where; a scheduler requeues on this code
         raise typer.Exit(EXIT_STOPPED) from None
     except KeyboardInterrupt:
-        console.err.print("interrupted (a second Ctrl-C): stopped at once; rerun the same command to resume from "
-                          "the last checkpoint", markup=False)
+        console.err.print(
+            "interrupted (a second Ctrl-C): stopped at once; rerun the same command to resume from the last checkpoint",
+            markup=False,
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 

@@ -92,8 +92,11 @@ class Phase:
     def plain_line(self, note: str | None) -> str:
         elapsed = time.monotonic() - self.started
         left = elapsed / self.done * (self.total - self.done) if self.done else None
-        return (f"{self.label}: {self.done}/{self.total} {self.unit}, {duration(elapsed)} elapsed"
-                + (f", about {duration(left)} left" if left is not None else "") + (f" ({note})" if note else ""))
+        return (
+            f"{self.label}: {self.done}/{self.total} {self.unit}, {duration(elapsed)} elapsed"
+            + (f", about {duration(left)} left" if left is not None else "")
+            + (f" ({note})" if note else "")
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -102,8 +105,9 @@ class Phase:
 
 
 @contextmanager
-def progress(label: str, total: int, unit: str = "batches", *, done: int = 0,
-             plain_lines: bool = True) -> Iterator[Phase]:
+def progress(
+    label: str, total: int, unit: str = "batches", *, done: int = 0, plain_lines: bool = True
+) -> Iterator[Phase]:
     """A phase of `total` units; `plain_lines=False` for phases that log their own lines off a terminal."""
     phase = Phase(label, total, unit, done, plain_lines)
     try:
@@ -132,9 +136,16 @@ def _shared_display():
     )
 
     if not _live:
-        _live["display"] = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-                                    console=err, transient=True)
+        _live["display"] = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=err,
+            transient=True,
+        )
         _live["display"].start()
         _live["open"] = 0
     _live["open"] += 1

@@ -19,18 +19,61 @@ from lrft.targets import default_targets, find_targets
 
 # Public config values of the papers' models (../shared/DESIGN.md §5), so counts work offline.
 PRESETS: dict[str, tuple[str, str, dict]] = {
-    "roberta-base": ("RobertaConfig", "RobertaForSequenceClassification", dict(
-        vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=514, type_vocab_size=1)),
-    "roberta-large": ("RobertaConfig", "RobertaForSequenceClassification", dict(
-        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        max_position_embeddings=514, type_vocab_size=1)),
-    "llama2-7b": ("LlamaConfig", "LlamaForCausalLM", dict(
-        vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        intermediate_size=11008, max_position_embeddings=4096, tie_word_embeddings=False)),
-    "t5-base": ("T5Config", "T5ForConditionalGeneration", dict(
-        vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
-        feed_forward_proj="relu", tie_word_embeddings=True)),
+    "roberta-base": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        dict(
+            vocab_size=50265,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+        ),
+    ),
+    "roberta-large": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        dict(
+            vocab_size=50265,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+        ),
+    ),
+    "llama2-7b": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "t5-base": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(
+            vocab_size=32128,
+            d_model=768,
+            d_kv=64,
+            d_ff=3072,
+            num_layers=12,
+            num_decoder_layers=12,
+            num_heads=12,
+            feed_forward_proj="relu",
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 DEFAULT_MODEL = "roberta-large"
 
@@ -48,8 +91,10 @@ def meta_model(model: str, num_labels: int):
         try:
             config = transformers.AutoConfig.from_pretrained(resolve(model), num_labels=num_labels)
         except (OSError, ValueError) as e:
-            raise LrftError(f"--model: no config for {model!r} ({str(e).splitlines()[0]}); use a local model dir, "
-                            f"a hub id, or one of the presets: {', '.join(PRESETS)}") from None
+            raise LrftError(
+                f"--model: no config for {model!r} ({str(e).splitlines()[0]}); use a local model dir, "
+                f"a hub id, or one of the presets: {', '.join(PRESETS)}"
+            ) from None
         arch = (getattr(config, "architectures", None) or [""])[0]
         cls = getattr(transformers, arch, None) or transformers.AutoModel
         if cls.__name__.endswith("Model") and config.model_type in ("bert", "roberta"):
@@ -58,8 +103,15 @@ def meta_model(model: str, num_labels: int):
         return cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
 
 
-def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: list[str] | None = None,
-                 num_labels: int = 2, params: dict | None = None, saved_meta: dict | None = None) -> dict:
+def count_params(
+    method: str,
+    rank: int,
+    model: str = DEFAULT_MODEL,
+    targets: list[str] | None = None,
+    num_labels: int = 2,
+    params: dict | None = None,
+    saved_meta: dict | None = None,
+) -> dict:
     """Counts of the method, of LoRA at the same rank, and of full fine-tuning.
 
     `params` are the method's other parameters; `saved_meta` a trained adapter's meta (talora's
@@ -79,12 +131,22 @@ def count_params(method: str, rank: int, model: str = DEFAULT_MODEL, targets: li
         m = methods.get(method)
         ctx = BuildContext(model_config=net.config, saved_meta=saved_meta)
         trainable = m.count(found, m.params(**{**(params or {}), "rank": rank}), ctx)
-    return {"method": method, "rank": rank, "model": model, "architecture": type(net).__name__,
-            "targets": patterns, "modules": len(found), "trainable": trainable, "lora": lora_count, "full": total}
+    return {
+        "method": method,
+        "rank": rank,
+        "model": model,
+        "architecture": type(net).__name__,
+        "targets": patterns,
+        "modules": len(found),
+        "trainable": trainable,
+        "lora": lora_count,
+        "full": total,
+    }
 
 
-def count_command(method: str, rank: int, model: str, targets: str | None, num_labels: int,
-                  calibrated: Path | None) -> dict:
+def count_command(
+    method: str, rank: int, model: str, targets: str | None, num_labels: int, calibrated: Path | None
+) -> dict:
     """`lrft count-params`: the counts of a method on a model (`targets` comma-separated), or with
     `calibrated` the exact count of that finished run, which must be of `method`."""
     if method != "full":
@@ -94,8 +156,9 @@ def count_command(method: str, rank: int, model: str, targets: str | None, num_l
         return count_params(method, rank, model, names, num_labels)
     counts = count_run(calibrated)
     if counts["method"] != method:
-        raise LrftError(f"--calibrated: {calibrated} is a {counts['method']} run, not {method}; give the run dir of a "
-                        f"{method} run")
+        raise LrftError(
+            f"--calibrated: {calibrated} is a {counts['method']} run, not {method}; give the run dir of a {method} run"
+        )
     return counts
 
 
@@ -104,9 +167,15 @@ def count_run(run_dir: Path) -> dict:
     recipe = read_run_recipe(run_dir)
     config = trained_adapter_config(run_dir)
     labels = config.get("label_names")
-    counts = count_params(config["method"], config["params"]["rank"], recipe.model.name, config["target_modules"],
-                          1 if config.get("problem") == "regression" else len(labels or [0, 1]), config["params"],
-                          config.get("meta"))
+    counts = count_params(
+        config["method"],
+        config["params"]["rank"],
+        recipe.model.name,
+        config["target_modules"],
+        1 if config.get("problem") == "regression" else len(labels or [0, 1]),
+        config["params"],
+        config.get("meta"),
+    )
     counts["run"] = str(run_dir)
     counts["per_module"] = {k: v["rank"] for k, v in (config.get("meta") or {}).get("modules", {}).items()}
     return counts
@@ -121,10 +190,12 @@ def render(counts: dict) -> str:
             return f"same as {what}"
         return f"{other / n:,.1f}× fewer than {what}" if n < other else f"{n / other:,.1f}× more than {what}"
 
-    return "\n".join([
-        f"model    {counts['model']} ({counts['architecture']}), {full:,} parameters",
-        f"targets  {', '.join(counts['targets'])} ({counts['modules']} modules)",
-        f"full FT  {full:>14,}",
-        f"lora     {lora:>14,}  (rank {counts['rank']})",
-        f"{counts['method']:<8} {n:>14,}  ({100 * n / full:.4f} % of the model; {vs(lora, 'LoRA')}; {vs(full, 'full FT')})",
-    ])
+    return "\n".join(
+        [
+            f"model    {counts['model']} ({counts['architecture']}), {full:,} parameters",
+            f"targets  {', '.join(counts['targets'])} ({counts['modules']} modules)",
+            f"full FT  {full:>14,}",
+            f"lora     {lora:>14,}  (rank {counts['rank']})",
+            f"{counts['method']:<8} {n:>14,}  ({100 * n / full:.4f} % of the model; {vs(lora, 'LoRA')}; {vs(full, 'full FT')})",
+        ]
+    )

@@ -38,8 +38,10 @@ class DiskError(LrftError):
     def __init__(self, code: int, where: Path | str, what: str, kept: str = "", then: str = ""):
         self.code, self.where, self.what = code, Path(where), what
         reason, fix = DISK_ERRORS[code]
-        super().__init__(f"{where}: {reason} while writing {what}; nothing half-written is left{kept}; {fix} and "
-                         f"rerun the same command{then} (exit code {EXIT_DISK})")
+        super().__init__(
+            f"{where}: {reason} while writing {what}; nothing half-written is left{kept}; {fix} and "
+            f"rerun the same command{then} (exit code {EXIT_DISK})"
+        )
 
 
 class ConfigError(LrftError):

@@ -20,10 +20,19 @@ from lrft.recipe import DataConfig, ModelConfig
 from lrft.run_layout import RECIPE, RunDir
 
 
-def evaluate_target(target: str | Path, *, task_name: str | None = None, data_path: str | None = None,
-                    max_samples: int | None = None, max_length: int | None = None, batch_size: int = 64,
-                    best: bool = False, predictions_path: Path | None = None, base: str | None = None,
-                    force: bool = False) -> dict:
+def evaluate_target(
+    target: str | Path,
+    *,
+    task_name: str | None = None,
+    data_path: str | None = None,
+    max_samples: int | None = None,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    best: bool = False,
+    predictions_path: Path | None = None,
+    base: str | None = None,
+    force: bool = False,
+) -> dict:
     """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
     (default for a run dir: its predictions.jsonl). A run, an export or a merged dir reads the data it
     was trained (or checked) on unless `data_path` says otherwise. Examples are cut at `max_length`
@@ -37,15 +46,29 @@ def evaluate_target(target: str | Path, *, task_name: str | None = None, data_pa
     data_cfg.max_length = max_length or data_cfg.max_length
     evals = eval_sets(task, _load_eval_data(task, data_cfg).evals, tokenizer, data_cfg.max_length)
     model.eval()
-    metrics, predictions = evaluate(model, evals, task, collator(task, tokenizer), batch_size=batch_size,
-                                    tokenizer=tokenizer, max_new_tokens=data_cfg.max_new_tokens, generation=True)
+    metrics, predictions = evaluate(
+        model,
+        evals,
+        task,
+        collator(task, tokenizer),
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        max_new_tokens=data_cfg.max_new_tokens,
+        generation=True,
+    )
     if predictions and predictions_path:
         write_jsonl(Path(predictions_path), predictions)
         console.log(f"predictions: {len(predictions)} generations → {predictions_path}")
-    console.log(f"eval done in {console.duration(time.perf_counter() - started)}: "
-                + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    return {"task": task.name, "examples": sum(len(v.features) for v in evals.values()),
-            "max_length": data_cfg.max_length, **metrics}
+    console.log(
+        f"eval done in {console.duration(time.perf_counter() - started)}: "
+        + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    )
+    return {
+        "task": task.name,
+        "examples": sum(len(v.features) for v in evals.values()),
+        "max_length": data_cfg.max_length,
+        **metrics,
+    }
 
 
 def metric_lines(metrics: dict) -> list[str]:
@@ -55,8 +78,12 @@ def metric_lines(metrics: dict) -> list[str]:
 
 def _checked_predictions(path: Path, target: str | Path) -> Path:
     """--predictions, checked to replace nothing this command reads and to be writable."""
-    check_output(path, "--predictions", sources={Path(target): "what this command evaluates"},
-                 own=[RunDir(Path(target)).predictions()])
+    check_output(
+        path,
+        "--predictions",
+        sources={Path(target): "what this command evaluates"},
+        own=[RunDir(Path(target)).predictions()],
+    )
     check_writable(path, "--predictions", kind="file")
     return path
 
@@ -65,14 +92,17 @@ def _load_eval_data(task, data_cfg: DataConfig):
     """The task's evaluation splits under `data_cfg`, and a log line saying what they hold."""
     data = load_task_data(task, data_cfg, need_train=False)
     split_names = {s.suffix: s.local_file for s in task.eval_splits}
-    console.log(f"data: {task.name} from {data.source}: "
-                + ", ".join(f"{len(s)} {split_names.get(k, f'eval{k}')}" for k, s in data.evals.items())
-                + f", max_length {data_cfg.max_length}")
+    console.log(
+        f"data: {task.name} from {data.source}: "
+        + ", ".join(f"{len(s)} {split_names.get(k, f'eval{k}')}" for k, s in data.evals.items())
+        + f", max_length {data_cfg.max_length}"
+    )
     return data
 
 
-def _open_target(target: str | Path, task_name: str | None, data_path: str | None, base: str | None, force: bool,
-                 best: bool):
+def _open_target(
+    target: str | Path, task_name: str | None, data_path: str | None, base: str | None, force: bool, best: bool
+):
     """(model, tokenizer, task, data settings, the run's predictions file or None) of what `lrft eval`
     evaluates: a run or PEFT dir rebuilt on its base (its own data unless `data_path`), or a model."""
     opened = open_adapted(target, task=task_name, base=base, force=force, best=best)
@@ -85,8 +115,9 @@ def _open_target(target: str | Path, task_name: str | None, data_path: str | Non
             run_predictions = RunDir(opened.run_dir).predictions()
     else:
         model, tokenizer, task, label_names = _open_model(target, task_name)
-        data_cfg = DataConfig(task=task.name, path=data_path or merged_data_source(Path(target), task.name),
-                              max_length=task.max_length)
+        data_cfg = DataConfig(
+            task=task.name, path=data_path or merged_data_source(Path(target), task.name), max_length=task.max_length
+        )
     console.log(f"eval {_what(target, opened, best)} on {task.name}")
     if label_names and not task.label_names:  # labels learned from the training data: the data must use them
         data_cfg = data_cfg.model_copy(update={"label_names": list(label_names)})
@@ -106,13 +137,17 @@ def _what(target: str | Path, opened: Opened | None, best: bool) -> str:
 def _open_model(target: str | Path, task_name: str | None):
     """(model, tokenizer, task, label names) of a plain model dir, alias or hub id evaluated on `task_name`."""
     if not task_name:
-        raise LrftError(f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "
-                        f"say which task, e.g. --task glue/mrpc")
+        raise LrftError(
+            f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "
+            f"say which task, e.g. --task glue/mrpc"
+        )
     task = get_task(task_name)
     label_names = _read_model_labels(target) or list(task.label_names or [])
     if not label_names and task.problem == "classification":
-        raise LrftError(f"--task: {task.name} takes its labels from the training data, and {target} names none "
-                        f"(no label names in its config.json); evaluate the lrft run dir it came from instead")
+        raise LrftError(
+            f"--task: {task.name} takes its labels from the training data, and {target} names none "
+            f"(no label names in its config.json); evaluate the lrft run dir it came from instead"
+        )
     model, tokenizer = load_model(ModelConfig(name=str(target)), task, label_names or None)
     return model, tokenizer, task, label_names
 

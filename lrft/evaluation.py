@@ -31,8 +31,17 @@ class EvalSet:
 
 
 @torch.no_grad()
-def predict(model, features: list[dict], collate, batch_size: int, device, rank: int = 0, world: int = 1,
-            autocast=None, keep_logits: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
+def predict(
+    model,
+    features: list[dict],
+    collate,
+    batch_size: int,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    autocast=None,
+    keep_logits: bool = True,
+) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(example indices, logits, summed loss, loss weight) of this process's shard of `features`.
 
     The loss of a batch is weighted by its examples (classifiers) or its response tokens (causal LMs,
@@ -45,7 +54,7 @@ def predict(model, features: list[dict], collate, batch_size: int, device, rank:
     mine.sort(key=lambda i: len(features[i]["input_ids"]))
     logits, loss_sum, weight = [], 0.0, 0
     for start in console.track(range(0, len(mine), batch_size), "evaluation", "batches"):
-        idx = mine[start:start + batch_size]
+        idx = mine[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         with autocast() if autocast else nullcontext():
             if keep_logits:
@@ -64,8 +73,9 @@ def predict(model, features: list[dict], collate, batch_size: int, device, rank:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_size: int, device,
-             rank: int = 0, world: int = 1) -> list[dict]:
+def generate(
+    model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_size: int, device, rank: int = 0, world: int = 1
+) -> list[dict]:
     """Greedy completions of this process's shard of `prompts`, each with its index; progress in
     generated token steps (a batch takes up to max_new_tokens of them)."""
     was_training = model.training
@@ -75,21 +85,36 @@ def generate(model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_s
     out = []
     with console.progress("generation", len(starts) * max_new_tokens, "token steps") as phase:
         for b, start in enumerate(starts):
-            idx = mine[start:start + batch_size]
+            idx = mine[start : start + batch_size]
             # left padding: every prompt ends where generation starts
-            batch = tokenizer.pad({"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left",
-                                  return_tensors="pt")
+            batch = tokenizer.pad(
+                {"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left", return_tensors="pt"
+            )
             width = batch["input_ids"].shape[1]
-            tokens = model.generate(input_ids=batch["input_ids"].to(device),
-                                    attention_mask=batch["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                                    do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, streamer=StepCounter(phase))
+            tokens = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                streamer=StepCounter(phase),
+            )
             phase.update((b + 1) * max_new_tokens, note=f"batch {b + 1}/{len(starts)}")  # a batch may end early
             for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
                 answer = extract_answer(completion)
                 gold = prompts[i]["gold"]
-                out.append({"index": i, "prompt": prompts[i]["prompt"], "completion": completion, "answer": answer,
-                            "gold": gold, "correct": answer is not None and answer == gold})
+                out.append(
+                    {
+                        "index": i,
+                        "prompt": prompts[i]["prompt"],
+                        "completion": completion,
+                        "answer": answer,
+                        "gold": gold,
+                        "correct": answer is not None and answer == gold,
+                    }
+                )
     model.train(was_training)
     return out
 
@@ -110,9 +135,19 @@ class StepCounter:
         pass
 
 
-def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, *, batch_size: int, accelerator=None,
-             tokenizer=None, max_new_tokens: int = 256, generation: bool = False,
-             shard: bool = True) -> tuple[dict, list[dict]]:
+def evaluate(
+    model,
+    evals: dict[str, EvalSet],
+    task: Task,
+    collate,
+    *,
+    batch_size: int,
+    accelerator=None,
+    tokenizer=None,
+    max_new_tokens: int = 256,
+    generation: bool = False,
+    shard: bool = True,
+) -> tuple[dict, list[dict]]:
     """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names.
 
     `generation` also scores greedy generations (tasks with `generate`); predictions are its records.
@@ -128,8 +163,9 @@ def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, *, batch_siz
     causal = task.problem == "causal_lm"
     results, predictions = {}, []
     for suffix, split in evals.items():
-        idx, logits, loss_sum, weight = predict(model, split.features, collate, batch_size, device, rank, world,
-                                                autocast, keep_logits=not causal)
+        idx, logits, loss_sum, weight = predict(
+            model, split.features, collate, batch_size, device, rank, world, autocast, keep_logits=not causal
+        )
         if world > 1:
             parts = gather_object([(idx, logits, loss_sum, weight)])
             idx = np.concatenate([p[0] for p in parts])
@@ -157,9 +193,13 @@ def evaluate(model, evals: dict[str, EvalSet], task: Task, collate, *, batch_siz
 
 def eval_sets(task: Task, splits: dict, tokenizer, max_length: int) -> dict[str, EvalSet]:
     """EvalSets of a task's evaluation splits (prompts only for generation tasks)."""
-    return {suffix: EvalSet(features(task, split, tokenizer, max_length, "evaluation examples"),
-                            prompt_features(split, tokenizer) if task.generate else [])
-            for suffix, split in splits.items()}
+    return {
+        suffix: EvalSet(
+            features(task, split, tokenizer, max_length, "evaluation examples"),
+            prompt_features(split, tokenizer) if task.generate else [],
+        )
+        for suffix, split in splits.items()
+    }
 
 
 def unwrap(model):

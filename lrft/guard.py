@@ -27,8 +27,7 @@ from lrft.errors import LrftError
 from lrft.run_layout import RECIPE
 
 
-def check_output(path: Path, flag: str, *, sources: Mapping[Path, str] | None = None,
-                 own: Sequence[Path] = ()) -> None:
+def check_output(path: Path, flag: str, *, sources: Mapping[Path, str] | None = None, own: Sequence[Path] = ()) -> None:
     """Refuse a user-chosen output path (`flag` names it) that would replace or land inside what must be
     kept; checked before any work, whether or not the path exists yet. `sources`: what the command
     reads, each with what it is ("the run dir this command reads"); `own`: the command's own places
@@ -36,8 +35,10 @@ def check_output(path: Path, flag: str, *, sources: Mapping[Path, str] | None = 
     path = Path(path)
     reason = _never_replaced(path) or _source_reason(path, sources or {}, own) or _run_reason(path, own, inside=True)
     if reason:
-        raise LrftError(f"{flag}: {path} {reason}; lrft never writes an output there, whatever the flags; "
-                        f"give {flag} a new path elsewhere")
+        raise LrftError(
+            f"{flag}: {path} {reason}; lrft never writes an output there, whatever the flags; "
+            f"give {flag} a new path elsewhere"
+        )
 
 
 def check_replaceable(path: Path, flag: str | None = None) -> None:
@@ -48,8 +49,10 @@ def check_replaceable(path: Path, flag: str | None = None) -> None:
     reason = _never_replaced(path) or _run_reason(path, (), inside=False)
     if reason:
         where = f"{flag}: {path}" if flag else str(path)
-        raise LrftError(f"{where} {reason}; lrft never replaces it, whatever the flags"
-                        + (f"; give {flag} a new path" if flag else ""))
+        raise LrftError(
+            f"{where} {reason}; lrft never replaces it, whatever the flags"
+            + (f"; give {flag} a new path" if flag else "")
+        )
 
 
 def check_restartable(run_dir: Path, layout: Collection[str]) -> None:
@@ -58,19 +61,25 @@ def check_restartable(run_dir: Path, layout: Collection[str]) -> None:
     run_dir = Path(run_dir)
     reason = _never_replaced(run_dir)
     if reason:
-        raise LrftError(f"--restart: the run dir {run_dir} {reason}; lrft never deletes it; set output.dir and "
-                        f"name so that the run has a dir of its own")
+        raise LrftError(
+            f"--restart: the run dir {run_dir} {reason}; lrft never deletes it; set output.dir and "
+            f"name so that the run has a dir of its own"
+        )
     if not run_dir.is_dir():
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in layout and not is_temporary(p.name))
     if foreign:
         listed = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-        raise LrftError(f"--restart: {run_dir} holds {listed} besides the run's own files; --restart deletes the "
-                        f"whole run dir, so move those out first (or set name=... to start a new run)")
+        raise LrftError(
+            f"--restart: {run_dir} holds {listed} besides the run's own files; --restart deletes the "
+            f"whole run dir, so move those out first (or set name=... to start a new run)"
+        )
     nested = _run_below(run_dir)
     if nested is not None:
-        raise LrftError(f"--restart: {run_dir} holds another lrft run dir, {nested}; --restart deletes the whole "
-                        f"run dir, so move that run out first (or set name=... to start a new run)")
+        raise LrftError(
+            f"--restart: {run_dir} holds another lrft run dir, {nested}; --restart deletes the whole "
+            f"run dir, so move that run out first (or set name=... to start a new run)"
+        )
 
 
 def remove_run_dir(run_dir: Path, layout: Collection[str]) -> None:
@@ -96,6 +105,7 @@ def run_dir_holding(path: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ reasons
+
 
 def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))

@@ -24,15 +24,25 @@ def init_recipe(method: str, task: str, model: str, output: Path | None = None, 
     if output is not None and output.exists() and not force:
         raise LrftError(f"--output: {output} already exists; pass --force to overwrite it")
     name = output.stem if output is not None else f"{task.replace('/', '_')}_{method}"
-    recipe = validate({"name": name, "model": {"name": model}, "data": {"task": task},
-                       "adapter": {"method": method, "params": {}}, "train": {"lr": m.suggested_lr}})
+    recipe = validate(
+        {
+            "name": name,
+            "model": {"name": model},
+            "data": {"task": task},
+            "adapter": {"method": method, "params": {}},
+            "train": {"lr": m.suggested_lr},
+        }
+    )
     if get_task(task).problem != "causal_lm":  # the head's own lr, written out so a changed lr leaves it be
         recipe.train.head_lr = recipe.train.head_learning_rate
-    text = commented_yaml(recipe, [
-        f"lrft recipe: {m.summary}",
-        f"run:       lrft train {output or 'recipe.yaml'}",
-        f"override:  lrft train {output or 'recipe.yaml'} train.lr=1e-3 adapter.params.rank=16",
-    ])
+    text = commented_yaml(
+        recipe,
+        [
+            f"lrft recipe: {m.summary}",
+            f"run:       lrft train {output or 'recipe.yaml'}",
+            f"override:  lrft train {output or 'recipe.yaml'} train.lr=1e-3 adapter.params.rank=16",
+        ],
+    )
     if output is None:
         return text
     atomic_write_text(output, text)

@@ -110,13 +110,17 @@ def load_saved_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     missing = [k for k in expected if k not in state]
     if unexpected or missing:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise LrftError(f"{source}: the adapter does not fit this model ({detail}); was it trained on another base "
-                        f"model or with other target_modules?")
+        raise LrftError(
+            f"{source}: the adapter does not fit this model ({detail}); was it trained on another base "
+            f"model or with other target_modules?"
+        )
     wrong = [k for k, v in state.items() if own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
-        raise LrftError(f"{source}: tensor {k} has shape {tuple(state[k].shape)} but the model expects "
-                        f"{tuple(own[k].shape)}; the adapter was trained on another base model")
+        raise LrftError(
+            f"{source}: tensor {k} has shape {tuple(state[k].shape)} but the model expects "
+            f"{tuple(own[k].shape)}; the adapter was trained on another base model"
+        )
     model.load_state_dict(state, strict=False)
 
 
@@ -132,8 +136,10 @@ def merge(model: nn.Module) -> nn.Module:
         delta = wrapper.adapter.delta_weight().to(w.device)
         merged = w.float() + (delta.T if wrapper.transposed else delta)
         if not torch.isfinite(merged).all():
-            raise LrftError(f"merge: {name} holds NaN or Inf after adding its update; the adapter is broken "
-                            f"(check the run's metrics.jsonl for a diverged loss)")
+            raise LrftError(
+                f"merge: {name} holds NaN or Inf after adding its update; the adapter is broken "
+                f"(check the run's metrics.jsonl for a diverged loss)"
+            )
         w.copy_(merged.to(w.dtype))
         _set_submodule(model, name, wrapper.base)
     if hasattr(model, SHARED_NAME):

@@ -30,8 +30,21 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 CHUNK_TOKENS = 512  # positions whose logits exist at once: 512 × 49,152 fp32 = 100 MB for SmolLM2
 # causal LMs whose logits are exactly lm_head(final hidden states), soft-capped where the config says
-PLAIN_LOGITS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
-                "smollm3", "olmo", "olmo2"}
+PLAIN_LOGITS = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "smollm3",
+    "olmo",
+    "olmo2",
+}
 
 
 class Objective(ABC):
@@ -68,8 +81,11 @@ class ResponseTokenLoss(Objective):
         return batch_loss(model, core, batch)
 
 
-OBJECTIVES: dict[str, Objective] = {"classification": ExampleLoss(), "regression": ExampleLoss(),
-                                    "causal_lm": ResponseTokenLoss()}
+OBJECTIVES: dict[str, Objective] = {
+    "classification": ExampleLoss(),
+    "regression": ExampleLoss(),
+    "causal_lm": ResponseTokenLoss(),
+}
 
 
 def objective_for(problem: str) -> Objective:
@@ -90,8 +106,12 @@ def batch_loss(model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]
 
 def chunkable(core: nn.Module, batch: dict) -> bool:
     labels = batch.get("labels")
-    return (labels is not None and labels.dim() == 2 and getattr(core.config, "model_type", None) in PLAIN_LOGITS
-            and isinstance(core.get_output_embeddings(), nn.Linear))
+    return (
+        labels is not None
+        and labels.dim() == 2
+        and getattr(core.config, "model_type", None) in PLAIN_LOGITS
+        and isinstance(core.get_output_embeddings(), nn.Linear)
+    )
 
 
 @contextmanager
@@ -121,7 +141,7 @@ class ChunkedLossHead(nn.Module):
         states, targets = hidden[:, :-1][keep], targets[keep]
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, len(targets), CHUNK_TOKENS):
-            chunk = (states[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS])
+            chunk = (states[start : start + CHUNK_TOKENS], targets[start : start + CHUNK_TOKENS])
             if torch.is_grad_enabled():
                 total = total + checkpoint(self.chunk_loss, *chunk, use_reentrant=False)
             else:

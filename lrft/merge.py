@@ -51,16 +51,30 @@ CAUSAL_PARITY_TOKENS = 128  # logits of a causal LM are (tokens × vocab): a sho
 GENERATION_PROMPTS, GENERATION_TOKENS = 3, 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a merge does, in order (the notes of its progress).
-MERGE_STEPS = ("loading the adapted model", "the adapted model's outputs", "merging", "the merged model's outputs",
-               "writing", "the written model's outputs")
+MERGE_STEPS = (
+    "loading the adapted model",
+    "the adapted model's outputs",
+    "merging",
+    "the merged model's outputs",
+    "writing",
+    "the written model's outputs",
+)
 
 
 FORMATS = ("hf", "peft")  # `--format`: a merged model dir, or the adapter as a PEFT LoRA dir
 
 
-def merge_command(run_dir: str | Path, out: Path, *, format: str = "hf", dtype: str | None = None,
-                  force: bool = False, task: str | None = None, base: str | None = None,
-                  data_path: str | None = None) -> dict:
+def merge_command(
+    run_dir: str | Path,
+    out: Path,
+    *,
+    format: str = "hf",
+    dtype: str | None = None,
+    force: bool = False,
+    task: str | None = None,
+    base: str | None = None,
+    data_path: str | None = None,
+) -> dict:
     """`lrft merge`: `merge_run` (format hf) or `export_run` (format peft); its report."""
     if format not in FORMATS:
         raise LrftError(f"--format: unknown {format!r}; choose hf (a merged model) or peft (a PEFT LoRA adapter)")
@@ -86,8 +100,16 @@ def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict:
         return peft_format.export(opened, out, force)
 
 
-def merge_run(run_dir: str | Path, out: Path, *, dtype: str | None = None, force: bool = False,
-              task: str | None = None, base: str | None = None, data_path: str | None = None) -> dict:
+def merge_run(
+    run_dir: str | Path,
+    out: Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    task: str | None = None,
+    base: str | None = None,
+    data_path: str | None = None,
+) -> dict:
     """Write the merged model to `out` (atomically) and return the parity report.
 
     `run_dir` is an lrft run dir or a PEFT LoRA dir (then `task` and `base` may be needed).
@@ -100,8 +122,16 @@ def merge_run(run_dir: str | Path, out: Path, *, dtype: str | None = None, force
         return _merge(run_dir, out, dtype, force, task, base, data_path, phase)
 
 
-def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None, base: str | None,
-           data_path: str | None, phase: console.Phase) -> dict:
+def _merge(
+    run_dir,
+    out: Path,
+    dtype: str | None,
+    force: bool,
+    task: str | None,
+    base: str | None,
+    data_path: str | None,
+    phase: console.Phase,
+) -> dict:
     step = iter(MERGE_STEPS)
     phase.update(0, note=next(step))
     opened = _open_to_merge(run_dir, out, task, base, force)
@@ -117,9 +147,15 @@ def _merge(run_dir, out: Path, dtype: str | None, force: bool, task: str | None,
     phase.advance(note=next(step))
     kept = update_kept(model, target) if target != base_dtype else None
     merge(model)
-    report = {"run_dir": str(run_dir), "out": str(out), "method": config["method"], "task": a.task.name,
-              "data_source": data_source, "dtype": str(target).removeprefix("torch."),
-              "parity_examples": int(batch["input_ids"].shape[0])}
+    report = {
+        "run_dir": str(run_dir),
+        "out": str(out),
+        "method": config["method"],
+        "task": a.task.name,
+        "data_source": data_source,
+        "dtype": str(target).removeprefix("torch."),
+        "parity_examples": int(batch["input_ids"].shape[0]),
+    }
     phase.advance(note=next(step))
     merged = _merged_logits(model, batch, before, base_dtype, target, kept, report)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -147,14 +183,23 @@ def _open_to_merge(run_dir, out: Path, task: str | None, base: str | None, force
     """The run or PEFT dir `lrft merge` folds, once `out` is checked to replace nothing it reads."""
     opened = open_adapted(run_dir, task=task, base=base, force=force)
     if opened is None:
-        raise LrftError(f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
-                        f"(adapter_config.json + adapter_model.safetensors)")
+        raise LrftError(
+            f"{run_dir}: neither an lrft run dir (recipe.yaml) nor a PEFT LoRA adapter dir "
+            f"(adapter_config.json + adapter_model.safetensors)"
+        )
     _check_out(out, force, read_from(run_dir, opened))
     return opened
 
 
-def _merged_logits(model: torch.nn.Module, batch: dict, before: torch.Tensor, base_dtype: torch.dtype,
-                   target: torch.dtype, kept: dict | None, report: dict) -> torch.Tensor:
+def _merged_logits(
+    model: torch.nn.Module,
+    batch: dict,
+    before: torch.Tensor,
+    base_dtype: torch.dtype,
+    target: torch.dtype,
+    kept: dict | None,
+    report: dict,
+) -> torch.Tensor:
     """The merged model's logits, in the target dtype (cast to it here); the report gets how far they
     are from the adapted model's (`before`) and, for a cast from fp32, from the fp32 merge."""
     merged = _logits(model, batch)
@@ -169,13 +214,15 @@ def _merged_logits(model: torch.nn.Module, batch: dict, before: torch.Tensor, ba
     return merged
 
 
-def _causal_checks(reloaded, model_dir: Path, prompts: list[list[int]], generated: list[list[int]],
-                   tied: bool) -> dict:
+def _causal_checks(reloaded, model_dir: Path, prompts: list[list[int]], generated: list[list[int]], tied: bool) -> dict:
     """Whether the written causal LM generates what the adapted one did, and keeps tied embeddings tied."""
     emb, head = reloaded.get_input_embeddings(), reloaded.get_output_embeddings()
-    checks = {"generation_identical": _greedy(reloaded, _tokenizer(model_dir), prompts) == generated,
-              "tied_embeddings": bool(emb is not None and head is not None
-                                      and emb.weight.data_ptr() == head.weight.data_ptr())}
+    checks = {
+        "generation_identical": _greedy(reloaded, _tokenizer(model_dir), prompts) == generated,
+        "tied_embeddings": bool(
+            emb is not None and head is not None and emb.weight.data_ptr() == head.weight.data_ptr()
+        ),
+    }
     if tied and not checks["tied_embeddings"]:
         raise RuntimeError("the merged model lost its tied input/output embeddings")
     return checks
@@ -198,17 +245,23 @@ def logit_parity(model, adapted_logits: torch.Tensor, merged_logits: torch.Tenso
     (PARITY_ROUNDING_FACTOR · eps_fp32 · √(depth · width) of it), by merge_report.json's names."""
     scale = float(adapted_logits.abs().max())
     rtol = PARITY_ROUNDING_FACTOR * torch.finfo(torch.float32).eps * rounding_growth(model)
-    return {"max_abs_logit_diff": _maxdiff(merged_logits, adapted_logits), "max_abs_logit": scale,
-            "parity_rtol": rtol, "parity_tolerance": rtol * scale}
+    return {
+        "max_abs_logit_diff": _maxdiff(merged_logits, adapted_logits),
+        "max_abs_logit": scale,
+        "parity_rtol": rtol,
+        "parity_tolerance": rtol * scale,
+    }
 
 
 def check_fp32_parity(parity: dict) -> None:
     """An fp32 merge equals the adapted model up to float32 rounding (`parity`: logit_parity's numbers);
     anything more is a bug in the merge, never the user's to fix."""
     if parity["max_abs_logit_diff"] > parity["parity_tolerance"]:
-        raise RuntimeError(f"merged model differs from the adapted one by {parity['max_abs_logit_diff']:.3g} > "
-                           f"{parity['parity_tolerance']:.3g} ({parity['parity_rtol']:.2g} of the adapted model's "
-                           f"max |logit| {parity['max_abs_logit']:.3g}, float32 rounding) in fp32")
+        raise RuntimeError(
+            f"merged model differs from the adapted one by {parity['max_abs_logit_diff']:.3g} > "
+            f"{parity['parity_tolerance']:.3g} ({parity['parity_rtol']:.2g} of the adapted model's "
+            f"max |logit| {parity['max_abs_logit']:.3g}, float32 rounding) in fp32"
+        )
 
 
 def check_parity(report: dict, target: torch.dtype, kept: dict[str, float] | None) -> None:
@@ -216,17 +269,21 @@ def check_parity(report: dict, target: torch.dtype, kept: dict[str, float] | Non
     if target == torch.float32:
         check_fp32_parity(report)
     if not report["reload_matches_memory"]:
-        console.warn(f"the written model's logits differ from the merged model's in memory by "
-                     f"{report['max_abs_logit_diff_reload_vs_memory']:.3g} (same weights and code should give the "
-                     f"same numbers); compare its outputs before serving it")
+        console.warn(
+            f"the written model's logits differ from the merged model's in memory by "
+            f"{report['max_abs_logit_diff_reload_vs_memory']:.3g} (same weights and code should give the "
+            f"same numbers); compare its outputs before serving it"
+        )
     lost = sorted(name for name, share in (kept or {}).items() if share < UPDATE_KEPT_MIN)
     report["verdict"] = "update_lost_in_rounding" if lost else "ok"
     if lost:
         dtype = report["dtype"]
-        console.warn(f"{len(lost)} of {len(kept)} modules keep less than {UPDATE_KEPT_MIN:.0%} of their update in "
-                     f"{dtype} (e.g. {lost[0]}: {kept[lost[0]]:.0%}): ΔW is below the resolution of {dtype} "
-                     f"weights there, so the merged model is closer to the base model than the adapted one is. Merge "
-                     f"in float32, or serve the adapter on the base model (--format peft)")
+        console.warn(
+            f"{len(lost)} of {len(kept)} modules keep less than {UPDATE_KEPT_MIN:.0%} of their update in "
+            f"{dtype} (e.g. {lost[0]}: {kept[lost[0]]:.0%}): ΔW is below the resolution of {dtype} "
+            f"weights there, so the merged model is closer to the base model than the adapted one is. Merge "
+            f"in float32, or serve the adapter on the base model (--format peft)"
+        )
 
 
 def parity_lines(report: dict) -> list[str]:
@@ -241,13 +298,21 @@ def parity_lines(report: dict) -> list[str]:
         verdict = f"identical up to float32 rounding (within {report['parity_tolerance']:.2g})"
     else:
         verdict = f"within {dtype} rounding of the float32 merge" + (
-            f" (every module keeps ≥ {int(kept * 100)}% of its update)" if kept is not None else "")
-    lines = [f"merged model written to {report['out']} ({dtype})",
-             f"parity on {report['parity_examples']} validation examples: {against}: {verdict}"]
+            f" (every module keeps ≥ {int(kept * 100)}% of its update)" if kept is not None else ""
+        )
+    lines = [
+        f"merged model written to {report['out']} ({dtype})",
+        f"parity on {report['parity_examples']} validation examples: {against}: {verdict}",
+    ]
     if "generation_identical" in report:
-        lines.append(f"greedy generations of {GENERATION_PROMPTS} prompts: "
-                     + ("identical to the adapted model's" if report["generation_identical"] else
-                        f"not all identical to the adapted model's ({dtype} rounding)"))
+        lines.append(
+            f"greedy generations of {GENERATION_PROMPTS} prompts: "
+            + (
+                "identical to the adapted model's"
+                if report["generation_identical"]
+                else f"not all identical to the adapted model's ({dtype} rounding)"
+            )
+        )
     return lines
 
 
@@ -332,9 +397,15 @@ def _greedy(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
     out = []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
-        tokens = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=GENERATION_TOKENS,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out.append(tokens[0, len(ids):].tolist())
+        tokens = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=GENERATION_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out.append(tokens[0, len(ids) :].tolist())
     return out
 
 

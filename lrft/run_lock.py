@@ -40,8 +40,10 @@ def writer_lock(directory: Path):
     except Timeout:
         holder = _holder(info_path)
         if not _gone(holder):
-            raise Busy(f"{directory}: {_describe(holder)} is writing it; wait until it is done (or stop it), "
-                       f"or write elsewhere") from None
+            raise Busy(
+                f"{directory}: {_describe(holder)} is writing it; wait until it is done (or stop it), "
+                f"or write elsewhere"
+            ) from None
         Path(lock.lock_file).unlink(missing_ok=True)  # a lock only a file says is held (a soft lock)
         lock.acquire(timeout=0)
     previous = _holder(info_path)

@@ -156,8 +156,10 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[Target]:
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:
         suffixes = sorted({_LAYER_RE.split(n)[-1] for n, _ in linears})
-        raise LrftError(f"adapter.target_modules: {', '.join(repr(p) for p in unmatched)} matched no Linear layer; "
-                        f"this model's Linear layers end with: {', '.join(suffixes)}")
+        raise LrftError(
+            f"adapter.target_modules: {', '.join(repr(p) for p in unmatched)} matched no Linear layer; "
+            f"this model's Linear layers end with: {', '.join(suffixes)}"
+        )
     return targets
 
 

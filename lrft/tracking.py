@@ -17,8 +17,17 @@ from lrft.atomic_files import atomic_write_json
 from lrft.errors import LrftError
 
 # accelerate's tracker names and the pip package that brings each
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
-            "comet_ml": "comet-ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
 IDS_FILE = "ids.json"
 
 
@@ -28,8 +37,10 @@ def check_installed(names: list[str]) -> None:
     available = {str(t) for t in get_available_trackers()}
     missing = [n for n in names if n not in available]
     if missing:
-        raise LrftError(f"train.report_to: {missing[0]} is not installed; install it with "
-                        f"`pip install {PACKAGES[missing[0]]}` or remove it from train.report_to")
+        raise LrftError(
+            f"train.report_to: {missing[0]} is not installed; install it with "
+            f"`pip install {PACKAGES[missing[0]]}` or remove it from train.report_to"
+        )
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -54,9 +65,11 @@ class Trackers:
             return
         ids_path = self.directory / IDS_FILE
         ids = json.loads(ids_path.read_text()) if resumed_at is not None and ids_path.is_file() else {}
-        init = {"wandb": {"id": ids.get("wandb"), "resume": "allow"} if ids.get("wandb") else {},
-                "mlflow": {"run_id": ids["mlflow"]} if ids.get("mlflow") else {},
-                "tensorboard": {"purge_step": resumed_at + 1} if resumed_at is not None else {}}
+        init = {
+            "wandb": {"id": ids.get("wandb"), "resume": "allow"} if ids.get("wandb") else {},
+            "mlflow": {"run_id": ids["mlflow"]} if ids.get("mlflow") else {},
+            "tensorboard": {"purge_step": resumed_at + 1} if resumed_at is not None else {},
+        }
         # a resumed run has logged its configuration already (MLflow refuses a parameter logged twice)
         config = flatten(recipe.model_dump(mode="json")) if resumed_at is None else None
         self.accelerator.init_trackers(recipe.name, config=config, init_kwargs={n: init.get(n, {}) for n in self.names})
@@ -75,8 +88,11 @@ class Trackers:
         """A metrics.jsonl record: its numbers under `<type>/<name>` at its step."""
         if not self.names:
             return
-        values = {f"{record['type']}/{k}": v for k, v in record.items()
-                  if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {
+            f"{record['type']}/{k}": v
+            for k, v in record.items()
+            if k not in ("type", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self.accelerator.log(values, step=record["step"])
 
     def finish(self) -> None:

@@ -28,8 +28,24 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAVE_AGAIN = "download or save the model again"
 HEADER_LENGTH_BYTES = 8  # a little-endian u64: the JSON header's size
 # Bytes per element of safetensors' dtypes; a dtype not listed (a newer sub-byte float) is left to safe_open.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 # What gguf's reader raises on a file cut short or overwritten: its own ValueErrors (magic, version,
 # alignment, duplicates; UnicodeDecodeError is one), numpy's on a view past the end, enum lookups.
 GGUF_READ_ERRORS = (ValueError, IndexError, KeyError, OverflowError, TypeError)
@@ -58,8 +74,11 @@ def weights_file(directory: Path, tensor: str = "") -> Path:
         return directory / SAFE_WEIGHTS
     try:
         weight_map = json.loads((directory / SAFE_INDEX).read_bytes())["weight_map"]
-        shard = next(v for k, v in weight_map.items()
-                     if tensor and (k == tensor or tensor.endswith(f".{k}") or k.endswith(f".{tensor}")))
+        shard = next(
+            v
+            for k, v in weight_map.items()
+            if tensor and (k == tensor or tensor.endswith(f".{k}") or k.endswith(f".{tensor}"))
+        )
         return directory / shard
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
         return directory / SAFE_INDEX
@@ -112,8 +131,14 @@ def _read_header(path: Path, field: str) -> tuple[dict, int, str | None]:
                 return {}, 0, f"cut short: {size} bytes, fewer than the {HEADER_LENGTH_BYTES} of its header length"
             length = int.from_bytes(prefix, "little")
             if length > size - HEADER_LENGTH_BYTES:
-                return {}, 0, (f"cut short or not safetensors: its first {HEADER_LENGTH_BYTES} bytes announce "
-                               f"a {length}-byte header, the file has {size} bytes")
+                return (
+                    {},
+                    0,
+                    (
+                        f"cut short or not safetensors: its first {HEADER_LENGTH_BYTES} bytes announce "
+                        f"a {length}-byte header, the file has {size} bytes"
+                    ),
+                )
             raw = f.read(length)
     except OSError as e:
         raise LrftError(f"{field}: cannot read {path}: {e.strerror or e}; check its permissions") from None
@@ -134,8 +159,12 @@ def _tensor_problem(name: str, info) -> str | None:
     shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
     if not (isinstance(shape, list) and all(_natural(d) for d in shape)):
         return f"tensor {name}: its shape {shape!r} is not a list of sizes"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_natural(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
         return f"tensor {name}: its data_offsets {offsets!r} are not [begin, end]"
     if not isinstance(dtype, str):
         return f"tensor {name}: its dtype {dtype!r} is not a name"
@@ -159,14 +188,14 @@ def check_index(index: Path, field: str = "model.name") -> None:
     except ValueError as e:
         raise damaged(field, index, f"not valid JSON: {_first_line(e)[:80]}") from None
     weight_map = mapping.get("weight_map") if isinstance(mapping, dict) else None
-    if not (isinstance(weight_map, dict) and weight_map
-            and all(isinstance(v, str) and v for v in weight_map.values())):
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) and v for v in weight_map.values())):
         raise damaged(field, index, "no weight_map of tensor names to shard files")
     for shard_name in sorted(set(weight_map.values())):
         shard = index.parent / shard_name
         if not shard.is_file():
-            raise LrftError(f"{field}: {index} names the shard {shard_name}, which is not in {index.parent}; "
-                            f"{SAVE_AGAIN}")
+            raise LrftError(
+                f"{field}: {index} names the shard {shard_name}, which is not in {index.parent}; {SAVE_AGAIN}"
+            )
         held = check_safetensors(shard, field)
         absent = sorted(k for k, v in weight_map.items() if v == shard_name and k not in held)
         if absent:
@@ -183,9 +212,13 @@ def check_gguf(path: Path, field: str = "model.gguf_file") -> None:
     try:
         reader = gguf.GGUFReader(str(path))
     except GGUF_READ_ERRORS as e:
-        raise damaged(field, path, f"cut short or overwritten: its header or tensor table does not fit its "
-                                   f"{path.stat().st_size} bytes ({type(e).__name__}: {_first_line(e)[:80]})",
-                      fix) from None
+        raise damaged(
+            field,
+            path,
+            f"cut short or overwritten: its header or tensor table does not fit its "
+            f"{path.stat().st_size} bytes ({type(e).__name__}: {_first_line(e)[:80]})",
+            fix,
+        ) from None
     except OSError as e:
         raise LrftError(f"{field}: cannot read {path}: {e.strerror or e}; check its permissions") from None
     arch = _field_text(reader, "general.architecture")
@@ -203,9 +236,18 @@ def _gguf_sizes_problem(reader, arch: str) -> str | None:
     blocks = {int(m.group(1)) for name in tensors if (m := _BLOCK_RE.match(name))}
     embedding, q_proj = tensors.get("token_embd.weight"), tensors.get("blk.0.attn_q.weight")
     ffn = tensors.get("blk.0.ffn_up.weight", []) + tensors.get("blk.0.ffn_down.weight", [])
-    number = {key: _field_number(reader, f"{arch}.{key}") for key in
-              ("block_count", "embedding_length", "feed_forward_length", "vocab_size", "context_length",
-               "attention.head_count", "attention.head_count_kv")}
+    number = {
+        key: _field_number(reader, f"{arch}.{key}")
+        for key in (
+            "block_count",
+            "embedding_length",
+            "feed_forward_length",
+            "vocab_size",
+            "context_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+        )
+    }
     for key, present in (("block_count", blocks), ("embedding_length", embedding)):
         if present and number[key] is None:  # transformers would build its default size (4096 wide, 32 deep)
             return f"its header has no number {arch}.{key}"
@@ -213,17 +255,28 @@ def _gguf_sizes_problem(reader, arch: str) -> str | None:
     position = tensors.get("position_embd.weight")
     checks = [  # (holds, what the header says, what the tensors have)
         (not blocks or number["block_count"] in (None, len(blocks)), "block_count", len(blocks)),
-        (not embedding or number["embedding_length"] in (None, embedding[0]), "embedding_length",
-         embedding and embedding[0]),
-        (not ffn or number["feed_forward_length"] in (None, *ffn, *(2 * n for n in ffn)), "feed_forward_length",
-         ffn),
-        (not embedding or number["vocab_size"] is None or number["vocab_size"] <= embedding[1], "vocab_size",
-         embedding and f"embeddings for {embedding[1]} tokens"),
+        (
+            not embedding or number["embedding_length"] in (None, embedding[0]),
+            "embedding_length",
+            embedding and embedding[0],
+        ),
+        (not ffn or number["feed_forward_length"] in (None, *ffn, *(2 * n for n in ffn)), "feed_forward_length", ffn),
+        (
+            not embedding or number["vocab_size"] is None or number["vocab_size"] <= embedding[1],
+            "vocab_size",
+            embedding and f"embeddings for {embedding[1]} tokens",
+        ),
         (not position or number["context_length"] in (None, position[1]), "context_length", position and position[1]),
-        (not q_proj or heads is None or 0 < heads <= q_proj[1], "attention.head_count",
-         q_proj and f"a query projection of {q_proj[1]} outputs"),
-        (not q_proj or kv_heads is None or 0 < kv_heads <= (heads or 0), "attention.head_count_kv",
-         f"{heads} query heads"),
+        (
+            not q_proj or heads is None or 0 < heads <= q_proj[1],
+            "attention.head_count",
+            q_proj and f"a query projection of {q_proj[1]} outputs",
+        ),
+        (
+            not q_proj or kv_heads is None or 0 < kv_heads <= (heads or 0),
+            "attention.head_count_kv",
+            f"{heads} query heads",
+        ),
     ]
     for holds, key, found in checks:
         if not holds:

@@ -76,9 +76,15 @@ def finished_runs(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     shutil.copytree(tiny_model_dir, root / "model")
     shutil.copytree(tiny_data_dir, root / "data")
     for name, method in (("good", "lora"), ("ta", "talora")):
-        recipe = recipe_dict(root / "model", root / "data", root / "runs", method, name,
-                             train={"max_steps": 2, "batch_size": 16, "log_every": 10, "epochs": 3, "lr": 5e-4},
-                             calibration={"samples": 16, "batch_size": 8})
+        recipe = recipe_dict(
+            root / "model",
+            root / "data",
+            root / "runs",
+            method,
+            name,
+            train={"max_steps": 2, "batch_size": 16, "log_every": 10, "epochs": 3, "lr": 5e-4},
+            calibration={"samples": 16, "batch_size": 8},
+        )
         result = CliRunner().invoke(app, ["train", str(write_recipe(root / f"{name}.yaml", recipe))])
         assert result.exit_code == 0, result.stderr
     return root

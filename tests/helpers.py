@@ -27,8 +27,10 @@ ROOT = Path(__file__).parents[1]
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["good", "bad", "great", "awful", "film", "movie", "plot", "the", "was", "a", "very", "not", "and", "it"]
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
-                      "{% if add_generation_prompt %}assistant:{% endif %}")
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def tiny_vocab() -> list[str]:
@@ -44,9 +46,18 @@ def tiny_lm_vocab() -> list[str]:
 def tiny_bert_config(**kw):
     from transformers import BertConfig
 
-    values = dict(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=128, type_vocab_size=2, num_labels=2,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    values = dict(
+        vocab_size=len(tiny_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     values.update(kw)
     return BertConfig(**values)
 
@@ -62,9 +73,19 @@ def tiny_llama_config(**kw):
     """A tiny Llama with grouped-query attention: 4 query heads share 2 key/value heads."""
     from transformers import LlamaConfig
 
-    values = dict(vocab_size=len(tiny_lm_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                  bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    values = dict(
+        vocab_size=len(tiny_lm_vocab()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
     values.update(kw)
     return LlamaConfig(**values)
 
@@ -80,34 +101,76 @@ def tiny_llama(seed: int = 0, **kw):
 # (Gemma 3: 40), built from a config. Qwen 3 and Gemma 3 have head_dim ≠ hidden / heads, as the real
 # ones; the decoders use grouped-query attention where the family has it. Values: transformers
 # config class, model class, config values beyond SHARED, and the attention projections q, k, v, o.
-SHARED = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+SHARED = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64
+)
 DECODER = dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FAMILIES = {
     "bert": ("BertConfig", "BertForSequenceClassification", {}, ["query", "key", "value", "attention.output.dense"]),
-    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", dict(pad_token_id=1),
-                ["query", "key", "value", "attention.output.dense"]),
-    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
-                   dict(relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
-                        share_att_key=True, position_buckets=16, norm_rel_ebd="layer_norm"),
-                   ["query_proj", "key_proj", "value_proj", "attention.output.dense"]),
-    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
-                   dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64), ["q_lin", "k_lin", "v_lin", "out_lin"]),
-    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification",
-                   dict(pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
-                        global_attn_every_n_layers=2, local_attention=8), ["Wqkv", "attn.Wo"]),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
-                                                   eos_token_id=3), ["c_attn", "attn.c_proj"]),
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        dict(pad_token_id=1),
+        ["query", "key", "value", "attention.output.dense"],
+    ),
+    "deberta-v2": (
+        "DebertaV2Config",
+        "DebertaV2ForSequenceClassification",
+        dict(
+            relative_attention=True,
+            position_biased_input=False,
+            pos_att_type=["p2c", "c2p"],
+            share_att_key=True,
+            position_buckets=16,
+            norm_rel_ebd="layer_norm",
+        ),
+        ["query_proj", "key_proj", "value_proj", "attention.output.dense"],
+    ),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+        ["q_lin", "k_lin", "v_lin", "out_lin"],
+    ),
+    "modernbert": (
+        "ModernBertConfig",
+        "ModernBertForSequenceClassification",
+        dict(
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+            global_attn_every_n_layers=2,
+            local_attention=8,
+        ),
+        ["Wqkv", "attn.Wo"],
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2, eos_token_id=3),
+        ["c_attn", "attn.c_proj"],
+    ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER, LLAMA_STYLE),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(DECODER, sliding_window=8), LLAMA_STYLE),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER, LLAMA_STYLE),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(DECODER, head_dim=16), LLAMA_STYLE),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(DECODER, head_dim=8, sliding_window=8), LLAMA_STYLE),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(DECODER, hidden_size=40, num_key_value_heads=1, head_dim=16, sliding_window=8), LLAMA_STYLE),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(DECODER, hidden_size=40, num_key_value_heads=1, head_dim=16, sliding_window=8),
+        LLAMA_STYLE,
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", DECODER, ["qkv_proj", "o_proj"]),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
-                 ["query_key_value", "attention.dense"]),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        ["query_key_value", "attention.dense"],
+    ),
 }
 
 
@@ -155,8 +218,9 @@ def save_lm_tokenizer(d: Path, chat: bool = True):
 def save_tiny_llama(d: Path, chat: bool = True) -> Path:
     """A saved tiny Llama with the tiny LM tokenizer, loadable by model.name."""
     tok = save_lm_tokenizer(d, chat)
-    tiny_llama(seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-               bos_token_id=tok.cls_token_id).save_pretrained(d)
+    tiny_llama(
+        seed=0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id
+    ).save_pretrained(d)
     return d
 
 
@@ -169,6 +233,7 @@ def save_tiny_family(d: Path, family: str) -> Path:
 
 
 # -------------------------------------------------------------------------------------- tiny data
+
 
 def make_sentences(n: int, seed: int) -> list[dict]:
     """Sentences whose label is 1 iff they contain a positive word: learnable in a few steps."""
@@ -199,8 +264,10 @@ def write_glue_mrpc(d: Path) -> Path:
     """A tiny GLUE MRPC dir in GLUE's own layout (train.tsv, dev.tsv) of make_sentences pairs."""
     d.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", 64, 1), ("dev", 32, 2)):
-        rows = [f"{r['label']}\t{i}\t{i + 1}\t{r['text']}\t{r['text'][::-1]}\n"
-                for i, r in enumerate(make_sentences(n, seed))]
+        rows = [
+            f"{r['label']}\t{i}\t{i + 1}\t{r['text']}\t{r['text'][::-1]}\n"
+            for i, r in enumerate(make_sentences(n, seed))
+        ]
         (d / f"{split}.tsv").write_text(MRPC_HEADER + "".join(rows))
     return d
 
@@ -215,23 +282,39 @@ def write_splits(d: Path, make, splits) -> Path:
 
 # ---------------------------------------------------------------------------------------- recipes
 
-CLASSIFICATION = {"data": {"task": "text-classification", "max_length": 16},
-                  "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1}}
-CAUSAL = {"data": {"task": "gsm8k", "max_length": 48, "max_new_tokens": 8},
-          "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-          "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
-          "calibration": {"samples": 8, "batch_size": 4}}
+CLASSIFICATION = {
+    "data": {"task": "text-classification", "max_length": 16},
+    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1},
+}
+CAUSAL = {
+    "data": {"task": "gsm8k", "max_length": 48, "max_new_tokens": 8},
+    "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
+    "calibration": {"samples": 8, "batch_size": 4},
+}
 
 
-def recipe_dict(model_dir: Path, data_dir: Path, out_dir: Path, method: str = "lora", name: str = "tiny",
-                causal: bool = False, **sections) -> dict:
+def recipe_dict(
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    method: str = "lora",
+    name: str = "tiny",
+    causal: bool = False,
+    **sections,
+) -> dict:
     """The tiny recipe: a classification task on the tiny BERT (or gsm8k on the tiny Llama with
     `causal`), rank 4, seed 0; `sections` update its sections key by key (or replace a scalar)."""
     shape = CAUSAL if causal else CLASSIFICATION
-    recipe = {"name": name, "seed": 0, "model": {"name": str(model_dir)},
-              "data": {**shape["data"], "path": str(data_dir)},
-              "adapter": {"method": method, **shape.get("adapter", {}), "params": {"rank": 4}},
-              "train": dict(shape["train"]), "output": {"dir": str(out_dir)}}
+    recipe = {
+        "name": name,
+        "seed": 0,
+        "model": {"name": str(model_dir)},
+        "data": {**shape["data"], "path": str(data_dir)},
+        "adapter": {"method": method, **shape.get("adapter", {}), "params": {"rank": 4}},
+        "train": dict(shape["train"]),
+        "output": {"dir": str(out_dir)},
+    }
     if "calibration" in shape:
         recipe["calibration"] = dict(shape["calibration"])
     for key, value in sections.items():
@@ -248,9 +331,9 @@ def markdown_block(page: str, heading: str, language: str = "bash") -> str:
     """The first code block of `language` under a heading of one of the repo's Markdown files
     (`README.md`, `docs/serving.md`, ...), as written there."""
     text = (ROOT / page).read_text(encoding="utf-8")
-    section = text[text.index(f"\n{heading}\n"):]
-    block = section[section.index(f"```{language}\n") + len(f"```{language}\n"):]
-    return block[:block.index("```")]
+    section = text[text.index(f"\n{heading}\n") :]
+    block = section[section.index(f"```{language}\n") + len(f"```{language}\n") :]
+    return block[: block.index("```")]
 
 
 def readme_commands(heading: str) -> list[str]:
@@ -264,8 +347,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under `root`, by relative path: what a command must leave as it was."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 # --------------------------------------------------------------------- the method matrix on modules
@@ -307,8 +393,15 @@ def calibration_for(model, targets, needs):
     from lrft.recipe import CalibrationConfig
 
     causal = is_causal(model)
-    return run(model, targets, calibration_features(), [[0, 1, 2], [3, 4, 5]], lambda f: pad_collate(f, causal),
-               needs, CalibrationConfig())
+    return run(
+        model,
+        targets,
+        calibration_features(),
+        [[0, 1, 2], [3, 4, 5]],
+        lambda f: pad_collate(f, causal),
+        needs,
+        CalibrationConfig(),
+    )
 
 
 def build(method: str, seed: int = 0, model=None, targets=("query", "value"), **params):
@@ -322,7 +415,9 @@ def build(method: str, seed: int = 0, model=None, targets=("query", "value"), **
     m = methods.get(method)
     found = find_targets(model, list(targets))
     p = m.params(**{"rank": 4, **params})
-    ctx = BuildContext(seed=seed, model_config=model.config, calibration=calibration_for(model, found, m.calibration(p)))
+    ctx = BuildContext(
+        seed=seed, model_config=model.config, calibration=calibration_for(model, found, m.calibration(p))
+    )
     built = m.build(found, p, ctx)
     inject(model, found, built)
     set_head_trainable(model, True)
@@ -379,6 +474,7 @@ def visible_update(model, base_hidden: torch.Tensor, b: dict) -> dict[str, torch
 
 
 # ------------------------------------------------------------------------------------ tolerances
+
 
 def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: float, msg: str = "") -> None:
     """got ≈ want entry by entry within `tol` of want's largest |entry|: float error in a tensor is a share
@@ -437,27 +533,61 @@ main()
 
 def lrft(*args, patch: tuple[str, int] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lrft ARGS` in a real process (with `patch` = (mode, n): see PATCHED_LRFT)."""
-    cmd = [sys.executable, "-c", PATCHED_LRFT, patch[0], str(patch[1]), "any"] if patch else [sys.executable, "-m", "lrft"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    cmd = (
+        [sys.executable, "-c", PATCHED_LRFT, patch[0], str(patch[1]), "any"]
+        if patch
+        else [sys.executable, "-m", "lrft"]
+    )
+    return subprocess.run(
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
-def launch(*args, processes: int = 2, patch: tuple[str, int, int] | None = None, config: Path | None = None,
-           script_dir: Path | None = None) -> subprocess.CompletedProcess:
+def launch(
+    *args,
+    processes: int = 2,
+    patch: tuple[str, int, int] | None = None,
+    config: Path | None = None,
+    script_dir: Path | None = None,
+) -> subprocess.CompletedProcess:
     """`lrft ARGS` under accelerate's launcher with `processes` processes (gloo on the CPU); with
     `patch` = (mode, n, rank) the given rank hurts itself (PATCHED_LRFT); `config`: an accelerate config."""
-    how = ["--config_file", str(config)] if config else ["--multi_gpu", "--mixed_precision", "no",
-                                                          "--dynamo_backend", "no"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
-           "--num_machines", "1", "--main_process_port", "0"]
+    how = (
+        ["--config_file", str(config)]
+        if config
+        else ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *how,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+    ]
     if patch:
         script = Path(script_dir) / "patched_lrft.py"
         script.write_text(PATCHED_LRFT)
         cmd += [str(script), patch[0], str(patch[1]), str(patch[2])]
     else:
         cmd += ["-m", "lrft"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:
@@ -486,7 +616,7 @@ HEADER_BYTES = 8  # a safetensors file: a little-endian u64, the JSON header's l
 def safetensors_header(data: bytes) -> tuple[dict, bytes]:
     """(the JSON header, the tensor data) of a safetensors file's bytes."""
     length = int.from_bytes(data[:HEADER_BYTES], "little")
-    return json.loads(data[HEADER_BYTES:HEADER_BYTES + length]), data[HEADER_BYTES + length:]
+    return json.loads(data[HEADER_BYTES : HEADER_BYTES + length]), data[HEADER_BYTES + length :]
 
 
 def with_header(header: dict, body: bytes) -> bytes:
@@ -546,9 +676,15 @@ def save_tiny_gguf(path: Path) -> Path:
 
     w.add_tensor("token_embd.weight", weights(vocab, hidden))
     for i in range(layers):
-        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * 8, hidden)),
-                            ("attn_v", (kv_heads * 8, hidden)), ("attn_output", (hidden, hidden)),
-                            ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)), ("ffn_down", (hidden, ff))):
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv_heads * 8, hidden)),
+            ("attn_v", (kv_heads * 8, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ff, hidden)),
+            ("ffn_up", (ff, hidden)),
+            ("ffn_down", (hidden, ff)),
+        ):
             w.add_tensor(f"blk.{i}.{name}.weight", weights(*shape))
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))

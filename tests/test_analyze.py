@@ -33,6 +33,7 @@ def factors(rng, out_f: int, in_f: int, r: int) -> tuple[np.ndarray, np.ndarray]
 
 # ======================================================================= numeric core vs dense numpy
 
+
 def test_low_rank_svd_matches_dense():
     rng = np.random.default_rng(0)
     A, B = factors(rng, 20, 15, 3)
@@ -60,7 +61,8 @@ def test_inner_cosine_and_distance_match_dense():
     d1, d2 = B1 @ A1, B2 @ A2
     assert an.update_inner(A1, B1, A2, B2) == pytest.approx(np.sum(d1 * d2))
     assert an.cosine_similarity(A1, B1, A2, B2) == pytest.approx(
-        np.sum(d1 * d2) / (np.linalg.norm(d1) * np.linalg.norm(d2)))
+        np.sum(d1 * d2) / (np.linalg.norm(d1) * np.linalg.norm(d2))
+    )
     assert an.relative_frobenius(A1, B1, A2, B2) == pytest.approx(np.linalg.norm(d1 - d2) / np.linalg.norm(d2))
 
 
@@ -137,18 +139,27 @@ def test_grid_rows_and_labels():
     def mod(name, kind):
         return ModuleUpdate(name, kind, None, (2, 2), np.zeros((1, 2)), np.zeros((2, 1)), {}, {})
 
-    names = [("bert.encoder.layer.0.attention.self.query", "query"), ("bert.encoder.layer.0.attention.self.value", "value"),
-             ("bert.encoder.layer.11.attention.self.query", "query")]
+    names = [
+        ("bert.encoder.layer.0.attention.self.query", "query"),
+        ("bert.encoder.layer.0.attention.self.value", "value"),
+        ("bert.encoder.layer.11.attention.self.query", "query"),
+    ]
     grid = Grid({n: mod(n, k) for n, k in names})
     assert grid.rows == ["bert.encoder.layer.0", "bert.encoder.layer.11"] and grid.cols == ["query", "value"]
     assert grid.label(names[2][0]) == "L11 query"
     m = grid.matrix({names[1][0]: 0.5, names[2][0]: None})
     assert m[0, 1] == 0.5 and np.isnan(m[1, 0]) and np.isnan(m[0, 0])
-    t5 = Grid({"encoder.block.0.layer.0.SelfAttention.q": mod("a", "q"), "decoder.block.0.layer.0.SelfAttention.q": mod("b", "q")})
+    t5 = Grid(
+        {
+            "encoder.block.0.layer.0.SelfAttention.q": mod("a", "q"),
+            "decoder.block.0.layer.0.SelfAttention.q": mod("b", "q"),
+        }
+    )
     assert len(t5.rows) == 2  # encoder and decoder block 0 are different rows
 
 
 # ================================================================================ runs on a tiny BERT
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir):
@@ -160,14 +171,20 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     root = tmp_path_factory.mktemp("analyze")
 
     def train(method: str, name: str, *overrides: str) -> Path:
-        path = write_recipe(root / f"{name}.yaml", recipe_dict(tiny_model_dir, tiny_data_dir, root / "runs", method, name))
+        path = write_recipe(
+            root / f"{name}.yaml", recipe_dict(tiny_model_dir, tiny_data_dir, root / "runs", method, name)
+        )
         result = CliRunner().invoke(app, ["train", str(path), "train.max_steps=2", *overrides])
         assert result.exit_code == 0, result.stderr
         return root / "runs" / name
 
     lora = train("lora", "lora")
-    return {"lora": lora, "tlora": train("tlora", "tlora"), "lora_qk": retarget(lora, root / "lora_qk", "value", "key"),
-            "root": root}
+    return {
+        "lora": lora,
+        "tlora": train("tlora", "tlora"),
+        "lora_qk": retarget(lora, root / "lora_qk", "value", "key"),
+        "root": root,
+    }
 
 
 def retarget(src: Path, dst: Path, old: str, new: str) -> Path:
@@ -181,7 +198,7 @@ def retarget(src: Path, dst: Path, old: str, new: str) -> Path:
     config["base_model"].pop("fingerprint")  # it checksums the trained run's targets, which this copy no longer has
     state = {re.sub(rf"\.{old}\.adapter\.", f".{new}.adapter.", k): v for k, v in state.items()}
     save_adapter(dst / "adapter", state, config)
-    stats = (dst / "adapter_stats.jsonl").read_text().replace(f".{old}\"", f".{new}\"")
+    stats = (dst / "adapter_stats.jsonl").read_text().replace(f'.{old}"', f'.{new}"')
     (dst / "adapter_stats.jsonl").write_text(stats)
     return dst
 
@@ -219,7 +236,9 @@ def dense_updates(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture
 def numbers_only(monkeypatch):
     """Skip the figures (about 0.4 s each) in tests that check numbers and errors only; keep the module choice."""
-    monkeypatch.setattr(lrft.analysis, "write_figures", lambda out_dir, runs, numbers, result, chosen: ([], {"module": chosen}))
+    monkeypatch.setattr(
+        lrft.analysis, "write_figures", lambda out_dir, runs, numbers, result, chosen: ([], {"module": chosen})
+    )
 
 
 class Images(HTMLParser):
@@ -241,8 +260,9 @@ def compared(runs, tmp_path_factory):
     from lrft.cli import app
 
     out = tmp_path_factory.mktemp("report") / "analysis"
-    result = CliRunner().invoke(app, ["analyze", str(runs["tlora"]), "--against", str(runs["lora"]), "--out", str(out),
-                                      "--json"])
+    result = CliRunner().invoke(
+        app, ["analyze", str(runs["tlora"]), "--against", str(runs["lora"]), "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout), out
 
@@ -274,9 +294,11 @@ def test_analysis_json_agrees_with_numpy_on_dense_updates(runs, compared):
         assert r == min(np.linalg.matrix_rank(m, tol=np.linalg.norm(m, 2) * max(m.shape) * eps) for m in (dw, other))
         assert 1 <= r <= 4
         assert data["subspace"]["left"]["per_module"][name] == pytest.approx(
-            np.sum((U1[:, :r].T @ U2[:, :r]) ** 2) / r, abs=1e-4)
+            np.sum((U1[:, :r].T @ U2[:, :r]) ** 2) / r, abs=1e-4
+        )
         assert data["subspace"]["right"]["per_module"][name] == pytest.approx(
-            np.sum((V1t[:r] @ V2t[:r].T) ** 2) / r, abs=1e-4)
+            np.sum((V1t[:r] @ V2t[:r].T) ** 2) / r, abs=1e-4
+        )
     assert data["cosine"]["mean"] == pytest.approx(np.mean(list(data["cosine"]["per_module"].values())))
     assert data["unmatched"] == []
 
@@ -284,9 +306,22 @@ def test_analysis_json_agrees_with_numpy_on_dense_updates(runs, compared):
 def test_report_renders_with_every_figure(compared):
     data, out = compared
     files = [f["file"] for f in data["figures"]]
-    expected = {"loss.png", "singular_values.png", "eigenvalues.png", "effective_rank.png", "histograms.png",
-                "factor_norms.png", "adapter_stats.png", "against_histograms.png", "against_factor_norms.png",
-                "against_adapter_stats.png", "cosine.png", "subspace.png", "rel_frobenius.png", "update_heatmap.png"}
+    expected = {
+        "loss.png",
+        "singular_values.png",
+        "eigenvalues.png",
+        "effective_rank.png",
+        "histograms.png",
+        "factor_norms.png",
+        "adapter_stats.png",
+        "against_histograms.png",
+        "against_factor_norms.png",
+        "against_adapter_stats.png",
+        "cosine.png",
+        "subspace.png",
+        "rel_frobenius.png",
+        "update_heatmap.png",
+    }
     assert expected <= set(files)
     for f in files:
         assert (out / f).read_bytes()[:8] == PNG_SIGNATURE, f
@@ -339,9 +374,14 @@ def test_figures_say_what_they_show(runs, monkeypatch, tmp_path):
         lines = drawn[file].axes[0].get_lines()
         assert len(lines) == 4 and len({tuple(line.get_color()) for line in lines}) == 4, file
         assert lines[0].get_xdata().tolist() == [0, 1, 2]  # a point per logged step (train.log_every is 1)
-    for file, run in (("histograms.png", "tlora"), ("factor_norms.png", "tlora"), ("adapter_stats.png", "tlora"),
-                      ("against_histograms.png", "lora"), ("against_factor_norms.png", "lora"),
-                      ("against_adapter_stats.png", "lora")):
+    for file, run in (
+        ("histograms.png", "tlora"),
+        ("factor_norms.png", "tlora"),
+        ("adapter_stats.png", "tlora"),
+        ("against_histograms.png", "lora"),
+        ("against_factor_norms.png", "lora"),
+        ("against_adapter_stats.png", "lora"),
+    ):
         assert drawn[file].get_suptitle().startswith(f"{run} ({run}): "), file
     for file in ("cosine.png", "subspace.png", "rel_frobenius.png"):
         assert drawn[file].get_suptitle() == "tlora (tlora) vs lora (lora)", file
@@ -371,14 +411,26 @@ window.addEventListener("load", () => {
 
 def chromium(*args, profile: Path, width: int, height: int) -> subprocess.CompletedProcess:
     """Headless Chromium, isolated: a fresh profile, no network services, no GPU, no sandbox (root in CI)."""
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-             f"--user-data-dir={profile}", f"--window-size={width},{height}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+    ]
     return subprocess.run([CHROMIUM, *flags, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium); the "
-                                             "report is rendered in a real browser where there is one")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium on this machine (Debian: apt-get install chromium); the "
+    "report is rendered in a real browser where there is one",
+)
 def test_the_report_in_a_real_browser(compared, tmp_path):
     """report.html as a person opens it: in headless Chromium at 1280 px, every figure loads (no broken
     image) and fits, the page has no horizontal scroll bar, and a full-page screenshot is drawn."""
@@ -386,10 +438,17 @@ def test_the_report_in_a_real_browser(compared, tmp_path):
 
     data, out = compared
     probed = tmp_path / "probed.html"  # the report is self-contained: a copy elsewhere renders the same
-    probed.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
-                      encoding="utf-8")
-    run = chromium("--virtual-time-budget=10000", "--dump-dom", probed.as_uri(), profile=tmp_path / "profile-1",
-                   width=REPORT_WIDTH, height=900)
+    probed.write_text(
+        (out / "report.html").read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8"
+    )
+    run = chromium(
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probed.as_uri(),
+        profile=tmp_path / "profile-1",
+        width=REPORT_WIDTH,
+        height=900,
+    )
     found = re.search(r'<pre id="lrft-probe">(.*?)</pre>', run.stdout, re.S)
     assert found, run.stderr[-2000:]
     page = json.loads(html_lib.unescape(found.group(1)))
@@ -400,8 +459,13 @@ def test_the_report_in_a_real_browser(compared, tmp_path):
     assert page["viewport"] == REPORT_WIDTH and page["scrollWidth"] <= page["viewport"], page["scrollWidth"]
 
     shot = tmp_path / "report.png"
-    run = chromium(f"--screenshot={shot}", (out / "report.html").as_uri(), profile=tmp_path / "profile-2",
-                   width=REPORT_WIDTH, height=min(page["height"], 16000))
+    run = chromium(
+        f"--screenshot={shot}",
+        (out / "report.html").as_uri(),
+        profile=tmp_path / "profile-2",
+        width=REPORT_WIDTH,
+        height=min(page["height"], 16000),
+    )
     assert shot.is_file(), run.stderr[-2000:]
     from matplotlib.image import imread
 
@@ -426,7 +490,7 @@ def test_known_updates_through_the_cli(runs, cli, numbers_only):
     def complement(M: np.ndarray) -> np.ndarray:
         """Orthonormal columns orthogonal to the columns of M."""
         Q = np.linalg.qr(np.concatenate([M, rng.standard_normal((M.shape[0], M.shape[0]))], axis=1))[0]
-        return Q[:, M.shape[1]: 2 * M.shape[1]]
+        return Q[:, M.shape[1] : 2 * M.shape[1]]
 
     write_lora_factors(base, set_base)
     write_lora_factors(scaled, lambda name, A, B: (chosen[name][0], 3 * chosen[name][1]))
@@ -479,12 +543,15 @@ def test_different_base_model_is_refused(runs, cli):
 
 
 def test_single_run_filters_and_module_choice(runs, cli, numbers_only, tmp_path):
-    code, stdout, stderr = cli("analyze", runs["tlora"], "--modules", "layer.1", "--module", "value",
-                               "--out", tmp_path / "one", "--json")
+    code, stdout, stderr = cli(
+        "analyze", runs["tlora"], "--modules", "layer.1", "--module", "value", "--out", tmp_path / "one", "--json"
+    )
     assert code == 0, stderr
     data = json.loads(stdout)
-    assert list(data["run"]["modules"]) == ["bert.encoder.layer.1.attention.self.query",
-                                            "bert.encoder.layer.1.attention.self.value"]
+    assert list(data["run"]["modules"]) == [
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.value",
+    ]
     assert "cosine" not in data and data["update_heatmap"]["module"].endswith("layer.1.attention.self.value")
     assert "alpha" in data["run"]["modules"]["bert.encoder.layer.1.attention.self.query"]["scalars"]
     # plain output: the report path and a line per module on stdout
@@ -492,11 +559,14 @@ def test_single_run_filters_and_module_choice(runs, cli, numbers_only, tmp_path)
     assert code == 0 and "report.html" in stdout and "layer.0.attention.self.value" in stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--module", "nope"], "--module: 'nope' is not an analysed module"),
-    (["--module", "attention"], "matches 4 modules"),
-    (["--modules", "nope"], "--modules: nope matches none"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--module", "nope"], "--module: 'nope' is not an analysed module"),
+        (["--module", "attention"], "matches 4 modules"),
+        (["--modules", "nope"], "--modules: nope matches none"),
+    ],
+)
 def test_bad_module_arguments_are_user_errors(runs, cli, args, message):
     code, _, stderr = cli("analyze", runs["lora"], *args, "--out", runs["root"] / "never")
     assert code == 2 and message in stderr and "bert.encoder.layer.0.attention.self.query" in stderr

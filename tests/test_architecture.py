@@ -17,7 +17,9 @@ PACKAGE = Path(__file__).parents[1] / "lrft"
 
 # Lowest first; a module may import from its own layer and the ones below, never from above. The same
 # file writes the layer table of docs/ARCHITECTURE.md (docs/generate.py), so the two cannot drift.
-LAYERS = [list(layer) for layer in yaml.safe_load((PACKAGE.parent / "docs" / "layers.yaml").read_text(encoding="utf-8"))]
+LAYERS = [
+    list(layer) for layer in yaml.safe_load((PACKAGE.parent / "docs" / "layers.yaml").read_text(encoding="utf-8"))
+]
 
 
 def test_the_layer_table_of_the_docs_is_written_from_the_same_file():
@@ -30,8 +32,10 @@ def test_the_layer_table_of_the_docs_is_written_from_the_same_file():
 
 
 def modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-            for p in PACKAGE.rglob("*.py")}
+    return {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
@@ -80,7 +84,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for dep in sorted(GRAPH[node]):
             if state.get(dep) == "open":
-                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, path + [dep])
         state[node] = "done"

@@ -24,6 +24,7 @@ def tokenizer(tiny_llama_dir):
 
 # --------------------------------------------------------------------------------------------- data
 
+
 def test_gsm8k_from_a_local_dir(tiny_gsm8k_dir):
     data = load_task_data(get_task("gsm8k"), DataConfig(task="gsm8k", path=str(tiny_gsm8k_dir)))
     assert len(data.train) == 48 and len(data.evals[""]) == 12
@@ -39,10 +40,13 @@ def test_real_gsm8k_files(data_dir, monkeypatch):
     assert data.train.answers[0] == "72" and all(a is not None for a in data.evals[""].answers)
 
 
-@pytest.mark.parametrize("line, match", [
-    ('{"question": "q"}', r"train.jsonl:2: no text field 'answer'"),
-    ("not json", r"train.jsonl:2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"question": "q"}', r"train.jsonl:2: no text field 'answer'"),
+        ("not json", r"train.jsonl:2: not valid JSON"),
+    ],
+)
 def test_gsm8k_bad_lines_name_file_and_line(tmp_path, line, match):
     (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n' + line + "\n")
     (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
@@ -51,10 +55,17 @@ def test_gsm8k_bad_lines_name_file_and_line(tmp_path, line, match):
 
 
 def test_instruction_alpaca_and_chat_layouts(tmp_path):
-    rows = [{"instruction": "say hi", "input": "", "output": "hi"},
-            {"instruction": "add", "input": "1 and 2", "output": "3"},
-            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
-                          {"role": "assistant", "content": "hey"}]}]
+    rows = [
+        {"instruction": "say hi", "input": "", "output": "hi"},
+        {"instruction": "add", "input": "1 and 2", "output": "3"},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hey"},
+            ]
+        },
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "dev.json").write_text(json.dumps(rows[:1]))
     data = load_task_data(get_task("instruction"), DataConfig(task="instruction", path=str(tmp_path)))
@@ -63,10 +74,13 @@ def test_instruction_alpaca_and_chat_layouts(tmp_path):
     assert len(data.evals[""]) == 1
 
 
-@pytest.mark.parametrize("row, match", [
-    ({"prompt": "x", "completion": "y"}, r"train.jsonl:1: expected the alpaca layout .* or the chat layout"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"train.jsonl:1: 'messages' must be a list .* ending with"),
-])
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({"prompt": "x", "completion": "y"}, r"train.jsonl:1: expected the alpaca layout .* or the chat layout"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"train.jsonl:1: 'messages' must be a list .* ending with"),
+    ],
+)
 def test_instruction_bad_records(tmp_path, row, match):
     (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
     (tmp_path / "dev.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
@@ -95,8 +109,11 @@ def test_plain_prompt_format_without_a_chat_template(tmp_path):
 
 
 def test_truncation_is_counted_and_empty_examples_left_out(tokenizer, capsys):
-    long = PromptSplit([[{"role": "user", "content": "the film " * 30}], [{"role": "user", "content": "a"}]],
-                       ["good", "bad " * 40], [None, None])
+    long = PromptSplit(
+        [[{"role": "user", "content": "the film " * 30}], [{"role": "user", "content": "a"}]],
+        ["good", "bad " * 40],
+        [None, None],
+    )
     feats = encode_prompts(long, tokenizer, max_length=24, what="training examples")
     assert len(feats) == 1 and len(feats[0]["input_ids"]) == 24
     err = capsys.readouterr().err
@@ -105,10 +122,17 @@ def test_truncation_is_counted_and_empty_examples_left_out(tokenizer, capsys):
         encode_prompts(long.head(1), tokenizer, max_length=8)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("so 48 + 24 = 72\n#### 72", "72"), ("It costs $1,200.", "1200"), ("#### 3.50", "3.5"),
-    ("no number here", None), ("first 3 then 7", "7"), ("#### -4", "-4"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("so 48 + 24 = 72\n#### 72", "72"),
+        ("It costs $1,200.", "1200"),
+        ("#### 3.50", "3.5"),
+        ("no number here", None),
+        ("first 3 then 7", "7"),
+        ("#### -4", "-4"),
+    ],
+)
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
@@ -119,6 +143,7 @@ def test_gold_answer():
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_a_causal_lm(cli, causal_recipe, tmp_path, method):
@@ -176,10 +201,12 @@ def test_eval_cuts_examples_as_the_run_or_the_task_does(cli, causal_recipe, tmp_
     shipped recipes'), and --max-length sets it: before/after numbers are taken alike."""
     assert cli("train", causal_recipe("lora", name="cut"), "train.max_steps=1", "data.max_length=40")[0] == 0
     runs = {}
-    for name, args in {"run": [tmp_path / "runs" / "cut"], "run, 16": [tmp_path / "runs" / "cut", "--max-length", "16"],
-                       "model": [tiny_llama_dir, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir],
-                       "model, 16": [tiny_llama_dir, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir, "--max-length", "16"]
-                       }.items():
+    for name, args in {
+        "run": [tmp_path / "runs" / "cut"],
+        "run, 16": [tmp_path / "runs" / "cut", "--max-length", "16"],
+        "model": [tiny_llama_dir, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir],
+        "model, 16": [tiny_llama_dir, "--task", "gsm8k", "--data-path", tiny_gsm8k_dir, "--max-length", "16"],
+    }.items():
         code, out, err = cli("eval", *args, "--max-samples", "4", "--json")
         assert code == 0, err
         runs[name] = (json.loads(out), err)
@@ -188,16 +215,21 @@ def test_eval_cuts_examples_as_the_run_or_the_task_does(cli, causal_recipe, tmp_
     assert runs["model, 16"][0]["loss"] != pytest.approx(runs["model"][0]["loss"])  # cut answers score otherwise
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("missing", "model.gguf_file: no file"),
-    ("not_gguf", "is not a GGUF file (it does not start with 'GGUF')"),
-    ("type", "model.type: classification does not fit data.task gsm8k, which needs causal_lm"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing", "model.gguf_file: no file"),
+        ("not_gguf", "is not a GGUF file (it does not start with 'GGUF')"),
+        ("type", "model.type: classification does not fit data.task gsm8k, which needs causal_lm"),
+    ],
+)
 def test_bad_causal_inputs(cli, causal_recipe, tmp_path, case, expect):
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf")
-    model = {"missing": {"name": str(tmp_path), "gguf_file": "none.gguf"},
-             "not_gguf": {"name": str(tmp_path), "gguf_file": "fake.gguf"},
-             "type": {"type": "classification"}}[case]
+    model = {
+        "missing": {"name": str(tmp_path), "gguf_file": "none.gguf"},
+        "not_gguf": {"name": str(tmp_path), "gguf_file": "fake.gguf"},
+        "type": {"type": "classification"},
+    }[case]
     recipe = causal_recipe("lora", name="bad", model=model)
     code, _, err = cli("train", recipe, "train.max_steps=1")
     assert code == 2 and expect in err and err.count("error:") == 1 and "Traceback" not in err

@@ -24,8 +24,15 @@ from tests.helpers import (
     write_recipe,
 )
 
-RUN_FILES = ["recipe.yaml", "metrics.jsonl", "adapter_stats.jsonl", "summary.json", "adapter/adapter.safetensors",
-             "adapter/adapter_config.json", "best_adapter/adapter.safetensors"]
+RUN_FILES = [
+    "recipe.yaml",
+    "metrics.jsonl",
+    "adapter_stats.jsonl",
+    "summary.json",
+    "adapter/adapter.safetensors",
+    "adapter/adapter_config.json",
+    "best_adapter/adapter.safetensors",
+]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -38,8 +45,15 @@ def test_train_eval_merge_end_to_end(cli, tiny_recipe, tmp_path, tiny_data_dir, 
     for f in RUN_FILES:
         assert (run / f).is_file(), f
     assert summary["steps"] == 8 and summary["epochs"] == 2.0
-    assert set(summary) >= {"final", "best", "trainable_params", "total_params", "train_seconds",
-                            "median_step_time_s", "peak_rss_mib"}
+    assert set(summary) >= {
+        "final",
+        "best",
+        "trainable_params",
+        "total_params",
+        "train_seconds",
+        "median_step_time_s",
+        "peak_rss_mib",
+    }
     metrics = read_jsonl(run / "metrics.jsonl")
     train_lines = [m for m in metrics if m["type"] == "train"]
     assert [m["step"] for m in train_lines] == list(range(1, 9))
@@ -75,17 +89,21 @@ def test_train_eval_merge_end_to_end(cli, tiny_recipe, tmp_path, tiny_data_dir, 
     assert json.loads(out)["accuracy"] == pytest.approx(summary["final"]["accuracy"])
 
 
-@pytest.mark.parametrize("method, lr, golden", [
-    ("lora", 2e-2, [0.690555, 0.691875, 0.677810, 0.704970, 0.696604, 0.697010, 0.640470, 0.697570]),
-    ("tlora", 5e-2, [0.690555, 0.691875, 0.678084, 0.704477, 0.696516, 0.697001, 0.640985, 0.697613]),
-])
+@pytest.mark.parametrize(
+    "method, lr, golden",
+    [
+        ("lora", 2e-2, [0.690555, 0.691875, 0.677810, 0.704970, 0.696604, 0.697010, 0.640470, 0.697570]),
+        ("tlora", 5e-2, [0.690555, 0.691875, 0.678084, 0.704477, 0.696516, 0.697001, 0.640985, 0.697613]),
+    ],
+)
 def test_golden_loss_from_fixed_seed(cli, tiny_recipe, tmp_path, method, lr, golden):
     """Pins the whole pipeline (tokenization, data order, init, optimizer, schedule) on the tiny model.
 
     The two methods part from step 3 on by far more than the tolerance.
     """
-    code, _, err = cli("train", tiny_recipe(method, name="golden"), "train.max_steps=8", f"train.lr={lr}",
-                       "train.head_lr=1e-2")
+    code, _, err = cli(
+        "train", tiny_recipe(method, name="golden"), "train.max_steps=8", f"train.lr={lr}", "train.head_lr=1e-2"
+    )
     assert code == 0, err
     losses = [m["loss"] for m in read_jsonl(tmp_path / "runs" / "golden" / "metrics.jsonl") if m["type"] == "train"]
     assert losses == pytest.approx(golden, rel=2e-5)
@@ -141,11 +159,14 @@ def test_init_writes_a_valid_commented_recipe(cli, tmp_path):
     assert cli("init", "--method", "lora", "-o", out, "--force")[0] == 0
 
 
-@pytest.mark.parametrize("args, rank, trainable, lora", [
-    (["--method", "tlora", "--rank", "8"], 8, 3120, 786432),
-    (["--method", "tlora", "--rank", "16"], 16, 12336, 1572864),
-    (["--method", "tlora", "--rank", "32"], 32, 49200, 3145728),
-])
+@pytest.mark.parametrize(
+    "args, rank, trainable, lora",
+    [
+        (["--method", "tlora", "--rank", "8"], 8, 3120, 786432),
+        (["--method", "tlora", "--rank", "16"], 16, 12336, 1572864),
+        (["--method", "tlora", "--rank", "32"], 32, 49200, 3145728),
+    ],
+)
 def test_count_params_reproduces_tlora_table_1(cli, args, rank, trainable, lora):
     code, out, _ = cli("count-params", *args, "--json")
     counts = json.loads(out)
@@ -153,12 +174,15 @@ def test_count_params_reproduces_tlora_table_1(cli, args, rank, trainable, lora)
     assert counts["model"] == "roberta-large" and counts["targets"] == ["query", "value"]
 
 
-@pytest.mark.parametrize("args, full", [
-    (["--method", "full", "--num-labels", "3"], 355_362_819),
-    (["--method", "full", "--model", "roberta-base"], 124_647_170),
-    (["--method", "full", "--model", "llama2-7b"], 6_738_415_616),
-    (["--method", "full", "--model", "t5-base"], 222_903_552),
-])
+@pytest.mark.parametrize(
+    "args, full",
+    [
+        (["--method", "full", "--num-labels", "3"], 355_362_819),
+        (["--method", "full", "--model", "roberta-base"], 124_647_170),
+        (["--method", "full", "--model", "llama2-7b"], 6_738_415_616),
+        (["--method", "full", "--model", "t5-base"], 222_903_552),
+    ],
+)
 def test_count_params_preset_totals(cli, args, full):
     code, out, _ = cli("count-params", *args, "--json")
     counts = json.loads(out)
@@ -208,8 +232,11 @@ def test_a_plan_carries_the_data_dir_its_jobs_read(cli, tmp_path, tiny_model_dir
     for name, path in (("hub", None), ("local", str(tmp_path / "data"))):
         recipe = recipe_dict(tiny_model_dir, tmp_path, "runs", "lora", name, data={"task": "glue/mrpc", "path": path})
         write_recipe(tmp_path / f"{name}.yaml", recipe)
-        (tmp_path / f"{name}_sweep.yaml").write_text(yaml.safe_dump({
-            "recipe": f"{name}.yaml", "search": {"train.lr": [1.0e-2, 2.0e-2]}, "objective": "accuracy"}))
+        (tmp_path / f"{name}_sweep.yaml").write_text(
+            yaml.safe_dump(
+                {"recipe": f"{name}.yaml", "search": {"train.lr": [1.0e-2, 2.0e-2]}, "objective": "accuracy"}
+            )
+        )
     monkeypatch.setenv("LRFT_DATA_DIR", "shared data")  # relative, with a space: quoted, made absolute
     code, out, err = cli("sweep", "hub_sweep.yaml", "--plan")
     assert code == 0 and len(out.splitlines()) == 2, err
@@ -231,7 +258,11 @@ def test_a_comparison_leaves_the_runs_own_analysis_in_place(cli, finished_runs, 
     monkeypatch.setattr(lrft.analysis, "write_figures", lambda out_dir, runs, numbers, result, chosen: ([], {}))
     for name in ("good", "ta"):
         shutil.copytree(finished_runs / "runs" / name, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))
-    run, analysis, comparison = tmp_path / "good", tmp_path / "good" / "analysis", tmp_path / "good" / "comparisons" / "ta"
+    run, analysis, comparison = (
+        tmp_path / "good",
+        tmp_path / "good" / "analysis",
+        tmp_path / "good" / "comparisons" / "ta",
+    )
     code, out, err = cli("analyze", run)
     assert code == 0 and out.splitlines()[0] == f"report\t{analysis / 'report.html'}", err
     alone = (analysis / "analysis.json").read_bytes()
@@ -249,10 +280,15 @@ def test_a_comparison_leaves_the_runs_own_analysis_in_place(cli, finished_runs, 
 
 def test_real_process_exit_codes(tmp_path):
     """Outside the test runner: exit 2 and one line for bad input, results on stdout."""
-    run = subprocess.run([sys.executable, "-m", "lrft", "train", str(tmp_path / "none.yaml")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "lrft", "train", str(tmp_path / "none.yaml")], capture_output=True, text=True
+    )
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "lrft", "count-params", "--method", "tlora", "--rank", "8", "--json"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "lrft", "count-params", "--method", "tlora", "--rank", "8", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0 and json.loads(run.stdout)["trainable"] == 3120
 
 
@@ -265,7 +301,7 @@ def run_readme_line(cli, monkeypatch, line: str):
         key, _, value = words.pop(0).partition("=")
         env[key] = value
     pipe = words.index("|") if "|" in words else len(words)
-    command, jq = words[:pipe], words[pipe + 1:]
+    command, jq = words[:pipe], words[pipe + 1 :]
     assert command[0] == "lrft", line
     with monkeypatch.context() as m:
         for key, value in env.items():
@@ -287,14 +323,29 @@ def test_the_readme_commands_run_in_order_without_the_data_dir(cli, tmp_path, ti
     work = tmp_path / "work"
     write_glue_mrpc(tmp_path / "shared" / "data" / "glue" / "mrpc")  # ../shared/data, as the README says
     for name, method in (("quickstart", "tlora"), ("glue_mrpc_talora", "talora")):
-        recipe = recipe_dict(tiny_model_dir, tmp_path, "runs", method, name, data={"task": "glue/mrpc", "path": None},
-                             calibration={"samples": 16, "batch_size": 8})
+        recipe = recipe_dict(
+            tiny_model_dir,
+            tmp_path,
+            "runs",
+            method,
+            name,
+            data={"task": "glue/mrpc", "path": None},
+            calibration={"samples": 16, "batch_size": 8},
+        )
         (work / "recipes").mkdir(parents=True, exist_ok=True)
         write_recipe(work / "recipes" / f"{name}.yaml", recipe)
     (work / "sweeps").mkdir()  # the Commands block's sweep, on the tiny quickstart: two learning rates, one epoch
-    (work / "sweeps" / "mrpc_tlora_r8_3ep.yaml").write_text(yaml.safe_dump({
-        "recipe": "../recipes/quickstart.yaml", "overrides": {"train.epochs": 1, "output.dir": "results/sweeps"},
-        "search": {"train.lr": [1.0e-2, 2.0e-2]}, "objective": "accuracy", "seeds": [42]}))
+    (work / "sweeps" / "mrpc_tlora_r8_3ep.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "recipe": "../recipes/quickstart.yaml",
+                "overrides": {"train.epochs": 1, "output.dir": "results/sweeps"},
+                "search": {"train.lr": [1.0e-2, 2.0e-2]},
+                "objective": "accuracy",
+                "seeds": [42],
+            }
+        )
+    )
     monkeypatch.chdir(work)
     monkeypatch.delenv("LRFT_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -314,13 +365,22 @@ def test_the_readme_commands_run_in_order_without_the_data_dir(cli, tmp_path, ti
     assert -1 <= float(outputs["lrft analyze runs/glue_mrpc_talora --against runs/r8 --json | jq .cosine.mean"]) <= 1
     assert (work / "runs" / "glue_mrpc_talora" / "analysis" / "report.html").is_file() and (work / "my.yaml").is_file()
     assert "talora" in outputs["lrft count-params --method talora --calibrated runs/glue_mrpc_talora"]
-    assert {p.name for p in (work / "results" / "sweeps" / "mrpc_tlora_r8_3ep").iterdir()} >= {"lr1e-2_s42", "lr2e-2_s42"}
+    assert {p.name for p in (work / "results" / "sweeps" / "mrpc_tlora_r8_3ep").iterdir()} >= {
+        "lr1e-2_s42",
+        "lr2e-2_s42",
+    }
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({"HF_HUB_OFFLINE": "1"}, "the hub is unreachable (HF_HUB_OFFLINE=1)"),
-    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "the hub is unreachable (no connection to 127.0.0.1:9: Connection refused)"),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "the hub is unreachable (HF_HUB_OFFLINE=1)"),
+        (
+            {"HF_ENDPOINT": "http://127.0.0.1:9"},
+            "the hub is unreachable (no connection to 127.0.0.1:9: Connection refused)",
+        ),
+    ],
+)
 @pytest.mark.parametrize("what", ["data", "model"])
 def test_an_unreachable_hub_is_said_once_without_retries(tiny_model_dir, tmp_path, env, reason, what):
     """Hub data (glue/sst2 without a local dir) or a hub model: one error line saying the hub cannot be
@@ -329,13 +389,22 @@ def test_an_unreachable_hub_is_said_once_without_retries(tiny_model_dir, tmp_pat
 
     model = str(tiny_model_dir) if what == "data" else "some-org/some-model"
     clean = {k: v for k, v in os.environ.items() if k not in ("LRFT_DATA_DIR", "HF_HUB_OFFLINE", "HF_ENDPOINT")}
-    run = subprocess.run([sys.executable, "-m", "lrft", "eval", model, "--task", "glue/sst2"], capture_output=True,
-                         text=True, cwd=tmp_path, env={**clean, "HF_HOME": str(tmp_path / "hf"), **env}, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "lrft", "eval", model, "--task", "glue/sst2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**clean, "HF_HOME": str(tmp_path / "hf"), **env},
+        timeout=300,
+    )
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("error:") == 1 and reason in run.stderr, run.stderr
     assert "Retrying" not in run.stderr and "Traceback" not in run.stderr
-    expected = ("nyu-mll/glue (sst2) is not in the local cache", "LRFT_DATA_DIR") if what == "data" else (
-        "model.name: could not load the config of 'some-org/some-model'", "is not in the local cache")
+    expected = (
+        ("nyu-mll/glue (sst2) is not in the local cache", "LRFT_DATA_DIR")
+        if what == "data"
+        else ("model.name: could not load the config of 'some-org/some-model'", "is not in the local cache")
+    )
     assert all(words in run.stderr for words in expected), run.stderr
 
 
@@ -345,15 +414,21 @@ def test_long_phases_show_progress_off_a_terminal(cli, tiny_recipe, causal_recip
     from lrft import console
 
     monkeypatch.setattr(console, "PLAIN_EVERY_S", 0.0)
-    code, out, err = cli("train", tiny_recipe("talora", name="shown", calibration={"samples": 16, "batch_size": 8}),
-                         "train.max_steps=2", "--json")
+    code, out, err = cli(
+        "train",
+        tiny_recipe("talora", name="shown", calibration={"samples": 16, "batch_size": 8}),
+        "train.max_steps=2",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["steps"] == 2, err
     assert "calibration: 2/2 batches" in err and "evaluation: 1/1 batches" in err
     run = tmp_path / "runs" / "shown"
     code, out, err = cli("eval", run, "--batch-size", "8")
     assert code == 0 and "evaluation: 4/4 batches" in err and "evaluation:" not in out and out.startswith("task\t")
     code, out, err = cli("merge", run, "--out", tmp_path / "m", "--json")
-    assert code == 0 and "merge: 1/6 steps" in err and "merging: 4/4 modules" in err and json.loads(out)["verdict"] == "ok"
+    assert (
+        code == 0 and "merge: 1/6 steps" in err and "merging: 4/4 modules" in err and json.loads(out)["verdict"] == "ok"
+    )
     code, out, err = cli("analyze", run, "--json")
     assert code == 0 and "figures: 1/" in err and "shown: spectra: 4/4 modules" in err and json.loads(out)["run"]
     lm = causal_recipe("lora", name="lm_shown")

@@ -36,6 +36,7 @@ FSDP_CONFIG = ROOT / "docs" / "accelerate_fsdp.yaml"
 
 # ------------------------------------------------------------------------------------ pre-emption
 
+
 def test_sigterm_mid_epoch_checkpoints_that_step_and_the_rerun_matches(tiny_recipe, tmp_path):
     sections = {"train": {"epochs": 2, "save_every": 100, "lr": 2e-2, "batch_size": 16, "log_every": 1}}
     assert lrft("train", tiny_recipe("tlora", name="straight", **sections)).returncode == 0
@@ -59,8 +60,9 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(tiny_recipe
     recipe = tiny_recipe("lora", name="stopped", **sections)
     run = tmp_path / "runs" / "stopped"
     stopped = launch("train", recipe, patch=("sigterm", 5, 1), script_dir=tmp_path)  # only rank 1 is signalled
-    assert stopped.returncode != 0 and "stopped on another process's stop request at step 5/8" in stopped.stderr, \
+    assert stopped.returncode != 0 and "stopped on another process's stop request at step 5/8" in stopped.stderr, (
         stopped.stderr[-3000:]
+    )
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000005"]
     resumed = launch("train", recipe)
     assert resumed.returncode == 0 and "resuming from step-000000005" in resumed.stderr, resumed.stderr[-2000:]
@@ -73,8 +75,9 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_nothing_half_written(tiny_reci
     recipe = tiny_recipe("lora", name="ctrlc", **sections)
     run = tmp_path / "runs" / "ctrlc"
     interrupted = lrft("train", recipe, patch=("sigint2", 3))
-    assert interrupted.returncode == 130 and "interrupted (a second Ctrl-C)" in interrupted.stderr, \
-        interrupted.stderr[-2000:]
+    assert interrupted.returncode == 130 and "interrupted (a second Ctrl-C)" in interrupted.stderr, interrupted.stderr[
+        -2000:
+    ]
     assert "Traceback" not in interrupted.stderr
     leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert not leftovers and [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000002"]
@@ -88,11 +91,14 @@ def test_the_epoch_end_checkpoint_comes_before_its_evaluation(tiny_recipe, tmp_p
     assert lrft("train", tiny_recipe("lora", name="straight", **sections)).returncode == 0
     recipe = tiny_recipe("lora", name="killed", **sections)
     run = tmp_path / "runs" / "killed"
-    code = ("import os, signal, sys, lrft.evaluation as e\nreal = e.evaluate\n"
-            "def dying(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-            "import lrft.training.loop as t\nt.evaluate = dying\nsys.argv = ['lrft'] + sys.argv[1:]\nfrom lrft.cli import main\nmain()")
-    died = subprocess.run([sys.executable, "-c", code, "train", str(recipe)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    code = (
+        "import os, signal, sys, lrft.evaluation as e\nreal = e.evaluate\n"
+        "def dying(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import lrft.training.loop as t\nt.evaluate = dying\nsys.argv = ['lrft'] + sys.argv[1:]\nfrom lrft.cli import main\nmain()"
+    )
+    died = subprocess.run(
+        [sys.executable, "-c", code, "train", str(recipe)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert died.returncode == -9
     progress = load_tree(run / "checkpoints" / "step-000000004")["progress"]
     assert progress["step"] == 4 and progress["last_eval_step"] is None  # written before the evaluation
@@ -135,8 +141,9 @@ with writer_lock(Path(sys.argv[1])):
 
 
 def hold_lock(directory: Path, seconds: float = 60) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), str(seconds)], stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -170,13 +177,22 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(cli, tiny_recipe, tmp_path)
 
 # ---------------------------------------------------------------------------------------------- FSDP
 
+
 @CPU_ONLY
 @pytest.mark.parametrize("method", ["lora", "lorta"])
 def test_fsdp_two_processes_match_one(causal_recipe, cli, tmp_path, method):
     """FSDP2 over gloo (the shipped accelerate config): the same adapter as one process, resumable,
     and the adapter serves through lrft eval and merge."""
-    sections = {"train": {"epochs": 1, "batch_size": 8, "lr": 2e-2, "max_steps": 4, "scheduler": "constant",
-                          "warmup_ratio": 0.0}}
+    sections = {
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 2e-2,
+            "max_steps": 4,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+        }
+    }
     assert lrft("train", causal_recipe(method, name="one", **sections)).returncode == 0
     recipe = causal_recipe(method, name="fsdp", **sections)
     first = launch("train", recipe, "train.max_steps=2", config=FSDP_CONFIG)
@@ -189,7 +205,8 @@ def test_fsdp_two_processes_match_one(causal_recipe, cli, tmp_path, method):
     assert_same_adapter(tmp_path / "runs" / "fsdp", tmp_path / "runs" / "one", tol=1e-4)
     code, out, err = cli("eval", tmp_path / "runs" / "fsdp", "--json")
     assert code == 0 and json.loads(out)["loss"] == pytest.approx(
-        read_jsonl(tmp_path / "runs" / "one" / "metrics.jsonl")[-1]["loss"], rel=1e-4), err
+        read_jsonl(tmp_path / "runs" / "one" / "metrics.jsonl")[-1]["loss"], rel=1e-4
+    ), err
     code, out, err = cli("merge", tmp_path / "runs" / "fsdp", "--out", tmp_path / "merged", "--json")
     assert code == 0, err
     assert_merge_parity(json.loads(out))
@@ -197,11 +214,16 @@ def test_fsdp_two_processes_match_one(causal_recipe, cli, tmp_path, method):
 
 # ------------------------------------------------------------------------------- token-correct loss
 
+
 def uneven_problems(n: int, seed: int) -> list[dict]:
     """Problems whose responses differ in length by up to 10×."""
-    return [{"question": f"what is {i % 5} plus {seed % 5}?",
-             "answer": " ".join(["it is"] * (1 + 9 * (i % 3 == 0))) + f" {i % 5 + seed % 5}.\n#### {i % 5 + seed % 5}"}
-            for i in range(n)]
+    return [
+        {
+            "question": f"what is {i % 5} plus {seed % 5}?",
+            "answer": " ".join(["it is"] * (1 + 9 * (i % 3 == 0))) + f" {i % 5 + seed % 5}.\n#### {i % 5 + seed % 5}",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -245,15 +267,19 @@ def test_two_processes_give_the_training_of_one_on_uneven_responses(uneven_recip
     for other in ("two", "two_ga"):
         assert_same_adapter(tmp_path / "runs" / other, tmp_path / "runs" / "one", tol=1e-6)
         losses = [r["loss"] for r in train_lines(tmp_path / "runs" / other) if r["type"] == "train"]
-        assert losses == pytest.approx([r["loss"] for r in train_lines(tmp_path / "runs" / "one")
-                                        if r["type"] == "train"], rel=1e-5)
+        assert losses == pytest.approx(
+            [r["loss"] for r in train_lines(tmp_path / "runs" / "one") if r["type"] == "train"], rel=1e-5
+        )
 
 
 def test_the_logged_loss_is_the_token_weighted_loss_of_the_evaluation(cli, uneven_recipe, tmp_path):
     """Train on the evaluation data itself: the loss logged at step 1 (before the update) equals the
     evaluation loss at step 0, both token-weighted over the whole data."""
-    recipe = uneven_recipe("same", train={"batch_size": 8, "max_steps": 1, "grad_accum": 4, "eval_on_start": True,
-                                          "eval_batch_size": 3}, data={"max_new_tokens": 2})
+    recipe = uneven_recipe(
+        "same",
+        train={"batch_size": 8, "max_steps": 1, "grad_accum": 4, "eval_on_start": True, "eval_batch_size": 3},
+        data={"max_new_tokens": 2},
+    )
     assert cli("train", recipe)[0] == 0
     records = read_jsonl(tmp_path / "runs" / "same" / "metrics.jsonl")
     first_eval = next(r for r in records if r["type"] == "eval")
@@ -262,6 +288,7 @@ def test_the_logged_loss_is_the_token_weighted_loss_of_the_evaluation(cli, uneve
 
 
 # ----------------------------------------------------------------------------------------- trackers
+
 
 def test_tensorboard_gets_every_metrics_record_and_continues_after_a_resume(tiny_recipe, tmp_path):
     pytest.importorskip("tensorboard")
@@ -297,8 +324,9 @@ def test_mlflow_file_store_gets_the_recipe_and_the_metrics_in_one_run(tiny_recip
     assert len(client.search_runs([client.get_experiment_by_name("ml").experiment_id])) == 1  # resumed, not new
     assert client.get_run(run_id).data.params["adapter.params.rank"] == "4"
     history = {m.step: m.value for m in client.get_metric_history(run_id, "eval/accuracy")}
-    assert history == {r["step"]: pytest.approx(r["accuracy"]) for r in read_jsonl(run / "metrics.jsonl")
-                       if r["type"] == "eval"}
+    assert history == {
+        r["step"]: pytest.approx(r["accuracy"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "eval"
+    }
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(cli, tiny_recipe, monkeypatch):
@@ -311,10 +339,12 @@ def test_a_tracker_that_is_not_installed_is_one_line(cli, tiny_recipe, monkeypat
 
 # ---------------------------------------------------------------------------------- memory levers
 
+
 def test_gradient_checkpointing_gives_the_same_gradients(causal_recipe):
     plain = step_gradients(causal_recipe("lora", name="plain", train={"batch_size": 8}))
-    recomputed = step_gradients(causal_recipe("lora", name="ckpt", train={"batch_size": 8,
-                                                                           "gradient_checkpointing": True}))
+    recomputed = step_gradients(
+        causal_recipe("lora", name="ckpt", train={"batch_size": 8, "gradient_checkpointing": True})
+    )
     assert plain.keys() == recomputed.keys() and plain
     for k in plain:
         assert_close_scaled(recomputed[k], plain[k], 1e-5, msg=k)
@@ -331,7 +361,7 @@ def test_length_grouped_batches_are_deterministic_and_cover_the_epoch():
     assert max(lengths[i] for i in batches[0]) == max(lengths)  # the largest batch first
     padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
     plain = epoch_order(1000, 3, 0)
-    assert padding(batches) < padding([plain[i:i + 8] for i in range(0, 1000, 8)]) / 5
+    assert padding(batches) < padding([plain[i : i + 8] for i in range(0, 1000, 8)]) / 5
 
 
 def test_group_by_length_trains_and_resumes_exactly(tiny_recipe, tmp_path):
@@ -344,6 +374,7 @@ def test_group_by_length_trains_and_resumes_exactly(tiny_recipe, tmp_path):
 
 
 # -------------------------------------------------------------------------------------- precision
+
 
 def test_fp16_on_the_cpu_is_refused(cli, tiny_recipe):
     code, _, err = cli("train", tiny_recipe("lora", name="fp16", train={"precision": "fp16", "device": "cpu"}))

@@ -50,16 +50,24 @@ def test_text_labels_and_headerless_cola(tmp_path):
 
 def test_mnli_has_matched_and_mismatched(tmp_path):
     h = "index\tsentence1\tsentence2\tgold_label\n"
-    files = {"train.tsv": h + "0\ta\tb\tneutral\n", "dev_matched.tsv": h + "0\ta\tb\tcontradiction\n",
-             "dev_mismatched.tsv": h + "0\ta\tb\tentailment\n"}
-    data = load_task_data(get_task("glue/mnli"), DataConfig(task="glue/mnli", path=str(glue_dir(tmp_path, "mnli", files))))
+    files = {
+        "train.tsv": h + "0\ta\tb\tneutral\n",
+        "dev_matched.tsv": h + "0\ta\tb\tcontradiction\n",
+        "dev_mismatched.tsv": h + "0\ta\tb\tentailment\n",
+    }
+    data = load_task_data(
+        get_task("glue/mnli"), DataConfig(task="glue/mnli", path=str(glue_dir(tmp_path, "mnli", files)))
+    )
     assert data.train.label == [1] and data.evals[""].label == [2] and data.evals["_mm"].label == [0]
 
 
-@pytest.mark.parametrize("body, match", [
-    ("1\t1\t2\tonly four fields\n", r"train.tsv:2: expected 5 tab-separated fields, found 4"),
-    ("7\t1\t2\ta\tb\n", r"train.tsv:2: label '7' is not one of 0..1 or not_equivalent, equivalent"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("1\t1\t2\tonly four fields\n", r"train.tsv:2: expected 5 tab-separated fields, found 4"),
+        ("7\t1\t2\ta\tb\n", r"train.tsv:2: label '7' is not one of 0..1 or not_equivalent, equivalent"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, body, match):
     d = glue_dir(tmp_path, "mrpc", {"train.tsv": MRPC_HEADER + body, "dev.tsv": MRPC_HEADER})
     with pytest.raises(LrftError, match=match):
@@ -110,8 +118,9 @@ def test_text_classification_errors(tmp_path):
 def test_max_samples_take_the_first_rows(tmp_path):
     body = "".join(f"{i % 2}\t1\t2\ts{i}\tt{i}\n" for i in range(10))
     d = glue_dir(tmp_path, "mrpc", {"train.tsv": MRPC_HEADER + body, "dev.tsv": MRPC_HEADER + body})
-    data = load_task_data(get_task("glue/mrpc"), DataConfig(task="glue/mrpc", path=str(d), max_train_samples=3,
-                                                            max_eval_samples=2))
+    data = load_task_data(
+        get_task("glue/mrpc"), DataConfig(task="glue/mrpc", path=str(d), max_train_samples=3, max_eval_samples=2)
+    )
     assert data.train.text == ["s0", "s1", "s2"] and len(data.evals[""]) == 2
 
 
@@ -126,9 +135,14 @@ def test_metrics():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("task, train, dev, labels", [
-    ("mrpc", 3668, 408, {0: 129, 1: 279}), ("rte", 2490, 277, {0: 146, 1: 131}), ("sst2", 67349, 872, {0: 428, 1: 444}),
-])
+@pytest.mark.parametrize(
+    "task, train, dev, labels",
+    [
+        ("mrpc", 3668, 408, {0: 129, 1: 279}),
+        ("rte", 2490, 277, {0: 146, 1: 131}),
+        ("sst2", 67349, 872, {0: 428, 1: 444}),
+    ],
+)
 def test_real_glue_files(data_dir, monkeypatch, task, train, dev, labels):
     """Row and label counts of ../shared/data/glue as its README states them."""
     monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))

@@ -50,6 +50,7 @@ def assert_whole_checkpoints(run: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ a real, full tmpfs
 
+
 def used_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -66,11 +67,14 @@ def tmpfs(tmp_path):
         d.mkdir()
         if shutil.which("mount") is None:
             pytest.skip("no mount command here; test_a_full_disk_mid_checkpoint_* fakes the same failure")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)], capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)], capture_output=True, text=True
+        )
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}; it needs root with "
-                        f"CAP_SYS_ADMIN); test_a_full_disk_mid_checkpoint_* fakes the same failure")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}; it needs root with "
+                f"CAP_SYS_ADMIN); test_a_full_disk_mid_checkpoint_* fakes the same failure"
+            )
         mounted.append(d)
         return d
 
@@ -102,9 +106,11 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_the_rerun_resumes_to_the_sam
     kept = assert_whole_checkpoints(run)
     assert kept, line  # the disk filled up after some checkpoints, not at once
     step = int(kept[-1].removeprefix("step-")) + 1
-    assert line == (f"error: {run / 'checkpoints'}: no space left on device while writing checkpoint step-{step:09d}; "
-                    f"nothing half-written is left, and the last complete checkpoint is {kept[-1]}; free space and "
-                    f"rerun the same command to resume from it (exit code 74)")
+    assert line == (
+        f"error: {run / 'checkpoints'}: no space left on device while writing checkpoint step-{step:09d}; "
+        f"nothing half-written is left, and the last complete checkpoint is {kept[-1]}; free space and "
+        f"rerun the same command to resume from it (exit code 74)"
+    )
     assert not leftovers(small) and not (run / "adapter").exists() and not (run / "summary.json").exists()
 
     resize(small, 64 * 1024)
@@ -119,6 +125,7 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_the_rerun_resumes_to_the_sam
 
 
 # ------------------------------------------------------------------------ the same failure, faked
+
 
 @pytest.fixture
 def full_disk_at(monkeypatch):
@@ -141,7 +148,8 @@ def full_disk_at(monkeypatch):
 
 
 def test_a_full_disk_mid_checkpoint_is_one_line_and_the_rerun_resumes_to_the_same_adapter(
-        cli, tiny_recipe, tmp_path, full_disk_at, monkeypatch):
+    cli, tiny_recipe, tmp_path, full_disk_at, monkeypatch
+):
     assert cli("train", tiny_recipe("lora", name="straight", **SECTIONS))[0] == 0
     recipe = tiny_recipe("lora", name="full", **SECTIONS)
     run = tmp_path / "runs" / "full"
@@ -151,7 +159,8 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_the_rerun_resumes_to_the_sam
     assert error_lines(err) == [
         f"error: {run / 'checkpoints'}: no space left on device while writing checkpoint step-000000006; nothing "
         f"half-written is left, and the last complete checkpoint is step-000000005; free space and rerun the same "
-        f"command to resume from it (exit code 74)"], err
+        f"command to resume from it (exit code 74)"
+    ], err
     assert assert_whole_checkpoints(run)[-1] == "step-000000005" and not leftovers(tmp_path)
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
 
@@ -179,13 +188,17 @@ def failing_fsync(monkeypatch):
     return arm
 
 
-@pytest.mark.parametrize("command, again", [
-    (["merge", "{run}", "--out", "{out}"], ["--force"]),  # a merged model
-    (["merge", "{run}", "--format", "peft", "--out", "{out}"], ["--force"]),  # a PEFT export
-    (["analyze", "{run}", "--out", "{out}"], []),  # an analysis replaces the earlier one by itself
-])
-def test_merge_export_and_analyze_on_a_full_disk_keep_what_was_there(cli, finished_runs, tmp_path, failing_fsync,
-                                                                      command, again):
+@pytest.mark.parametrize(
+    "command, again",
+    [
+        (["merge", "{run}", "--out", "{out}"], ["--force"]),  # a merged model
+        (["merge", "{run}", "--format", "peft", "--out", "{out}"], ["--force"]),  # a PEFT export
+        (["analyze", "{run}", "--out", "{out}"], []),  # an analysis replaces the earlier one by itself
+    ],
+)
+def test_merge_export_and_analyze_on_a_full_disk_keep_what_was_there(
+    cli, finished_runs, tmp_path, failing_fsync, command, again
+):
     run = tmp_path / "good"
     shutil.copytree(finished_runs / "runs" / "good", run)
     out = tmp_path / "out" / "result"
@@ -195,8 +208,10 @@ def test_merge_export_and_analyze_on_a_full_disk_keep_what_was_there(cli, finish
     failing_fsync(f".{out.name}.tmp-")
     code, _, err = cli(*args, *again)
     assert code == EXIT_DISK and "Traceback" not in err, err
-    assert error_lines(err) == [f"error: {out.parent}: no space left on device while writing result/; nothing "
-                                f"half-written is left; free space and rerun the same command (exit code 74)"], err
+    assert error_lines(err) == [
+        f"error: {out.parent}: no space left on device while writing result/; nothing "
+        f"half-written is left; free space and rerun the same command (exit code 74)"
+    ], err
     assert snapshot(tmp_path) == before and not leftovers(tmp_path)  # the earlier output is whole, and all there is
 
 
@@ -208,8 +223,10 @@ def test_every_disk_failure_of_an_atomic_write_names_its_fix_and_keeps_the_old_f
     with pytest.raises(DiskError) as caught:
         atomic_write_text(path, "new\n", what="the summary")
     reason, fix = DISK_ERRORS[code]
-    assert str(caught.value) == (f"{tmp_path}: {reason} while writing the summary; nothing half-written is left; "
-                                 f"{fix} and rerun the same command (exit code 74)")
+    assert str(caught.value) == (
+        f"{tmp_path}: {reason} while writing the summary; nothing half-written is left; "
+        f"{fix} and rerun the same command (exit code 74)"
+    )
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
@@ -258,8 +275,12 @@ def test_a_full_sweep_storage_names_it_and_a_runs_own_failure_passes_unchanged(t
     from lrft.sweep import run_sweeps
 
     sweep = SimpleNamespace(dir=tmp_path / "sweep", storage=tmp_path / "sweep" / "sweep.db")
-    failures = iter([sqlite3.OperationalError("database or disk is full"),
-                     DiskError(errno.ENOSPC, sweep.dir / "p0" / "checkpoints", "checkpoint step-000000002")])
+    failures = iter(
+        [
+            sqlite3.OperationalError("database or disk is full"),
+            DiskError(errno.ENOSPC, sweep.dir / "p0" / "checkpoints", "checkpoint step-000000002"),
+        ]
+    )
 
     def work(_):
         raise next(failures)
@@ -281,7 +302,8 @@ def test_a_disk_failure_no_lrft_writer_named_is_one_line_too(cli, tiny_recipe, m
     code, _, err = cli("train", tiny_recipe("lora"))
     assert code == EXIT_DISK and error_lines(err) == [
         "error: /data/runs/.tiny.lock.json: no space left on device (OSError); free space and rerun the same command "
-        "(exit code 74)"], err
+        "(exit code 74)"
+    ], err
 
 
 def test_other_os_errors_stay_bugs(cli, tiny_recipe, monkeypatch):
@@ -322,16 +344,36 @@ def test_a_full_disk_under_the_main_process_stops_both_processes_at_once(tiny_re
     script = tmp_path / "enospc_lrft.py"
     script.write_text(ENOSPC_LRFT)
     recipe = tiny_recipe("lora", name="two", train={"epochs": 2, "save_every": 2, "batch_size": 16, "log_every": 1})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
-           str(script), ".step-000000004.tmp-", "train", str(recipe)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        str(script),
+        ".step-000000004.tmp-",
+        "train",
+        str(recipe),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     run = tmp_path / "runs" / "two"
     print(f"the launcher's exit code: {done.returncode}")  # its own: it reports each process's in its log
-    line = (f"error: {run / 'checkpoints'}: no space left on device while writing checkpoint step-000000004; "
-            f"nothing half-written is left, and the last complete checkpoint is step-000000002; free space and rerun "
-            f"the same command to resume from it (exit code 74)")
+    line = (
+        f"error: {run / 'checkpoints'}: no space left on device while writing checkpoint step-000000004; "
+        f"nothing half-written is left, and the last complete checkpoint is step-000000002; free space and rerun "
+        f"the same command to resume from it (exit code 74)"
+    )
     assert done.returncode != 0 and error_lines(done.stderr) == [line, line], done.stderr[-4000:]  # one per process
     assert "exitcode  : 74" in done.stderr, done.stderr[-4000:]  # the launcher's report of its processes
     assert assert_whole_checkpoints(run) == ["step-000000002"] and not leftovers(tmp_path)

@@ -30,8 +30,9 @@ def sha256(path: Path) -> str:
 def alias_of(hub_id: str = HUB_ID, **kw):
     from lrft.models import Alias
 
-    return Alias("lrft_tiny_alias", "model", "pip install lrft-tiny-alias", hub_id=hub_id, weights_revision=REVISION,
-                 **kw)
+    return Alias(
+        "lrft_tiny_alias", "model", "pip install lrft-tiny-alias", hub_id=hub_id, weights_revision=REVISION, **kw
+    )
 
 
 @pytest.fixture
@@ -61,8 +62,12 @@ def hub_cache(root: Path, model_dir: Path) -> Path:
 
 
 def export_on_alias(cli, tiny_recipe, tmp_path) -> tuple[Path, Path]:
-    recipe = tiny_recipe("lora", name="on_alias", model={"name": "tinyalias"},
-                         adapter={"method": "lora", "target_modules": BERT_TARGETS, "params": {"rank": 4}})
+    recipe = tiny_recipe(
+        "lora",
+        name="on_alias",
+        model={"name": "tinyalias"},
+        adapter={"method": "lora", "target_modules": BERT_TARGETS, "params": {"rank": 4}},
+    )
     assert cli("train", recipe, "train.max_steps=2", "train.lr=5e-2")[0] == 0
     run, out = tmp_path / "runs" / "on_alias", tmp_path / "served"
     code, stdout, err = cli("merge", run, "--format", "peft", "--out", out)
@@ -98,8 +103,11 @@ def test_every_alias_is_exported_under_its_hub_model(name, tmp_path, monkeypatch
     assert record["dequantized_from_gguf"] is (alias.gguf is not None)
     if alias.gguf:
         assert record["weights_repo"] == alias.gguf_repo != alias.hub_id and HUB_ID_FORM.match(alias.gguf_repo)
-        assert record["exact_base"] == {"name": alias.gguf_repo, "gguf_file": alias.gguf,
-                                        "revision": alias.weights_revision}
+        assert record["exact_base"] == {
+            "name": alias.gguf_repo,
+            "gguf_file": alias.gguf,
+            "revision": alias.weights_revision,
+        }
         assert "dequantised" in record["note"] and alias.gguf in record["note"]
     else:
         assert record["weights_repo"] == alias.hub_id and "note" not in record
@@ -120,10 +128,14 @@ def test_an_export_on_an_alias_loads_in_peft_by_its_hub_id(cli, tiny_recipe, tmp
     assert base["alias"]["hub_id"] == HUB_ID and base["alias"]["matches_hub_record"]
     assert base["alias"]["dequantized_from_gguf"] is False and base["alias"]["hub_cache"] == "not cached"
 
-    served = AutoPeftModelForSequenceClassification.from_pretrained(out, cache_dir=hub_cache(tmp_path / "hf", tiny_alias))
+    served = AutoPeftModelForSequenceClassification.from_pretrained(
+        out, cache_dir=hub_cache(tmp_path / "hf", tiny_alias)
+    )
     b = batch()
     with torch.no_grad():
-        torch.testing.assert_close(served.eval()(**b).logits, load_run(run).adapted.model(**b).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            served.eval()(**b).logits, load_run(run).adapted.model(**b).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_peft_dirs_naming_an_aliased_hub_id_read_back_here(cli, tiny_recipe, tmp_path, tiny_alias, monkeypatch):
@@ -158,7 +170,9 @@ def test_weights_other_than_the_hub_record_are_warned_about_and_recorded(tmp_pat
     record = alias_record("tinyalias")
     err = capsys.readouterr().err
     assert not record["matches_hub_record"] and record["hub_cache"] == "differs"
-    assert "is not lrft-test/tiny-bert's at" in err and "differs from lrft-test/tiny-bert's in the local HF cache" in err
+    assert (
+        "is not lrft-test/tiny-bert's at" in err and "differs from lrft-test/tiny-bert's in the local HF cache" in err
+    )
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     assert packaged_alias(HUB_ID, None) is None
 
@@ -192,10 +206,24 @@ def test_a_gguf_alias_not_installed_here_is_read_from_its_hub_file_and_never_sta
     from lrft.models import Alias
     from lrft.peft_format import base_model, packaged_alias
 
-    monkeypatch.setitem(ALIASES, "gone", Alias("lrft_no_such_package", "", "pip install gone", gguf="m.Q4_1.gguf",
-                                               hub_id="org/m", gguf_repo="org/m-GGUF", weights_revision=REVISION))
+    monkeypatch.setitem(
+        ALIASES,
+        "gone",
+        Alias(
+            "lrft_no_such_package",
+            "",
+            "pip install gone",
+            gguf="m.Q4_1.gguf",
+            hub_id="org/m",
+            gguf_repo="org/m-GGUF",
+            weights_revision=REVISION,
+        ),
+    )
     provenance = {"base_model": {"name": "gone", "gguf_file": None, "fingerprint": "f" * 16}}
     assert base_model(Path("x"), {"base_model_name_or_path": "org/m"}, provenance, None) == {
-        "name": "org/m-GGUF", "gguf_file": "m.Q4_1.gguf", "revision": REVISION}
+        "name": "org/m-GGUF",
+        "gguf_file": "m.Q4_1.gguf",
+        "revision": REVISION,
+    }
     assert packaged_alias("org/m", None) is None
     assert base_model(Path("x"), {"base_model_name_or_path": "org/m"}, {}, None) == {"name": "org/m"}

@@ -86,7 +86,8 @@ def test_method_trains_merges_and_exports_on_family(family, method, tmp_path):
     set_head_trainable(model, False)  # the adapters alone must move the loss
     m = methods.get(method)
     assert sum(t.numel() for t in adapter_parameters(model)) == m.count(
-        found, p, dataclasses.replace(ctx, saved_meta=built.meta))
+        found, p, dataclasses.replace(ctx, saved_meta=built.meta)
+    )
     if method == "talora":  # calibration measured every target: its importance and its input covariance
         stats = ctx.calibration
         assert all(stats.importance[t.name] > 0 and stats.covariance[t.name].shape == (t.shape[1],) * 2 for t in found)
@@ -129,6 +130,7 @@ def test_default_targets_resolve_and_count_params_matches(family, method, config
 
 # ------------------------------------------------------------------------------ where lorta cannot apply
 
+
 def test_lorta_outside_attention_says_what_to_use():
     with pytest.raises(LrftError) as e:
         build("lorta", model=tiny_family("gpt2"), targets=["mlp.c_fc"])
@@ -142,8 +144,14 @@ def test_lorta_refuses_a_fused_projection_of_unknown_layout():
     """Falcon's query_key_value groups heads by kv head: not a layout lrft knows, so no guess is made."""
     from transformers import FalconConfig, FalconForCausalLM
 
-    config = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          new_decoder_architecture=True, num_kv_heads=2)
+    config = FalconConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+    )
     model = FalconForCausalLM(config)
     with pytest.raises(LrftError, match="query_key_value is not one.*lora, tlora and talora adapt any Linear layer"):
         build("lorta", model=model, targets=["query_key_value"])
@@ -153,13 +161,15 @@ def test_lorta_refuses_a_fused_projection_of_unknown_layout():
 
 # ------------------------------------------------------------------------- Conv1D and count-params
 
+
 def test_peft_lora_on_conv1d_is_read_back_exactly(tmp_path):
     """A LoRA made by PEFT on GPT-2 (fan_in_fan_out: true) opens in lrft with PEFT's outputs."""
     from lrft.peft_format import load_peft
 
     base_dir = save_tiny_family(tmp_path / "gpt2", "gpt2")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                             task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
     theirs = peft.get_peft_model(tiny_family("gpt2"), config)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
@@ -205,15 +215,26 @@ def test_lorta_run_trains_merges_and_serves(cli, tmp_path, tiny_gsm8k_dir, famil
 
     model_dir = save_tiny_family(tmp_path / family, family)
     targets = FAMILIES[family][3]
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(model_dir, tiny_gsm8k_dir, tmp_path / "runs", "lorta",
-                                                           family, causal=True, adapter={"target_modules": targets}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_dict(
+            model_dir,
+            tiny_gsm8k_dir,
+            tmp_path / "runs",
+            "lorta",
+            family,
+            causal=True,
+            adapter={"target_modules": targets},
+        ),
+    )
     code, out, err = cli("train", recipe, "train.max_steps=2", "train.lr=5e-2", "--json")
     assert code == 0, err
     run = tmp_path / "runs" / family
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())["meta"]
     assert meta["kinds"] == ["q", "k", "v", "o"]
-    assert meta["fused"] == ({"module": "c_attn", "kinds": ["q", "k", "v"], "packing": "blocks"} if family == "gpt2"
-                             else None)
+    assert meta["fused"] == (
+        {"module": "c_attn", "kinds": ["q", "k", "v"], "packing": "blocks"} if family == "gpt2" else None
+    )
     code, out, err = cli("merge", run, "--out", tmp_path / "merged", "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -228,15 +249,28 @@ def test_lorta_run_trains_merges_and_serves(cli, tmp_path, tiny_gsm8k_dir, famil
     assert_close(outputs(served, batch()), outputs(merged, batch()), "PEFT export against the merged model")
 
 
-@pytest.mark.parametrize("family, targets, trainable", [
-    # (d + d_h + H + L + M + H_kv)·r: Gemma 3 hidden 40, 4 heads of 16, 1 kv head; GPT-2's fused c_attn has M = 3
-    ("gemma3", "q_proj,k_proj,v_proj,o_proj", (40 + 16 + 4 + 2 + 4 + 1) * 4),
-    ("qwen3", "q_proj,v_proj", (32 + 16 + 4 + 2 + 2 + 2) * 4),
-    ("gpt2", "c_attn", (32 + 8 + 4 + 2 + 3) * 4),
-    ("phi3", "qkv_proj,o_proj", (32 + 8 + 4 + 2 + 4 + 2) * 4),
-])
+@pytest.mark.parametrize(
+    "family, targets, trainable",
+    [
+        # (d + d_h + H + L + M + H_kv)·r: Gemma 3 hidden 40, 4 heads of 16, 1 kv head; GPT-2's fused c_attn has M = 3
+        ("gemma3", "q_proj,k_proj,v_proj,o_proj", (40 + 16 + 4 + 2 + 4 + 1) * 4),
+        ("qwen3", "q_proj,v_proj", (32 + 16 + 4 + 2 + 2 + 2) * 4),
+        ("gpt2", "c_attn", (32 + 8 + 4 + 2 + 3) * 4),
+        ("phi3", "qkv_proj,o_proj", (32 + 8 + 4 + 2 + 4 + 2) * 4),
+    ],
+)
 def test_count_params_cli_answers_from_a_config_dir(cli, config_dirs, family, targets, trainable):
-    code, out, err = cli("count-params", "--method", "lorta", "--rank", "4", "--model", config_dirs / family,
-                         "--targets", targets, "--json")
+    code, out, err = cli(
+        "count-params",
+        "--method",
+        "lorta",
+        "--rank",
+        "4",
+        "--model",
+        config_dirs / family,
+        "--targets",
+        targets,
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["trainable"] == trainable

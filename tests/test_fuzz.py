@@ -56,19 +56,31 @@ from lrft.run_layout import RunDir
 from tests.helpers import reshaped_tensor, safetensors_header, save_sharded_bert, save_tiny_gguf, snapshot
 
 # Generated cases per test in CI; LRFT_FUZZ_EXAMPLES=N shares N cases out in the same proportions.
-CI_EXAMPLES = {"recipe": 200, "recipe_cli": 20, "cli": 60, "damaged_run": 50, "damaged_analyze": 6, "data": 30,
-               "weights": 40}
+CI_EXAMPLES = {
+    "recipe": 200,
+    "recipe_cli": 20,
+    "cli": 60,
+    "damaged_run": 50,
+    "damaged_analyze": 6,
+    "data": 30,
+    "weights": 40,
+}
 TOTAL = int(os.environ.get("LRFT_FUZZ_EXAMPLES") or 0)
 
 
 def fuzz(test: str):
     share = TOTAL * CI_EXAMPLES[test] // sum(CI_EXAMPLES.values())
-    return settings(max_examples=max(share, CI_EXAMPLES[test]), derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(share, CI_EXAMPLES[test]),
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # ------------------------------------------------------------------------------------ the world
+
 
 @dataclass(frozen=True)
 class P:
@@ -170,6 +182,7 @@ def example_world(template: Path):
 
 # --------------------------------------------------------------------------------- the property
 
+
 @dataclass
 class Outcome:
     code: int
@@ -180,7 +193,10 @@ class Outcome:
 
 def files(world: Path, shared: Path) -> dict[Path, str]:
     """Every file an example could touch: its world's, and the shared finished runs (model, data)."""
-    return {**{world / k: v for k, v in snapshot(world).items()}, **{shared / k: v for k, v in snapshot(shared).items()}}
+    return {
+        **{world / k: v for k, v in snapshot(world).items()},
+        **{shared / k: v for k, v in snapshot(shared).items()},
+    }
 
 
 def run(cli, world: Path, shared: Path, args: list) -> Outcome:
@@ -215,6 +231,7 @@ def check(outcome: Outcome, outputs=(), own=()) -> None:
 
 # ------------------------------------------------------------------------------- recipe values
 
+
 @dataclass(frozen=True)
 class Repeated:
     """A key given more than once in one YAML mapping, with these values in order."""
@@ -223,10 +240,52 @@ class Repeated:
 
 
 WRONG_TYPES = [None, True, "", "fast", "ünïcødé ✓ 文字", "a\x00b", "  ", [], {}, ["a", "a"], {"k": 1}, [[]]]
-NUMBERS = [0, -1, 1, 2, 3, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63, 2**64, 10**30, -(2**63),
-           0.0, -0.0, 0.5, 1.0, 1.5, 1e-300, 5e-324, 1e308, float("nan"), float("inf"), float("-inf"), "1e3", "0x10"]
-NAMES = [[], [""], [" "], ["query"], ["query", "query"], ["query", "value"], ["nope"], ["ünï"], ["query", 3],
-         ["dense"], ["attention"], ["q"] * 40, [None], "query"]
+NUMBERS = [
+    0,
+    -1,
+    1,
+    2,
+    3,
+    7,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**53 + 1,
+    2**63,
+    2**64,
+    10**30,
+    -(2**63),
+    0.0,
+    -0.0,
+    0.5,
+    1.0,
+    1.5,
+    1e-300,
+    5e-324,
+    1e308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "1e3",
+    "0x10",
+]
+NAMES = [
+    [],
+    [""],
+    [" "],
+    ["query"],
+    ["query", "query"],
+    ["query", "value"],
+    ["nope"],
+    ["ünï"],
+    ["query", 3],
+    ["dense"],
+    ["attention"],
+    ["q"] * 40,
+    [None],
+    "query",
+]
 PATH_FIELDS = {"model.name", "model.gguf_file", "data.path", "calibration.cache", "output.dir"}
 # Fields whose strings a loader might take for a hub id: never a bare word here, so no example reaches
 # the network (a local-looking or invalid name fails at once, online or not).
@@ -274,8 +333,9 @@ def values_for(key: str, info):
     """Values to put in a field: what its type invites (drawn most often), wrong types, any text or number."""
     pool = invited(key, info) or WRONG_TYPES
     texts = st.text(max_size=24).map(lambda t: f"./{t}") if key in HUB_FIELDS else st.text(max_size=24)
-    return st.one_of(st.sampled_from(pool), st.sampled_from(pool), st.sampled_from(WRONG_TYPES), texts, st.integers(),
-                     st.floats())
+    return st.one_of(
+        st.sampled_from(pool), st.sampled_from(pool), st.sampled_from(WRONG_TYPES), texts, st.integers(), st.floats()
+    )
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "", method: str = "lora") -> dict:
@@ -302,12 +362,19 @@ SECTION_VALUES = st.sampled_from([None, 3, "train", [], [1, 2], {}, {"lr": 1}, P
 def mutation(draw, method: str, plausible: bool = False):
     """(dotted key, value, how): the value goes into the file, an override, the file twice; or the key is
     deleted or misspelt. `plausible`: a value the field's type invites, in the file or an override."""
-    fields = {k: v for k, v in leaf_fields(Recipe, method=method).items()
-              if not plausible or (v is not None and k not in LENGTH_FIELDS)}
+    fields = {
+        k: v
+        for k, v in leaf_fields(Recipe, method=method).items()
+        if not plausible or (v is not None and k not in LENGTH_FIELDS)
+    }
     key = draw(st.sampled_from(sorted(fields)))
     info = fields[key]
     if plausible:
-        return key, draw(st.sampled_from(invited(key, info) or WRONG_TYPES)), draw(st.sampled_from(["file", "override"]))
+        return (
+            key,
+            draw(st.sampled_from(invited(key, info) or WRONG_TYPES)),
+            draw(st.sampled_from(["file", "override"])),
+        )
     value = draw(SECTION_VALUES if info is None else values_for(key, info))
     how = draw(st.sampled_from(["file", "file", "file", "override", "override", "twice", "delete", "unknown key"]))
     return key, value, how
@@ -409,6 +476,7 @@ def _parsed(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------ recipes
 
+
 @fuzz("recipe")
 @given(case=recipe_case(), restart=st.booleans())
 def test_recipes_are_accepted_or_refused_in_one_line(case, restart, template, finished_runs):
@@ -448,14 +516,40 @@ def test_recipes_train_end_to_end_or_are_refused(case, template, finished_runs, 
 
 FLAG = "<flag>"  # an option given without a value
 ARGV_TEXT = st.text(st.characters(exclude_characters="\x00"), max_size=20)  # what argv can hold
-NUMBERS_ARGV = st.one_of(st.sampled_from(["0", "-1", "1", "3", "2147483648", str(2**64), "1e3", "1.5", "nan", "",
-                                          "abc", "٣"]), st.integers().map(str))
+NUMBERS_ARGV = st.one_of(
+    st.sampled_from(["0", "-1", "1", "3", "2147483648", str(2**64), "1e3", "1.5", "nan", "", "abc", "٣"]),
+    st.integers().map(str),
+)
 LOCAL_NAMES = st.one_of(PATH_KINDS, ARGV_TEXT.map(lambda t: f"./{t}"), st.just("ünï cødé"))
-TASK_NAMES = st.sampled_from(["text-classification", "glue/mrpc", "glue/stsb", "gsm8k", "instruction", "glue/mprc",
-                              "", "GLUE/MRPC", "ünï"]) | ARGV_TEXT
-OVERRIDES = st.sampled_from(["name=other", "train.lr=1e-3", "train.max_steps=1", "seed=7", "train.epochs=2", "=",
-                             "train.lr", "a..b=1", "output.dir=.", "train=3", "name=good", "name=ta", "seed=-1",
-                             "adapter.params.rank=2", "train.eval_every=1", "adapter.target_modules=[]"]) | ARGV_TEXT
+TASK_NAMES = (
+    st.sampled_from(
+        ["text-classification", "glue/mrpc", "glue/stsb", "gsm8k", "instruction", "glue/mprc", "", "GLUE/MRPC", "ünï"]
+    )
+    | ARGV_TEXT
+)
+OVERRIDES = (
+    st.sampled_from(
+        [
+            "name=other",
+            "train.lr=1e-3",
+            "train.max_steps=1",
+            "seed=7",
+            "train.epochs=2",
+            "=",
+            "train.lr",
+            "a..b=1",
+            "output.dir=.",
+            "train=3",
+            "name=good",
+            "name=ta",
+            "seed=-1",
+            "adapter.params.rank=2",
+            "train.eval_every=1",
+            "adapter.target_modules=[]",
+        ]
+    )
+    | ARGV_TEXT
+)
 
 
 def choices(*good: str):
@@ -469,29 +563,72 @@ def runs_of(*good: str):
 
 # Per command: the arguments it needs (mostly the good ones) and its options' values.
 COMMANDS = {
-    "train": ([runs_of("good recipe", "talora recipe")],
-              {"--restart": st.just(FLAG), "--json": st.just(FLAG), "override": OVERRIDES}),
-    "eval": ([runs_of("run dir", "talora run", "peft dir")],
-             {"--task": TASK_NAMES, "--data-path": PATH_KINDS, "--max-samples": NUMBERS_ARGV,
-              "--batch-size": NUMBERS_ARGV, "--best": st.just(FLAG), "--predictions": PATH_KINDS,
-              "--base": LOCAL_NAMES, "--force": st.just(FLAG), "--json": st.just(FLAG)}),
-    "merge": ([runs_of("run dir", "talora run", "peft dir")],
-              {"--out": PATH_KINDS, "--format": choices("hf", "peft"), "--dtype": choices("float32", "bfloat16"),
-               "--task": TASK_NAMES, "--base": LOCAL_NAMES, "--data-path": PATH_KINDS, "--force": st.just(FLAG),
-               "--json": st.just(FLAG)}),
-    "count-params": ([], {"--method": choices(*methods.REGISTRY, "full"), "--rank": NUMBERS_ARGV,
-                          "--model": st.sampled_from(["roberta-base", "t5-base", "llama2-7b"]) | LOCAL_NAMES,
-                          "--targets": st.sampled_from(["query", "query,query", ",", "nope", "query,,value", "dense",
-                                                        "q_proj,v_proj"]) | ARGV_TEXT,
-                          "--num-labels": NUMBERS_ARGV, "--calibrated": runs_of("run dir", "talora run"),
-                          "--json": st.just(FLAG)}),
-    "init": ([], {"--method": choices(*methods.REGISTRY), "--task": TASK_NAMES, "--model": LOCAL_NAMES,
-                  "--output": PATH_KINDS, "--force": st.just(FLAG)}),
-    "analyze": ([runs_of("run dir", "talora run")],
-                {"--against": runs_of("run dir", "talora run"), "--out": PATH_KINDS,
-                 "--module": st.sampled_from(["bert.encoder.layer.0.attention.self.query", "query"]) | ARGV_TEXT,
-                 "--modules": st.sampled_from(["query", "layer.1.", ",", "nope"]) | ARGV_TEXT,
-                 "--json": st.just(FLAG)}),
+    "train": (
+        [runs_of("good recipe", "talora recipe")],
+        {"--restart": st.just(FLAG), "--json": st.just(FLAG), "override": OVERRIDES},
+    ),
+    "eval": (
+        [runs_of("run dir", "talora run", "peft dir")],
+        {
+            "--task": TASK_NAMES,
+            "--data-path": PATH_KINDS,
+            "--max-samples": NUMBERS_ARGV,
+            "--batch-size": NUMBERS_ARGV,
+            "--best": st.just(FLAG),
+            "--predictions": PATH_KINDS,
+            "--base": LOCAL_NAMES,
+            "--force": st.just(FLAG),
+            "--json": st.just(FLAG),
+        },
+    ),
+    "merge": (
+        [runs_of("run dir", "talora run", "peft dir")],
+        {
+            "--out": PATH_KINDS,
+            "--format": choices("hf", "peft"),
+            "--dtype": choices("float32", "bfloat16"),
+            "--task": TASK_NAMES,
+            "--base": LOCAL_NAMES,
+            "--data-path": PATH_KINDS,
+            "--force": st.just(FLAG),
+            "--json": st.just(FLAG),
+        },
+    ),
+    "count-params": (
+        [],
+        {
+            "--method": choices(*methods.REGISTRY, "full"),
+            "--rank": NUMBERS_ARGV,
+            "--model": st.sampled_from(["roberta-base", "t5-base", "llama2-7b"]) | LOCAL_NAMES,
+            "--targets": st.sampled_from(
+                ["query", "query,query", ",", "nope", "query,,value", "dense", "q_proj,v_proj"]
+            )
+            | ARGV_TEXT,
+            "--num-labels": NUMBERS_ARGV,
+            "--calibrated": runs_of("run dir", "talora run"),
+            "--json": st.just(FLAG),
+        },
+    ),
+    "init": (
+        [],
+        {
+            "--method": choices(*methods.REGISTRY),
+            "--task": TASK_NAMES,
+            "--model": LOCAL_NAMES,
+            "--output": PATH_KINDS,
+            "--force": st.just(FLAG),
+        },
+    ),
+    "analyze": (
+        [runs_of("run dir", "talora run")],
+        {
+            "--against": runs_of("run dir", "talora run"),
+            "--out": PATH_KINDS,
+            "--module": st.sampled_from(["bert.encoder.layer.0.attention.self.query", "query"]) | ARGV_TEXT,
+            "--modules": st.sampled_from(["query", "layer.1.", ",", "nope"]) | ARGV_TEXT,
+            "--json": st.just(FLAG),
+        },
+    ),
 }
 PATHS.update({"good recipe": lambda w: w / "good.yaml", "talora recipe": lambda w: w / "ta.yaml"})
 
@@ -550,6 +687,7 @@ def test_command_lines_succeed_or_are_refused_in_one_line(args, template, finish
 
 # ------------------------------------------------------------------------------- damaged runs
 
+
 def wrong_shape(path: Path) -> bytes:
     """Content of the file's own format that lrft never wrote there."""
     if path.suffix == ".safetensors":
@@ -574,11 +712,22 @@ DAMAGES = {
 }
 RESUME = ["train", "{recipe}", "train.max_steps=3"]  # continues the finished run from its checkpoint
 RUN_COMMANDS = {  # per run (and the PEFT export): the command lines that read it
-    "good": [["eval", "{run}"], ["eval", "{run}", "--best"], ["merge", "{run}", "--out", "{out}"],
-             ["merge", "{run}", "--format", "peft", "--out", "{out}"],
-             ["count-params", "--method", "lora", "--calibrated", "{run}"], ["train", "{recipe}"], RESUME],
-    "ta": [["eval", "{run}"], ["merge", "{run}", "--out", "{out}"],
-           ["count-params", "--method", "talora", "--calibrated", "{run}"], ["train", "{recipe}"], RESUME],
+    "good": [
+        ["eval", "{run}"],
+        ["eval", "{run}", "--best"],
+        ["merge", "{run}", "--out", "{out}"],
+        ["merge", "{run}", "--format", "peft", "--out", "{out}"],
+        ["count-params", "--method", "lora", "--calibrated", "{run}"],
+        ["train", "{recipe}"],
+        RESUME,
+    ],
+    "ta": [
+        ["eval", "{run}"],
+        ["merge", "{run}", "--out", "{out}"],
+        ["count-params", "--method", "talora", "--calibrated", "{run}"],
+        ["train", "{recipe}"],
+        RESUME,
+    ],
     "peft": [["eval", "{run}"], ["merge", "{run}", "--out", "{out}"]],
 }
 
@@ -592,8 +741,12 @@ def damage(path: Path, how: str) -> None:
 
 def run_files(template: Path, names) -> list[tuple[str, str]]:
     """(run, file relative to it) of every file of the named finished runs."""
-    return [(name, str(p.relative_to(run_path(template, name)))) for name in sorted(names)
-            for p in sorted(run_path(template, name).rglob("*")) if p.is_file()]
+    return [
+        (name, str(p.relative_to(run_path(template, name))))
+        for name in sorted(names)
+        for p in sorted(run_path(template, name).rglob("*"))
+        if p.is_file()
+    ]
 
 
 def run_path(world: Path, name: str) -> Path:
@@ -601,8 +754,9 @@ def run_path(world: Path, name: str) -> Path:
 
 
 def damaged_run_case(template: Path, commands: dict):
-    return st.sampled_from(run_files(template, commands)).flatmap(lambda rf: st.tuples(
-        st.just(rf), st.sampled_from(sorted(DAMAGES)), st.sampled_from(commands[rf[0]])))
+    return st.sampled_from(run_files(template, commands)).flatmap(
+        lambda rf: st.tuples(st.just(rf), st.sampled_from(sorted(DAMAGES)), st.sampled_from(commands[rf[0]]))
+    )
 
 
 def run_damaged(case, template: Path, finished_runs: Path, cli) -> None:
@@ -632,8 +786,9 @@ def test_damaged_runs_are_used_or_refused_in_one_line(run_cases, template, finis
 
 def test_damaged_runs_are_analysed_or_refused_in_one_line(template, finished_runs, cli):
     """`analyze` end to end on damaged runs: it reads every file of a run (fewer examples: figures are slow)."""
-    cases = damaged_run_case(template, {"good": [["analyze", "{run}", "--out", "{out}"]],
-                                        "ta": [["analyze", "{run}", "--out", "{out}"]]})
+    cases = damaged_run_case(
+        template, {"good": [["analyze", "{run}", "--out", "{out}"]], "ta": [["analyze", "{run}", "--out", "{out}"]]}
+    )
 
     @fuzz("damaged_analyze")
     @given(case=cases)
@@ -667,8 +822,9 @@ def write_records(path: Path, records: list[dict]) -> None:
         path.write_text(json.dumps(records))
     else:
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}),
-                                    delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer = csv.DictWriter(
+                f, fieldnames=sorted({k for r in records for k in r}), delimiter="\t" if path.suffix == ".tsv" else ","
+            )
             writer.writeheader()
             writer.writerows(records)
 
@@ -721,6 +877,7 @@ def test_damaged_data_is_used_or_refused_in_one_line(case, template, finished_ru
 
 # ----------------------------------------------------------------------------- damaged weights
 
+
 @pytest.fixture(scope="module")
 def weight_sources(finished_runs, tmp_path_factory) -> dict[str, Path]:
     """Base models to damage a copy of: the finished runs' tiny BERT (one safetensors file), the same in
@@ -733,7 +890,7 @@ def weight_sources(finished_runs, tmp_path_factory) -> dict[str, Path]:
 
 
 def overwrite(data: bytes, at: int, new: bytes) -> bytes:
-    return data[:at] + new + data[at + len(new):]
+    return data[:at] + new + data[at + len(new) :]
 
 
 def header_end(data: bytes) -> int:
@@ -783,10 +940,11 @@ INDEX_DAMAGES = {  # the shard index of a sharded model
     "index not an object": lambda text, at: "[1, 2]",
 }
 WEIGHT_COMMANDS = {  # what loads the base model: a new run on it; the PEFT export evaluated on it as --base
-    "single": [["train", "{recipe}", "name=new", "model.name={model}", "train.max_steps=1"],
-               ["eval", "{peft}", "--base", "{model}"]],
-    "gguf": [["train", "{recipe}", "name=new", "model.name={model}", "model.gguf_file=tiny.gguf",
-              "train.max_steps=1"]],
+    "single": [
+        ["train", "{recipe}", "name=new", "model.name={model}", "train.max_steps=1"],
+        ["eval", "{peft}", "--base", "{model}"],
+    ],
+    "gguf": [["train", "{recipe}", "name=new", "model.name={model}", "model.gguf_file=tiny.gguf", "train.max_steps=1"]],
 }
 WEIGHT_COMMANDS["sharded"] = WEIGHT_COMMANDS["single"]
 

@@ -54,8 +54,11 @@ def test_a_link_does_not_smuggle_a_run_dir_past_the_guard(tmp_path):
 def test_sources_are_refused_but_the_commands_own_place_in_them_is_not(tmp_path):
     run = make_run(tmp_path / "runs" / "x")
     sources = {run: "the run dir this command reads"}
-    for target, reason in ((run, "is the run dir this command reads"), (run / "adapter", "is inside"),
-                           (tmp_path / "runs", "holds")):
+    for target, reason in (
+        (run, "is the run dir this command reads"),
+        (run / "adapter", "is inside"),
+        (tmp_path / "runs", "holds"),
+    ):
         with pytest.raises(LrftError, match=reason):
             check_output(target, "--out", sources=sources)
     check_output(run / "analysis", "--out", sources=sources, own=[run / "analysis"])
@@ -66,8 +69,12 @@ def test_the_current_its_parents_home_and_root_are_never_replaced(tmp_path, monk
     monkeypatch.chdir(make_run(tmp_path / "cwd").parent)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    for target, reason in ((".", "is the current dir"), ("..", "holds the current dir"), (tmp_path / "home", "home dir"),
-                           ("/", "root dir")):
+    for target, reason in (
+        (".", "is the current dir"),
+        ("..", "holds the current dir"),
+        (tmp_path / "home", "home dir"),
+        ("/", "root dir"),
+    ):
         with pytest.raises(LrftError, match=reason):
             check_replaceable(Path(target), "--out")
 
@@ -82,8 +89,16 @@ def test_restart_deletes_only_a_dir_of_the_runs_own_files(tmp_path):
         check_restartable(run, LAYOUT)
 
 
-@pytest.mark.parametrize("name, temporary", [(".adapter.tmp-12", True), (".m.old-3", True), ("adapter.tmp-12", False),
-                                             (".x.tmp-", False), ("notes.txt", False)])
+@pytest.mark.parametrize(
+    "name, temporary",
+    [
+        (".adapter.tmp-12", True),
+        (".m.old-3", True),
+        ("adapter.tmp-12", False),
+        (".x.tmp-", False),
+        ("notes.txt", False),
+    ],
+)
 def test_temporary_names(name, temporary):
     assert is_temporary(name) == temporary
 

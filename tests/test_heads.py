@@ -11,11 +11,14 @@ from lrft.targets import output_layer, start_regression_head_at
 from tests.helpers import make_sentences, read_jsonl, tiny_bert, tiny_family, tiny_llama_config
 
 
-@pytest.mark.parametrize("lr, head_lr, expected", [
-    (1e-3, None, HEAD_LR_MIN),  # LoRA's lr: the head gets the floor
-    (3e-2, None, 3e-2),  # a tiny method's lr above the floor: the head shares it, as before
-    (1e-3, 5e-4, 5e-4),  # an explicit head_lr always wins
-])
+@pytest.mark.parametrize(
+    "lr, head_lr, expected",
+    [
+        (1e-3, None, HEAD_LR_MIN),  # LoRA's lr: the head gets the floor
+        (3e-2, None, 3e-2),  # a tiny method's lr above the floor: the head shares it, as before
+        (1e-3, 5e-4, 5e-4),  # an explicit head_lr always wins
+    ],
+)
 def test_head_learning_rate(lr, head_lr, expected):
     assert TrainConfig(lr=lr, head_lr=head_lr).head_learning_rate == expected
 
@@ -44,8 +47,10 @@ def write_stsb(d, n_train=48, n_dev=16):
     d.mkdir(parents=True, exist_ok=True)
     header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
     for split, n, seed in (("train", n_train, 1), ("dev", n_dev, 2)):
-        rows = [f"{i}\tmain\tf\t2012\t{i:04d}\tnone\tnone\t{r['text']}\t{r['text'][::-1]}\t{1 + 3 * r['label']:.3f}\n"
-                for i, r in enumerate(make_sentences(n, seed))]
+        rows = [
+            f"{i}\tmain\tf\t2012\t{i:04d}\tnone\tnone\t{r['text']}\t{r['text'][::-1]}\t{1 + 3 * r['label']:.3f}\n"
+            for i, r in enumerate(make_sentences(n, seed))
+        ]
         (d / f"{split}.tsv").write_text(header + "".join(rows))
     return d
 
@@ -53,8 +58,12 @@ def write_stsb(d, n_train=48, n_dev=16):
 def test_regression_run_starts_at_the_mean_and_the_head_gets_its_lr(cli, tiny_recipe, tmp_path):
     data = write_stsb(tmp_path / "stsb")
     labels = [1 + 3 * r["label"] for r in make_sentences(48, 1)]
-    recipe = tiny_recipe("lora", name="reg", data={"task": "glue/stsb", "path": str(data)},
-                         train={"lr": 1e-3, "max_steps": 1, "eval_on_start": True})
+    recipe = tiny_recipe(
+        "lora",
+        name="reg",
+        data={"task": "glue/stsb", "path": str(data)},
+        train={"lr": 1e-3, "max_steps": 1, "eval_on_start": True},
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     assert "bias starts at the training labels' mean" in err and "(head lr 0.01)" in err

@@ -24,8 +24,17 @@ def short_run(cli, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
 
     def run(*overrides: str) -> tuple[Path, dict]:
-        args = ["train", QUICKSTART, f"output.dir={tmp_path / 'runs'}", "train.max_steps=6", "train.batch_size=16",
-                "data.max_eval_samples=96", "train.log_every=2", *overrides, "--json"]
+        args = [
+            "train",
+            QUICKSTART,
+            f"output.dir={tmp_path / 'runs'}",
+            "train.max_steps=6",
+            "train.batch_size=16",
+            "data.max_eval_samples=96",
+            "train.log_every=2",
+            *overrides,
+            "--json",
+        ]
         code, out, err = cli(*args)
         assert code == 0, err
         return tmp_path / "runs" / "quickstart", json.loads(out)
@@ -39,8 +48,15 @@ def test_minilm_mrpc_train_eval_merge(short_run, cli, tmp_path, method):
     assert summary["task"] == "glue/mrpc" and summary["train_examples"] == 3668 and summary["steps"] == 6
     # MiniLM: 6 layers, hidden 384, 12 heads of 32; query and value targeted (12 modules)
     # talora: the budget 12 × 8 ranks, each trains r_i × out (384) with A frozen; lorta: (d + d_h + H + L + M)·r
-    assert summary["trainable_params"] == {"tlora": 12 * 65, "lora": 12 * 8 * (384 + 384), "talora": 12 * 8 * 384,
-                                           "lorta": 8 * (384 + 32 + 12 + 6 + 2)}[method]
+    assert (
+        summary["trainable_params"]
+        == {
+            "tlora": 12 * 65,
+            "lora": 12 * 8 * (384 + 384),
+            "talora": 12 * 8 * 384,
+            "lorta": 8 * (384 + 32 + 12 + 6 + 2),
+        }[method]
+    )
     assert summary["total_params"] > 22_000_000
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     final = {k: v for k, v in evals[-1].items() if k not in ("type", "step", "epoch")}
@@ -49,7 +65,12 @@ def test_minilm_mrpc_train_eval_merge(short_run, cli, tmp_path, method):
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     base = config["base_model"]
     assert {k: base[k] for k in ("name", "revision", "model_type", "dtype", "gguf_file")} == {
-        "name": "minilm", "revision": None, "model_type": "bert", "dtype": "float32", "gguf_file": None}
+        "name": "minilm",
+        "revision": None,
+        "model_type": "bert",
+        "dtype": "float32",
+        "gguf_file": None,
+    }
     assert len(base["fingerprint"]) == 16  # checksum of the target weights, checked by eval and merge
     assert config["label_names"] == ["not_equivalent", "equivalent"]
 
@@ -79,10 +100,21 @@ def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path,
 
     monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
     recipe = Path(__file__).parents[1] / "recipes" / "gsm8k_talora.yaml"
-    code, out, err = cli("train", recipe, f"output.dir={tmp_path / 'runs'}", "train.max_steps=1", "train.batch_size=4",
-                         "data.max_train_samples=8", "data.max_eval_samples=2", "data.max_new_tokens=12",
-                         "data.max_length=192", "calibration.samples=4", "calibration.batch_size=4",
-                         "train.eval_on_start=false", "--json")
+    code, out, err = cli(
+        "train",
+        recipe,
+        f"output.dir={tmp_path / 'runs'}",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "data.max_train_samples=8",
+        "data.max_eval_samples=2",
+        "data.max_new_tokens=12",
+        "data.max_length=192",
+        "calibration.samples=4",
+        "calibration.batch_size=4",
+        "train.eval_on_start=false",
+        "--json",
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["model"] == "smollm2" and {"exact_match", "perplexity"} <= set(summary["final"])
@@ -110,9 +142,14 @@ def test_smollm2_dequantisation_writes_no_bar_into_a_log(smollm2, tmp_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", "from lrft.models import resolve; print(resolve('smollm2'))"],
-                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
-                         env={**os.environ, "LRFT_CACHE_DIR": str(tmp_path)})
+    run = subprocess.run(
+        [sys.executable, "-c", "from lrft.models import resolve; print(resolve('smollm2'))"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "LRFT_CACHE_DIR": str(tmp_path)},
+    )
     assert run.returncode == 0, run.stderr
     assert Path(run.stdout.strip(), "config.json").is_file() and str(tmp_path) in run.stdout
     assert run.stderr.startswith("dequantising SmolLM2-135M-Instruct.Q4_1.gguf once into ")
@@ -143,8 +180,9 @@ def test_smollm2_every_method_on_q_k_v_o(smollm2_model, method):
 
     b = labeled(smollm2_model, batch(length=12))
     base = outputs(smollm2_model, b)
-    model, found, *_ = build(method, model=copy.deepcopy(smollm2_model),
-                             targets=["q_proj", "k_proj", "v_proj", "o_proj"], rank=8)
+    model, found, *_ = build(
+        method, model=copy.deepcopy(smollm2_model), targets=["q_proj", "k_proj", "v_proj", "o_proj"], rank=8
+    )
     set_head_trainable(model, False)
     assert len(found) == 30 * 4
     if method == "lorta":  # (d + d_h + H + L + M + H_kv)·r
@@ -167,8 +205,9 @@ def test_speed_suite_smoke(data_dir, monkeypatch):
     import sys
 
     monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
-    monkeypatch.setattr(sys, "argv", ["speed.py", "--rounds", "1", "--steps", "2", "--warmup", "0", "--batch-size", "8",
-                                      "--json"])
+    monkeypatch.setattr(
+        sys, "argv", ["speed.py", "--rounds", "1", "--steps", "2", "--warmup", "0", "--batch-size", "8", "--json"]
+    )
     speed = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "speed.py"), run_name="bench")
     result = speed["main"]()
     rows = {r["variant"]: r for r in result["rows"]}

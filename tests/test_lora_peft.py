@@ -19,8 +19,9 @@ def test_lora_matches_peft(rslora):
     base = tiny_bert()
     ours, *_ = build("lora", model=copy.deepcopy(base), alpha=8.0, rslora=rslora)
     randomize(ours)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["query", "value"], lora_dropout=0.0,
-                          use_rslora=rslora, task_type="SEQ_CLS")
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8.0, target_modules=["query", "value"], lora_dropout=0.0, use_rslora=rslora, task_type="SEQ_CLS"
+    )
     theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():
         for name, wrapper in adapted(ours).items():

@@ -45,10 +45,14 @@ def reference_delta(branch: Branch, heads: int, head_dim: int) -> torch.Tensor:
     return branch.scale * torch.cat(blocks, dim=1 if branch.kind == "o" else 0)
 
 
-@pytest.mark.parametrize("factory, targets", [
-    (tiny_bert, BERT_QKVO), (tiny_llama, LLAMA_QKVO),
-    (lambda: tiny_llama(head_dim=16), LLAMA_QKVO),  # 4 heads × 16 = 64 ≠ hidden 32, as Gemma 3 and Qwen 3
-])
+@pytest.mark.parametrize(
+    "factory, targets",
+    [
+        (tiny_bert, BERT_QKVO),
+        (tiny_llama, LLAMA_QKVO),
+        (lambda: tiny_llama(head_dim=16), LLAMA_QKVO),  # 4 heads × 16 = 64 ≠ hidden 32, as Gemma 3 and Qwen 3
+    ],
+)
 def test_delta_weight_matches_per_head_formula(factory, targets):
     model, *_ = build("lorta", model=factory(), targets=targets)
     randomize(model)
@@ -90,14 +94,17 @@ def test_init_starts_unchanged_and_follows_official_code():
     assert torch.count_nonzero(f.B) == 0
     for name in ("A", "C_H", "C_L", "C_M"):  # Kaiming-uniform a=√5 on (rows × r): bound 1/sqrt(r)
         t = getattr(f, name)
-        assert t.abs().max() <= 1 / 8 ** 0.5 and t.abs().max() > 0.5 / 8 ** 0.5, name
+        assert t.abs().max() <= 1 / 8**0.5 and t.abs().max() > 0.5 / 8**0.5, name
     assert all(w.adapter.scale == pytest.approx(1 / 8) for w in adapted(model).values())  # α 1 / r 8
 
 
-@pytest.mark.parametrize("targets, match", [
-    (["query", "intermediate.dense"], "lorta adapts attention projections only.*intermediate.dense"),
-    (["value", "output.dense"], "lorta adapts attention projections only"),
-])
+@pytest.mark.parametrize(
+    "targets, match",
+    [
+        (["query", "intermediate.dense"], "lorta adapts attention projections only.*intermediate.dense"),
+        (["value", "output.dense"], "lorta adapts attention projections only"),
+    ],
+)
 def test_non_attention_targets_are_refused(targets, match):
     with pytest.raises(LrftError, match=match):
         build("lorta", model=tiny_bert(), targets=targets)
@@ -121,7 +128,11 @@ def split_qkv(delta: torch.Tensor, family: str, cfg) -> dict[str, torch.Tensor]:
     if family == "gpt2":  # c_attn(x).split(d, dim=2)
         q, k, v = delta.split(d, dim=0)
     elif family == "phi3":  # qkv[..., :H·d_h], then H_kv·d_h for k, the rest for v
-        q, k, v = delta[:heads * head_dim], delta[heads * head_dim:(heads + kv) * head_dim], delta[(heads + kv) * head_dim:]
+        q, k, v = (
+            delta[: heads * head_dim],
+            delta[heads * head_dim : (heads + kv) * head_dim],
+            delta[(heads + kv) * head_dim :],
+        )
     elif family == "modernbert":  # qkv.view(..., 3, -1, d_h).unbind(dim=-3)
         q, k, v = delta.view(3, -1, d).unbind(0)
     else:  # gpt_neox: qkv.view(..., H, 3·d_h) per head, then .chunk(3, dim=-1)
@@ -165,11 +176,14 @@ def test_fused_layout_is_recorded_and_a_saved_record_rebuilds_it():
     assert rebuilt.meta == recorded and all(b.rows is not None for b in rebuilt.adapters.values())
 
 
-@pytest.mark.parametrize("args, trainable, lora", [
-    (["--rank", "4", "--model", "llama2-7b", "--targets", "q_proj,v_proj"], 17_160, 2_097_152),
-    (["--rank", "64", "--model", "llama2-7b", "--targets", "q_proj,v_proj"], 274_560, 33_554_432),
-    (["--rank", "8"], 9_040, 786_432),
-])
+@pytest.mark.parametrize(
+    "args, trainable, lora",
+    [
+        (["--rank", "4", "--model", "llama2-7b", "--targets", "q_proj,v_proj"], 17_160, 2_097_152),
+        (["--rank", "64", "--model", "llama2-7b", "--targets", "q_proj,v_proj"], 274_560, 33_554_432),
+        (["--rank", "8"], 9_040, 786_432),
+    ],
+)
 def test_count_params_reproduces_lorta_table_1(cli, args, trainable, lora):
     code, out, err = cli("count-params", "--method", "lorta", *args, "--json")
     assert code == 0, err
@@ -178,8 +192,11 @@ def test_count_params_reproduces_lorta_table_1(cli, args, trainable, lora):
 
 
 def test_lorta_trains_through_the_cli_and_merges(cli, tiny_recipe, tmp_path):
-    recipe = tiny_recipe("lorta", name="lorta_e2e", adapter={"method": "lorta", "target_modules": BERT_QKVO,
-                                                             "params": {"rank": 4, "alpha": 1.0}})
+    recipe = tiny_recipe(
+        "lorta",
+        name="lorta_e2e",
+        adapter={"method": "lorta", "target_modules": BERT_QKVO, "params": {"rank": 4, "alpha": 1.0}},
+    )
     code, out, err = cli("train", recipe, "train.max_steps=3", "train.lr=3e-2", "--json")
     assert code == 0, err
     run = tmp_path / "runs" / "lorta_e2e"

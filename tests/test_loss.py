@@ -15,20 +15,45 @@ def gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    return Gemma2ForCausalLM(Gemma2Config(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                          final_logit_softcapping=30.0)).eval()
+    return Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=80,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            final_logit_softcapping=30.0,
+        )
+    ).eval()
 
 
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0,
-                                      embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=80,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
 
 
-MODELS = {"llama": (tiny_llama, ["q_proj", "v_proj"]), "gemma2": (gemma2, ["q_proj", "v_proj"]), "gpt2": (gpt2, ["c_attn"])}
+MODELS = {
+    "llama": (tiny_llama, ["q_proj", "v_proj"]),
+    "gemma2": (gemma2, ["q_proj", "v_proj"]),
+    "gpt2": (gpt2, ["c_attn"]),
+}
 
 
 def prompt_and_response(n: int = 3, length: int = 11) -> dict:
@@ -60,8 +85,9 @@ def test_chunked_loss_equals_transformers_loss_with_its_gradients(name, monkeypa
     for k in our_grads:
         scale = float(their_grads[k].abs().max())
         torch.testing.assert_close(our_grads[k], their_grads[k], atol=1e-6 * max(scale, 1e-3), rtol=1e-5, msg=k)
-    assert model.get_output_embeddings() is not None and type(model.get_output_embeddings()).__name__ != \
-        "ChunkedLossHead"  # the output layer is back
+    assert (
+        model.get_output_embeddings() is not None and type(model.get_output_embeddings()).__name__ != "ChunkedLossHead"
+    )  # the output layer is back
 
 
 def test_evaluation_loss_is_chunked_and_unchanged():

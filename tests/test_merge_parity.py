@@ -44,7 +44,7 @@ def grow_update(model, share: float, seed: int = 1) -> float:
     for _ in range(40):
         size = (low + high) / 2
         for p, d in zip(params, direction):
-            p.copy_(d * 10 ** size)
+            p.copy_(d * 10**size)
         reached = largest_update_share(model)
         if abs(math.log(reached / share)) < math.log(1.2):
             return reached
@@ -121,8 +121,15 @@ def test_smollm2_shapes_tolerate_what_the_issue_saw_and_refuse_a_wrong_merge():
     its 210 modules left unmerged at ‖ΔW‖/‖W0‖ = 3% (measured: 0.1) is not."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     want = torch.zeros(1, 2)

@@ -27,8 +27,13 @@ BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
 
 def train_tiny(cli, tiny_recipe, method, name, **sections):
     params = {"rank": 4, **({"alpha": 2.0} if method == "lorta" else {})}
-    recipe = tiny_recipe(method, name=name, adapter={"method": method, "target_modules": BERT_TARGETS, "params": params},
-                         calibration={"samples": 16, "batch_size": 8}, **sections)
+    recipe = tiny_recipe(
+        method,
+        name=name,
+        adapter={"method": method, "target_modules": BERT_TARGETS, "params": params},
+        calibration={"samples": 16, "batch_size": 8},
+        **sections,
+    )
     code, _, err = cli("train", recipe, "train.max_steps=3", "train.lr=5e-2")
     assert code == 0, err
     return recipe
@@ -92,9 +97,15 @@ def test_peft_lora_dirs_are_read_for_eval_and_merge(cli, tmp_path, tiny_model_di
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", use_rslora=True,
-                          rank_pattern={"bert.encoder.layer.0.attention.self.query": 2},
-                          alpha_pattern={"bert.encoder.layer.0.attention.self.query": 3.0})
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        task_type="SEQ_CLS",
+        use_rslora=True,
+        rank_pattern={"bert.encoder.layer.0.attention.self.query": 2},
+        alpha_pattern={"bert.encoder.layer.0.attention.self.query": 3.0},
+    )
     model = peft.get_peft_model(base, cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -116,8 +127,19 @@ def test_peft_lora_dirs_are_read_for_eval_and_merge(cli, tmp_path, tiny_model_di
     with torch.no_grad():
         predicted = model(**batch_of(tiny_model_dir, [r["text"] for r in dev])).logits.argmax(-1).tolist()
     assert ours["accuracy"] == pytest.approx(sum(p == r["label"] for p, r in zip(predicted, dev)) / len(dev))
-    code, out, err = cli("merge", adapter_dir, "--out", tmp_path / "merged", "--task", "text-classification",
-                         "--base", tiny_model_dir, "--data-path", tiny_data_dir, "--json")
+    code, out, err = cli(
+        "merge",
+        adapter_dir,
+        "--out",
+        tmp_path / "merged",
+        "--task",
+        "text-classification",
+        "--base",
+        tiny_model_dir,
+        "--data-path",
+        tiny_data_dir,
+        "--json",
+    )
     assert code == 0, err
     assert_merge_parity(json.loads(out))
 
@@ -130,8 +152,11 @@ def test_a_different_base_is_refused_unless_forced(cli, tiny_recipe, tmp_path, t
     run = tmp_path / "runs" / "fp"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model"]["fingerprint"]
     tiny_bert(seed=7).save_pretrained(model_dir)  # the base model changed since training
-    for args in (["eval", run], ["merge", run, "--out", tmp_path / "m"], ["merge", run, "--format", "peft", "--out",
-                                                                          tmp_path / "p"]):
+    for args in (
+        ["eval", run],
+        ["merge", run, "--out", tmp_path / "m"],
+        ["merge", run, "--format", "peft", "--out", tmp_path / "p"],
+    ):
         code, _, err = cli(*args)
         assert code == 2 and "target weights differ" in err and "--force" in err, args
     assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
@@ -207,7 +232,9 @@ def test_outputs_are_portable(cli, tiny_recipe, tmp_path, tiny_model_dir):
     assert code == 0, err
     assert stdout.count("written to") == 1 and "written to" not in err
     name = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert name == tiny_model_dir.name and not any(str(tmp_path) in f.read_text() for f in [out / "adapter_config.json"])
+    assert name == tiny_model_dir.name and not any(
+        str(tmp_path) in f.read_text() for f in [out / "adapter_config.json"]
+    )
     provenance = json.loads((out / "lrft_export.json").read_text())
     assert provenance["base_model"]["resolved_path"] == str(tiny_model_dir)
     code, stdout, err = cli("eval", out, "--json")
@@ -216,14 +243,18 @@ def test_outputs_are_portable(cli, tiny_recipe, tmp_path, tiny_model_dir):
     mode = plain_file_mode(tmp_path)
     written = [f for d in (run, out, tmp_path / "merged") for f in d.rglob("*") if f.is_file()]
     assert any(f.suffix == ".safetensors" for f in written)
-    assert {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in written
-            if f.stat().st_mode & 0o777 != mode} == {}
+    assert {
+        str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in written if f.stat().st_mode & 0o777 != mode
+    } == {}
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--format", "onnx"], "--format: unknown 'onnx'"),
-    (["--format", "peft", "--dtype", "bfloat16"], "--dtype: a PEFT export keeps the adapter in float32"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--format", "onnx"], "--format: unknown 'onnx'"),
+        (["--format", "peft", "--dtype", "bfloat16"], "--dtype: a PEFT export keeps the adapter in float32"),
+    ],
+)
 def test_bad_merge_arguments(cli, tiny_recipe, tmp_path, args, expect):
     assert cli("train", tiny_recipe("lora", name="args"), "train.max_steps=1")[0] == 0
     code, _, err = cli("merge", tmp_path / "runs" / "args", "--out", tmp_path / "x", *args)
@@ -247,8 +278,12 @@ def test_the_serving_page_snippet_runs_as_written(cli, tmp_path, tiny_model_dir,
     the served model computes what lrft's does."""
     shutil.copytree(tiny_model_dir, tmp_path / "tiny-bert")
     monkeypatch.chdir(tmp_path)
-    recipe = write_recipe(tmp_path / "snippet.yaml", recipe_dict(Path("tiny-bert"), tiny_data_dir, Path("runs"), "tlora",
-                                                                 "snippet", train={"max_steps": 3, "lr": 5e-2}))
+    recipe = write_recipe(
+        tmp_path / "snippet.yaml",
+        recipe_dict(
+            Path("tiny-bert"), tiny_data_dir, Path("runs"), "tlora", "snippet", train={"max_steps": 3, "lr": 5e-2}
+        ),
+    )
     assert cli("train", recipe)[0] == 0
     code, _, err = cli("merge", "runs/snippet", "--format", "peft", "--out", "served/adapter")
     assert code == 0, err
@@ -256,11 +291,14 @@ def test_the_serving_page_snippet_runs_as_written(cli, tmp_path, tiny_model_dir,
     script = markdown_block("docs/serving.md", "## Loading an export with PEFT", "python") + (
         "import json, torch\nfrom transformers import AutoTokenizer\n"
         f"batch = AutoTokenizer.from_pretrained(base_name)({texts!r}, padding=True, return_tensors='pt')\n"
-        "with torch.no_grad():\n    print(json.dumps(model.eval()(**batch).logits.tolist()))\n")
+        "with torch.no_grad():\n    print(json.dumps(model.eval()(**batch).logits.tolist()))\n"
+    )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "MISSING" not in run.stderr and "LOAD REPORT" not in run.stderr, run.stderr
     future = [line for line in run.stderr.splitlines() if "FutureWarning" in line]
     assert all("is_gradient_checkpointing" in line for line in future), future  # the one docs/serving.md explains
     served = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
-    assert_close_scaled(served, lrft_logits(tmp_path / "runs" / "snippet", batch_of(tmp_path / "tiny-bert", texts)), 1e-5)
+    assert_close_scaled(
+        served, lrft_logits(tmp_path / "runs" / "snippet", batch_of(tmp_path / "tiny-bert", texts)), 1e-5
+    )

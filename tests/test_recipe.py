@@ -41,8 +41,17 @@ def test_minimal_recipe_gets_defaults_and_name_from_stem(tmp_path):
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     p = write(tmp_path, yaml.safe_dump(MINIMAL))
-    r = load_recipe(p, ["train.lr=1e-3", "adapter.params.rank=16", "adapter.target_modules=[query,key]",
-                        "data.max_train_samples=100", "seed=7", "train.max_grad_norm=null"])
+    r = load_recipe(
+        p,
+        [
+            "train.lr=1e-3",
+            "adapter.params.rank=16",
+            "adapter.target_modules=[query,key]",
+            "data.max_train_samples=100",
+            "seed=7",
+            "train.max_grad_norm=null",
+        ],
+    )
     assert r.train.lr == 1e-3 and r.adapter.params.rank == 16 and r.adapter.target_modules == ["query", "key"]
     assert r.data.max_train_samples == 100 and r.seed == 7 and r.train.max_grad_norm is None
 
@@ -65,18 +74,24 @@ def test_a_problem_of_an_override_is_the_overrides_not_the_files(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    bad = {"model": {"name": "minilm"}, "data": {"task": "glue/mrcp", "max_lenght": 64},
-           "adapter": {"method": "tlora", "params": {"rank": 0, "dropuot": 0.1}},
-           "train": {"lr": "fast", "epochs": -1, "lrr": 1}}
+    bad = {
+        "model": {"name": "minilm"},
+        "data": {"task": "glue/mrcp", "max_lenght": 64},
+        "adapter": {"method": "tlora", "params": {"rank": 0, "dropuot": 0.1}},
+        "train": {"lr": "fast", "epochs": -1, "lrr": 1},
+    }
     with pytest.raises(ConfigError) as e:
         load_recipe(write(tmp_path, yaml.safe_dump(bad)))
     msg = str(e.value)
-    for expected in ["data.task: unknown task 'glue/mrcp' (did you mean 'glue/mrpc'?)",
-                     "data.max_lenght: unknown key (did you mean 'max_length'?)",
-                     "adapter.params.rank: input should be greater than 0 (got 0)",
-                     "adapter.params.dropuot: unknown key (did you mean 'dropout'?)",
-                     "train.lr: input should be a valid number", "train.epochs: input should be greater than 0",
-                     "train.lrr: unknown key (did you mean 'lr'?)"]:
+    for expected in [
+        "data.task: unknown task 'glue/mrcp' (did you mean 'glue/mrpc'?)",
+        "data.max_lenght: unknown key (did you mean 'max_length'?)",
+        "adapter.params.rank: input should be greater than 0 (got 0)",
+        "adapter.params.dropuot: unknown key (did you mean 'dropout'?)",
+        "train.lr: input should be a valid number",
+        "train.epochs: input should be greater than 0",
+        "train.lrr: unknown key (did you mean 'lr'?)",
+    ]:
         assert expected in msg, msg
     assert len(e.value.problems) == 7
 
@@ -107,8 +122,11 @@ def test_yaml_syntax_error_names_line(tmp_path):
 
 def test_a_key_given_twice_is_an_error_naming_the_key_and_both_lines(tmp_path):
     text = "model:\n  name: minilm\ndata:\n  task: glue/mrpc\n  max_length: 64\n  task: glue/rte\nadapter: {method: lora}\n"
-    with pytest.raises(LrftError, match=r"key 'task' is given twice in one mapping, at line 4, column 3 and at "
-                                        r"line 6, column 3; keep one of the two"):
+    with pytest.raises(
+        LrftError,
+        match=r"key 'task' is given twice in one mapping, at line 4, column 3 and at "
+        r"line 6, column 3; keep one of the two",
+    ):
         load_recipe(write(tmp_path, text))
     with pytest.raises(LrftError, match=r"override 'data=\{task: a, task: b\}': key 'task' is given twice"):
         apply_overrides({}, ["data={task: a, task: b}"])
@@ -116,8 +134,10 @@ def test_a_key_given_twice_is_an_error_naming_the_key_and_both_lines(tmp_path):
 
 def test_merge_keys_may_still_be_overridden(tmp_path):
     """`<<: *base` then a key of its own is YAML's way to override, not a key given twice."""
-    text = ("base: &b {name: minilm, dtype: float32}\nmodel:\n  <<: *b\n  dtype: bfloat16\ndata: {task: glue/mrpc}\n"
-            "adapter: {method: lora}\n")
+    text = (
+        "base: &b {name: minilm, dtype: float32}\nmodel:\n  <<: *b\n  dtype: bfloat16\ndata: {task: glue/mrpc}\n"
+        "adapter: {method: lora}\n"
+    )
     with pytest.raises(ConfigError, match="base: unknown key"):  # parsed: only the extra top-level key is refused
         load_recipe(write(tmp_path, text))
     assert parse_yaml(text, "r.yaml")["model"] == {"name": "minilm", "dtype": "bfloat16"}
@@ -156,8 +176,8 @@ def test_shipped_recipes_validate(path):
     assert text.startswith("#") and "lrft train recipes/" in text, "recipes open with a comment showing the run command"
 
 
-
 # ------------------------------------------------------------------- the config toolkit, any schema
+
 
 class Circle(Section):
     kind: Literal["circle"]
@@ -184,16 +204,22 @@ def test_problem_lines_follow_any_schema_and_its_unions():
     """What recipes get (variant tags dropped from keys, the discriminator's unknown value with a
     did-you-mean, the keys of the chosen variant) comes from the schema, not from knowing a recipe."""
     assert drawing_problems({"shape": {"kind": "circel"}}) == [
-        "shape.kind: unknown kind 'circel' (did you mean 'circle'?); choose one of: circle, square"]
+        "shape.kind: unknown kind 'circel' (did you mean 'circle'?); choose one of: circle, square"
+    ]
     assert drawing_problems({"shape": {"kind": "square", "sied": 2, "side": 0}}) == [
         "shape.side: input should be greater than 0 (got 0)",
-        "shape.sied: unknown key (did you mean 'side'?); known keys here: kind, side"]
+        "shape.sied: unknown key (did you mean 'side'?); known keys here: kind, side",
+    ]
     assert drawing_problems({"shape": {}, "color": "red"}) == [
-        "shape.kind: required, but missing", "color: unknown key (did you mean 'colour'?); known keys here: colour, shape"]
+        "shape.kind: required, but missing",
+        "color: unknown key (did you mean 'colour'?); known keys here: colour, shape",
+    ]
     assert drawing_problems({"shape": {"kind": "circle"}, "colour": "reed"}) == [
-        "colour: input should be 'red', 'green' or 'blue' (got 'reed')"]
+        "colour: input should be 'red', 'green' or 'blue' (got 'reed')"
+    ]
     assert drawing_problems({"shape": {"kind": "circle"}, "colour": "reed"}, named_choices=["colour"]) == [
-        "colour: unknown colour 'reed' (did you mean 'red'?); choose one of: red, green, blue"]
+        "colour: unknown colour 'reed' (did you mean 'red'?); choose one of: red, green, blue"
+    ]
 
 
 def test_dotted_keys_get_and_pop():

@@ -19,13 +19,18 @@ from safetensors.torch import load_file
 from tests.helpers import ROOT, assert_same_adapter, launch, lrft, read_jsonl, train_lines
 
 
-@pytest.mark.parametrize("method, killer, resumed_from", [
-    ("tlora", ("sigkill", 7), "step-000000006"),      # mid-epoch: after step 7, checkpoints every 2 steps
-    ("talora", ("checkpoint", 3), "step-000000004"),  # mid-write of the step-6 checkpoint
-])
+@pytest.mark.parametrize(
+    "method, killer, resumed_from",
+    [
+        ("tlora", ("sigkill", 7), "step-000000006"),  # mid-epoch: after step 7, checkpoints every 2 steps
+        ("talora", ("checkpoint", 3), "step-000000004"),  # mid-write of the step-6 checkpoint
+    ],
+)
 def test_sigkill_then_the_same_command_resumes_to_the_same_result(tiny_recipe, tmp_path, method, killer, resumed_from):
-    sections = {"train": {"epochs": 3, "save_every": 2, "lr": 2e-2, "batch_size": 16, "log_every": 1},
-                "calibration": {"samples": 16, "batch_size": 8}}
+    sections = {
+        "train": {"epochs": 3, "save_every": 2, "lr": 2e-2, "batch_size": 16, "log_every": 1},
+        "calibration": {"samples": 16, "batch_size": 8},
+    }
     straight = tiny_recipe(method, name="straight", **sections)
     assert lrft("train", straight).returncode == 0
     recipe = tiny_recipe(method, name="killed", **sections)
@@ -44,8 +49,10 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_result(tiny_recipe, t
     assert [(r["step"], r["module"]) for r in stats] == [(r["step"], r["module"]) for r in straight_stats]
     assert [r["delta_norm"] for r in stats] == pytest.approx([r["delta_norm"] for r in straight_stats], rel=1e-5)
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]  # the dead write is gone
-    assert json.loads((run / "summary.json").read_text())["final"] == \
-        json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())["final"]
+    assert (
+        json.loads((run / "summary.json").read_text())["final"]
+        == json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())["final"]
+    )
 
 
 def test_keep_last_prunes_checkpoints(cli, tiny_recipe, tmp_path):
@@ -113,6 +120,7 @@ def test_nonfinite_gradients_are_caught_too(cli, tiny_recipe, monkeypatch):
 
 # ------------------------------------------------------------------------------------ 2 processes
 
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU/gloo path; GPUs are exercised on a cluster")
 @pytest.mark.parametrize("method", ["lora", "talora"])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_recipe, tmp_path, method):
@@ -123,8 +131,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_recipe, tmp_pat
     assert "2 processes (ddp over MULTI_CPU), 8 examples of each batch per process" in two.stderr
     assert_same_adapter(tmp_path / "runs" / "two", tmp_path / "runs" / "one", tol=1e-5)
     if method == "talora":  # statistics all-reduced: the same plan on every rank and as one process
-        plan = [json.loads((tmp_path / "runs" / n / "calibration" / "calibration.json").read_text())["modules"]
-                for n in ("one", "two")]
+        plan = [
+            json.loads((tmp_path / "runs" / n / "calibration" / "calibration.json").read_text())["modules"]
+            for n in ("one", "two")
+        ]
         assert {k: v["rank"] for k, v in plan[0].items()} == {k: v["rank"] for k, v in plan[1].items()}
     one_eval = [l for l in train_lines(tmp_path / "runs" / "one") if l["type"] == "eval"]
     two_eval = [l for l in train_lines(tmp_path / "runs" / "two") if l["type"] == "eval"]
@@ -145,11 +155,19 @@ def test_two_processes_resume(tiny_recipe, tmp_path):
 
 # ---------------------------------------------------------------------------------- bugs, security
 
+
 def test_a_bug_keeps_its_traceback_and_exit_code_1(tiny_recipe):
-    code = "import lrft.training as t; t.train = lambda *a, **k: 1 / 0\nimport sys; sys.argv = ['lrft'] + sys.argv[1:]\n" \
-           "from lrft.cli import main; main()"
-    run = subprocess.run([sys.executable, "-c", code, "train", str(tiny_recipe("lora", name="bug"))],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    code = (
+        "import lrft.training as t; t.train = lambda *a, **k: 1 / 0\nimport sys; sys.argv = ['lrft'] + sys.argv[1:]\n"
+        "from lrft.cli import main; main()"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, "train", str(tiny_recipe("lora", name="bug"))],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert run.returncode == 1 and "Traceback" in run.stderr and "ZeroDivisionError" in run.stderr
 
 
@@ -161,11 +179,16 @@ def test_no_pickle_and_safe_yaml_anywhere():
     assert issubclass(StrictLoader, yaml.SafeLoader)  # yaml.load with it is safe_load, made strict
     sources = {p: p.read_text() for p in (ROOT / "lrft").rglob("*.py")}
     for path, text in sources.items():
-        assert not re.search(r"\bimport pickle|\bpickle\.|torch\.load\(|yaml\.load\((?![^)]*Loader=StrictLoader\))|"
-                             r"yaml\.unsafe_load", text), path
+        assert not re.search(
+            r"\bimport pickle|\bpickle\.|torch\.load\(|yaml\.load\((?![^)]*Loader=StrictLoader\))|"
+            r"yaml\.unsafe_load",
+            text,
+        ), path
         assert not re.search(r"trust_remote_code\s*=\s*True", text), path
 
 
 def test_trust_remote_code_is_announced(cli, tiny_recipe):
-    code, _, err = cli("train", tiny_recipe("lora", name="remote", model={"trust_remote_code": True}), "train.max_steps=1")
+    code, _, err = cli(
+        "train", tiny_recipe("lora", name="remote", model={"trust_remote_code": True}), "train.max_steps=1"
+    )
     assert code == 0 and "warning: model.trust_remote_code is true: running Python code" in err

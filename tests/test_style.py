@@ -28,15 +28,22 @@ def test_every_module_opens_with_a_docstring(path):
 
 @pytest.mark.parametrize("path", SOURCES, ids=name)
 def test_no_function_is_longer_than_a_screen(path):
-    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree(path))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree(path))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, f"{name(path)}: split {', '.join(long)}"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=name)
 def test_no_module_imports_another_modules_private_names(path):
-    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree(path))
-               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lrft")
-               for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree(path))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lrft")
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
     assert not private, f"{name(path)} imports {', '.join(private)}: make the name public where it is defined"

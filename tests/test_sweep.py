@@ -37,8 +37,15 @@ def base_recipe(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny lora recipe on one-class data: 4 steps an epoch, 2 epochs, runs under <dir>/runs."""
     root = tmp_path_factory.mktemp("sweep")
     data = write_splits(root / "data", one_class, (("train", 64, 1), ("dev", 16, 2)))
-    recipe = recipe_dict(tiny_model_dir, data, root / "runs", "lora", "base", data={"label_names": ["0", "1"]},
-                         train={"epochs": 2, "log_every": 100})
+    recipe = recipe_dict(
+        tiny_model_dir,
+        data,
+        root / "runs",
+        "lora",
+        "base",
+        data={"label_names": ["0", "1"]},
+        train={"epochs": 2, "log_every": 100},
+    )
     return write_recipe(root / "base.yaml", recipe)
 
 
@@ -105,13 +112,18 @@ def pruned_sweep(base_recipe) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def grid_sweep(base_recipe) -> Path:
     """A finished 2 × 2 grid (lr × rank) of 1-epoch runs."""
-    spec = write_spec(base_recipe.parent / "grid.yaml", base_recipe, overrides={"train.epochs": 1},
-                      search={"train.lr": [GOOD, BETTER], "adapter.params.rank": [1, 4]})
+    spec = write_spec(
+        base_recipe.parent / "grid.yaml",
+        base_recipe,
+        overrides={"train.epochs": 1},
+        search={"train.lr": [GOOD, BETTER], "adapter.params.rank": [1, 4]},
+    )
     sweep_in_process(spec)
     return spec
 
 
 # ------------------------------------------------------------------------------------------ grid
+
 
 def test_a_grid_sweep_trains_every_point_into_an_ordinary_run_dir(cli, grid_sweep):
     sweep_dir = grid_sweep.parent / "runs" / "grid"
@@ -147,6 +159,7 @@ def test_the_report_renders_as_text_markdown_and_a_pareto_plot(cli, grid_sweep, 
 
 # --------------------------------------------------------------------------------- the answer
 
+
 def test_the_smallest_adapter_within_the_tolerance(cli, grid_sweep):
     """lr 3e-2 beats 1e-2 by far; rank hardly matters (the loss is the head's): within 0.05 the smallest
     is rank 1 at lr 3e-2; with no tolerance, the best itself."""
@@ -161,12 +174,15 @@ def row(point: str, trainable: int, mean: float) -> Row:
     return Row("s", point, {}, point, "done", "", [0], [mean], trainable, [trainable] * 2, None, "", "")
 
 
-@pytest.mark.parametrize(("tolerance", "direction", "scale", "expected"), [
-    (1.0, "max", 100, "mid"),  # 79.5 is within 1 point of 80.0, 70.0 is not
-    (0.4, "max", 100, "big"),
-    (10.0, "max", 100, "small"),  # exactly 10 points below counts as within
-    (0.06, "min", 1, "mid"),  # loss: 0.55 within 0.06 of 0.5
-])
+@pytest.mark.parametrize(
+    ("tolerance", "direction", "scale", "expected"),
+    [
+        (1.0, "max", 100, "mid"),  # 79.5 is within 1 point of 80.0, 70.0 is not
+        (0.4, "max", 100, "big"),
+        (10.0, "max", 100, "small"),  # exactly 10 points below counts as within
+        (0.06, "min", 1, "mid"),  # loss: 0.55 within 0.06 of 0.5
+    ],
+)
 def test_smallest_within_picks_the_fewest_parameters_near_the_best(tolerance, direction, scale, expected):
     rows = [row("big", 1000, 0.80), row("mid", 100, 0.795), row("small", 10, 0.70)]
     if direction == "min":
@@ -176,13 +192,17 @@ def test_smallest_within_picks_the_fewest_parameters_near_the_best(tolerance, di
 
 # ------------------------------------------------------------------------------------- pruning
 
+
 def test_a_point_worse_than_the_median_at_epoch_1_is_pruned_and_stays_pruned(cli, pruned_sweep):
     spec, log = pruned_sweep
     sweep_dir = spec.parent / "runs" / "pruned"
     assert trained(log)[-1] == "lr1e-9" and "trial 2 (lr1e-9): pruned at epoch 1" in log
     states = {t.user_attrs["point"]: t for t in trials(spec)}
-    assert {p: t.state.name for p, t in states.items()} == {"lr1e-2": "COMPLETE", "lr3e-2": "COMPLETE",
-                                                             "lr1e-9": "PRUNED"}
+    assert {p: t.state.name for p, t in states.items()} == {
+        "lr1e-2": "COMPLETE",
+        "lr3e-2": "COMPLETE",
+        "lr1e-9": "PRUNED",
+    }
     assert list(states["lr1e-9"].intermediate_values) == [1] and list(states["lr1e-2"].intermediate_values) == [1, 2]
     pruned = sweep_dir / "lr1e-9_s0"
     assert json.loads((pruned / "pruned.json").read_text())["epoch"] == 1
@@ -222,8 +242,12 @@ def test_a_base_recipe_changed_only_where_every_run_sets_its_own_value_still_res
     change of the base recipe is refused."""
     recipe = yaml.safe_load(base_recipe.read_text())
     base = write_recipe(tmp_path / "base.yaml", recipe)
-    spec = write_spec(tmp_path / "one.yaml", base, overrides={"train.epochs": 1, "output.dir": str(tmp_path / "runs")},
-                      search={"train.lr": [GOOD]})
+    spec = write_spec(
+        tmp_path / "one.yaml",
+        base,
+        overrides={"train.epochs": 1, "output.dir": str(tmp_path / "runs")},
+        search={"train.lr": [GOOD]},
+    )
     code, _, err = cli("sweep", spec)
     assert code == 0 and trained(err) == ["lr1e-2"], err
     write_recipe(base, {**recipe, "seed": 7, "name": "retuned", "train": {**recipe["train"], "lr": 0.5}})
@@ -235,6 +259,7 @@ def test_a_base_recipe_changed_only_where_every_run_sets_its_own_value_still_res
 
 
 # -------------------------------------------------------------------------------------- resume
+
 
 def test_a_killed_sweep_resumes_to_the_table_of_an_uninterrupted_one(cli, pruned_sweep, base_recipe, tmp_path):
     spec, _ = pruned_sweep
@@ -255,13 +280,21 @@ def test_a_killed_sweep_resumes_to_the_table_of_an_uninterrupted_one(cli, pruned
 
 # --------------------------------------------------------------------------------------- sampling
 
+
 def test_a_tpe_sweep_is_deterministic_in_its_seed(cli, base_recipe, tmp_path):
-    fields = dict(search={"train.lr": {"low": 1e-3, "high": 1e-1, "log": True}, "adapter.params.rank": {"low": 1, "high": 4}},
-                  sampler={"type": "tpe", "seed": 7, "startup_trials": 2}, budget={"trials": 3})
+    fields = dict(
+        search={"train.lr": {"low": 1e-3, "high": 1e-1, "log": True}, "adapter.params.rank": {"low": 1, "high": 4}},
+        sampler={"type": "tpe", "seed": 7, "startup_trials": 2},
+        budget={"trials": 3},
+    )
     points = []
     for copy in ("a", "b"):
-        spec = write_spec(tmp_path / "tpe.yaml", base_recipe, overrides={"train.epochs": 1,
-                                                                          "output.dir": str(tmp_path / copy)}, **fields)
+        spec = write_spec(
+            tmp_path / "tpe.yaml",
+            base_recipe,
+            overrides={"train.epochs": 1, "output.dir": str(tmp_path / copy)},
+            **fields,
+        )
         code, _, err = cli("sweep", spec)
         assert code == 0, err
         points.append(trained(err))
@@ -275,21 +308,36 @@ def test_a_tpe_sweep_is_deterministic_in_its_seed(cli, base_recipe, tmp_path):
 
 # ---------------------------------------------------------------------------------- plan, report
 
+
 def test_plan_prints_each_run_and_the_report_reads_runs_trained_elsewhere(cli, base_recipe, tmp_path):
-    spec = write_spec(tmp_path / "planned.yaml", base_recipe, overrides={"train.epochs": 1},
-                      search={"train.lr": [GOOD, BETTER]}, seeds=[0, 1], confirm={"top": 1, "seeds": [2]})
+    spec = write_spec(
+        tmp_path / "planned.yaml",
+        base_recipe,
+        overrides={"train.epochs": 1},
+        search={"train.lr": [GOOD, BETTER]},
+        seeds=[0, 1],
+        confirm={"top": 1, "seeds": [2]},
+    )
     code, out, err = cli("sweep", spec, "--plan")
     commands = out.splitlines()
     assert code == 0 and len(commands) == 4 and "once these runs are done, --plan again adds the best 1" in err
     assert all(shlex.split(c)[:3] == ["lrft", "train", display_path(base_recipe)] for c in commands)
-    assert sorted(re.search(r"name=(\S+)", c)[1] for c in commands) == ["lr1e-2_s0", "lr1e-2_s1", "lr3e-2_s0", "lr3e-2_s1"]
+    assert sorted(re.search(r"name=(\S+)", c)[1] for c in commands) == [
+        "lr1e-2_s0",
+        "lr1e-2_s1",
+        "lr3e-2_s0",
+        "lr3e-2_s1",
+    ]
     sweep_dir = tmp_path / "runs" / "planned"
     assert not sweep_dir.exists()  # a grid's plan needs no storage
     for command in commands:  # a job array, here in turn
         code, _, err = cli(*shlex.split(command)[1:])
         assert code == 0, err
     rows = report(cli, spec)["rows"]
-    assert [(r["point"], r["seeds"], r["status"]) for r in rows] == [("lr1e-2", [0, 1], "done"), ("lr3e-2", [0, 1], "done")]
+    assert [(r["point"], r["seeds"], r["status"]) for r in rows] == [
+        ("lr1e-2", [0, 1], "done"),
+        ("lr3e-2", [0, 1], "done"),
+    ]
     assert rows[1]["sd"] is not None and not (sweep_dir / "sweep.db").exists()
     code, out, _ = cli("sweep", spec, "--plan")
     confirm = out.splitlines()[4:]
@@ -300,9 +348,14 @@ def test_plan_prints_each_run_and_the_report_reads_runs_trained_elsewhere(cli, b
 
 
 def test_a_tpe_plan_records_its_suggestions_for_the_workers(cli, base_recipe, tmp_path):
-    spec = write_spec(tmp_path / "tpeplan.yaml", base_recipe, overrides={"train.epochs": 1},
-                      search={"train.lr": {"low": 1e-3, "high": 1e-1, "log": True}},
-                      sampler={"type": "tpe", "seed": 3}, budget={"trials": 2})
+    spec = write_spec(
+        tmp_path / "tpeplan.yaml",
+        base_recipe,
+        overrides={"train.epochs": 1},
+        search={"train.lr": {"low": 1e-3, "high": 1e-1, "log": True}},
+        sampler={"type": "tpe", "seed": 3},
+        budget={"trials": 2},
+    )
     code, out, _ = cli("sweep", spec, "--plan")
     assert code == 0 and len(out.splitlines()) == 2
     assert [t.state.name for t in trials(spec)] == ["RUNNING", "RUNNING"]
@@ -315,9 +368,14 @@ def test_a_tpe_plan_records_its_suggestions_for_the_workers(cli, base_recipe, tm
 
 # -------------------------------------------------------------------------------------- workers
 
+
 def test_two_workers_on_one_storage_run_each_trial_once(base_recipe, tmp_path):
-    spec = write_spec(tmp_path / "shared.yaml", base_recipe, overrides={"train.epochs": 1},
-                      search={"train.lr": [GOOD, BETTER], "adapter.params.rank": [1, 4]})
+    spec = write_spec(
+        tmp_path / "shared.yaml",
+        base_recipe,
+        overrides={"train.epochs": 1},
+        search={"train.lr": [GOOD, BETTER], "adapter.params.rank": [1, 4]},
+    )
     done = lrft("sweep", spec, "--workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 workers done: exit codes [0, 0]" in done.stderr
@@ -329,8 +387,9 @@ def test_two_workers_on_one_storage_run_each_trial_once(base_recipe, tmp_path):
 
 
 def test_a_diverging_point_fails_and_the_sweep_goes_on(cli, base_recipe, tmp_path):
-    spec = write_spec(tmp_path / "wild.yaml", base_recipe, overrides={"train.epochs": 1},
-                      search={"train.lr": [GOOD, 1e30]})
+    spec = write_spec(
+        tmp_path / "wild.yaml", base_recipe, overrides={"train.epochs": 1}, search={"train.lr": [GOOD, 1e30]}
+    )
     code, _, err = cli("sweep", spec)
     assert code == 0 and "failed: train: the loss became nan" in err, err
     rows = {r["point"]: r for r in report(cli, spec)["rows"]}
@@ -342,26 +401,48 @@ def test_a_diverging_point_fails_and_the_sweep_goes_on(cli, base_recipe, tmp_pat
 
 BAD_SPECS = {
     "unknown key": ({"serch": {}}, ["serch: unknown key", "did you mean 'search'"]),
-    "unknown range key": ({"search": {"train.lr": {"low": 1e-3, "hgh": 1e-1}}},
-                          ["search.train.lr.hgh: unknown key", "did you mean 'high'"]),
-    "low above high": ({"search": {"train.lr": {"low": 1e-1, "high": 1e-3}}, "budget": {"trials": 2}},
-                       ["search.train.lr: low (0.1) must be below high (0.001)"]),
-    "range on a grid": ({"search": {"train.lr": {"low": 1e-3, "high": 1e-1}}, "sampler": "grid"},
-                        ["search.train.lr: the grid sampler tries listed values", "sampler: tpe"]),
-    "tpe without a budget": ({"search": {"train.lr": [1e-3]}, "sampler": "tpe"},
-                             ["budget: a tpe sampler needs budget.trials or budget.minutes"]),
-    "range without a budget": ({"search": {"train.lr": {"low": 1e-3, "high": 1e-1}}},
-                               ["budget: a tpe sampler needs budget.trials or budget.minutes"]),
-    "unknown recipe key": ({"search": {"train.lrr": [1e-3]}},
-                           ["point lrr=1e-3", "train.lrr: unknown key", "did you mean 'lr'"]),
-    "bad value for the recipe": ({"search": {"train.epochs": [0]}}, ["point epochs=0", "train.epochs", "greater than 0"]),
-    "unknown metric": ({"objective": "acuracy"}, ["objective.metric: text-classification reports", "not 'acuracy'",
-                                              "did you mean 'accuracy'"]),
+    "unknown range key": (
+        {"search": {"train.lr": {"low": 1e-3, "hgh": 1e-1}}},
+        ["search.train.lr.hgh: unknown key", "did you mean 'high'"],
+    ),
+    "low above high": (
+        {"search": {"train.lr": {"low": 1e-1, "high": 1e-3}}, "budget": {"trials": 2}},
+        ["search.train.lr: low (0.1) must be below high (0.001)"],
+    ),
+    "range on a grid": (
+        {"search": {"train.lr": {"low": 1e-3, "high": 1e-1}}, "sampler": "grid"},
+        ["search.train.lr: the grid sampler tries listed values", "sampler: tpe"],
+    ),
+    "tpe without a budget": (
+        {"search": {"train.lr": [1e-3]}, "sampler": "tpe"},
+        ["budget: a tpe sampler needs budget.trials or budget.minutes"],
+    ),
+    "range without a budget": (
+        {"search": {"train.lr": {"low": 1e-3, "high": 1e-1}}},
+        ["budget: a tpe sampler needs budget.trials or budget.minutes"],
+    ),
+    "unknown recipe key": (
+        {"search": {"train.lrr": [1e-3]}},
+        ["point lrr=1e-3", "train.lrr: unknown key", "did you mean 'lr'"],
+    ),
+    "bad value for the recipe": (
+        {"search": {"train.epochs": [0]}},
+        ["point epochs=0", "train.epochs", "greater than 0"],
+    ),
+    "unknown metric": (
+        {"objective": "acuracy"},
+        ["objective.metric: text-classification reports", "not 'acuracy'", "did you mean 'accuracy'"],
+    ),
     "seed searched": ({"search": {"seed": [1, 2]}}, ["search.seed: a sweep sets seed itself", "seeds:"]),
     "name overridden": ({"overrides": {"name": "x"}}, ["overrides.name: a sweep sets it itself"]),
-    "same label twice": ({"search": {"train.lr": [0.01, 0.0100001]}}, ["search.train.lr:", "would both name runs '1e-2'"]),
-    "pruner field of another pruner": ({"pruner": {"type": "median", "min_epochs": 2}},
-                                       ["pruner.min_epochs: applies to a successive-halving pruner, not median"]),
+    "same label twice": (
+        {"search": {"train.lr": [0.01, 0.0100001]}},
+        ["search.train.lr:", "would both name runs '1e-2'"],
+    ),
+    "pruner field of another pruner": (
+        {"pruner": {"type": "median", "min_epochs": 2}},
+        ["pruner.min_epochs: applies to a successive-halving pruner, not median"],
+    ),
     "missing recipe": ({"recipe": "nowhere.yaml"}, ["recipe: no file at", "nowhere.yaml", "relative to the spec file"]),
     "not a mapping": ("- a\n", ["a sweep spec is a YAML mapping"]),
 }
@@ -383,10 +464,15 @@ def test_a_bad_spec_is_one_error_line_and_writes_nothing(cli, base_recipe, tmp_p
     assert snapshot(tmp_path, base_recipe.parent) == before
 
 
-@pytest.mark.parametrize(("args", "words"), [(["--plan", "--report"], "--plan prints commands only"),
-                                             (["--report", "--workers", "2"], "--workers trains a sweep"),
-                                             (["--markdown", "--json"], "--markdown and --json: choose one"),
-                                             (["--report", "--plot", "."], "--plot: . is a directory")])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--plan", "--report"], "--plan prints commands only"),
+        (["--report", "--workers", "2"], "--workers trains a sweep"),
+        (["--markdown", "--json"], "--markdown and --json: choose one"),
+        (["--report", "--plot", "."], "--plot: . is a directory"),
+    ],
+)
 def test_conflicting_options_are_one_error_line(cli, base_recipe, tmp_path, args, words):
     spec = write_spec(tmp_path / "ok.yaml", base_recipe, search={"train.lr": [GOOD]})
     code, _, err = cli("sweep", spec, *args)
@@ -422,23 +508,31 @@ def test_every_shipped_spec_validates_and_states_its_cost(path):
 
 # --------------------------------------------------------------------- the claims in RESULTS.md
 
+
 def point(values: list[float], trainable: int) -> dict:
     """A point as the report gives it (report.as_json): its values, their mean and sample sd."""
-    return {"values": values, "mean": statistics.mean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else None, "trainable": trainable}
+    return {
+        "values": values,
+        "mean": statistics.mean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "trainable": trainable,
+    }
 
 
 LORA = point([0.77, 0.78, 0.76], 73_728)  # 77.0 ± 1.0: two standard errors of a 3-seed difference ≈ 1.6 points
 
 
-@pytest.mark.parametrize(("values", "trainable", "least", "share", "expected"), [
-    ([0.77, 0.78, 0.76], 780, -2.0, 1.0, "holds"),  # as good as LoRA: 2 points clear of the bound
-    ([0.71, 0.72, 0.70], 780, -2.0, 1.0, "does not hold"),  # 6 points under
-    ([0.75, 0.76, 0.74], 780, -2.0, 1.0, "not settled by 3 seeds"),  # 2 points under: the bound itself
-    ([0.80, 0.80, 0.80], 73_728, -2.0, 0.1, "does not hold: too many parameters"),
-    ([0.80], 780, -2.0, 1.0, "not settled: one seed"),
-    ([0.79, 0.80, 0.81], 30_000, 0.0, 0.5, "holds"),  # talora's: 3 points over at 0.41× the parameters
-])
+@pytest.mark.parametrize(
+    ("values", "trainable", "least", "share", "expected"),
+    [
+        ([0.77, 0.78, 0.76], 780, -2.0, 1.0, "holds"),  # as good as LoRA: 2 points clear of the bound
+        ([0.71, 0.72, 0.70], 780, -2.0, 1.0, "does not hold"),  # 6 points under
+        ([0.75, 0.76, 0.74], 780, -2.0, 1.0, "not settled by 3 seeds"),  # 2 points under: the bound itself
+        ([0.80, 0.80, 0.80], 73_728, -2.0, 0.1, "does not hold: too many parameters"),
+        ([0.80], 780, -2.0, 1.0, "not settled: one seed"),
+        ([0.79, 0.80, 0.81], 30_000, 0.0, 0.5, "holds"),  # talora's: 3 points over at 0.41× the parameters
+    ],
+)
 def test_a_claim_holds_fails_or_is_not_settled_by_two_standard_errors(values, trainable, least, share, expected):
     import runpy
 
@@ -452,14 +546,17 @@ def test_the_head_defaults_table_pairs_before_and_after_runs(tmp_path):
     import runpy
 
     results = runpy.run_path(str(ROOT / "bench" / "results.py"), run_name="bench")
-    for name, metric, value in [("stsb_lora_1ep_before_s42", "pearson", -0.0334),
-                                ("stsb_lora_1ep_after_s42", "pearson", 0.7372),
-                                ("stsb_lora_1ep_after_s1", "pearson", 0.7128),
-                                ("mrpc_lora_3ep_after_s42", "accuracy", 0.7721)]:
+    for name, metric, value in [
+        ("stsb_lora_1ep_before_s42", "pearson", -0.0334),
+        ("stsb_lora_1ep_after_s42", "pearson", 0.7372),
+        ("stsb_lora_1ep_after_s1", "pearson", 0.7128),
+        ("mrpc_lora_3ep_after_s42", "accuracy", 0.7721),
+    ]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps({"final": {metric: value}}))
     rows = [line for line in results["heads_section"](tmp_path) if line.startswith("| ")][2:]
     assert [row.split(" | ")[:7] for row in rows] == [
         ["| mrpc lora", "3", "accuracy (%)", "—", "—", "77.2", "42"],
-        ["| stsb lora", "1", "Pearson", "-0.033", "42", "0.725 ± 0.017", "1, 42"]]
+        ["| stsb lora", "1", "Pearson", "-0.033", "42", "0.725 ± 0.017", "1, 42"],
+    ]
     assert "data.task=glue/stsb" in rows[1] and "train.epochs=1" in rows[1]

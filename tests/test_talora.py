@@ -33,8 +33,7 @@ def reference_statistics(model, targets, features, batches):
     """float64 covariance over non-padding tokens and mean |W ⊙ ∂L/∂W| per batch, by hand."""
     model = model.double()
     inputs: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-    hooks = [t.module.register_forward_hook(lambda m, a, o, n=t.name: inputs[n].append(a[0].detach()))
-             for t in targets]
+    hooks = [t.module.register_forward_hook(lambda m, a, o, n=t.name: inputs[n].append(a[0].detach())) for t in targets]
     importance = {t.name: 0.0 for t in targets}
     masks = []
     for idx in batches:
@@ -57,8 +56,15 @@ def test_statistics_match_a_float64_reference():
     model = tiny_bert()
     targets = find_targets(model, ["query", "value"])
     feats = calibration_features()
-    stats = calibrate.run(model, targets, feats, BATCHES, pad_collate, frozenset({"covariance", "importance"}),
-                          CalibrationConfig(dtype="float64"))
+    stats = calibrate.run(
+        model,
+        targets,
+        feats,
+        BATCHES,
+        pad_collate,
+        frozenset({"covariance", "importance"}),
+        CalibrationConfig(dtype="float64"),
+    )
     ref_model = tiny_bert()
     cov, imp, tokens = reference_statistics(ref_model, find_targets(ref_model, ["query", "value"]), feats, BATCHES)
     assert all(n == tokens for n in stats.tokens.values()) and tokens == 6 * 7 - 6  # 6 padding tokens excluded
@@ -84,10 +90,18 @@ def test_center_subtracts_the_mean():
     model = tiny_bert()
     targets = find_targets(model, ["query"])
     feats = calibration_features()
-    plain = calibrate.run(model, targets, feats, BATCHES, pad_collate, frozenset({"covariance"}),
-                          CalibrationConfig(dtype="float64"))
-    centred = calibrate.run(model, targets, feats, BATCHES, pad_collate, frozenset({"covariance"}),
-                            CalibrationConfig(dtype="float64", center=True))
+    plain = calibrate.run(
+        model, targets, feats, BATCHES, pad_collate, frozenset({"covariance"}), CalibrationConfig(dtype="float64")
+    )
+    centred = calibrate.run(
+        model,
+        targets,
+        feats,
+        BATCHES,
+        pad_collate,
+        frozenset({"covariance"}),
+        CalibrationConfig(dtype="float64", center=True),
+    )
     name = targets[0].name
     # C_centred = C - μμᵀ, so their difference is rank one and positive semi-definite
     eig = torch.linalg.eigvalsh(plain.covariance[name] - centred.covariance[name])
@@ -116,8 +130,9 @@ def test_allocation_follows_eq_7():
         share = importance[t.name] / 8
         alpha = r * (4 * 8.0 / 4) * share  # α_i = r_i·(α_total/r)·S_i/ΣS
         assert plan[t.name]["alpha"] == pytest.approx(alpha) and plan[t.name]["scale"] == pytest.approx(alpha / r)
-    uniform = allocate(targets, importance, TaLoRAParams(rank=4, alpha=8.0, rank_allocation="uniform",
-                                                         alpha_allocation="uniform"))
+    uniform = allocate(
+        targets, importance, TaLoRAParams(rank=4, alpha=8.0, rank_allocation="uniform", alpha_allocation="uniform")
+    )
     assert all(m["rank"] == 4 and m["scale"] == 2.0 for m in uniform.values())
 
 
@@ -157,8 +172,9 @@ def test_frozen_a_stays_bit_identical_and_only_b_trains():
 def test_all_ablations_off_is_exactly_lora():
     """Uniform ranks and alphas, Kaiming A, A trained: the same adapters as lora with the same seed."""
     lora, *_ = build("lora", alpha=8.0)
-    talora, *_ = build("talora", alpha=8.0, init="random", rank_allocation="uniform", alpha_allocation="uniform",
-                       freeze_a=False)
+    talora, *_ = build(
+        "talora", alpha=8.0, init="random", rank_allocation="uniform", alpha_allocation="uniform", freeze_a=False
+    )
     a, b = adapted(lora), adapted(talora)
     for n in a:
         assert torch.equal(a[n].adapter.A, b[n].adapter.A) and a[n].adapter.scale == b[n].adapter.scale
@@ -173,8 +189,9 @@ def test_tlora_task_aware_init_uses_singular_vectors():
         U, _, Vh = torch.linalg.svd(t.module.weight.detach() @ ctx.calibration.covariance[t.name])
         gram_a = ad.A.T @ ad.A
         assert_close_scaled(gram_a, gram_a[0, 0] * torch.eye(r), 1e-4)  # scaled orthonormal
-        torch.testing.assert_close(ad.A / ad.A.norm(dim=0), Vh[:r].T * torch.sign(ad.A[0] * Vh[:r].T[0]),
-                                   atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(
+            ad.A / ad.A.norm(dim=0), Vh[:r].T * torch.sign(ad.A[0] * Vh[:r].T[0]), atol=1e-4, rtol=1e-3
+        )
         # the random init's Frobenius norms in expectation: in/3 and r/3
         assert ad.A.norm() ** 2 == pytest.approx(t.shape[1] / 3, rel=1e-4)
         assert ad.C.norm() ** 2 == pytest.approx(r / 3, rel=1e-4)
@@ -182,9 +199,14 @@ def test_tlora_task_aware_init_uses_singular_vectors():
 
 # ------------------------------------------------------------------------------------- the CLI
 
+
 def talora_recipe(tiny_recipe, name="ta", **params):
-    return tiny_recipe("talora", name=name, adapter={"method": "talora", "params": {"rank": 4, **params}},
-                       calibration={"samples": 16, "batch_size": 4})
+    return tiny_recipe(
+        "talora",
+        name=name,
+        adapter={"method": "talora", "params": {"rank": 4, **params}},
+        calibration={"samples": 16, "batch_size": 4},
+    )
 
 
 def test_train_writes_calibration_and_eval_rebuilds_without_it(cli, tiny_recipe, tmp_path, monkeypatch):
@@ -232,14 +254,22 @@ def test_resume_and_cache_reuse_statistics(cli, tiny_recipe, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("override, expect", [
-    ("adapter.target_modules=[query,key]", "another setup (targets, weights differ)"),
-    ("calibration.seed=7", "another setup (examples differ)"),
-])
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("adapter.target_modules=[query,key]", "another setup (targets, weights differ)"),
+        ("calibration.seed=7", "another setup (examples differ)"),
+    ],
+)
 def test_cache_fingerprint_mismatch_is_refused(cli, tiny_recipe, tmp_path, override, expect):
     assert cli("train", talora_recipe(tiny_recipe, name="src"), "train.max_steps=1")[0] == 0
-    code, _, err = cli("train", talora_recipe(tiny_recipe, name="dst"), "train.max_steps=1", override,
-                       f"calibration.cache={tmp_path / 'runs' / 'src'}")
+    code, _, err = cli(
+        "train",
+        talora_recipe(tiny_recipe, name="dst"),
+        "train.max_steps=1",
+        override,
+        f"calibration.cache={tmp_path / 'runs' / 'src'}",
+    )
     assert code == 2 and err.count("error:") == 1
     assert "error: calibration.cache:" in err and expect in err, err
     assert not (tmp_path / "runs" / "dst").exists()
@@ -254,12 +284,27 @@ def test_too_many_calibration_samples(cli, tiny_recipe, tmp_path):
 
 def test_calibration_plot_labels_tell_every_module_apart():
     """BERT has three `...dense` Linear layers per block: the importance chart names them apart."""
-    kinds = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-             "intermediate.dense", "output.dense"]
+    kinds = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ]
     names = [f"bert.encoder.layer.{i}.{k}" for i in (0, 11) for k in kinds]
     labels = calibrate.module_labels(names)
-    assert labels[:6] == ["L0 query", "L0 key", "L0 value", "L0 attention.output.dense", "L0 intermediate.dense",
-                          "L0 output.dense"]
+    assert labels[:6] == [
+        "L0 query",
+        "L0 key",
+        "L0 value",
+        "L0 attention.output.dense",
+        "L0 intermediate.dense",
+        "L0 output.dense",
+    ]
     assert len(set(labels)) == len(names) and labels[6] == "L11 query"
     assert calibrate.module_labels(["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj", "score"]) == [
-        "L3 q_proj", "L3 down_proj", "score"]
+        "L3 q_proj",
+        "L3 down_proj",
+        "score",
+    ]

@@ -15,7 +15,7 @@ def test_only_b_and_alpha_train():
     model, found, p, *_ = build("tlora")
     names = {n for n, t in model.named_parameters() if t.requires_grad and ".adapter." in n}
     assert names == {f"{t.name}.adapter.{k}" for t in found for k in ("B", "alpha")}
-    assert sum(t.numel() for t in adapter_parameters(model)) == len(found) * (p.rank ** 2 + 1)
+    assert sum(t.numel() for t in adapter_parameters(model)) == len(found) * (p.rank**2 + 1)
 
 
 def test_fixed_factors_are_saved_buffers_and_never_move():

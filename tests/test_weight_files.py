@@ -64,19 +64,23 @@ def gguf_dir(tmp_path, monkeypatch) -> Path:
 
 # ------------------------------------------------------------------------------ one safetensors file
 
+
 def test_a_file_cut_short_is_named_with_both_sizes(bert_copy):
     weights = bert_copy / "model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size - 100])
-    assert refusal(classify, bert_copy) == (f"model.name: {weights} is damaged (cut short: its header says {size} "
-                                            f"bytes, the file has {size - 100}){SAVE_AGAIN}")
+    assert refusal(classify, bert_copy) == (
+        f"model.name: {weights} is damaged (cut short: its header says {size} "
+        f"bytes, the file has {size - 100}){SAVE_AGAIN}"
+    )
 
 
 def test_a_file_cut_inside_its_header_length(bert_copy):
     weights = bert_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5])
-    assert refusal(classify, bert_copy) == (f"model.name: {weights} is damaged (cut short: 5 bytes, fewer than the 8 "
-                                            f"of its header length){SAVE_AGAIN}")
+    assert refusal(classify, bert_copy) == (
+        f"model.name: {weights} is damaged (cut short: 5 bytes, fewer than the 8 of its header length){SAVE_AGAIN}"
+    )
 
 
 def test_an_overwritten_header_length(bert_copy):
@@ -85,7 +89,8 @@ def test_an_overwritten_header_length(bert_copy):
     weights.write_bytes(b"\xff" * 8 + data[8:])
     assert refusal(classify, bert_copy) == (
         f"model.name: {weights} is damaged (cut short or not safetensors: its first 8 bytes announce a "
-        f"{2**64 - 1}-byte header, the file has {len(data)} bytes){SAVE_AGAIN}")
+        f"{2**64 - 1}-byte header, the file has {len(data)} bytes){SAVE_AGAIN}"
+    )
 
 
 def test_a_corrupted_header_json(bert_copy):
@@ -94,8 +99,11 @@ def test_a_corrupted_header_json(bert_copy):
     data[8:20] = b"\x00garbage!!\xff\x01"
     weights.write_bytes(bytes(data))
     message = refusal(classify, bert_copy)
-    assert re.fullmatch(rf"model\.name: {re.escape(str(weights))} is damaged \(its header is not valid JSON: .+\)"
-                        rf"{SAVE_AGAIN}", message), message
+    assert re.fullmatch(
+        rf"model\.name: {re.escape(str(weights))} is damaged \(its header is not valid JSON: .+\)"
+        rf"{SAVE_AGAIN}",
+        message,
+    ), message
 
 
 def test_a_header_whose_shape_does_not_fill_its_data(bert_copy):
@@ -103,7 +111,8 @@ def test_a_header_whose_shape_does_not_fill_its_data(bert_copy):
     weights.write_bytes(reshaped_tensor(weights.read_bytes(), QUERY, [32, 31]))
     assert refusal(classify, bert_copy) == (
         f"model.name: {weights} is damaged (tensor {QUERY}: shape [32, 31] of F32 needs 3968 bytes, its "
-        f"data_offsets hold 4096){SAVE_AGAIN}")
+        f"data_offsets hold 4096){SAVE_AGAIN}"
+    )
 
 
 def test_bytes_past_the_end_of_the_data(bert_copy):
@@ -111,7 +120,8 @@ def test_bytes_past_the_end_of_the_data(bert_copy):
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes() + b"\x00" * 16)
     assert refusal(classify, bert_copy) == (
-        f"model.name: {weights} is damaged (16 bytes past the end its header gives ({size} bytes)){SAVE_AGAIN}")
+        f"model.name: {weights} is damaged (16 bytes past the end its header gives ({size} bytes)){SAVE_AGAIN}"
+    )
 
 
 def test_a_backbone_tensor_of_another_shape_is_refused_not_made_random(bert_copy):
@@ -122,7 +132,8 @@ def test_a_backbone_tensor_of_another_shape_is_refused_not_made_random(bert_copy
     for num_labels in (2, 3):  # with the head's own mismatch too: the backbone's is still the one named
         assert refusal(classify, bert_copy, num_labels) == (
             f"model.name: {weights} is damaged or another model's: its tensor {QUERY} is [16, 64] where the "
-            f"model's config needs [32, 32]{SAVE_AGAIN}")
+            f"model's config needs [32, 32]{SAVE_AGAIN}"
+        )
 
 
 def test_a_head_with_another_label_count_is_made_fresh(tiny_model_dir):
@@ -137,7 +148,8 @@ def test_a_causal_lm_tensor_of_another_shape_is_named(tmp_path, tiny_llama_dir):
     weights.write_bytes(reshaped_tensor(weights.read_bytes(), "model.layers.1.mlp.up_proj.weight", [32, 64]))
     assert refusal(load_for_causal_lm, ModelConfig(name=str(d))) == (
         f"model.name: {weights} is damaged or another model's: its tensor model.layers.1.mlp.up_proj.weight is "
-        f"[32, 64] where the model's config needs [64, 32]{SAVE_AGAIN}")
+        f"[32, 64] where the model's config needs [64, 32]{SAVE_AGAIN}"
+    )
 
 
 def test_a_missing_backbone_tensor_is_warned_about(bert_copy, capsys):
@@ -152,6 +164,7 @@ def test_a_missing_backbone_tensor_is_warned_about(bert_copy, capsys):
 
 # ------------------------------------------------------------------------------------ sharded files
 
+
 def test_a_sharded_model_loads(sharded):
     model, _ = classify(sharded)
     assert model.classifier.out_features == 2
@@ -161,15 +174,17 @@ def test_a_broken_index(sharded):
     index = sharded / "model.safetensors.index.json"
     index.write_text(index.read_text()[:40])
     message = refusal(classify, sharded)
-    assert re.fullmatch(rf"model\.name: {re.escape(str(index))} is damaged \(not valid JSON: .+\){SAVE_AGAIN}",
-                        message), message
+    assert re.fullmatch(
+        rf"model\.name: {re.escape(str(index))} is damaged \(not valid JSON: .+\){SAVE_AGAIN}", message
+    ), message
 
 
 def test_an_index_without_a_weight_map(sharded):
     index = sharded / "model.safetensors.index.json"
     index.write_text('{"metadata": {}}')
-    assert refusal(classify, sharded) == (f"model.name: {index} is damaged (no weight_map of tensor names to shard "
-                                          f"files){SAVE_AGAIN}")
+    assert refusal(classify, sharded) == (
+        f"model.name: {index} is damaged (no weight_map of tensor names to shard files){SAVE_AGAIN}"
+    )
 
 
 @pytest.mark.parametrize("how", ["removed", "renamed in the index"])
@@ -181,16 +196,19 @@ def test_a_missing_shard(sharded, how):
     else:
         index.write_text(index.read_text().replace("model-00002-of-00003", "model-00009-of-00003"))
         missing = "model-00009-of-00003.safetensors"
-    assert refusal(classify, sharded) == (f"model.name: {index} names the shard {missing}, which is not in "
-                                          f"{sharded}{SAVE_AGAIN}")
+    assert refusal(classify, sharded) == (
+        f"model.name: {index} names the shard {missing}, which is not in {sharded}{SAVE_AGAIN}"
+    )
 
 
 def test_a_shard_cut_short(sharded):
     shard = sharded / "model-00003-of-00003.safetensors"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
-    assert refusal(classify, sharded) == (f"model.name: {shard} is damaged (cut short: its header says {size} bytes, "
-                                          f"the file has {size // 2}){SAVE_AGAIN}")
+    assert refusal(classify, sharded) == (
+        f"model.name: {shard} is damaged (cut short: its header says {size} bytes, "
+        f"the file has {size // 2}){SAVE_AGAIN}"
+    )
 
 
 def test_a_sharded_tensor_of_another_shape_names_its_shard(sharded):
@@ -198,15 +216,18 @@ def test_a_sharded_tensor_of_another_shape_names_its_shard(sharded):
     shard.write_bytes(reshaped_tensor(shard.read_bytes(), QUERY, [64, 16]))
     assert refusal(classify, sharded) == (
         f"model.name: {shard} is damaged or another model's: its tensor {QUERY} is [64, 16] where the model's "
-        f"config needs [32, 32]{SAVE_AGAIN}")
+        f"config needs [32, 32]{SAVE_AGAIN}"
+    )
 
 
 def test_a_shard_without_a_tensor_the_index_puts_there(sharded):
     index = sharded / "model.safetensors.index.json"
     index.write_text(index.read_text().replace('"classifier.bias"', '"classifier.bias_"'))
     shard = sharded / json_shard_of(index, "classifier.bias_")
-    assert refusal(classify, sharded) == (f"model.name: {shard} is damaged (it lacks the tensor classifier.bias_, "
-                                          f"which model.safetensors.index.json puts there){SAVE_AGAIN}")
+    assert refusal(classify, sharded) == (
+        f"model.name: {shard} is damaged (it lacks the tensor classifier.bias_, "
+        f"which model.safetensors.index.json puts there){SAVE_AGAIN}"
+    )
 
 
 def json_shard_of(index: Path, key: str) -> str:
@@ -216,6 +237,7 @@ def json_shard_of(index: Path, key: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- GGUF
+
 
 def gguf_model(d: Path) -> ModelConfig:
     return ModelConfig(name=str(d), gguf_file="tiny.gguf")
@@ -232,9 +254,11 @@ def test_a_gguf_cut_short(gguf_dir, cut):
     path.write_bytes(path.read_bytes()[:cut])
     size = path.stat().st_size
     message = refusal(resolve, str(gguf_dir), "tiny.gguf")
-    assert re.fullmatch(rf"model\.gguf_file: {re.escape(str(path))} is damaged \(cut short or overwritten: its header "
-                        rf"or tensor table does not fit its {size} bytes \(\w+: .+\)\); download it again",
-                        message), message
+    assert re.fullmatch(
+        rf"model\.gguf_file: {re.escape(str(path))} is damaged \(cut short or overwritten: its header "
+        rf"or tensor table does not fit its {size} bytes \(\w+: .+\)\); download it again",
+        message,
+    ), message
     assert not (gguf_dir.parent / "cache").exists() or not any((gguf_dir.parent / "cache").rglob("config.json"))
 
 
@@ -251,21 +275,27 @@ def with_number(path: Path, key: str, value: int) -> None:
     """The GGUF file with the uint32 metadata value `key` overwritten (after the key, its 4-byte type)."""
     data = bytearray(path.read_bytes())
     at = data.index(key.encode()) + len(key) + 4
-    data[at:at + 4] = value.to_bytes(4, "little")
+    data[at : at + 4] = value.to_bytes(4, "little")
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize(("key", "value", "found"), [
-    ("llama.block_count", 5, "2"), ("llama.embedding_length", 4096, "32"),
-    ("llama.feed_forward_length", 1 << 30, "[32, 64, 64, 32]"),  # a model of 10¹¹ parameters, never built
-    ("llama.attention.head_count", 0, "a query projection of 32 outputs"),  # a division by zero in transformers
-    ("llama.attention.head_count_kv", 9, "4 query heads")])
+@pytest.mark.parametrize(
+    ("key", "value", "found"),
+    [
+        ("llama.block_count", 5, "2"),
+        ("llama.embedding_length", 4096, "32"),
+        ("llama.feed_forward_length", 1 << 30, "[32, 64, 64, 32]"),  # a model of 10¹¹ parameters, never built
+        ("llama.attention.head_count", 0, "a query projection of 32 outputs"),  # a division by zero in transformers
+        ("llama.attention.head_count_kv", 9, "4 query heads"),
+    ],
+)
 def test_a_gguf_whose_sizes_disagree_with_its_tensors(gguf_dir, key, value, found):
     path = gguf_dir / "tiny.gguf"
     with_number(path, key, value)
     assert refusal(resolve, str(gguf_dir), "tiny.gguf") == (
         f"model.gguf_file: {path} is damaged (its header says {key} = {value}, its tensors have {found}); "
-        f"download it again")
+        f"download it again"
+    )
 
 
 def test_a_gguf_whose_special_token_is_past_its_tokens(gguf_dir):
@@ -273,10 +303,12 @@ def test_a_gguf_whose_special_token_is_past_its_tokens(gguf_dir):
     with_number(path, "tokenizer.ggml.bos_token_id", 61)
     assert refusal(resolve, str(gguf_dir), "tiny.gguf") == (
         f"model.gguf_file: {path} is damaged (its header says tokenizer.ggml.bos_token_id = 61, of 32 tokens); "
-        f"download it again")
+        f"download it again"
+    )
 
 
 # ----------------------------------------------------------------------------------------- the CLI
+
 
 @pytest.mark.parametrize("damage", ["cut short", "missing shard", "gguf cut short"])
 def test_the_cli_refuses_in_one_line(damage, tmp_path, tiny_data_dir, tiny_model_dir, cli, monkeypatch):
@@ -295,8 +327,10 @@ def test_the_cli_refuses_in_one_line(damage, tmp_path, tiny_data_dir, tiny_model
         path = tmp_path / "model" / "tiny.gguf"
         path.write_bytes(path.read_bytes()[:-9])
         model["gguf_file"] = "tiny.gguf"
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tmp_path / "model", tiny_data_dir, tmp_path / "runs",
-                                                           model=model, train={"max_steps": 1}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_dict(tmp_path / "model", tiny_data_dir, tmp_path / "runs", model=model, train={"max_steps": 1}),
+    )
     code, _, err = cli("train", recipe)
     assert code == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -321,6 +355,9 @@ def test_the_real_gguf_passes_and_a_copy_cut_short_is_refused(tmp_path):
     cut = tmp_path / alias.gguf
     with open(real, "rb") as f:
         cut.write_bytes(f.read(50_000_000))
-    with pytest.raises(LrftError, match=rf"^model\.gguf_file: {re.escape(str(cut))} is damaged \(cut short or "
-                                        rf"overwritten: .+\); download it again$"):
+    with pytest.raises(
+        LrftError,
+        match=rf"^model\.gguf_file: {re.escape(str(cut))} is damaged \(cut short or "
+        rf"overwritten: .+\); download it again$",
+    ):
         check_gguf(cut)

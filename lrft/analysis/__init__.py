@@ -50,7 +50,7 @@ DEFINITIONS = {
     "update": "ΔW = lora_B·lora_A (out × in, every scale applied), the update merged into W0",
     "effective_rank": "Effective rank = exp(−Σ p_k log p_k), p_k = σ_k/Σσ (Roy & Vetterli 2007).",
     "subspace_similarity": "φ = ‖U₁ᵀU₂‖²_F / r over the top-r left (right: V) singular vectors, r = the smaller "
-                           "numerical rank of the two updates.",
+    "numerical rank of the two updates.",
     "eigenvalues": "the r eigenvalues of A·B, which are the possibly nonzero eigenvalues of a square ΔW = B·A",
     "rel_frobenius": "‖ΔW_run − ΔW_against‖_F / ‖ΔW_against‖_F",
 }
@@ -59,8 +59,10 @@ DEFINITIONS = {
 def check_out_dir(out: Path) -> None:
     """The output dir is replaced whole: refuse a non-empty dir that is not an earlier analysis."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ANALYSIS_FILE).is_file())):
-        raise LrftError(f"--out: {out} exists and is not an lrft analysis dir (no {ANALYSIS_FILE}); it would be "
-                        f"replaced whole, so give a new or empty dir")
+        raise LrftError(
+            f"--out: {out} exists and is not an lrft analysis dir (no {ANALYSIS_FILE}); it would be "
+            f"replaced whole, so give a new or empty dir"
+        )
 
 
 def label_for(path: Path, other: Path | None) -> str:
@@ -68,8 +70,13 @@ def label_for(path: Path, other: Path | None) -> str:
     return name if other is None or Path(other).resolve().name != name else str(path)
 
 
-def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None, module: str | None = None,
-            modules: str | None = None) -> dict:
+def analyze(
+    run_dir: Path,
+    against: Path | None = None,
+    out: Path | None = None,
+    module: str | None = None,
+    modules: str | None = None,
+) -> dict:
     """Analyse a run (and compare it with `against`); write figures, analysis.json and the reports to `out`,
     by default the run's analysis/ (comparisons/<against's name>/ with `against`: a comparison never
     replaces the run's own analysis)."""
@@ -100,8 +107,11 @@ def analyze(run_dir: Path, against: Path | None = None, out: Path | None = None,
         if chosen not in cmp["common"]:
             chosen = None  # same name but another shape: nothing element-wise to draw
         if cmp["unmatched"]:
-            console.warn(f"{len(cmp['unmatched'])} modules are adapted by only one run and not compared: "
-                         + ", ".join(cmp["unmatched"][:4]) + (" ..." if len(cmp["unmatched"]) > 4 else ""))
+            console.warn(
+                f"{len(cmp['unmatched'])} modules are adapted by only one run and not compared: "
+                + ", ".join(cmp["unmatched"][:4])
+                + (" ..." if len(cmp["unmatched"]) > 4 else "")
+            )
     result["out"] = str(out)
     written = run_dir if out.resolve().is_relative_to(run_dir.resolve()) else out  # not while `lrft train` writes it
     with writer_lock(written), atomic_dir(out, flag="--out") as tmp:
@@ -136,9 +146,11 @@ def report_lines(result: dict) -> list[str]:
     for name, m in result["run"]["modules"].items():
         lines.append(f"{name}\t‖ΔW‖_F {m['fro_norm']:.4g}\teffective rank {m['effective_rank']:.3g}")
     if "against" in result:
-        for key, value in (("cosine", result["cosine"]["mean"]),
-                           ("subspace φ left", result["subspace"]["left"]["mean"]),
-                           ("subspace φ right", result["subspace"]["right"]["mean"]),
-                           ("relative Frobenius distance", result["rel_frobenius"]["mean"])):
+        for key, value in (
+            ("cosine", result["cosine"]["mean"]),
+            ("subspace φ left", result["subspace"]["left"]["mean"]),
+            ("subspace φ right", result["subspace"]["right"]["mean"]),
+            ("relative Frobenius distance", result["rel_frobenius"]["mean"]),
+        ):
             lines.append(f"mean {key}\t{'—' if value is None else f'{value:.4f}'}")
     return lines

@@ -74,8 +74,10 @@ def check_same_base(config: dict, other: dict, run_dir: Path, against: Path) -> 
     differ = [k for k in keys if a.get(k) != b.get(k)]
     if differ:
         detail = ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in differ)
-        raise LrftError(f"--against: {against} was trained on another base model than {run_dir} ({detail}); "
-                        f"compare runs of the same base model")
+        raise LrftError(
+            f"--against: {against} was trained on another base model than {run_dir} ({detail}); "
+            f"compare runs of the same base model"
+        )
 
 
 def name_filter(spec: str | None) -> list[str]:
@@ -88,8 +90,10 @@ def select_targets(names: list[str], patterns: list[str], run_dir: Path) -> list
         return names
     kept = [n for n in names if any(p in n for p in patterns)]
     if not kept:
-        raise LrftError(f"--modules: {','.join(patterns)} matches none of the {len(names)} adapted modules of "
-                        f"{run_dir}; they are named like {', '.join(names[:3])}")
+        raise LrftError(
+            f"--modules: {','.join(patterns)} matches none of the {len(names)} adapted modules of "
+            f"{run_dir}; they are named like {', '.join(names[:3])}"
+        )
     return kept
 
 
@@ -97,17 +101,26 @@ def select_targets(names: list[str], patterns: list[str], run_dir: Path) -> list
 def module_update(target, adapter) -> ModuleUpdate:
     lora_A, lora_B = adapter.lora_factors()
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise LrftError(f"{target.name}: its adapter holds NaN or Inf; the run diverged (check its metrics.jsonl) "
-                        f"and has no update to analyse")
+        raise LrftError(
+            f"{target.name}: its adapter holds NaN or Inf; the run diverged (check its metrics.jsonl) "
+            f"and has no update to analyse"
+        )
     norms, scalars = {}, {}
     for tname, tensor in adapter.state_dict().items():  # what is saved: not lorta's row order of a fused projection
         if tensor.numel() == 1:
             scalars[tname] = float(tensor)
         else:
             norms[tname] = float(tensor.detach().float().norm())
-    return ModuleUpdate(target.name, target.kind, target.layer, tuple(target.shape),
-                        lora_A.detach().cpu().float().numpy().copy(), lora_B.detach().cpu().float().numpy().copy(),
-                        norms, scalars)
+    return ModuleUpdate(
+        target.name,
+        target.kind,
+        target.layer,
+        tuple(target.shape),
+        lora_A.detach().cpu().float().numpy().copy(),
+        lora_B.detach().cpu().float().numpy().copy(),
+        norms,
+        scalars,
+    )
 
 
 @torch.no_grad()
@@ -165,13 +178,23 @@ def read_run(run_dir: Path, selected: set[str], label: str) -> RunData:
     model_run, config = opened.adapted, opened.config
     targets = [t for t in model_run.targets if t.name in selected]
     wrappers = {n: w for n, w in adapted(model_run.model).items() if n in selected}
-    modules = {t.name: module_update(t, wrappers[t.name].adapter)
-               for t in console.track(targets, f"{label}: factors", "modules")}
+    modules = {
+        t.name: module_update(t, wrappers[t.name].adapter)
+        for t in console.track(targets, f"{label}: factors", "modules")
+    }
     histograms = weight_histograms(targets, wrappers, model_run.model)
     del opened, model_run, wrappers, targets
     gc.collect()  # the base model goes before the next run is loaded
     stats = [r for r in read_jsonl(run.adapter_stats) if r.get("module") in selected]
     plan = calibration_plan(run_dir, config)
-    return RunData(run.path, label, config, modules, histograms, read_jsonl(run.metrics), stats,
-                   {k: v for k, v in plan.items() if k in selected} if plan else None,
-                   read_json(run.summary, "summary") if run.summary.is_file() else None)
+    return RunData(
+        run.path,
+        label,
+        config,
+        modules,
+        histograms,
+        read_jsonl(run.metrics),
+        stats,
+        {k: v for k, v in plan.items() if k in selected} if plan else None,
+        read_json(run.summary, "summary") if run.summary.is_file() else None,
+    )

@@ -22,10 +22,17 @@ from lrft.errors import LrftError
 
 
 def module_numbers(m: ModuleUpdate, svd: LowRankSVD) -> dict:
-    entry = {"kind": m.kind, "layer": m.layer, "shape": list(m.shape), "rank": int(m.lora_A.shape[0]),
-             "numerical_rank": numerical_rank(svd.s, m.shape),
-             "fro_norm": float(np.sqrt(np.sum(svd.s ** 2))), "effective_rank": effective_rank(svd.s),
-             "singular_values": [float(x) for x in svd.s], "tensor_norms": m.tensor_norms}
+    entry = {
+        "kind": m.kind,
+        "layer": m.layer,
+        "shape": list(m.shape),
+        "rank": int(m.lora_A.shape[0]),
+        "numerical_rank": numerical_rank(svd.s, m.shape),
+        "fro_norm": float(np.sqrt(np.sum(svd.s**2))),
+        "effective_rank": effective_rank(svd.s),
+        "singular_values": [float(x) for x in svd.s],
+        "tensor_norms": m.tensor_norms,
+    }
     if m.scalars:
         entry["scalars"] = m.scalars
     if m.shape[0] == m.shape[1]:
@@ -38,10 +45,16 @@ def run_numbers(run: RunData) -> dict:
     for name, m in console.track(run.modules.items(), f"{run.label}: spectra", "modules", total=len(run.modules)):
         run.svds[name] = low_rank_svd(m.lora_A, m.lora_B)
     modules = {name: module_numbers(m, run.svds[name]) for name, m in run.modules.items()}
-    out = {"dir": str(run.dir), "label": run.label, "method": run.method, "params": run.config.get("params"),
-           "base_model": run.config.get("base_model"), "modules": modules,
-           "mean_fro_norm": mean_of(v["fro_norm"] for v in modules.values()),
-           "mean_effective_rank": mean_of(v["effective_rank"] for v in modules.values())}
+    out = {
+        "dir": str(run.dir),
+        "label": run.label,
+        "method": run.method,
+        "params": run.config.get("params"),
+        "base_model": run.config.get("base_model"),
+        "modules": modules,
+        "mean_fro_norm": mean_of(v["fro_norm"] for v in modules.values()),
+        "mean_effective_rank": mean_of(v["effective_rank"] for v in modules.values()),
+    }
     if run.calibration:
         out["calibration"] = run.calibration
     if run.summary:
@@ -54,8 +67,11 @@ def per_module_metric(values: dict[str, float | None], kinds: dict[str, str]) ->
     by_kind: dict[str, list] = {}
     for name, v in values.items():
         by_kind.setdefault(kinds[name], []).append(v)
-    return {"per_module": values, "mean": mean_of(values.values()),
-            "per_kind": {k: mean_of(vs) for k, vs in by_kind.items()}}
+    return {
+        "per_module": values,
+        "mean": mean_of(values.values()),
+        "per_kind": {k: mean_of(vs) for k, vs in by_kind.items()},
+    }
 
 
 def compare_numbers(run: RunData, other: RunData) -> dict:
@@ -71,18 +87,24 @@ def compare_numbers(run: RunData, other: RunData) -> dict:
         phi = subspace_similarity(run.svds[n], other.svds[n], a.shape)
         left[n], right[n], ranks[n] = (phi["left"], phi["right"], phi["rank"]) if phi else (None, None, 0)
     kinds = {n: run.modules[n].kind for n in common}
-    subspace = {"left": per_module_metric(left, kinds), "right": per_module_metric(right, kinds),
-                "rank": ranks}
-    return {"common": common, "cosine": per_module_metric(cosine, kinds), "subspace": subspace,
-            "rel_frobenius": per_module_metric(rel, kinds), "unmatched": sorted(only_run + only_other),
-            "unmatched_detail": {"only_in_run": only_run, "only_in_against": only_other}}
+    subspace = {"left": per_module_metric(left, kinds), "right": per_module_metric(right, kinds), "rank": ranks}
+    return {
+        "common": common,
+        "cosine": per_module_metric(cosine, kinds),
+        "subspace": subspace,
+        "rel_frobenius": per_module_metric(rel, kinds),
+        "unmatched": sorted(only_run + only_other),
+        "unmatched_detail": {"only_in_run": only_run, "only_in_against": only_other},
+    }
 
 
 def choose_module(wanted: str | None, candidates: list[str]) -> str | None:
     """--module: an exact name, or a substring naming exactly one module; default the first."""
     if not candidates:
         if wanted is not None:
-            raise LrftError(f"--module: {wanted!r}: the two runs adapt no module in common, so there is nothing to compare")
+            raise LrftError(
+                f"--module: {wanted!r}: the two runs adapt no module in common, so there is nothing to compare"
+            )
         return None
     if wanted is None:
         return candidates[0]

@@ -57,5 +57,4 @@ def overridden_section(raw: dict, parts: list[str], item: str) -> dict:
 
 def override_of(key: str, overridden: dict[str, str]) -> str | None:
     """The override that set the dotted key `key` (or a section above it), if one did."""
-    return next((item for set_key, item in overridden.items() if key == set_key or key.startswith(set_key + ".")),
-                None)
+    return next((item for set_key, item in overridden.items() if key == set_key or key.startswith(set_key + ".")), None)

@@ -47,8 +47,15 @@ class ErrorAt:
         return self.error["input"]
 
 
-def validated(root: type[Model], raw: dict, source: str | None, overridden: dict[str, str] | None = None, *,
-              whole: str, named_choices: Collection[str] = ()) -> Model:
+def validated(
+    root: type[Model],
+    raw: dict,
+    source: str | None,
+    overridden: dict[str, str] | None = None,
+    *,
+    whole: str,
+    named_choices: Collection[str] = (),
+) -> Model:
     """`raw` validated as `root`, or a ConfigError listing every problem found. A problem of a key that a
     command-line override set (`overridden`: dotted key → the override) is named as the override's, and
     the error names `source` only when some problem is in the file itself."""
@@ -63,8 +70,9 @@ def validated(root: type[Model], raw: dict, source: str | None, overridden: dict
         raise ConfigError(lines, source if from_file else None) from None
 
 
-def problems(err: ValidationError, root: type[BaseModel], *, whole: str,
-             named_choices: Collection[str] = ()) -> list[Problem]:
+def problems(
+    err: ValidationError, root: type[BaseModel], *, whole: str, named_choices: Collection[str] = ()
+) -> list[Problem]:
     """One Problem per error of `err` (raised validating as `root`), in the errors' order. `whole`: what
     a problem of the whole file is named by; `named_choices`: dotted keys holding one of many names."""
     out = []
@@ -77,8 +85,9 @@ def problems(err: ValidationError, root: type[BaseModel], *, whole: str,
 
 def unknown_key(at: ErrorAt) -> str:
     known = section_fields(walk(at.root, at.error["loc"][:-1])[1])
-    return (f"{at.where}: unknown key{did_you_mean(at.keys[-1], known)}"
-            + (f"; known keys here: {', '.join(known)}" if known else ""))
+    return f"{at.where}: unknown key{did_you_mean(at.keys[-1], known)}" + (
+        f"; known keys here: {', '.join(known)}" if known else ""
+    )
 
 
 def missing(at: ErrorAt) -> str:

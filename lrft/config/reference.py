@@ -56,17 +56,31 @@ def emit_inner(inner: list[tuple[str, Node]], level: int, lines: list[str]) -> N
 def emit_union(union: Tagged, key: str, level: int, lines: list[str]) -> None:
     """The keys every variant has, then each section that differs between variants, once per variant."""
     base, inner = union.base, []
-    varying = [name for name, field in base.model_fields.items() if name != union.discriminator and any(
-        is_section(field_node(variant.model_fields[name])) and variant.model_fields[name].annotation
-        is not field.annotation for variant in union.variants.values())]
+    varying = [
+        name
+        for name, field in base.model_fields.items()
+        if name != union.discriminator
+        and any(
+            is_section(field_node(variant.model_fields[name]))
+            and variant.model_fields[name].annotation is not field.annotation
+            for variant in union.variants.values()
+        )
+    ]
     lines += [f"{'#' * level} `{key}`", "", *TABLE_HEAD]
     for name, field in base.model_fields.items():
         if name == union.discriminator:
-            lines.append(cells(f"{key}.{name}", choices_text(list(union.variants)), default_text(field),
-                               field.description))
+            lines.append(
+                cells(f"{key}.{name}", choices_text(list(union.variants)), default_text(field), field.description)
+            )
         elif name in varying:
-            lines.append(cells(f"{key}.{name}", f"section, by {union.discriminator}",
-                               f"per {union.discriminator}", field.description))
+            lines.append(
+                cells(
+                    f"{key}.{name}",
+                    f"section, by {union.discriminator}",
+                    f"per {union.discriminator}",
+                    field.description,
+                )
+            )
         else:
             lines.append(row(f"{key}.{name}", field, field_node(field)))
             inner.append((f"{key}.{name}", field_node(field)))
@@ -76,8 +90,13 @@ def emit_union(union: Tagged, key: str, level: int, lines: list[str]) -> None:
         for tag, variant in union.variants.items():
             node = field_node(variant.model_fields[name])
             if is_section(node):
-                emit_tables(node, f"{key}.{name}.", f"`{key}.{name}` for `{union.discriminator}: {tag}`",
-                            min(level + 1, 6), lines)
+                emit_tables(
+                    node,
+                    f"{key}.{name}.",
+                    f"`{key}.{name}` for `{union.discriminator}: {tag}`",
+                    min(level + 1, 6),
+                    lines,
+                )
 
 
 def row(key: str, field: FieldInfo, node: Node) -> str:

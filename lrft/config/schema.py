@@ -32,8 +32,10 @@ class Tagged:
     @classmethod
     def of(cls, discriminator: str, annotation) -> Tagged:
         members = get_args(annotation) or (annotation,)
-        return cls(discriminator, {tag: variant for variant in members
-                                   for tag in get_args(variant.model_fields[discriminator].annotation)})
+        return cls(
+            discriminator,
+            {tag: variant for variant in members for tag in get_args(variant.model_fields[discriminator].annotation)},
+        )
 
     @property
     def base(self) -> type[BaseModel]:

@@ -50,8 +50,10 @@ def parse_yaml(text: str, source: str):
     try:
         return yaml.load(text, Loader=StrictLoader)
     except DuplicateKeyError as e:
-        raise LrftError(f"{source}: key {e.key!r} is given twice in one mapping, at {position(e.first)} and at "
-                        f"{position(e.second)}; keep one of the two") from None
+        raise LrftError(
+            f"{source}: key {e.key!r} is given twice in one mapping, at {position(e.first)} and at "
+            f"{position(e.second)}; keep one of the two"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at {position(mark)}" if mark else ""
@@ -84,5 +86,8 @@ def read_yaml_mapping(path: Path, kind: str, first_keys: str) -> dict:
 
 def flow_yaml(value) -> str:
     """A value as one line of YAML (`[query, value]`, `{rank: 8}`, `0.01`): what an override's value is."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True,
-                          sort_keys=False).removesuffix("...\n").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True, sort_keys=False)
+        .removesuffix("...\n")
+        .strip()
+    )

@@ -15,8 +15,22 @@ from lrft.data.metrics import compute_metrics
 from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, TASKS, PromptSplit, Split, Task, TaskData, get_task, local_source
 from lrft.errors import LrftError
 
-__all__ = ["DATA_DIR_ENV", "HUB_SOURCE", "TASKS", "PromptSplit", "Split", "Task", "TaskData", "collator",
-           "compute_metrics", "encode", "features", "get_task", "load_task_data", "local_source"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "HUB_SOURCE",
+    "TASKS",
+    "PromptSplit",
+    "Split",
+    "Task",
+    "TaskData",
+    "collator",
+    "compute_metrics",
+    "encode",
+    "features",
+    "get_task",
+    "load_task_data",
+    "local_source",
+]
 
 
 def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
@@ -32,12 +46,16 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     data.train = data.train.head(data_cfg.max_train_samples)
     data.evals = {k: v.head(data_cfg.max_eval_samples) for k, v in data.evals.items()}
     if need_train and len(data.train) == 0:
-        raise LrftError(f"data: the training split of {task.name} from {data.source} is empty; "
-                        "add training examples (or check data.max_train_samples)")
+        raise LrftError(
+            f"data: the training split of {task.name} from {data.source} is empty; "
+            "add training examples (or check data.max_train_samples)"
+        )
     for suffix, split in data.evals.items():
         if len(split) == 0:
-            raise LrftError(f"data: the evaluation split{suffix or ''} of {task.name} from {data.source} is empty; "
-                            "add evaluation examples (or check data.max_eval_samples)")
+            raise LrftError(
+                f"data: the evaluation split{suffix or ''} of {task.name} from {data.source} is empty; "
+                "add evaluation examples (or check data.max_eval_samples)"
+            )
     return data
 
 

@@ -27,12 +27,16 @@ IGNORE = -100
 
 # ----------------------------------------------------------------------------------------- loading
 
+
 def load(task, data_cfg, need_train: bool):
     """TaskData of a causal-LM task."""
 
     if task.name == "gsm8k":
-        local = Path(data_cfg.path) if data_cfg.path else (Path(os.environ[DATA_DIR_ENV]) / "gsm8k"
-                                                             if os.environ.get(DATA_DIR_ENV) else None)
+        local = (
+            Path(data_cfg.path)
+            if data_cfg.path
+            else (Path(os.environ[DATA_DIR_ENV]) / "gsm8k" if os.environ.get(DATA_DIR_ENV) else None)
+        )
         if local is None:
             return _gsm8k_hub(task, need_train)
         where = "data.path" if data_cfg.path else DATA_DIR_ENV
@@ -40,13 +44,17 @@ def load(task, data_cfg, need_train: bool):
         files[""] = local / "test.jsonl"
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
-            raise LrftError(f"{where}: missing {', '.join(missing)}; a gsm8k dir holds train.jsonl and test.jsonl "
-                            f"(one {{question, answer}} object per line)")
+            raise LrftError(
+                f"{where}: missing {', '.join(missing)}; a gsm8k dir holds train.jsonl and test.jsonl "
+                f"(one {{question, answer}} object per line)"
+            )
         splits = {k: _gsm8k_split(_records(f, ("question", "answer"))) for k, f in files.items()}
         return TaskData(task, splits.pop("train", PromptSplit([], [], [])), splits, None, str(local))
     if not data_cfg.path:
-        raise LrftError("data.path: the instruction task reads your files; set data.path to a dir with train.jsonl "
-                        "and dev.jsonl in the alpaca layout (instruction, input, output) or the chat layout (messages)")
+        raise LrftError(
+            "data.path: the instruction task reads your files; set data.path to a dir with train.jsonl "
+            "and dev.jsonl in the alpaca layout (instruction, input, output) or the chat layout (messages)"
+        )
     path = Path(data_cfg.path)
     if not path.is_dir():
         raise LrftError(f"data.path: no directory at {path}; it should hold train.jsonl and dev.jsonl")
@@ -65,15 +73,22 @@ def _gsm8k_hub(task, need_train: bool):
     try:
         ds = datasets.load_dataset("openai/gsm8k", "main")
     except Exception as e:  # offline, unknown dataset, ...: say what to do instead
-        raise LrftError(f"data: gsm8k has no local dir and {hub.unavailable('openai/gsm8k (main)', e)}; set "
-                        f"{DATA_DIR_ENV} to a dir holding gsm8k/train.jsonl and test.jsonl, or the task's dir "
-                        f"with data.path (lrft eval and merge: --data-path)") from None
+        raise LrftError(
+            f"data: gsm8k has no local dir and {hub.unavailable('openai/gsm8k (main)', e)}; set "
+            f"{DATA_DIR_ENV} to a dir holding gsm8k/train.jsonl and test.jsonl, or the task's dir "
+            f"with data.path (lrft eval and merge: --data-path)"
+        ) from None
 
     def split(name: str) -> PromptSplit:
         return _gsm8k_split([(i + 1, r) for i, r in enumerate(ds[name])])
 
-    return TaskData(task, split("train") if need_train else PromptSplit([], [], []), {"": split("test")}, None,
-                    f"{HUB_SOURCE}openai/gsm8k/main")
+    return TaskData(
+        task,
+        split("train") if need_train else PromptSplit([], [], []),
+        {"": split("test")},
+        None,
+        f"{HUB_SOURCE}openai/gsm8k/main",
+    )
 
 
 def _records(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
@@ -81,8 +96,10 @@ def _records(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict
     for line_no, rec, _ in read_records(path):
         missing = [k for k in required if not isinstance(rec.get(k), str)]
         if missing:
-            raise LrftError(f"{path}:{line_no}: no text field {missing[0]!r} (fields: {', '.join(rec) or 'none'}); "
-                           f"every line needs {', '.join(required)}")
+            raise LrftError(
+                f"{path}:{line_no}: no text field {missing[0]!r} (fields: {', '.join(rec) or 'none'}); "
+                f"every line needs {', '.join(required)}"
+            )
         out.append((line_no, rec))
     if not out:
         raise LrftError(f"{path}: no examples in the file")
@@ -100,11 +117,19 @@ def _instruction_split(path: Path) -> PromptSplit:
     for line_no, rec in _records(path):
         if "messages" in rec:
             msgs = rec["messages"]
-            ok = (isinstance(msgs, list) and len(msgs) >= 2 and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs))
+            ok = (
+                isinstance(msgs, list)
+                and len(msgs) >= 2
+                and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs
+                )
+            )
             if not ok or msgs[-1]["role"] != "assistant":
-                raise LrftError(f"{path}:{line_no}: 'messages' must be a list of {{role, content}} turns ending with "
-                                f"the assistant's answer")
+                raise LrftError(
+                    f"{path}:{line_no}: 'messages' must be a list of {{role, content}} turns ending with "
+                    f"the assistant's answer"
+                )
             prompts.append([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]])
             responses.append(msgs[-1]["content"])
         elif isinstance(rec.get("instruction"), str) and isinstance(rec.get("output"), str):
@@ -112,12 +137,15 @@ def _instruction_split(path: Path) -> PromptSplit:
             prompts.append([{"role": "user", "content": rec["instruction"] + (f"\n\n{extra}" if extra else "")}])
             responses.append(rec["output"])
         else:
-            raise LrftError(f"{path}:{line_no}: expected the alpaca layout (instruction, input, output) or the chat "
-                            f"layout (messages); found fields {', '.join(rec) or 'none'}")
+            raise LrftError(
+                f"{path}:{line_no}: expected the alpaca layout (instruction, input, output) or the chat "
+                f"layout (messages); found fields {', '.join(rec) or 'none'}"
+            )
     return PromptSplit(prompts, responses, [None] * len(prompts))
 
 
 # ------------------------------------------------------------------------------------ tokenization
+
 
 def render(tokenizer, prompt: list[dict], response: str | None) -> str:
     """The prompt (and response) as text: the chat template if the tokenizer has one, else a plain format."""
@@ -125,8 +153,9 @@ def render(tokenizer, prompt: list[dict], response: str | None) -> str:
         if response is None:
             return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    turns = "".join(f"### {'Instruction' if m['role'] == 'user' else m['role'].capitalize()}:\n{m['content']}\n\n"
-                    for m in prompt)
+    turns = "".join(
+        f"### {'Instruction' if m['role'] == 'user' else m['role'].capitalize()}:\n{m['content']}\n\n" for m in prompt
+    )
     text = f"{turns}### Response:\n"
     return text if response is None else text + response + (tokenizer.eos_token or "")
 
@@ -140,9 +169,9 @@ def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "
     full_ids = tokenizer(full_text, add_special_tokens=special)["input_ids"]
     features, cut, empty = [], 0, 0
     for p_ids, f_ids, p_text, f_text in zip(prompt_ids, full_ids, prompt_text, full_text):
-        if f_ids[:len(p_ids)] != p_ids:  # the boundary merged into one token: tokenize the response apart
-            f_ids = p_ids + tokenizer(f_text[len(p_text):], add_special_tokens=False)["input_ids"]
-        labels = [IGNORE] * len(p_ids) + f_ids[len(p_ids):]
+        if f_ids[: len(p_ids)] != p_ids:  # the boundary merged into one token: tokenize the response apart
+            f_ids = p_ids + tokenizer(f_text[len(p_text) :], add_special_tokens=False)["input_ids"]
+        labels = [IGNORE] * len(p_ids) + f_ids[len(p_ids) :]
         if len(f_ids) > max_length:
             cut += 1
             f_ids, labels = f_ids[:max_length], labels[:max_length]
@@ -151,11 +180,15 @@ def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "
             continue
         features.append({"input_ids": f_ids, "attention_mask": [1] * len(f_ids), "labels": labels})
     if cut or empty:
-        console.warn(f"{cut} of {len(split)} {what} were cut to data.max_length={max_length} tokens"
-                     + (f"; {empty} kept no response token and were left out" if empty else ""))
+        console.warn(
+            f"{cut} of {len(split)} {what} were cut to data.max_length={max_length} tokens"
+            + (f"; {empty} kept no response token and were left out" if empty else "")
+        )
     if not features and len(split):
-        raise LrftError(f"data.max_length: {max_length} tokens leave no response token to learn in any of the "
-                        f"{len(split)} {what}; raise data.max_length")
+        raise LrftError(
+            f"data.max_length: {max_length} tokens leave no response token to learn in any of the "
+            f"{len(split)} {what}; raise data.max_length"
+        )
     return features
 
 
@@ -163,7 +196,9 @@ def prompt_features(split: PromptSplit, tokenizer) -> list[dict]:
     """Generation inputs: the rendered prompt's ids, the user's question and the gold answer."""
     special = not getattr(tokenizer, "chat_template", None)
     ids = tokenizer([render(tokenizer, p, None) for p in split.prompts], add_special_tokens=special)["input_ids"]
-    return [{"prompt_ids": i, "prompt": p[-1]["content"], "gold": a} for i, p, a in zip(ids, split.prompts, split.answers)]
+    return [
+        {"prompt_ids": i, "prompt": p[-1]["content"], "gold": a} for i, p, a in zip(ids, split.prompts, split.answers)
+    ]
 
 
 # ----------------------------------------------------------------------------------------- answers

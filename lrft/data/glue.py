@@ -28,15 +28,18 @@ def _local_task_dir(task: Task, data_cfg) -> Path | None:
     if data_cfg.path:
         path = Path(data_cfg.path)
         if not path.is_dir():
-            raise LrftError(f"data.path: no directory at {path}; point it at a dir holding {task.name}'s "
-                            f"{_expected_files(task)}")
+            raise LrftError(
+                f"data.path: no directory at {path}; point it at a dir holding {task.name}'s {_expected_files(task)}"
+            )
         return path
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         path = Path(env) / task.name
         if not path.is_dir():
-            raise LrftError(f"{DATA_DIR_ENV}: no directory {path} (expected {_expected_files(task)} there); "
-                            f"add the files or unset {DATA_DIR_ENV} to download {task.name} from the hub")
+            raise LrftError(
+                f"{DATA_DIR_ENV}: no directory {path} (expected {_expected_files(task)} there); "
+                f"add the files or unset {DATA_DIR_ENV} to download {task.name} from the hub"
+            )
         return path
     return None
 
@@ -82,8 +85,10 @@ def _read_glue_tsv(task: Task, path: Path) -> Split:
             if not row:
                 continue
             if len(row) != n_fields:
-                raise LrftError(f"{path}:{line_no}: expected {n_fields} tab-separated fields, found {len(row)}; "
-                                f"is this {task.name}'s GLUE tsv?")
+                raise LrftError(
+                    f"{path}:{line_no}: expected {n_fields} tab-separated fields, found {len(row)}; "
+                    f"is this {task.name}'s GLUE tsv?"
+                )
             text.append(row[t_i])
             if pair is not None:
                 pair.append(row[p_i])
@@ -101,8 +106,10 @@ def _find_column(header: list[str], candidates: tuple[str, ...]) -> int | None:
 def _require_column(header: list[str], candidates: tuple[str, ...], path: Path) -> int:
     i = _find_column(header, candidates)
     if i is None:
-        raise LrftError(f"{path}: no column {' or '.join(repr(c) for c in candidates)} in the header "
-                        f"({', '.join(header)}); is this the task's own file, with its header line?")
+        raise LrftError(
+            f"{path}: no column {' or '.join(repr(c) for c in candidates)} in the header "
+            f"({', '.join(header)}); is this the task's own file, with its header line?"
+        )
     return i
 
 
@@ -112,7 +119,9 @@ def _parse_label(task: Task, raw: str, path: Path, line_no: int):
         try:
             return float(raw)
         except ValueError:
-            raise LrftError(f"{path}:{line_no}: label {raw!r} is not a number ({task.name} is a regression task)") from None
+            raise LrftError(
+                f"{path}:{line_no}: label {raw!r} is not a number ({task.name} is a regression task)"
+            ) from None
     names = task.label_names
     if raw.lstrip("-").isdigit() and 0 <= int(raw) < len(names):
         return int(raw)
@@ -129,9 +138,11 @@ def _load_hub(task: Task, need_train: bool) -> TaskData:
     try:
         ds = datasets.load_dataset(hub_id, config)
     except Exception as e:  # offline, unknown dataset, ...: say what to do instead
-        raise LrftError(f"data: {task.name} has no local dir and {hub.unavailable(f'{hub_id} ({config})', e)}; "
-                        f"set {DATA_DIR_ENV} to a dir holding {task.name}/{_expected_files(task)}, or the "
-                        f"task's dir with data.path (lrft eval and merge: --data-path)") from None
+        raise LrftError(
+            f"data: {task.name} has no local dir and {hub.unavailable(f'{hub_id} ({config})', e)}; "
+            f"set {DATA_DIR_ENV} to a dir holding {task.name}/{_expected_files(task)}, or the "
+            f"task's dir with data.path (lrft eval and merge: --data-path)"
+        ) from None
     cols = task.hub_columns
 
     def split(name: str) -> Split:
@@ -140,5 +151,6 @@ def _load_hub(task: Task, need_train: bool) -> TaskData:
 
     train = split("train") if need_train else Split([], None, [])
     evals = {s.suffix: split(s.hub_split) for s in task.eval_splits}
-    return TaskData(task, train, evals, list(task.label_names) if task.label_names else None,
-                    f"{HUB_SOURCE}{hub_id}/{config}")
+    return TaskData(
+        task, train, evals, list(task.label_names) if task.label_names else None, f"{HUB_SOURCE}{hub_id}/{config}"
+    )

@@ -58,35 +58,113 @@ def _glue(name, problem, labels, metrics, main, hub_cols, local_cols, **kw) -> T
 
 
 ENTAIL2 = ("entailment", "not_entailment")
-TASKS: dict[str, Task] = {t.name: t for t in [
-    _glue("cola", "classification", ("unacceptable", "acceptable"), ("matthews_correlation", "accuracy"),
-          "matthews_correlation", Columns(("sentence",)), Columns(("sentence",)), headerless=(3, None, 1)),
-    _glue("sst2", "classification", ("negative", "positive"), ("accuracy",), "accuracy",
-          Columns(("sentence",)), Columns(("sentence",))),
-    _glue("mrpc", "classification", ("not_equivalent", "equivalent"), ("accuracy", "f1"), "accuracy",
-          Columns(("sentence1",), ("sentence2",)), Columns(("#1 String", "sentence1"), ("#2 String", "sentence2"), ("Quality", "label"))),
-    _glue("stsb", "regression", None, ("pearson", "spearman"), "pearson",
-          Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",), ("score", "label"))),
-    _glue("qqp", "classification", ("not_duplicate", "duplicate"), ("accuracy", "f1"), "accuracy",
-          Columns(("question1",), ("question2",)), Columns(("question1",), ("question2",), ("is_duplicate", "label"))),
-    _glue("mnli", "classification", ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy",
-          Columns(("premise",), ("hypothesis",)), Columns(("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label", "label")),
-          eval_splits=(EvalSplit("", "dev_matched", "validation_matched"), EvalSplit("_mm", "dev_mismatched", "validation_mismatched"))),
-    _glue("qnli", "classification", ENTAIL2, ("accuracy",), "accuracy",
-          Columns(("question",), ("sentence",)), Columns(("question",), ("sentence",))),
-    _glue("rte", "classification", ENTAIL2, ("accuracy",), "accuracy",
-          Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",))),
-    _glue("wnli", "classification", ("not_entailment", "entailment"), ("accuracy",), "accuracy",
-          Columns(("sentence1",), ("sentence2",)), Columns(("sentence1",), ("sentence2",))),
-    # Users' own data: data.path is a dir with train.{jsonl,json,csv,tsv} and dev (or validation) files.
-    Task("text-classification", "classification", None, ("accuracy", "f1_macro"), "accuracy"),
-    # Causal LMs (lrft.data.causal): the response loss is tracked during training, generations are scored at the end.
-    # max_length: that of the shipped recipes (recipes/gsm8k_*.yaml, instruction_alpaca.yaml), so a base
-    # model's `lrft eval` compares with a trained run's
-    Task("gsm8k", "causal_lm", None, ("exact_match", "perplexity"), "loss", eval_splits=(EvalSplit("", "test", "test"),),
-         generate=True, max_length=320),
-    Task("instruction", "causal_lm", None, ("perplexity",), "loss", max_length=512),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        _glue(
+            "cola",
+            "classification",
+            ("unacceptable", "acceptable"),
+            ("matthews_correlation", "accuracy"),
+            "matthews_correlation",
+            Columns(("sentence",)),
+            Columns(("sentence",)),
+            headerless=(3, None, 1),
+        ),
+        _glue(
+            "sst2",
+            "classification",
+            ("negative", "positive"),
+            ("accuracy",),
+            "accuracy",
+            Columns(("sentence",)),
+            Columns(("sentence",)),
+        ),
+        _glue(
+            "mrpc",
+            "classification",
+            ("not_equivalent", "equivalent"),
+            ("accuracy", "f1"),
+            "accuracy",
+            Columns(("sentence1",), ("sentence2",)),
+            Columns(("#1 String", "sentence1"), ("#2 String", "sentence2"), ("Quality", "label")),
+        ),
+        _glue(
+            "stsb",
+            "regression",
+            None,
+            ("pearson", "spearman"),
+            "pearson",
+            Columns(("sentence1",), ("sentence2",)),
+            Columns(("sentence1",), ("sentence2",), ("score", "label")),
+        ),
+        _glue(
+            "qqp",
+            "classification",
+            ("not_duplicate", "duplicate"),
+            ("accuracy", "f1"),
+            "accuracy",
+            Columns(("question1",), ("question2",)),
+            Columns(("question1",), ("question2",), ("is_duplicate", "label")),
+        ),
+        _glue(
+            "mnli",
+            "classification",
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            "accuracy",
+            Columns(("premise",), ("hypothesis",)),
+            Columns(("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label", "label")),
+            eval_splits=(
+                EvalSplit("", "dev_matched", "validation_matched"),
+                EvalSplit("_mm", "dev_mismatched", "validation_mismatched"),
+            ),
+        ),
+        _glue(
+            "qnli",
+            "classification",
+            ENTAIL2,
+            ("accuracy",),
+            "accuracy",
+            Columns(("question",), ("sentence",)),
+            Columns(("question",), ("sentence",)),
+        ),
+        _glue(
+            "rte",
+            "classification",
+            ENTAIL2,
+            ("accuracy",),
+            "accuracy",
+            Columns(("sentence1",), ("sentence2",)),
+            Columns(("sentence1",), ("sentence2",)),
+        ),
+        _glue(
+            "wnli",
+            "classification",
+            ("not_entailment", "entailment"),
+            ("accuracy",),
+            "accuracy",
+            Columns(("sentence1",), ("sentence2",)),
+            Columns(("sentence1",), ("sentence2",)),
+        ),
+        # Users' own data: data.path is a dir with train.{jsonl,json,csv,tsv} and dev (or validation) files.
+        Task("text-classification", "classification", None, ("accuracy", "f1_macro"), "accuracy"),
+        # Causal LMs (lrft.data.causal): the response loss is tracked during training, generations are scored at the end.
+        # max_length: that of the shipped recipes (recipes/gsm8k_*.yaml, instruction_alpaca.yaml), so a base
+        # model's `lrft eval` compares with a trained run's
+        Task(
+            "gsm8k",
+            "causal_lm",
+            None,
+            ("exact_match", "perplexity"),
+            "loss",
+            eval_splits=(EvalSplit("", "test", "test"),),
+            generate=True,
+            max_length=320,
+        ),
+        Task("instruction", "causal_lm", None, ("perplexity",), "loss", max_length=512),
+    ]
+}
 
 
 def get_task(name: str) -> Task:

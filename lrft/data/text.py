@@ -16,15 +16,18 @@ from lrft.errors import LrftError
 
 def load(data_cfg, need_train: bool) -> TaskData:
     if not data_cfg.path:
-        raise LrftError("data.path: the text-classification task reads your files; set data.path to a "
-                        "dir with train.jsonl (or .json/.csv/.tsv) and dev.jsonl")
+        raise LrftError(
+            "data.path: the text-classification task reads your files; set data.path to a "
+            "dir with train.jsonl (or .json/.csv/.tsv) and dev.jsonl"
+        )
     return _load(Path(data_cfg.path), data_cfg, need_train)
 
 
 def _load(path: Path, data_cfg, need_train: bool) -> TaskData:
     if not path.is_dir():
-        raise LrftError(f"data.path: no directory at {path}; it should hold train.jsonl and dev.jsonl "
-                        f"(or .json/.csv/.tsv)")
+        raise LrftError(
+            f"data.path: no directory at {path}; it should hold train.jsonl and dev.jsonl (or .json/.csv/.tsv)"
+        )
     train_file = find_split_file(path, ("train",))
     eval_file = find_split_file(path, ("dev", "validation", "test"))
     if (need_train and train_file is None) or eval_file is None:
@@ -48,8 +51,10 @@ def _load(path: Path, data_cfg, need_train: bool) -> TaskData:
         pairs = [str(scalar_field(r, pair_col, f, n)) for n, r, f in recs] if pair_col else None
         splits[key] = Split(texts, pairs, labels)
     if need_train and len(label_names) == 1:  # none at all: the empty split is reported as such
-        raise LrftError(f"data: every example in {path} has the label {label_names[0]!r}; a classifier learns from "
-                        f"two or more labels, so add examples of the others (or list them in data.label_names)")
+        raise LrftError(
+            f"data: every example in {path} has the label {label_names[0]!r}; a classifier learns from "
+            f"two or more labels, so add examples of the others (or list them in data.label_names)"
+        )
     train = splits.pop("train", Split([], None, []))
     return TaskData(get_task("text-classification"), train, splits, label_names, str(path))
 

@@ -32,8 +32,10 @@ def find_split_file(path: Path, stems: tuple[str, ...], suffixes: tuple[str, ...
 
 def field(record: dict, column: str, path: Path, line_no: int):
     if column not in record:
-        raise LrftError(f"{path}:{line_no}: no field '{column}' (fields: {', '.join(record)}); "
-                        f"set data.text_column / data.text_pair_column / data.label_column")
+        raise LrftError(
+            f"{path}:{line_no}: no field '{column}' (fields: {', '.join(record)}); "
+            f"set data.text_column / data.text_pair_column / data.label_column"
+        )
     return record[column]
 
 
@@ -41,8 +43,10 @@ def scalar_field(record: dict, column: str, path: Path, line_no: int):
     """A field holding one text, number or label (not null, a list or an object)."""
     value = field(record, column, path, line_no)
     if value is None or isinstance(value, (list, dict)):
-        raise LrftError(f"{path}:{line_no}: field '{column}' is {json.dumps(value)[:40]}, not a text or a label; "
-                        f"give every example a plain value there")
+        raise LrftError(
+            f"{path}:{line_no}: field '{column}' is {json.dumps(value)[:40]}, not a text or a label; "
+            f"give every example a plain value there"
+        )
     return value
 
 

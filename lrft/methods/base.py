@@ -113,9 +113,9 @@ class Dropout(nn.Module):
     def keep_mask(self, like: torch.Tensor) -> torch.Tensor:
         """A 0/1 mask of like's shape and dtype, 1 with probability 1 - p (not scaled)."""
         if like.device.type == "cpu" and self.p == 0.5:
-            words = torch.randint(-2**31, 2**31, (-(-like.numel() // 32),), dtype=torch.int32)
+            words = torch.randint(-(2**31), 2**31, (-(-like.numel() // 32),), dtype=torch.int32)
             bits = (words.unsqueeze(1) >> _BIT_SHIFTS) & 1
-            return bits.view(-1)[:like.numel()].view(like.shape).to(like.dtype)
+            return bits.view(-1)[: like.numel()].view(like.shape).to(like.dtype)
         return (torch.rand_like(like) >= self.p).to(like.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

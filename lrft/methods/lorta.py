@@ -53,8 +53,17 @@ def _kaiming(rows: int, rank: int, gen: torch.Generator) -> torch.Tensor:
 class Factors(nn.Module):
     """The CP factors, stored once for the whole model."""
 
-    def __init__(self, d: int, head_dim: int, heads: int, kv_heads: int | None, layers: int, kinds: list[str],
-                 rank: int, gen: torch.Generator):
+    def __init__(
+        self,
+        d: int,
+        head_dim: int,
+        heads: int,
+        kv_heads: int | None,
+        layers: int,
+        kinds: list[str],
+        rank: int,
+        gen: torch.Generator,
+    ):
         super().__init__()
         self.kinds = kinds
         self.A = nn.Parameter(_kaiming(d, rank, gen))
@@ -74,8 +83,15 @@ class Factors(nn.Module):
 class Branch(Adapter):
     """One adapted projection: its (layer, kinds) slice of the shared tensor, applied without a dense ΔW."""
 
-    def __init__(self, factors: Factors, layer: int, kinds: tuple[str, ...], rows: torch.Tensor | None, scale: float,
-                 dropout: float):
+    def __init__(
+        self,
+        factors: Factors,
+        layer: int,
+        kinds: tuple[str, ...],
+        rows: torch.Tensor | None,
+        scale: float,
+        dropout: float,
+    ):
         super().__init__()
         object.__setattr__(self, "factors", factors)  # a reference, not a submodule: lrft_shared owns it
         self.layer, self.kinds, self.scale = layer, kinds, scale
@@ -129,9 +145,11 @@ class SharedInput:
 def kinds_of(t: Target, config) -> tuple[str, ...]:
     kinds = attention_kinds(t.name, config)
     if kinds is None:
-        raise LrftError(f"adapter.target_modules: lorta adapts attention projections only, and {t.name} is not one; "
-                        f"supported kinds ({SUPPORTED}), fused q,k,v in {FUSED}; lora, tlora and talora adapt any "
-                        f"Linear layer")
+        raise LrftError(
+            f"adapter.target_modules: lorta adapts attention projections only, and {t.name} is not one; "
+            f"supported kinds ({SUPPORTED}), fused q,k,v in {FUSED}; lora, tlora and talora adapt any "
+            f"Linear layer"
+        )
     return kinds
 
 
@@ -151,33 +169,54 @@ def geometry(targets: list[Target], config, saved: dict | None = None) -> dict:
         kinds = kinds_of(t, config)
         fused |= len(kinds) > 1
         if t.layer is None or t.layer >= layers:
-            raise LrftError(f"adapter.target_modules: {t.name} is not inside one of the model's {layers} numbered layers")
+            raise LrftError(
+                f"adapter.target_modules: {t.name} is not inside one of the model's {layers} numbered layers"
+            )
         for kind in kinds:
             if (t.layer, kind) in seen:
-                raise LrftError(f"adapter.target_modules: {seen[(t.layer, kind)]} and {t.name} are both layer {t.layer} "
-                                f"kind {kind}; lorta needs one attention block per layer (encoder-decoder models are "
-                                f"not supported)")
+                raise LrftError(
+                    f"adapter.target_modules: {seen[(t.layer, kind)]} and {t.name} are both layer {t.layer} "
+                    f"kind {kind}; lorta needs one attention block per layer (encoder-decoder models are "
+                    f"not supported)"
+                )
             seen[(t.layer, kind)] = t.name
         out_rows = sum(kv_heads if kind in ("k", "v") else heads for kind in kinds) * head_dim
         want = (d, heads * head_dim) if kinds == ("o",) else (out_rows, d)
         if t.shape != want:
-            raise LrftError(f"adapter.target_modules: {t.name} is {t.shape[0]}×{t.shape[1]}, but the config's {heads} "
-                            f"heads ({kv_heads} for k and v) × {head_dim} dims and hidden size {d} say {want[0]}×{want[1]}")
+            raise LrftError(
+                f"adapter.target_modules: {t.name} is {t.shape[0]}×{t.shape[1]}, but the config's {heads} "
+                f"heads ({kv_heads} for k and v) × {head_dim} dims and hidden size {d} say {want[0]}×{want[1]}"
+            )
     kinds = [k for k in KINDS if any(k == key[1] for key in seen)]
     gqa = kv_heads != heads and any(k in ("k", "v") for k in kinds)
     fam = family(config)
     recorded = (saved or {}).get("fused") or {}
-    return {"hidden": d, "head_dim": head_dim, "heads": heads, "kv_heads": kv_heads if gqa else None,
-            "layers": layers, "kinds": kinds,
-            "head_mapping": "k, v use their own head factor C_KV (one row per kv head)" if gqa else "C_H for every kind",
-            "fused": {"module": fam.fused, "kinds": list(QKV), "packing": recorded.get("packing", fam.packing)}
-            if fused else None}
+    return {
+        "hidden": d,
+        "head_dim": head_dim,
+        "heads": heads,
+        "kv_heads": kv_heads if gqa else None,
+        "layers": layers,
+        "kinds": kinds,
+        "head_mapping": "k, v use their own head factor C_KV (one row per kv head)" if gqa else "C_H for every kind",
+        "fused": {"module": fam.fused, "kinds": list(QKV), "packing": recorded.get("packing", fam.packing)}
+        if fused
+        else None,
+    }
 
 
 def build(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> Built:
     g = geometry(targets, ctx.model_config, ctx.saved_meta)
-    factors = Factors(g["hidden"], g["head_dim"], g["heads"], g["kv_heads"], g["layers"], g["kinds"], p.rank,
-                      seeded_generator(ctx.seed))
+    factors = Factors(
+        g["hidden"],
+        g["head_dim"],
+        g["heads"],
+        g["kv_heads"],
+        g["layers"],
+        g["kinds"],
+        p.rank,
+        seeded_generator(ctx.seed),
+    )
     adapters = {}
     for t in targets:
         kinds = kinds_of(t, ctx.model_config)

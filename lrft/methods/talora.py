@@ -26,11 +26,14 @@ from lrft.targets import Target
 
 
 class TaLoRAParams(MethodParams):
-    alpha: float = Field(16.0, gt=0, description="per-module α before allocation; α_total = modules × alpha (paper: 32)")
+    alpha: float = Field(
+        16.0, gt=0, description="per-module α before allocation; α_total = modules × alpha (paper: 32)"
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the branch input")
     min_rank: int = Field(1, ge=1, description="smallest rank a module may be given")
     init: Literal["task-aware", "weight-svd", "random"] = Field(
-        "task-aware", description="A from the SVD of W0·C (task-aware), of W0 (weight-svd), or Kaiming (random)")
+        "task-aware", description="A from the SVD of W0·C (task-aware), of W0 (weight-svd), or Kaiming (random)"
+    )
     rank_allocation: Literal["importance", "uniform"] = Field("importance", description="ranks ∝ importance, or r each")
     alpha_allocation: Literal["importance", "uniform"] = Field("importance", description="α_i by eq. 7, or α each")
     freeze_a: bool = Field(True, description="keep A fixed (the paper); false trains A as well")
@@ -70,8 +73,10 @@ def allocate(targets: list[Target], importance: dict[str, float] | None, p: TaLo
     budget, alpha_total = n * p.rank, n * p.alpha
     caps = [min(t.shape) for t in targets]
     if budget < n * p.min_rank:
-        raise LrftError(f"adapter.params.min_rank: {p.min_rank} × {n} modules exceeds the budget {budget} "
-                        f"(rank {p.rank} × {n}); lower min_rank or raise rank")
+        raise LrftError(
+            f"adapter.params.min_rank: {p.min_rank} × {n} modules exceeds the budget {budget} "
+            f"(rank {p.rank} × {n}); lower min_rank or raise rank"
+        )
     scores = [float(importance[t.name]) for t in targets] if importance else [1.0] * n
     total = sum(scores)
     shares = [s / total for s in scores] if total > 0 else [1 / n] * n
@@ -109,7 +114,9 @@ def build(targets: list[Target], p: TaLoRAParams, ctx: BuildContext) -> Built:
         plan = ctx.saved_meta["modules"]
         missing = [t.name for t in targets if t.name not in plan]
         if missing:
-            raise LrftError(f"adapter config: no rank recorded for {missing[0]}; the adapter was saved for other targets")
+            raise LrftError(
+                f"adapter config: no rank recorded for {missing[0]}; the adapter was saved for other targets"
+            )
     else:
         stats = ctx.calibration
         plan = allocate(targets, stats.importance if stats is not None and "importance" in needs(p) else None, p)
@@ -126,8 +133,11 @@ def build(targets: list[Target], p: TaLoRAParams, ctx: BuildContext) -> Built:
 
 def count(targets: list[Target], p: TaLoRAParams, ctx: BuildContext) -> int:
     """Exact for a calibrated plan (saved meta); otherwise the uniform budget, r per module."""
-    ranks = ({t.name: ctx.saved_meta["modules"][t.name]["rank"] for t in targets} if ctx.saved_meta
-             else {t.name: min(p.rank, *t.shape) for t in targets})
+    ranks = (
+        {t.name: ctx.saved_meta["modules"][t.name]["rank"] for t in targets}
+        if ctx.saved_meta
+        else {t.name: min(p.rank, *t.shape) for t in targets}
+    )
     return sum(ranks[t.name] * (t.shape[0] + (0 if p.freeze_a else t.shape[1])) for t in targets)
 
 

@@ -31,7 +31,9 @@ class TLoRAParams(MethodParams):
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout on the branch output (paper: 0.5)")
     alpha_init: float = Field(1.0, description="initial value of the trainable scale α")
     init: Literal["random", "task-aware"] = Field(
-        "random", description="fixed A, C: random (paper) or task-aware (top singular vectors of W0·C, needs calibration)")
+        "random",
+        description="fixed A, C: random (paper) or task-aware (top singular vectors of W0·C, needs calibration)",
+    )
 
 
 class TriMatrix(Adapter):

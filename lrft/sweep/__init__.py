@@ -42,12 +42,15 @@ def load_sweeps(paths: list[Path]) -> list[Sweep]:
     for sweep in sweeps:
         other = seen.setdefault(sweep.dir.resolve(), sweep)
         if other is not sweep:
-            raise LrftError(f"{sweep.path}: writes {sweep.dir} as {other.path} does; give one of them another name "
-                            "(name: ...)")
+            raise LrftError(
+                f"{sweep.path}: writes {sweep.dir} as {other.path} does; give one of them another name (name: ...)"
+            )
         if (sweep.task.name, sweep.metric, sweep.direction) != (first.task.name, first.metric, first.direction):
-            raise LrftError(f"{sweep.path}: sweeps given together are reported together, on one metric and task; "
-                            f"{first.name} is {first.metric} ({first.direction}) on {first.task.name}, {sweep.name} is "
-                            f"{sweep.metric} ({sweep.direction}) on {sweep.task.name}: give them in separate commands")
+            raise LrftError(
+                f"{sweep.path}: sweeps given together are reported together, on one metric and task; "
+                f"{first.name} is {first.metric} ({first.direction}) on {first.task.name}, {sweep.name} is "
+                f"{sweep.metric} ({sweep.direction}) on {sweep.task.name}: give them in separate commands"
+            )
     return sweeps
 
 
@@ -94,6 +97,8 @@ def plan_commands(sweeps: list[Sweep]) -> list[str]:
             best = top_points(sweep, list(results.values()), confirm.top)
             commands += [sweep.job_command(p, seed) for p in best for seed in confirm.seeds]
         else:
-            console.log(f"sweep {sweep.name}: once these runs are done, --plan again adds the best {confirm.top} "
-                        f"point(s) with seeds {', '.join(map(str, confirm.seeds))}")
+            console.log(
+                f"sweep {sweep.name}: once these runs are done, --plan again adds the best {confirm.top} "
+                f"point(s) with seeds {', '.join(map(str, confirm.seeds))}"
+            )
     return commands

@@ -64,11 +64,21 @@ def point_row(sweep: Sweep, result: PointResult, failure: str | None) -> Row:
         status, note = "done", ""
     else:
         status, note = "incomplete", f"{len(result.finished(sweep.seeds))} of {len(sweep.seeds)} seeds done"
-    return Row(sweep.name, result.point.name, result.point.settings, result.point.shown(sweep.labels), status, note,
-               [r.seed for r in finished], [r.value for r in finished],
-               round(statistics.mean(counts)) if counts else None, [counts[0], counts[-1]] if counts else None,
-               statistics.mean(seconds) / 60 if seconds else None, sweep.command(result.point, sweep.seeds[0]),
-               display_path(sweep.run_dir(result.point, sweep.seeds[0])))
+    return Row(
+        sweep.name,
+        result.point.name,
+        result.point.settings,
+        result.point.shown(sweep.labels),
+        status,
+        note,
+        [r.seed for r in finished],
+        [r.value for r in finished],
+        round(statistics.mean(counts)) if counts else None,
+        [counts[0], counts[-1]] if counts else None,
+        statistics.mean(seconds) / 60 if seconds else None,
+        sweep.command(result.point, sweep.seeds[0]),
+        display_path(sweep.run_dir(result.point, sweep.seeds[0])),
+    )
 
 
 def sweep_rows(sweep: Sweep) -> list[Row]:
@@ -77,8 +87,11 @@ def sweep_rows(sweep: Sweep) -> list[Row]:
     results = collect(sweep)
     rows = [point_row(sweep, r, failed.get(r.point.name)) for r in results]
     have = {r.point.name for r in results}
-    rows += [Row(sweep.name, name, {}, name, "failed", why.split(";")[0], [], [], None, None, None, "", "")
-             for name, why in failed.items() if name not in have]
+    rows += [
+        Row(sweep.name, name, {}, name, "failed", why.split(";")[0], [], [], None, None, None, "", "")
+        for name, why in failed.items()
+        if name not in have
+    ]
     order = {p.name: i for i, p in enumerate(sweep.grid_points())} if sweep.finite else {}
     return sorted(rows, key=lambda r: (order.get(r.point, len(order)), r.point))
 
@@ -120,11 +133,19 @@ def build(sweeps: list[Sweep], tolerance: float, plot: Path | None = None) -> di
     plot = plot or Path(os.path.commonpath([s.dir.resolve() for s in sweeps])) / "pareto.png"
     if plot.is_dir():
         raise LrftError(f"--plot: {plot} is a directory; give a file, e.g. --plot {plot / 'pareto.png'}")
-    report = {"task": first.task.name, "metric": first.metric, "direction": first.direction, "scale": first.scale,
-              "tolerance": tolerance, "sweeps": [{"name": s.name, "spec": display_path(s.path),
-                                                  "dir": display_path(s.dir)} for s in sweeps],
-              "rows": [as_json(r) for r in rows], "best": as_json(best), "smallest": as_json(smallest),
-              "front": [(r.sweep, r.point) for r in pareto_front(done, first.direction)], "plot": None}
+    report = {
+        "task": first.task.name,
+        "metric": first.metric,
+        "direction": first.direction,
+        "scale": first.scale,
+        "tolerance": tolerance,
+        "sweeps": [{"name": s.name, "spec": display_path(s.path), "dir": display_path(s.dir)} for s in sweeps],
+        "rows": [as_json(r) for r in rows],
+        "best": as_json(best),
+        "smallest": as_json(smallest),
+        "front": [(r.sweep, r.point) for r in pareto_front(done, first.direction)],
+        "plot": None,
+    }
     if done:
         atomic_write_bytes(plot, pareto_png(done, best, smallest, report))
         report["plot"] = display_path(plot)
@@ -136,6 +157,7 @@ def as_json(row: Row | None) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------- rendering
+
 
 def fmt(value: float | None, scale: float) -> str:
     if value is None:
@@ -157,11 +179,18 @@ def trainable(row: dict) -> str:
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     several = len(report["sweeps"]) > 1
     head = ["sweep"] * several + ["settings", "trainable", report["metric"], "seeds", "status", "min/run"]
-    body = [[r["sweep"]] * several + [r["shown"], trainable(r), mean_sd(r, report["scale"]),
-                                      ", ".join(map(str, r["seeds"])) or "—",
-                                      r["status"] + (f" ({r['note']})" if r["note"] else ""),
-                                      "—" if r["minutes"] is None else f"{r['minutes']:.1f}"]
-            for r in report["rows"]]
+    body = [
+        [r["sweep"]] * several
+        + [
+            r["shown"],
+            trainable(r),
+            mean_sd(r, report["scale"]),
+            ", ".join(map(str, r["seeds"])) or "—",
+            r["status"] + (f" ({r['note']})" if r["note"] else ""),
+            "—" if r["minutes"] is None else f"{r['minutes']:.1f}",
+        ]
+        for r in report["rows"]
+    ]
     return head, body
 
 
@@ -176,12 +205,14 @@ def answer(report: dict, code: str = "") -> list[str]:
     def where(row: dict) -> str:
         return f"{row['shown']} ({row['sweep']})" if len(report["sweeps"]) > 1 else row["shown"]
 
-    return [f"best: {report['metric']} {mean_sd(best, scale)} with {where(best)}, {trainable(best)} trainable parameters",
-            f"smallest adapter within {within}: {where(small)}, {trainable(small)} "
-            f"trainable parameters, {report['metric']} {mean_sd(small, scale)} over seeds "
-            f"{', '.join(map(str, small['seeds']))}",
-            f"  {code}{small['command']}{code}",
-            f"  its run dir: {small['run_dir']}"]
+    return [
+        f"best: {report['metric']} {mean_sd(best, scale)} with {where(best)}, {trainable(best)} trainable parameters",
+        f"smallest adapter within {within}: {where(small)}, {trainable(small)} "
+        f"trainable parameters, {report['metric']} {mean_sd(small, scale)} over seeds "
+        f"{', '.join(map(str, small['seeds']))}",
+        f"  {code}{small['command']}{code}",
+        f"  its run dir: {small['run_dir']}",
+    ]
 
 
 def print_report(report: dict, specs: list[Path], *, markdown: bool = False, json_out: bool = False) -> None:
@@ -208,14 +239,19 @@ def render_markdown(report: dict, specs: list[str], plot_link: str | None = None
     head, body = table(report)
     names = ", ".join(s["name"] for s in report["sweeps"])
     spec_files = ", ".join(f"`{s['spec']}`" for s in report["sweeps"])
-    lines = [f"### Sweep {names}: {report['metric']} on {report['task']}", "",
-             f"<!-- generated by `lrft sweep {shlex.join(specs)} --report --markdown`; do not edit -->", "",
-             f"Every row is a point of the sweep spec(s) {spec_files}; "
-             f"{report['metric']} at the end of training, mean ± sample standard deviation over the seeds listed; "
-             "a pruned point stopped at the epoch shown. Rerun with `lrft sweep SPEC` (it resumes), print every "
-             "run's command with `--plan`.", "",
-             "| " + " | ".join(head) + " |", "| " + " | ".join("---:" if h in ("trainable", "min/run", report["metric"])
-                                                           else "---" for h in head) + " |"]
+    lines = [
+        f"### Sweep {names}: {report['metric']} on {report['task']}",
+        "",
+        f"<!-- generated by `lrft sweep {shlex.join(specs)} --report --markdown`; do not edit -->",
+        "",
+        f"Every row is a point of the sweep spec(s) {spec_files}; "
+        f"{report['metric']} at the end of training, mean ± sample standard deviation over the seeds listed; "
+        "a pruned point stopped at the epoch shown. Rerun with `lrft sweep SPEC` (it resumes), print every "
+        "run's command with `--plan`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---:" if h in ("trainable", "min/run", report["metric"]) else "---" for h in head) + " |",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     best, small = answer(report, code="`")[:2], answer(report, code="`")[2:3]
     lines += ["", *(f"- {line}" for line in best), *small]
@@ -234,16 +270,41 @@ def pareto_png(rows: list[Row], best: Row, smallest: Row, report: dict) -> bytes
     ax = fig.subplots()
     for sweep in dict.fromkeys(r.sweep for r in rows):
         mine = [r for r in rows if r.sweep == sweep]
-        ax.errorbar([r.trainable for r in mine], [r.mean * scale for r in mine],
-                    yerr=[(r.sd or 0.0) * scale for r in mine], fmt="o", capsize=3, label=sweep)
+        ax.errorbar(
+            [r.trainable for r in mine],
+            [r.mean * scale for r in mine],
+            yerr=[(r.sd or 0.0) * scale for r in mine],
+            fmt="o",
+            capsize=3,
+            label=sweep,
+        )
     front = pareto_front(rows, report["direction"])
-    ax.step([r.trainable for r in front], [r.mean * scale for r in front], where="post", color="0.5", linestyle="--",
-            linewidth=1, label="Pareto front")
+    ax.step(
+        [r.trainable for r in front],
+        [r.mean * scale for r in front],
+        where="post",
+        color="0.5",
+        linestyle="--",
+        linewidth=1,
+        label="Pareto front",
+    )
     sign = -1 if report["direction"] == "max" else 1
-    ax.axhline(best.mean * scale + sign * report["tolerance"], color="0.5", linestyle=":", linewidth=1,
-               label=f"best {'−' if sign < 0 else '+'} {report['tolerance']:g}")
-    ax.scatter([smallest.trainable], [smallest.mean * scale], s=220, facecolors="none", edgecolors="red",
-               linewidths=1.5, label=f"smallest within: {smallest.shown}")
+    ax.axhline(
+        best.mean * scale + sign * report["tolerance"],
+        color="0.5",
+        linestyle=":",
+        linewidth=1,
+        label=f"best {'−' if sign < 0 else '+'} {report['tolerance']:g}",
+    )
+    ax.scatter(
+        [smallest.trainable],
+        [smallest.mean * scale],
+        s=220,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=1.5,
+        label=f"smallest within: {smallest.shown}",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("trainable adapter parameters (log)")
     ax.set_ylabel(report["metric"] + (" (%)" if scale != 1.0 else ""))

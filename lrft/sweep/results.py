@@ -74,14 +74,22 @@ def collect(sweep: Sweep) -> list[PointResult]:
 def read_run(sweep: Sweep, run: RunDir, seed: int) -> RunResult:
     if run.summary.is_file():
         summary = read_json(run.summary, "summary")
-        return RunResult(seed, run.path, "finished", (summary.get("final") or {}).get(sweep.metric), None,
-                         summary.get("trainable_params"), summary.get("train_seconds"))
+        return RunResult(
+            seed,
+            run.path,
+            "finished",
+            (summary.get("final") or {}).get(sweep.metric),
+            None,
+            summary.get("trainable_params"),
+            summary.get("train_seconds"),
+        )
     config = run.best_adapter / CONFIG_FILE  # written at the first evaluation: a count before the end
     trainable = read_json(config, "adapter config").get("trainable_params") if config.is_file() else None
     if run.pruned.is_file():
         pruned = read_json(run.pruned, "pruned record")
-        return RunResult(seed, run.path, "pruned", pruned.get("value"), pruned.get("epoch"), trainable,
-                         pruned.get("train_seconds"))
+        return RunResult(
+            seed, run.path, "pruned", pruned.get("value"), pruned.get("epoch"), trainable, pruned.get("train_seconds")
+        )
     return RunResult(seed, run.path, "incomplete", None, None, trainable, None)
 
 

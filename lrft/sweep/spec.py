@@ -36,8 +36,11 @@ from lrft.recipe import Recipe, load_recipe
 
 STORAGE = "sweep.db"  # the optuna study (SQLite) in the sweep dir
 # Recipe keys a sweep sets itself for every run, and where a spec says what they should be.
-OWN_KEYS = {"seed": "list the seeds under seeds:", "name": "the sweep names its runs <point>_s<seed>",
-            "output.dir": "set output.dir under overrides: (runs go to <output.dir>/<sweep name>/)"}
+OWN_KEYS = {
+    "seed": "list the seeds under seeds:",
+    "name": "the sweep names its runs <point>_s<seed>",
+    "output.dir": "set output.dir under overrides: (runs go to <output.dir>/<sweep name>/)",
+}
 SCALELESS = ("loss", "perplexity")  # metrics shown as they are; the others (fractions) in points, ×100
 RANGE_POINTS = 64  # how many points of a sampled space `check` validates (its corners)
 
@@ -74,33 +77,42 @@ class SearchDim(Section):
 class Objective(Section):
     metric: str = Field(description="an evaluation metric of the task (accuracy, f1, loss, ...) at the end of training")
     direction: Literal["max", "min"] | None = Field(
-        None, description="max or min (default: min for loss and perplexity, max for the others)")
+        None, description="max or min (default: min for loss and perplexity, max for the others)"
+    )
 
 
 class Sampler(Section):
     type: Literal["grid", "tpe"] | None = Field(
-        None, description="grid: every listed value; tpe: optuna's TPE over lists and ranges (default: grid if every "
-                          "searched key is a list)")
+        None,
+        description="grid: every listed value; tpe: optuna's TPE over lists and ranges (default: grid if every "
+        "searched key is a list)",
+    )
     seed: int = Field(0, description="the order of a grid's points; TPE's draws")
     startup_trials: int = Field(5, gt=0, description="tpe: trials drawn at random before TPE models the results")
 
 
 class Pruner(Section):
     type: Literal["none", "median", "successive-halving"] = Field(
-        "none", description="stop trials early on their per-epoch evaluations: median or successive-halving")
+        "none", description="stop trials early on their per-epoch evaluations: median or successive-halving"
+    )
     startup_trials: int = Field(2, ge=0, description="median: trials finished before any is pruned")
     warmup_epochs: int = Field(0, ge=0, description="median: epochs a trial trains before it may be pruned")
     min_epochs: int = Field(1, gt=0, description="successive-halving: epochs before the first rung")
     reduction_factor: int = Field(3, ge=2, description="successive-halving: 1 trial in this many goes on at each rung")
 
 
-PRUNER_FIELDS = {"none": set(), "median": {"startup_trials", "warmup_epochs"},
-                 "successive-halving": {"min_epochs", "reduction_factor"}}
+PRUNER_FIELDS = {
+    "none": set(),
+    "median": {"startup_trials", "warmup_epochs"},
+    "successive-halving": {"min_epochs", "reduction_factor"},
+}
 
 
 class Budget(Section):
     trials: int | None = Field(None, gt=0, description="at most this many trials (default for a grid: all its points)")
-    minutes: float | None = Field(None, gt=0, description="start no trial after this many minutes (each lrft sweep process)")
+    minutes: float | None = Field(
+        None, gt=0, description="start no trial after this many minutes (each lrft sweep process)"
+    )
 
 
 class Confirm(Section):
@@ -116,7 +128,9 @@ class SweepSpec(Section):
     objective: Objective
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)
-    seeds: list[int] | None = Field(None, min_length=1, description="each point trains once per seed (default: the recipe's)")
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="each point trains once per seed (default: the recipe's)"
+    )
     budget: Budget = Field(default_factory=Budget)
     confirm: Confirm | None = Field(None, description="after the search: the best points again with more seeds")
 
@@ -152,15 +166,19 @@ class SweepSpec(Section):
         for key, dim in self.search.items():
             out += dim_problems(key, dim, self)
         keys = sorted(self.search)
-        out += [f"search: {a} and {b} overlap; search one of them" for a, b in zip(keys, keys[1:])
-                if b.startswith(a + ".")]
+        out += [
+            f"search: {a} and {b} overlap; search one of them" for a, b in zip(keys, keys[1:]) if b.startswith(a + ".")
+        ]
         if len(set(self.seeds or ())) != len(self.seeds or ()):
             out.append(f"seeds: {self.seeds} lists a seed twice; list each once")
         if self.sampler_type == "tpe" and not (self.budget.trials or self.budget.minutes):
             out.append("budget: a tpe sampler needs budget.trials or budget.minutes (when to stop)")
         misplaced = (self.pruner.model_fields_set - {"type"}) - PRUNER_FIELDS[self.pruner.type]
-        out += [f"pruner.{f}: applies to a {'median' if f in PRUNER_FIELDS['median'] else 'successive-halving'} "
-                f"pruner, not {self.pruner.type}; drop it or change pruner.type" for f in sorted(misplaced)]
+        out += [
+            f"pruner.{f}: applies to a {'median' if f in PRUNER_FIELDS['median'] else 'successive-halving'} "
+            f"pruner, not {self.pruner.type}; drop it or change pruner.type"
+            for f in sorted(misplaced)
+        ]
         return out
 
 
@@ -178,8 +196,10 @@ def dim_problems(key: str, dim: SearchDim, spec: SweepSpec) -> list[str]:
         seen: dict[str, Any] = {}
         for value, label in zip(dim.values, dim.labels()):
             if label in seen:
-                return [f"{where}: {seen[label]!r} and {value!r} would both name runs '{label}'; list each value once "
-                        "(numbers are named by 3 significant digits)"]
+                return [
+                    f"{where}: {seen[label]!r} and {value!r} would both name runs '{label}'; list each value once "
+                    "(numbers are named by 3 significant digits)"
+                ]
             seen[label] = value
         return []
     if dim.low is None or dim.high is None:
@@ -195,6 +215,7 @@ def dim_problems(key: str, dim: SearchDim, spec: SweepSpec) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- names
+
 
 def yaml11_number(value):
     """'1e-3' → 0.001: PyYAML reads an exponent without a dot as a string; a spec means the number."""
@@ -254,6 +275,7 @@ def display_path(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------- sweeps
 
+
 @dataclass(frozen=True)
 class Point:
     """A value of every searched key; its name is the prefix of its run dirs' names."""
@@ -263,8 +285,10 @@ class Point:
 
     def shown(self, labels: dict[str, str]) -> str:
         """'lr=1e-2 rank=8' (the method as 'method=lora')."""
-        return " ".join(f"{labels.get(k) or k.rsplit('.', 1)[-1]}={value_label(v)}"
-                        for k, v in self.settings.items()) or "(base recipe)"
+        return (
+            " ".join(f"{labels.get(k) or k.rsplit('.', 1)[-1]}={value_label(v)}" for k, v in self.settings.items())
+            or "(base recipe)"
+        )
 
 
 class Sweep:
@@ -275,8 +299,10 @@ class Sweep:
         self.name = spec.name or self.path.stem
         self.recipe_path = self.path.parent / spec.recipe
         if not self.recipe_path.is_file():
-            raise LrftError(f"{self.path}: recipe: no file at {self.recipe_path} (a path relative to the spec file); "
-                            f"fix the path or write one with `lrft init -o {self.recipe_path}`")
+            raise LrftError(
+                f"{self.path}: recipe: no file at {self.recipe_path} (a path relative to the spec file); "
+                f"fix the path or write one with `lrft init -o {self.recipe_path}`"
+            )
         self.base_overrides = [f"{k}={flow_yaml(v)}" for k, v in spec.overrides.items()]
         self.base = self.load(self.base_overrides)
         # a run's own overrides set output.dir to the sweep dir, which the spec's output.dir only places
@@ -317,14 +343,18 @@ class Sweep:
     def grid_points(self) -> list[Point]:
         """Every combination of the listed values, in the order the spec lists them (finite spaces only)."""
         keys = list(self.spec.search)
-        return [self.point(dict(zip(keys, combo)))
-                for combo in itertools.product(*(self.spec.search[k].values or () for k in keys))]
+        return [
+            self.point(dict(zip(keys, combo)))
+            for combo in itertools.product(*(self.spec.search[k].values or () for k in keys))
+        ]
 
     def corner_points(self) -> list[Point]:
         """A sampled space's corners (ranges at low and high, lists at every value): enough to validate it."""
         axes = [dim.values if dim.values is not None else [dim.low, dim.high] for dim in self.spec.search.values()]
         keys = list(self.spec.search)
-        return [self.point(dict(zip(keys, combo))) for combo in itertools.islice(itertools.product(*axes), RANGE_POINTS)]
+        return [
+            self.point(dict(zip(keys, combo))) for combo in itertools.islice(itertools.product(*axes), RANGE_POINTS)
+        ]
 
     def run_name(self, point: Point, seed: int) -> str:
         return f"{point.name}_s{seed}"
@@ -334,8 +364,13 @@ class Sweep:
 
     def overrides(self, point: Point, seed: int) -> list[str]:
         """The `key=value` overrides of one run: the spec's, the point's, the seed, the name, the sweep dir."""
-        return [*self.run_base_overrides, *(f"{k}={flow_yaml(v)}" for k, v in point.settings.items()), f"seed={seed}",
-                f"name={self.run_name(point, seed)}", f"output.dir={self.dir}"]
+        return [
+            *self.run_base_overrides,
+            *(f"{k}={flow_yaml(v)}" for k, v in point.settings.items()),
+            f"seed={seed}",
+            f"name={self.run_name(point, seed)}",
+            f"output.dir={self.dir}",
+        ]
 
     def recipe(self, point: Point, seed: int) -> Recipe:
         return self.load(self.overrides(point, seed))
@@ -359,8 +394,10 @@ class Sweep:
         default lr is retuned still resumes an lr sweep. With `recorded`, that identity (as stored by
         the sweep's first process) reduced the same way."""
         if recorded is None:
-            recorded = {"spec": self.spec.model_dump(mode="json", exclude={"budget", "confirm", "name"}),
-                        "recipe": self.base.model_dump(mode="json")}
+            recorded = {
+                "spec": self.spec.model_dump(mode="json", exclude={"budget", "confirm", "name"}),
+                "recipe": self.base.model_dump(mode="json"),
+            }
         recipe = copy.deepcopy(recorded["recipe"])  # cut keys from a copy
         for key in [*self.spec.search, "seed", "name", "output.dir"]:
             dotted_pop(recipe, key)
@@ -371,16 +408,20 @@ class Sweep:
         points = self.grid_points() if self.finite else self.corner_points()
         for point in points:
             if not is_plain_name(self.run_name(point, self.seeds[0])):
-                raise LrftError(f"{self.path}: point {point.name!r} is not a plain run name; search values that name "
-                                "runs with letters, digits, '.', '_', '-'")
+                raise LrftError(
+                    f"{self.path}: point {point.name!r} is not a plain run name; search values that name "
+                    "runs with letters, digits, '.', '_', '-'"
+                )
             try:
                 load_recipe(self.recipe_path, self.overrides(point, self.seeds[0]))
             except LrftError as e:
                 raise LrftError(f"{self.path}: point {point.shown(self.labels)}: {e}") from None
         metrics = [f"{m}{s.suffix}" for m in (*self.task.metrics, "loss") for s in self.task.eval_splits]
         if self.metric not in metrics:
-            raise LrftError(f"{self.path}: objective.metric: {self.task.name} reports {', '.join(metrics)}, not "
-                            f"{self.metric!r}{did_you_mean(self.metric, metrics)}")
+            raise LrftError(
+                f"{self.path}: objective.metric: {self.task.name} reports {', '.join(metrics)}, not "
+                f"{self.metric!r}{did_you_mean(self.metric, metrics)}"
+            )
 
 
 def load_sweep(path: str | Path) -> Sweep:

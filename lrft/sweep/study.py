@@ -60,6 +60,7 @@ class Claim:
 
 # ------------------------------------------------------------------------------------------- study
 
+
 @contextmanager
 def claiming(sweep: Sweep):
     """The sweep's claim lock: one process at a time creates the study or claims a trial."""
@@ -70,8 +71,10 @@ def claiming(sweep: Sweep):
     try:
         lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
-        raise LrftError(f"{sweep.dir}: another lrft sweep process has held the claim lock for {LOCK_WAIT_S} s; "
-                        "is it stuck? stop it, or delete .claim.lock if no process uses this sweep") from None
+        raise LrftError(
+            f"{sweep.dir}: another lrft sweep process has held the claim lock for {LOCK_WAIT_S} s; "
+            "is it stuck? stop it, or delete .claim.lock if no process uses this sweep"
+        ) from None
     try:
         yield
     finally:
@@ -91,20 +94,28 @@ def open_study(sweep: Sweep, create: bool = True) -> optuna.Study | None:
     if not create and not sweep.storage.is_file():
         return None
     with claiming(sweep):
-        storage = RDBStorage(f"sqlite:///{sweep.storage.resolve()}",
-                             engine_kwargs={"connect_args": {"timeout": LOCK_WAIT_S}})
+        storage = RDBStorage(
+            f"sqlite:///{sweep.storage.resolve()}", engine_kwargs={"connect_args": {"timeout": LOCK_WAIT_S}}
+        )
         if not create and sweep.name not in {s.study_name for s in storage.get_all_studies()}:
             return None
-        study = optuna.create_study(study_name=sweep.name, storage=storage, load_if_exists=True,
-                                    direction="maximize" if sweep.direction == "max" else "minimize",
-                                    sampler=make_sampler(sweep, 0), pruner=make_pruner(sweep))
+        study = optuna.create_study(
+            study_name=sweep.name,
+            storage=storage,
+            load_if_exists=True,
+            direction="maximize" if sweep.direction == "max" else "minimize",
+            sampler=make_sampler(sweep, 0),
+            pruner=make_pruner(sweep),
+        )
         stored = study.user_attrs.get("identity")
         if stored is None:
             study.set_user_attr("identity", sweep.identity())
         elif sweep.identity(stored) != sweep.identity():
             changed = recipe_diff(sweep.identity(stored), sweep.identity())
-            raise LrftError(f"{sweep.path}: the sweep in {sweep.dir} was begun with another spec or base recipe "
-                            f"({', '.join(changed[:4])} changed); restore them, or name this sweep anew (name: ...)")
+            raise LrftError(
+                f"{sweep.path}: the sweep in {sweep.dir} was begun with another spec or base recipe "
+                f"({', '.join(changed[:4])} changed); restore them, or name this sweep anew (name: ...)"
+            )
     return study
 
 
@@ -119,8 +130,11 @@ class GridSampler(optuna.samplers.GridSampler):
 def make_sampler(sweep: Sweep, trials_so_far: int) -> optuna.samplers.BaseSampler:
     if sweep.sampler == "grid":
         return GridSampler({k: d.labels() for k, d in sweep.spec.search.items()}, seed=sweep.spec.sampler.seed)
-    return optuna.samplers.TPESampler(seed=sweep.spec.sampler.seed + trials_so_far, constant_liar=True,
-                                      n_startup_trials=sweep.spec.sampler.startup_trials)
+    return optuna.samplers.TPESampler(
+        seed=sweep.spec.sampler.seed + trials_so_far,
+        constant_liar=True,
+        n_startup_trials=sweep.spec.sampler.startup_trials,
+    )
 
 
 def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
@@ -158,11 +172,15 @@ def failures(sweep: Sweep) -> dict[str, str]:
     study = open_study(sweep, create=False)
     if study is None:
         return {}
-    return {t.user_attrs[POINT]: t.user_attrs.get(FAILED, "failed") for t in study.get_trials(
-        deepcopy=False, states=(TrialState.FAIL,)) if POINT in t.user_attrs}
+    return {
+        t.user_attrs[POINT]: t.user_attrs.get(FAILED, "failed")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if POINT in t.user_attrs
+    }
 
 
 # ------------------------------------------------------------------------------------ claiming
+
 
 def search_done(sweep: Sweep, study: optuna.Study) -> str | None:
     """Why no new trial should be asked for, or None."""
@@ -224,8 +242,14 @@ def take_new(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, point: Poin
 def settle_repeat(study: optuna.Study, trial: optuna.Trial, point: Point) -> bool:
     """Name the trial's point; a point an earlier trial has is not trained again: this trial gets that
     trial's value (or is pruned or failed with it; failed while it runs). True for a repeat."""
-    earlier = next((t for t in study.get_trials(deepcopy=False)
-                    if t.user_attrs.get(POINT) == point.name and t.number != trial.number), None)
+    earlier = next(
+        (
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get(POINT) == point.name and t.number != trial.number
+        ),
+        None,
+    )
     trial.set_user_attr(POINT, point.name)
     if earlier is None:
         return False
@@ -239,6 +263,7 @@ def settle_repeat(study: optuna.Study, trial: optuna.Trial, point: Point) -> boo
 
 
 # ------------------------------------------------------------------------------------- training
+
 
 class EpochReporter:
     """Reports the epoch-end evaluations of a trial's first run to optuna (step = epoch) and stops the
@@ -257,9 +282,17 @@ class EpochReporter:
             return
         self.report(*at)
         if at[0] != self.last_epoch and self.trial.should_prune():
-            raise Pruned({"sweep": self.sweep.name, "trial": self.trial.number, "epoch": at[0], "step": record["step"],
-                          "metric": self.sweep.metric, "value": at[1],
-                          "train_seconds": round(progress.seconds.get("training", 0.0), 2)})
+            raise Pruned(
+                {
+                    "sweep": self.sweep.name,
+                    "trial": self.trial.number,
+                    "epoch": at[0],
+                    "step": record["step"],
+                    "metric": self.sweep.metric,
+                    "value": at[1],
+                    "train_seconds": round(progress.seconds.get("training", 0.0), 2),
+                }
+            )
 
     def report(self, epoch: int, value: float) -> None:
         if epoch not in self.reported:
@@ -298,8 +331,10 @@ def run_trial(sweep: Sweep, study: optuna.Study, claim: Claim) -> None:
         except Pruned as pruned:
             atomic_write_json(run.pruned, pruned.record)
             study.tell(trial, state=TrialState.PRUNED)
-            console.log(f"trial {trial.number} ({point.name}): pruned at epoch {pruned.record['epoch']} "
-                        f"({sweep.metric} {pruned.record['value']:.4f})")
+            console.log(
+                f"trial {trial.number} ({point.name}): pruned at epoch {pruned.record['epoch']} "
+                f"({sweep.metric} {pruned.record['value']:.4f})"
+            )
             return
         except Diverged as e:
             trial.set_user_attr(FAILED, str(e))
@@ -310,8 +345,10 @@ def run_trial(sweep: Sweep, study: optuna.Study, claim: Claim) -> None:
             reporter.catch_up(run)
         finals.append(summary["final"][sweep.metric])
     study.tell(trial, statistics.mean(finals))
-    console.log(f"trial {trial.number} ({point.name}): {sweep.metric} {statistics.mean(finals):.4f} "
-                f"(mean of {len(finals)} seed{'s' * (len(finals) > 1)})")
+    console.log(
+        f"trial {trial.number} ({point.name}): {sweep.metric} {statistics.mean(finals):.4f} "
+        f"(mean of {len(finals)} seed{'s' * (len(finals) > 1)})"
+    )
 
 
 def confirm(sweep: Sweep, study: optuna.Study) -> None:
@@ -319,8 +356,10 @@ def confirm(sweep: Sweep, study: optuna.Study) -> None:
     if sweep.spec.confirm is None:
         return
     if running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        console.log(f"sweep {sweep.name}: {len(running)} trial(s) still run; the best point is known once they "
-                    f"finish: rerun this command then to confirm it with seeds {sweep.spec.confirm.seeds}")
+        console.log(
+            f"sweep {sweep.name}: {len(running)} trial(s) still run; the best point is known once they "
+            f"finish: rerun this command then to confirm it with seeds {sweep.spec.confirm.seeds}"
+        )
         return
     for point in top_points(sweep, collect(sweep), sweep.spec.confirm.top):
         with ExitStack() as lock:
@@ -339,9 +378,11 @@ def confirm(sweep: Sweep, study: optuna.Study) -> None:
 def work(sweep: Sweep) -> None:
     """One worker: claim and train trials until the search is done or the time budget is spent, then confirm."""
     study = open_study(sweep)
-    console.log(f"sweep {sweep.name}: {sweep.sampler} sampler, {sweep.max_trials or 'unbounded'} trials × "
-                f"{len(sweep.seeds)} seed(s), {sweep.metric} ({sweep.direction}), pruner {sweep.spec.pruner.type}; "
-                f"runs and storage in {sweep.dir}")
+    console.log(
+        f"sweep {sweep.name}: {sweep.sampler} sampler, {sweep.max_trials or 'unbounded'} trials × "
+        f"{len(sweep.seeds)} seed(s), {sweep.metric} ({sweep.direction}), pruner {sweep.spec.pruner.type}; "
+        f"runs and storage in {sweep.dir}"
+    )
     started, skip = time.monotonic(), set()
     while True:
         minutes = sweep.spec.budget.minutes
@@ -362,6 +403,7 @@ def work(sweep: Sweep) -> None:
 
 # ---------------------------------------------------------------------------------------- plans
 
+
 def planned_points(sweep: Sweep) -> list[Point]:
     """The points --plan prints: a grid's, in the order the sweep tries them; a sampled sweep's trials,
     the next suggestions (up to budget.trials) asked now, without results, and recorded in the
@@ -377,6 +419,9 @@ def planned_points(sweep: Sweep) -> list[Point]:
             study.sampler = make_sampler(sweep, len(study.get_trials(deepcopy=False)))
             trial = study.ask()
             settle_repeat(study, trial, suggest(sweep, trial))
-    points = [suggest(sweep, t) for t in study.get_trials(deepcopy=False)
-              if FAILED not in t.user_attrs and set(t.params) == set(sweep.spec.search)]
+    points = [
+        suggest(sweep, t)
+        for t in study.get_trials(deepcopy=False)
+        if FAILED not in t.user_attrs and set(t.params) == set(sweep.spec.search)
+    ]
     return list({p.name: p for p in points}.values())

@@ -19,26 +19,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def epoch_batches(features: list[dict], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool) -> list[list[int]]:
+def epoch_batches(
+    features: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """The batches of an epoch (example indices), in the epoch's order or grouped by length."""
     order = epoch_order(len(features), seed, epoch)
     if group_by_length:
         lengths = [len(f["input_ids"]) for f in features]
         return length_grouped_batches(order, lengths, batch_size, seed, epoch)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int, seed: int,
-                           epoch: int) -> list[list[int]]:
+def length_grouped_batches(
+    order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Batches of similar lengths: the epoch's order cut into mega-batches of 50 batches, each sorted by
     length (longest first) and cut into batches; the batches then shuffled, the one holding the longest
     example first (an out-of-memory shows at once). Deterministic in (seed, epoch), as HF's
     LengthGroupedSampler but over whole batches, so every process count sees the same batches."""
     mega = 50 * batch_size
-    sorted_runs = [sorted(order[i:i + mega], key=lambda k: -lengths[k]) for i in range(0, len(order), mega)]
+    sorted_runs = [sorted(order[i : i + mega], key=lambda k: -lengths[k]) for i in range(0, len(order), mega)]
     flat = [k for run in sorted_runs for k in run]
-    batches = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+    batches = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
     batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     longest = max(range(len(batches)), key=lambda i: max(lengths[k] for k in batches[i]))
@@ -46,8 +48,9 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
     return batches
 
 
-def micro_batches(batch: list[int], size: int, weights: list[int], rank: int,
-                  world: int) -> list[tuple[list[int], float]]:
+def micro_batches(
+    batch: list[int], size: int, weights: list[int], rank: int, world: int
+) -> list[tuple[list[int], float]]:
     """(examples, share) of this process in each micro-batch of `size` examples: every world-th example
     from its rank on, and their weight's share of the whole batch's, times the process count that the
     gradient all-reduce averages over. A process with nothing left in a micro-batch gets its first
@@ -55,7 +58,7 @@ def micro_batches(batch: list[int], size: int, weights: list[int], rank: int,
     batch_weight = sum(weights[i] for i in batch)
     parts = []
     for start in range(0, len(batch), size):
-        chunk = batch[start:start + size]
+        chunk = batch[start : start + size]
         mine = chunk[rank::world]
         share = sum(weights[i] for i in mine) / batch_weight * world
         parts.append((mine or chunk[:1], share))

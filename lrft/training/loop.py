@@ -76,8 +76,9 @@ from lrft.training.summary import run_summary
 EvalHook = Callable[[dict, Progress], None]
 
 
-def train(recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None,
-          started: float | None = None) -> dict:
+def train(
+    recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None, started: float | None = None
+) -> dict:
     """Run the recipe to the end; returns the summary written to summary.json. `started`: the
     time.perf_counter() at which the command began (its wall time counts from there)."""
     return Trainer(recipe, restart=restart, on_evaluate=on_evaluate, started=started).run()
@@ -91,8 +92,9 @@ class Trainer:
 
     plan: Plan  # what setup decided; the loop reads it
 
-    def __init__(self, recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None,
-                 started: float | None = None):
+    def __init__(
+        self, recipe: Recipe, restart: bool = False, on_evaluate: EvalHook | None = None, started: float | None = None
+    ):
         self.recipe, self.cfg, self.restart, self.on_evaluate = recipe, recipe.train, restart, on_evaluate
         self.started = time.perf_counter() if started is None else started
         self.wall_before = 0.0  # wall time of earlier sessions of a resumed run
@@ -149,8 +151,10 @@ class Trainer:
         self.plan = self.make_plan()
         if self.world > 1:
             over = self.accelerator.distributed_type.value
-            console.log(f"{self.world} processes ({self.parallel.kind} over {over}), "
-                        f"{self.cfg.batch_size // self.world} examples of each batch per process")
+            console.log(
+                f"{self.world} processes ({self.parallel.kind} over {over}), "
+                f"{self.cfg.batch_size // self.world} examples of each batch per process"
+            )
             # Every rank started from the same seed (same model init); from here each draws its own dropout masks.
             set_seed((self.recipe.seed + self.rank) % SEED_LIMIT)
         self.resume(resume_from) if resume_from is not None else self.start()
@@ -162,8 +166,9 @@ class Trainer:
         order of their random draws (the head's initialisation, the calibration's, the adapters')."""
         recipe, cfg = self.recipe, self.cfg
         task, data, metric_for_best = load_data(recipe)
-        base = load_base(recipe.model, task, data.label_names, recipe.adapter.target_modules,
-                         recipe.adapter.params.rank)
+        base = load_base(
+            recipe.model, task, data.label_names, recipe.adapter.target_modules, recipe.adapter.params.rank
+        )
         if task.problem == "regression" and cfg.train_head:
             start_regression_head(base.model, data)
         train_features = features(task, data.train, base.tokenizer, recipe.data.max_length, "training examples")
@@ -184,18 +189,34 @@ class Trainer:
             remove_for_restart(self.run_dir)
         self.parallel.barrier()
         if stats is not None:
-            self.main_writes(lambda: calibrate.save(self.run_dir.calibration, stats,
-                                                    adapted_model.built.meta.get("modules")))
+            self.main_writes(
+                lambda: calibrate.save(self.run_dir.calibration, stats, adapted_model.built.meta.get("modules"))
+            )
         steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         optimizer, scheduler = make_optimizer(cfg, adapted_model.model, head_params, total_steps)
         model, optimizer = self.parallel.prepare(adapted_model.model, optimizer)
-        return Plan(task=task, data=data, metric_for_best=metric_for_best, features=train_features, evals=evals,
-                    collate=collate, objective=objective,
-                    loss_weights=[objective.example_weight(f) for f in train_features], calibration=stats,
-                    adapted=adapted_model, model=model, core=self.parallel.unwrap(model), optimizer=optimizer,
-                    scheduler=scheduler, trainable_params=trainable, head_params=head_params,
-                    total_params=total_params, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        return Plan(
+            task=task,
+            data=data,
+            metric_for_best=metric_for_best,
+            features=train_features,
+            evals=evals,
+            collate=collate,
+            objective=objective,
+            loss_weights=[objective.example_weight(f) for f in train_features],
+            calibration=stats,
+            adapted=adapted_model,
+            model=model,
+            core=self.parallel.unwrap(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainable_params=trainable,
+            head_params=head_params,
+            total_params=total_params,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        )
 
     def calibration(self, base: Base, train_features: list[dict], collate) -> calibrate.Statistics | None:
         """Statistics for methods that calibrate, before any optimizer exists; None for the others."""
@@ -210,10 +231,19 @@ class Trainer:
             given = RunDir(Path(cache))
             cache_dir = given.calibration if given.calibration.is_dir() else given.path
         model_id = {"model": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype}
-        return calibrate.obtain(base.model, base.targets, train_features, collate, needs,
-                                cfg=recipe.calibration, seed=recipe.seed, model_id=model_id,
-                                own_dir=None if self.restart else self.run_dir.calibration, cache_dir=cache_dir,
-                                accelerator=self.accelerator)
+        return calibrate.obtain(
+            base.model,
+            base.targets,
+            train_features,
+            collate,
+            needs,
+            cfg=recipe.calibration,
+            seed=recipe.seed,
+            model_id=model_id,
+            own_dir=None if self.restart else self.run_dir.calibration,
+            cache_dir=cache_dir,
+            accelerator=self.accelerator,
+        )
 
     def start(self) -> None:
         if self.main:
@@ -252,8 +282,10 @@ class Trainer:
         self.window_losses = []
         self.last_checkpoint = time.monotonic()
         batches = None
-        with StopSignals() as signals, console.progress("training", plan.total_steps, "steps", done=progress.step,
-                                                        plain_lines=False) as shown:
+        with (
+            StopSignals() as signals,
+            console.progress("training", plan.total_steps, "steps", done=progress.step, plain_lines=False) as shown,
+        ):
             while progress.step < plan.total_steps:
                 batches = batches or self.epoch_batches(progress.epoch)
                 with self.clock.phase("training"):
@@ -271,16 +303,16 @@ class Trainer:
                 if stop or overdue or self.checkpoint_due():
                     self.checkpoint()
                 if stop:
-                    raise Stopped(stopped_message(signals.requested, progress, plan.total_steps,
-                                                  self.run_dir.checkpoints))
+                    raise Stopped(
+                        stopped_message(signals.requested, progress, plan.total_steps, self.run_dir.checkpoints)
+                    )
                 if self.eval_due():
                     self.evaluate(generation=plan.task.generate and progress.step == plan.total_steps)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The batches of an epoch (example indices): a function of seed and epoch alone, so a resumed run
         and any number of processes see the same; train.group_by_length groups similar lengths."""
-        return epoch_batches(self.plan.features, self.cfg.batch_size, self.recipe.seed, epoch,
-                             self.cfg.group_by_length)
+        return epoch_batches(self.plan.features, self.cfg.batch_size, self.recipe.seed, epoch, self.cfg.group_by_length)
 
     def optimizer_step(self, batch: list[int]) -> float:
         """One optimizer step on a batch of example indices; returns its loss (NaN for a skipped batch)."""
@@ -298,8 +330,9 @@ class Trainer:
         (lrft.training.batches.micro_batches), through the plan's objective; gradients synchronised
         once, on the last micro-batch; returns (mean loss, gradient norm)."""
         plan, acc = self.plan, self.accelerator
-        parts = micro_batches(batch, self.cfg.batch_size // self.cfg.grad_accum, plan.loss_weights, self.rank,
-                              self.world)
+        parts = micro_batches(
+            batch, self.cfg.batch_size // self.cfg.grad_accum, plan.loss_weights, self.rank, self.world
+        )
         loss_total = 0.0
         for j, (examples, share) in enumerate(parts):
             inputs = {k: v.to(acc.device) for k, v in plan.collate([plan.features[i] for i in examples]).items()}
@@ -323,12 +356,22 @@ class Trainer:
             lr = plan.scheduler.get_last_lr()[0]
             mean = sum(self.window_losses) / len(self.window_losses) if self.window_losses else None
             self.window_losses = []
-            self.record({"type": "train", "step": progress.step, "epoch": plan.epoch_of(progress.step), "loss": mean,
-                         "lr": lr, "step_time_s": step_time})
+            self.record(
+                {
+                    "type": "train",
+                    "step": progress.step,
+                    "epoch": plan.epoch_of(progress.step),
+                    "loss": mean,
+                    "lr": lr,
+                    "step_time_s": step_time,
+                }
+            )
             self.write_adapter_stats()
             if shown.bar is None:
-                console.log(f"step {progress.step}/{plan.total_steps} epoch {plan.epoch_of(progress.step):.2f} "
-                            f"loss {mean if mean is None else round(mean, 4)} lr {lr:.2e} {step_time:.2f} s/step")
+                console.log(
+                    f"step {progress.step}/{plan.total_steps} epoch {plan.epoch_of(progress.step):.2f} "
+                    f"loss {mean if mean is None else round(mean, 4)} lr {lr:.2e} {step_time:.2f} s/step"
+                )
         shown.update(progress.step, note=f"loss {loss:.4f}")
 
     def record(self, record: dict) -> None:
@@ -351,8 +394,11 @@ class Trainer:
     def checkpoint_due(self) -> bool:
         """At the end of each epoch and of training, and every train.save_every steps."""
         progress = self.progress
-        return (progress.batch == 0 or progress.step == self.plan.total_steps
-                or bool(self.cfg.save_every and progress.step % self.cfg.save_every == 0))
+        return (
+            progress.batch == 0
+            or progress.step == self.plan.total_steps
+            or bool(self.cfg.save_every and progress.step % self.cfg.save_every == 0)
+        )
 
     def requests(self, signals: StopSignals) -> tuple[bool, bool]:
         """(stop, checkpoint overdue): whether any process was asked to stop, and whether
@@ -363,7 +409,8 @@ class Trainer:
         stop, overdue, disk_failed = self.parallel.any_rank(
             signals.requested is not None,
             minutes is not None and time.monotonic() - self.last_checkpoint >= 60 * minutes,
-            self.disk_failure is not None)
+            self.disk_failure is not None,
+        )
         self.stop_if_disk_failed(disk_failed)
         return stop, overdue
 
@@ -391,8 +438,11 @@ class Trainer:
         failure = None
         if self.main:
             e, last = self.disk_failure, list_checkpoints(self.run_dir.checkpoints)
-            kept, then = ((f", and the last complete checkpoint is {last[-1].name}", " to resume from it") if last
-                          else (", and no checkpoint was written yet", " to start the run again"))
+            kept, then = (
+                (f", and the last complete checkpoint is {last[-1].name}", " to resume from it")
+                if last
+                else (", and no checkpoint was written yet", " to start the run again")
+            )
             failure = [e.code, str(e.where), e.what, kept, then]
         failure = self.parallel.broadcast(failure)
         raise DiskError(*failure) from self.disk_failure
@@ -404,11 +454,18 @@ class Trainer:
         last evaluation of a generation task); the best adapter so far is kept in best_adapter/."""
         plan, progress = self.plan, self.progress
         with self.clock.phase("evaluation"):
-            metrics, predictions = evaluate(plan.model, plan.evals, plan.task, plan.collate,
-                                            batch_size=self.cfg.eval_batch_size, accelerator=self.accelerator,
-                                            tokenizer=plan.adapted.tokenizer,
-                                            max_new_tokens=self.recipe.data.max_new_tokens, generation=generation,
-                                            shard=not self.parallel.fsdp)
+            metrics, predictions = evaluate(
+                plan.model,
+                plan.evals,
+                plan.task,
+                plan.collate,
+                batch_size=self.cfg.eval_batch_size,
+                accelerator=self.accelerator,
+                tokenizer=plan.adapted.tokenizer,
+                max_new_tokens=self.recipe.data.max_new_tokens,
+                generation=generation,
+                shard=not self.parallel.fsdp,
+            )
         if predictions:
             self.main_writes(lambda: write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions))
         record = {"type": "eval", "step": progress.step, "epoch": plan.epoch_of(progress.step), **metrics}
@@ -417,7 +474,8 @@ class Trainer:
         progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[plan.metric_for_best]
         better = progress.best_metric is None or (
-            value < progress.best_metric if plan.metric_for_best == "loss" else value > progress.best_metric)
+            value < progress.best_metric if plan.metric_for_best == "loss" else value > progress.best_metric
+        )
         if better:
             progress.best_metric, progress.best_step = value, progress.step
             self.main_writes(lambda: self.save_adapter(self.run_dir.best_adapter))
@@ -427,8 +485,11 @@ class Trainer:
     def save_adapter(self, directory: Path) -> None:
         plan = self.plan
         with self.clock.phase("saving"):
-            save_adapter(directory, saved_state(plan.core, self.cfg.train_head),
-                         adapter_config(self.recipe, plan.adapted, plan.trainable_params, plan.data.source))
+            save_adapter(
+                directory,
+                saved_state(plan.core, self.cfg.train_head),
+                adapter_config(self.recipe, plan.adapted, plan.trainable_params, plan.data.source),
+            )
 
     def checkpoint(self) -> None:
         """Checkpoint of this exact step; each process contributes its own RNG state (its dropout stream)."""
@@ -437,11 +498,13 @@ class Trainer:
             plan, progress = self.plan, self.progress
             progress.metrics_bytes, progress.stats_bytes = log_sizes(self.run_dir)
             progress.wall_seconds = self.wall_seconds()
-            tree = checkpoint_tree(saved_state(plan.core, include_head=self.cfg.train_head), plan.optimizer,
-                                   plan.scheduler, rng, progress)
+            tree = checkpoint_tree(
+                saved_state(plan.core, include_head=self.cfg.train_head), plan.optimizer, plan.scheduler, rng, progress
+            )
             with self.clock.phase("saving"):
-                self.main_writes(lambda: save_checkpoint(self.run_dir.checkpoints, progress.step, tree,
-                                                         self.cfg.keep_last))
+                self.main_writes(
+                    lambda: save_checkpoint(self.run_dir.checkpoints, progress.step, tree, self.cfg.keep_last)
+                )
         self.last_checkpoint = time.monotonic()
         self.stop_if_disk_failed()  # every process waits for the main one's write, and learns how it went
 

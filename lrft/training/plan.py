@@ -67,8 +67,12 @@ def make_accelerator(cfg, run: RunDir):
     if on_cpu and cfg.precision == "fp16":  # accelerate would silently train in fp32 there
         raise LrftError("train.precision: fp16 needs a GPU and this run is on the CPU; use bf16 (or fp32) on the CPU")
     check_installed(cfg.report_to)
-    return Accelerator(cpu=on_cpu, mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
-                       log_with=cfg.report_to or None, project_dir=str(run.trackers))
+    return Accelerator(
+        cpu=on_cpu,
+        mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+        log_with=cfg.report_to or None,
+        project_dir=str(run.trackers),
+    )
 
 
 def load_data(recipe: Recipe) -> tuple[Task, TaskData, str]:
@@ -77,10 +81,13 @@ def load_data(recipe: Recipe) -> tuple[Task, TaskData, str]:
     data = load_task_data(task, recipe.data)
     metric_for_best = recipe.train.metric_for_best or task.main_metric
     if metric_for_best not in task.metrics and metric_for_best != "loss":
-        raise LrftError(f"train.metric_for_best: {task.name} reports {', '.join(task.metrics)} (and loss), "
-                        f"not {metric_for_best!r}")
-    console.log(f"data: {task.name} from {data.source}: {len(data.train)} train, "
-                + ", ".join(f"{len(s)} eval{k}" for k, s in data.evals.items()))
+        raise LrftError(
+            f"train.metric_for_best: {task.name} reports {', '.join(task.metrics)} (and loss), not {metric_for_best!r}"
+        )
+    console.log(
+        f"data: {task.name} from {data.source}: {len(data.train)} train, "
+        + ", ".join(f"{len(s)} eval{k}" for k, s in data.evals.items())
+    )
     return task, data, metric_for_best
 
 
@@ -103,14 +110,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def log_model(recipe: Recipe, adapted: Adapted, trainable: int, head_params: list[nn.Parameter], total: int) -> None:
     """The model's log line: its targets, and what the method trains of it."""
-    console.log(f"model: {recipe.model.name} ({adapted.model.config.model_type}), {len(adapted.targets)} targets "
-                f"({', '.join(sorted({t.kind for t in adapted.targets}))}); {adapted.method.name} trains "
-                f"{trainable:,} adapter params + {sum(p.numel() for p in head_params):,} head params of {total:,}"
-                + (f" (head lr {recipe.train.head_learning_rate:g})" if head_params else ""))
+    console.log(
+        f"model: {recipe.model.name} ({adapted.model.config.model_type}), {len(adapted.targets)} targets "
+        f"({', '.join(sorted({t.kind for t in adapted.targets}))}); {adapted.method.name} trains "
+        f"{trainable:,} adapter params + {sum(p.numel() for p in head_params):,} head params of {total:,}"
+        + (f" (head lr {recipe.train.head_learning_rate:g})" if head_params else "")
+    )
 
 
-def make_optimizer(cfg, model: nn.Module, head_params: list[nn.Parameter],
-                   total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    cfg, model: nn.Module, head_params: list[nn.Parameter], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over the adapter (and head) parameters; warmup then the recipe's schedule over total_steps."""
     from transformers import get_scheduler
 
@@ -119,6 +129,10 @@ def make_optimizer(cfg, model: nn.Module, head_params: list[nn.Parameter],
         groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": cfg.weight_decay})
     optimizer = torch.optim.AdamW(groups)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler),
-                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler),
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+    )
     return optimizer, scheduler

@@ -27,8 +27,17 @@ from lrft.training.state import Progress
 
 # Recipe keys that may change between a run and its resumption without making it another run; those of
 # them that leave the length of training alone leave a finished run finished.
-RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.epochs",
-                     "train.max_steps", "train.device", "train.save_every_minutes", "train.report_to"}
+RESUMABLE_CHANGES = {
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.epochs",
+    "train.max_steps",
+    "train.device",
+    "train.save_every_minutes",
+    "train.report_to",
+}
 LENGTH_KEYS = {"train.epochs", "train.max_steps"}
 
 
@@ -38,8 +47,10 @@ def check_run_dir(path: Path, restart: bool) -> None:
     check_writable(path, "output.dir")
     around = run_dir_holding(path)
     if around is not None:
-        raise LrftError(f"output.dir: {path.parent} is inside the lrft run dir {around}; a run dir never goes "
-                        f"inside another run, so set output.dir to a dir of its own (e.g. {around.parent})")
+        raise LrftError(
+            f"output.dir: {path.parent} is inside the lrft run dir {around}; a run dir never goes "
+            f"inside another run, so set output.dir to a dir of its own (e.g. {around.parent})"
+        )
     if restart:
         check_restartable(path, LAYOUT)
 
@@ -70,12 +81,15 @@ def finished_summary(run: RunDir, recipe: Recipe, restart: bool) -> dict | None:
         return None  # longer training continues it; another recipe is refused by resume_point
     summary = complete_summary(run.summary)
     if summary is None:
-        console.warn(f"{run.summary} is damaged; the run is finished again from its last checkpoint, which "
-                     f"writes it anew")
+        console.warn(
+            f"{run.summary} is damaged; the run is finished again from its last checkpoint, which writes it anew"
+        )
         return None
     final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items())
-    console.log(f"{run.path} is complete ({summary.get('steps')} steps; {final}); nothing to do. `--restart` "
-                f"trains it again from scratch, a larger train.epochs or train.max_steps continues it")
+    console.log(
+        f"{run.path} is complete ({summary.get('steps')} steps; {final}); nothing to do. `--restart` "
+        f"trains it again from scratch, a larger train.epochs or train.max_steps continues it"
+    )
     return summary
 
 
@@ -84,12 +98,17 @@ def resume_point(run: RunDir, recipe: Recipe) -> Path | None:
     is refused, with or without checkpoints: starting afresh in it would overwrite that run."""
     ckpts = list_checkpoints(run.checkpoints)
     if run.is_run():
-        changed = [k for k in recipe_diff(saved_recipe(run).model_dump(mode="json"), recipe.model_dump(mode="json"))
-                   if k not in RESUMABLE_CHANGES]
+        changed = [
+            k
+            for k in recipe_diff(saved_recipe(run).model_dump(mode="json"), recipe.model_dump(mode="json"))
+            if k not in RESUMABLE_CHANGES
+        ]
         if changed:
             what = "a checkpoint of another recipe" if ckpts else "the run of another recipe"
-            raise LrftError(f"{run.path}: holds {what} ({', '.join(changed[:4])} changed); rerun with --restart to "
-                            f"start over, or set name=... for a new run")
+            raise LrftError(
+                f"{run.path}: holds {what} ({', '.join(changed[:4])} changed); rerun with --restart to "
+                f"start over, or set name=... for a new run"
+            )
     return ckpts[-1] if ckpts else None
 
 
@@ -98,8 +117,9 @@ def saved_recipe(run: RunDir) -> Recipe:
     try:
         return read_run_recipe(run.path)
     except LrftError as e:
-        raise LrftError(f"{e}; the run dir's recipe is damaged: rerun with --restart to start over, or set "
-                        f"name=... for a new run") from None
+        raise LrftError(
+            f"{e}; the run dir's recipe is damaged: rerun with --restart to start over, or set name=... for a new run"
+        ) from None
 
 
 def complete_summary(path: Path) -> dict | None:

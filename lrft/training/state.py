@@ -73,11 +73,17 @@ class Stopwatch:
         self.seconds[name] = self.seconds.get(name, 0.0) + now - since
 
 
-def checkpoint_tree(model_state: dict, optimizer: torch.optim.Optimizer, scheduler, rng: list[dict],
-                    progress: Progress) -> dict:
+def checkpoint_tree(
+    model_state: dict, optimizer: torch.optim.Optimizer, scheduler, rng: list[dict], progress: Progress
+) -> dict:
     """The parts of a training checkpoint (CHECKPOINT_PARTS); `rng`: every process's RNG state, by rank."""
-    return {"model": model_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng, "progress": vars(progress)}
+    return {
+        "model": model_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "progress": vars(progress),
+    }
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict, Progress]:
@@ -85,8 +91,10 @@ def load_training_state(checkpoint: Path) -> tuple[dict, Progress]:
     tree = load_tree(checkpoint, CHECKPOINT_PARTS)
     unknown = set(tree["progress"]) - {f.name for f in dataclasses.fields(Progress)}
     if unknown:
-        raise LrftError(f"{checkpoint}: a damaged checkpoint (progress holds {', '.join(sorted(unknown)[:3])}); "
-                        f"rerun with --restart to start over")
+        raise LrftError(
+            f"{checkpoint}: a damaged checkpoint (progress holds {', '.join(sorted(unknown)[:3])}); "
+            f"rerun with --restart to start over"
+        )
     return tree, Progress(**tree["progress"])
 
 

@@ -59,9 +59,11 @@ def stopped_message(requested: str | None, progress: Progress, total_steps: int,
     """Where a stopped run stopped, and how to go on; `requested`: the signal this process got, if any."""
     last = list_checkpoints(checkpoints)
     why = requested or "another process's stop request"
-    return (f"stopped on {why} at step {progress.step}/{total_steps} (epoch {progress.epoch}, batch "
-            f"{progress.batch}); checkpoint {last[-1].name if last else 'none'} holds it; run the same command "
-            f"to resume (exit code {EXIT_STOPPED})")
+    return (
+        f"stopped on {why} at step {progress.step}/{total_steps} (epoch {progress.epoch}, batch "
+        f"{progress.batch}); checkpoint {last[-1].name if last else 'none'} holds it; run the same command "
+        f"to resume (exit code {EXIT_STOPPED})"
+    )
 
 
 class NonFinitePolicy:
@@ -79,10 +81,14 @@ class NonFinitePolicy:
         what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {float(grad_norm)}"
         if not self.cfg.skip_nonfinite:
             last = list_checkpoints(self.checkpoints)
-            raise Diverged(f"train: {what} at step {progress.step + 1}; stopped, the last good checkpoint is "
-                           f"{last[-1].name if last else 'none'}; lower train.lr (now {self.cfg.lr}), use precision "
-                           f"fp32, or set train.skip_nonfinite=true to skip such batches")
+            raise Diverged(
+                f"train: {what} at step {progress.step + 1}; stopped, the last good checkpoint is "
+                f"{last[-1].name if last else 'none'}; lower train.lr (now {self.cfg.lr}), use precision "
+                f"fp32, or set train.skip_nonfinite=true to skip such batches"
+            )
         progress.skipped_nonfinite += 1
-        console.warn(f"step {progress.step + 1}: {what}; batch skipped "
-                     f"({progress.skipped_nonfinite} so far, train.skip_nonfinite)")
+        console.warn(
+            f"step {progress.step + 1}: {what}; batch skipped "
+            f"({progress.skipped_nonfinite} so far, train.skip_nonfinite)"
+        )
         return False

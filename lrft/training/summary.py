@@ -19,12 +19,20 @@ def run_summary(recipe: Recipe, plan: Plan, progress: Progress, wall_seconds: fl
     """summary.json: what ran, the final and best metrics, the counts, where the wall time went, peak memory."""
     stats = plan.calibration
     return {
-        "name": recipe.name, "task": plan.task.name, "method": plan.adapted.method.name,
-        "model": recipe.model.name, "data_source": plan.data.source, "final": progress.last_eval,
+        "name": recipe.name,
+        "task": plan.task.name,
+        "method": plan.adapted.method.name,
+        "model": recipe.model.name,
+        "data_source": plan.data.source,
+        "final": progress.last_eval,
         "best": {"step": progress.best_step, plan.metric_for_best: progress.best_metric},
-        "metric_for_best": plan.metric_for_best, "steps": progress.step, "epochs": plan.epoch_of(progress.step),
-        "train_examples": len(plan.features), "trainable_params": plan.trainable_params,
-        "head_params": sum(p.numel() for p in plan.head_params), "total_params": plan.total_params,
+        "metric_for_best": plan.metric_for_best,
+        "steps": progress.step,
+        "epochs": plan.epoch_of(progress.step),
+        "train_examples": len(plan.features),
+        "trainable_params": plan.trainable_params,
+        "head_params": sum(p.numel() for p in plan.head_params),
+        "total_params": plan.total_params,
         "wall_seconds": round(wall_seconds, 2),
         "seconds": {phase: round(progress.seconds[phase], 2) for phase in PHASES if phase in progress.seconds},
         "train_seconds": round(progress.seconds.get("training", 0.0), 2),
@@ -38,8 +46,9 @@ def run_summary(recipe: Recipe, plan: Plan, progress: Progress, wall_seconds: fl
 def summary_lines(summary: dict, run_dir: Path) -> list[str]:
     """What `lrft train` prints on stdout: where the wall time went, the final and best metrics, the adapter."""
     if "wall_seconds" in summary:
-        parts = [f"{phase} {console.duration(seconds)}" for phase, seconds in summary["seconds"].items()
-                 if seconds >= 0.5]
+        parts = [
+            f"{phase} {console.duration(seconds)}" for phase, seconds in summary["seconds"].items() if seconds >= 0.5
+        ]
         took = f"done in {console.duration(summary['wall_seconds'])}" + (f" ({', '.join(parts)})" if parts else "")
     else:  # a run finished by an older lrft
         took = f"done: training {console.duration(summary['train_seconds'])}"
