@@ -74,10 +74,19 @@ def predict(
 
 @torch.no_grad()
 def generate(
-    model, prompts: list[dict], tokenizer, max_new_tokens: int, batch_size: int, device, rank: int = 0, world: int = 1
+    model,
+    prompts: list[dict],
+    tokenizer,
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    answer_written: str | None = None,
 ) -> list[dict]:
     """Greedy completions of this process's shard of `prompts`, each with its index; progress in
-    generated token steps (a batch takes up to max_new_tokens of them)."""
+    generated token steps (a batch takes up to max_new_tokens of them). With `answer_written` (the
+    task's regex), a sequence stops once its completion matches it, and a batch once all of its have."""
     was_training = model.training
     model.eval()
     mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]["prompt_ids"]))
@@ -100,6 +109,7 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 streamer=StepCounter(phase),
+                stopping_criteria=[stop_when_written(answer_written, tokenizer, width)] if answer_written else None,
             )
             phase.update((b + 1) * max_new_tokens, note=f"batch {b + 1}/{len(starts)}")  # a batch may end early
             for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
@@ -117,6 +127,24 @@ def generate(
                 )
     model.train(was_training)
     return out
+
+
+def stop_when_written(pattern: str, tokenizer, width: int):
+    """A stopping criterion for `model.generate`: done, per sequence, once the completion (the tokens
+    after the `width` prompt columns) matches `pattern`. Greedy decoding makes the same tokens up to
+    there as without it, so what is cut off is text after the answer."""
+    import re
+
+    from transformers import StoppingCriteria
+
+    answer = re.compile(pattern)
+
+    class AnswerWritten(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            completions = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([answer.search(c) is not None for c in completions], device=input_ids.device)
+
+    return AnswerWritten()
 
 
 class StepCounter:
@@ -176,7 +204,9 @@ def evaluate(
             metrics = {"perplexity": math.exp(min(loss, 50.0))}
             if generation and task.generate:
                 core = accelerator.unwrap_model(model) if accelerator else model
-                records = generate(core, split.prompts, tokenizer, max_new_tokens, batch_size, device, rank, world)
+                records = generate(
+                    core, split.prompts, tokenizer, max_new_tokens, batch_size, device, rank, world, task.answer_written
+                )
                 if world > 1:
                     records = [r for part in gather_object([records]) for r in part]
                 records.sort(key=lambda r: r["index"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from lrft.data import PromptSplit, get_task, load_task_data
 from lrft.data.causal import IGNORE, encode_prompts, extract_answer, gold_answer, render
 from lrft.errors import LrftError
 from lrft.recipe import DataConfig
-from tests.helpers import METHODS, assert_merge_parity, save_tiny_llama
+from tests.helpers import METHODS, assert_merge_parity, save_tiny_llama, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +248,33 @@ def test_gguf_dequantisation_bar_is_lrfts_own(capfd):
     with gguf_progress():
         assert list(gguf_utils.tqdm([1, 2, 3], desc="Converting and de-quantizing GGUF tensors...")) == [1, 2, 3]
     assert capfd.readouterr().err == "" and gguf_utils.tqdm is original
+
+
+def test_generation_stops_each_sequence_once_its_answer_is_written(tmp_path):
+    """A sequence stops where its completion first matches the task's answer pattern, another one of the
+    same batch runs on; greedy decoding makes the same tokens up to there, so each stopped completion
+    is a prefix of the one generated without the pattern."""
+    from transformers import AutoTokenizer
+
+    from lrft.evaluation import generate, stop_when_written
+
+    tok = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "lm"))
+    rows = tok(["what is 9 plus 9 18 is", "what is 9 plus 9"], padding=True, return_tensors="pt")["input_ids"]
+    width = 1  # [CLS] is the prompt
+    stops = stop_when_written(r"\b18\b", tok, width)(rows, None)
+    assert stops.tolist() == [True, False]
+
+    model = tiny_llama(seed=3, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id)
+    prompts = [{"prompt_ids": tok(p)["input_ids"][:-1], "prompt": p, "gold": "18"} for p in ("what is", "9 plus 9 is")]
+    full = generate(model, prompts, tok, max_new_tokens=8, batch_size=2, device="cpu")
+    first_word = r"\w+ "  # the first whole word of each completion
+    stopped = generate(model, prompts, tok, max_new_tokens=8, batch_size=2, device="cpu", answer_written=first_word)
+    for f, s in zip(full, stopped):
+        assert f["index"] == s["index"] and f["completion"].startswith(s["completion"])
+        assert re.search(first_word, s["completion"]) and len(s["completion"]) < len(f["completion"]), (f, s)
+
+
+def test_gsm8k_generation_stops_after_the_answer_line():
+    pattern = re.compile(get_task("gsm8k").answer_written)
+    assert pattern.search("3 + 4 = 7\n#### 7\n") and pattern.search("so $1,250.\n#### $1,250\n")
+    assert not pattern.search("3 + 4 = 7\n#### 7") and not pattern.search("#### \n") and not pattern.search("7\n")

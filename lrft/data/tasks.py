@@ -46,6 +46,9 @@ class Task:
     headerless: tuple[int, int | None, int] | None = None  # (text, pair, label) positions (CoLA)
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("", "dev", "validation"),)
     generate: bool = False  # scored on greedy generations (exact match) besides the response loss
+    # A regex a completion matches once its answer is written (GSM8K: the `#### N` line): generation of
+    # that sequence stops there instead of running on to EOS or max_new_tokens
+    answer_written: str | None = None
     max_length: int = 128  # tokens per example when nothing says otherwise (`lrft eval` of a plain model)
 
     @property
@@ -160,6 +163,7 @@ TASKS: dict[str, Task] = {
             "loss",
             eval_splits=(EvalSplit("", "test", "test"),),
             generate=True,
+            answer_written=r"####[^\n]*\d[^\n]*\n",
             max_length=320,
         ),
         Task("instruction", "causal_lm", None, ("perplexity",), "loss", max_length=512),
