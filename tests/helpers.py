@@ -327,6 +327,16 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+def docs_generator():
+    """docs/generate.py as a module (it is a script, not part of the package): the generated pages' code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def markdown_block(page: str, heading: str, language: str = "bash") -> str:
     """The first code block of `language` under a heading of one of the repo's Markdown files
     (`README.md`, `docs/serving.md`, ...), as written there."""

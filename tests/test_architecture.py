@@ -7,11 +7,12 @@ function: a lazy import still ties the two modules together.
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import docs_generator
 
 PACKAGE = Path(__file__).parents[1] / "lrft"
 
@@ -24,9 +25,7 @@ LAYERS = [
 
 def test_the_layer_table_of_the_docs_is_written_from_the_same_file():
     """docs/ARCHITECTURE.md's table is what `python docs/generate.py` writes from docs/layers.yaml."""
-    spec = importlib.util.spec_from_file_location("docs_generate", PACKAGE.parent / "docs" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+    generate = docs_generator()
     committed = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     assert committed == generate.architecture(), "run: python docs/generate.py"
 

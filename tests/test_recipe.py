@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +19,7 @@ from lrft.config.sections import Section
 from lrft.config.yaml_files import parse_yaml
 from lrft.errors import ConfigError, LrftError
 from lrft.recipe import load_recipe, validate
+from tests.helpers import docs_generator
 
 ROOT = Path(__file__).parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -231,22 +231,15 @@ def test_dotted_keys_get_and_pop():
     assert tree == {"train": {"epochs": 2}}
 
 
-def generate_docs():
-    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_recipe_reference_is_generated_from_the_schema():
     """docs/recipe-reference.md is what `python docs/generate.py` makes of the schema: after changing a
     field, regenerate it."""
     committed = (ROOT / "docs" / "recipe-reference.md").read_text(encoding="utf-8")
-    assert committed == generate_docs().recipe_reference(), "run: python docs/generate.py"
+    assert committed == docs_generator().recipe_reference(), "run: python docs/generate.py"
 
 
 def test_the_reference_describes_each_key_as_init_comments_it():
-    reference = generate_docs().recipe_reference()
+    reference = docs_generator().recipe_reference()
     for method in methods.REGISTRY:
         recipe = validate({**MINIMAL, "adapter": {"method": method}})
         comments = [line.split("  # ", 1)[1] for line in commented_yaml(recipe, []).splitlines() if "  # " in line]
@@ -254,7 +247,7 @@ def test_the_reference_describes_each_key_as_init_comments_it():
 
 
 def test_generate_check_names_a_page_that_differs(tmp_path, monkeypatch, capsys):
-    generate = generate_docs()
+    generate = docs_generator()
     monkeypatch.setattr(generate, "ROOT", tmp_path)
     (tmp_path / "docs").mkdir()
     for name in ("ARCHITECTURE.md", "layers.yaml"):  # the architecture page is prose around a generated table

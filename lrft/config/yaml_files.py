@@ -48,7 +48,7 @@ def parse_yaml(text: str, source: str):
     """The value a YAML text holds (None when empty); `source` names the text in the messages (a file's
     path, an override)."""
     try:
-        return yaml.load(text, Loader=StrictLoader)
+        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader: yaml.safe_load's tags only
     except DuplicateKeyError as e:
         raise LrftError(
             f"{source}: key {e.key!r} is given twice in one mapping, at {position(e.first)} and at "
