@@ -292,6 +292,18 @@ TOLERANCE_HELP = (
 )
 
 
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        metavar="URL",
+        help="the study: postgresql://USER:PASSWORD@HOST:PORT/DB, mysql+pymysql://..., sqlite:///PATH or "
+        "journal:PATH, shared by workers on any machines (default: $LRFT_SWEEP_STORAGE, the spec's storage:, "
+        "else SQLite in the sweep dir)",
+    ),
+]
+
+
 @app.command(cls=PlainHelp, short_help="search recipe settings for the smallest adapter that still works")
 @user_errors
 def sweep(
@@ -325,6 +337,7 @@ def sweep(
             help="start this many worker processes on the sweep (they split its trials)",
         ),
     ] = 1,
+    storage: StorageOpt = None,
     json_out: JsonOpt = False,
 ):
     """Search recipe settings (optuna: grid or TPE, pruning on per-epoch evaluations) for the smallest adapter
@@ -333,13 +346,13 @@ def sweep(
     from lrft.sweep.report import build, print_report
 
     check_flags(plan=plan, report=report, markdown=markdown, json_out=json_out, workers=workers)
-    sweeps = load_sweeps(specs)
+    sweeps = load_sweeps(specs, storage)
     if plan:
         console.emit_lines(plan_commands(sweeps))
         return
     if not (report or markdown):
         if workers > 1:
-            code = run_workers(specs, workers)
+            code = run_workers(specs, workers, storage)
             if code != 0:
                 raise typer.Exit(code)
         else:

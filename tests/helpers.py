@@ -541,15 +541,20 @@ main()
 """
 
 
-def lrft(*args, patch: tuple[str, int] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m lrft ARGS` in a real process (with `patch` = (mode, n): see PATCHED_LRFT)."""
+def lrft_command(*args, patch: tuple[str, int] | None = None) -> list[str]:
+    """The command line of `python -m lrft ARGS` (with `patch` = (mode, n): see PATCHED_LRFT)."""
     cmd = (
         [sys.executable, "-c", PATCHED_LRFT, patch[0], str(patch[1]), "any"]
         if patch
         else [sys.executable, "-m", "lrft"]
     )
+    return cmd + [str(a) for a in args]
+
+
+def lrft(*args, patch: tuple[str, int] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m lrft ARGS` in a real process (with `patch` = (mode, n): see PATCHED_LRFT)."""
     return subprocess.run(
-        cmd + [str(a) for a in args],
+        lrft_command(*args, patch=patch),
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -274,7 +274,8 @@ def test_a_full_sweep_storage_names_it_and_a_runs_own_failure_passes_unchanged(t
     import lrft.sweep
     from lrft.sweep import run_sweeps
 
-    sweep = SimpleNamespace(dir=tmp_path / "sweep", storage=tmp_path / "sweep" / "sweep.db")
+    db = tmp_path / "sweep" / "sweep.db"
+    sweep = SimpleNamespace(dir=db.parent, storage=f"sqlite:///{db}", local_storage=db)
     failures = iter(
         [
             sqlite3.OperationalError("database or disk is full"),

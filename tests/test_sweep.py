@@ -13,6 +13,7 @@ import json
 import re
 import shlex
 import statistics
+import time
 from pathlib import Path
 
 import optuna
@@ -25,6 +26,7 @@ from lrft.sweep.study import grid_order
 from tests.helpers import ROOT, lrft, make_sentences, recipe_dict, write_recipe, write_splits
 
 GOOD, BETTER, STUCK = 1e-2, 3e-2, 1e-9  # learning rates
+QUICK_HEARTBEAT = {"interval": 1, "grace": 2}  # a killed worker's trial is stale 2 s after its last beat
 VOLATILE = ("minutes", "command", "run_dir")  # report fields that differ between two copies of a sweep
 
 
@@ -34,8 +36,11 @@ def one_class(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base_recipe(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny lora recipe on one-class data: 4 steps an epoch, 2 epochs, runs under <dir>/runs."""
-    root = tmp_path_factory.mktemp("sweep")
+    return write_base_recipe(tmp_path_factory.mktemp("sweep"), tiny_model_dir)
+
+
+def write_base_recipe(root: Path, tiny_model_dir: Path) -> Path:
+    """The tiny lora recipe on one-class data: 4 steps an epoch, 2 epochs, runs under <root>/runs."""
     data = write_splits(root / "data", one_class, (("train", 64, 1), ("dev", 16, 2)))
     recipe = recipe_dict(
         tiny_model_dir,
@@ -76,7 +81,7 @@ def trained(err: str) -> list[str]:
 
 def trials(spec: Path) -> list[optuna.trial.FrozenTrial]:
     sweep = load_sweep(spec)
-    return optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{sweep.storage}").get_trials()
+    return optuna.load_study(study_name=sweep.name, storage=sweep.storage).get_trials()
 
 
 def ordered_spec(path: Path, base: Path, last: str, **fields) -> Path:
@@ -265,17 +270,39 @@ def test_a_killed_sweep_resumes_to_the_table_of_an_uninterrupted_one(cli, pruned
     spec, _ = pruned_sweep
     raw = yaml.safe_load(spec.read_text())
     raw["overrides"] = {"output.dir": str(tmp_path / "runs")}
+    raw["heartbeat"] = QUICK_HEARTBEAT
     killed = tmp_path / "pruned.yaml"
     killed.write_text(yaml.safe_dump(raw))
     died = lrft("sweep", killed, patch=("sigkill", 14))  # trial 0: steps 1-8; trial 1: killed after its 6th
     assert died.returncode == -9, died.stderr[-2000:]
     assert trained(died.stderr) == trained(pruned_sweep[1])[:2]
+    time.sleep(QUICK_HEARTBEAT["grace"] + 1)  # its heartbeat is stale: the rerun's first ask retries it
     code, _, err = cli("sweep", killed)
     assert code == 0, err
     interrupted = trained(pruned_sweep[1])[1]
-    assert f"({interrupted}): taking it over" in err and "resuming from step-000000004" in err
+    assert f"({interrupted}): trial 1 again (its worker stopped)" in err and "resuming from step-000000004" in err
     assert trained(err) == trained(pruned_sweep[1])[1:]  # the finished trial is kept
     assert stable(report(cli, killed)["rows"]) == stable(report(cli, spec)["rows"])
+
+
+def test_a_sweep_stopped_by_a_signal_queues_its_trial_for_the_rerun_at_once(cli, base_recipe, tmp_path):
+    """SIGTERM (a scheduler's pre-emption) checkpoints the run and queues the trial again, so the rerun
+    trains it first without waiting for its heartbeat to go stale (default grace: 60 s)."""
+    spec = write_spec(
+        tmp_path / "term.yaml",
+        base_recipe,
+        overrides={"output.dir": str(tmp_path / "runs")},
+        search={"train.lr": [GOOD, BETTER]},
+    )
+    stopped = lrft("sweep", spec, patch=("sigterm", 6))
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert [t.state.name for t in trials(spec)] == ["FAIL", "WAITING"]
+    point = trained(stopped.stderr)[0]
+    code, _, err = cli("sweep", spec)
+    assert code == 0, err
+    assert f"trial 1 ({point}): trial 0 again" in err and "resuming from step-000000006" in err, err
+    assert trained(err)[0] == point and len(trained(err)) == 2
+    assert [t.state.name for t in trials(spec)] == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 # --------------------------------------------------------------------------------------- sampling
@@ -358,12 +385,12 @@ def test_a_tpe_plan_records_its_suggestions_for_the_workers(cli, base_recipe, tm
     )
     code, out, _ = cli("sweep", spec, "--plan")
     assert code == 0 and len(out.splitlines()) == 2
-    assert [t.state.name for t in trials(spec)] == ["RUNNING", "RUNNING"]
+    assert [t.state.name for t in trials(spec)] == ["FAIL", "FAIL", "WAITING", "WAITING"]  # asked, queued
     assert cli("sweep", spec, "--plan")[1] == out  # the same suggestions, not new ones
     code, _, err = cli("sweep", spec)
     planned = [re.search(r"name=(\S+)_s0", c)[1] for c in out.splitlines()]
     assert code == 0 and trained(err) == planned, err
-    assert [t.state.name for t in trials(spec)] == ["COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in trials(spec)] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
 
 
 # -------------------------------------------------------------------------------------- workers

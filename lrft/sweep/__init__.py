@@ -1,9 +1,9 @@
 """`lrft sweep`: search recipe settings (optuna) for the smallest adapter that still works.
 
 `spec` (what a sweep is: its base recipe, search space, objective, seeds, budget, pruner; its points'
-names, run dirs and `lrft train` commands) → `study` (the optuna study: claiming trials across
-workers, training them, pruning, resuming after a kill, plans) → `results` (what the run dirs hold,
-read without the storage) → `report` (the table, the Pareto plot, the smallest adapter within a
+names, run dirs and `lrft train` commands) → `storage` (where the study lives, by URL) → `study` (the
+optuna study worked by any number of workers: training trials, pruning, retrying a dead worker's,
+plans) → `results` (what the run dirs hold, and what the storage recorded) → `report` (the table, the Pareto plot, the smallest adapter within a
 tolerance of the best; text, JSON, Markdown). This module is what the CLI calls.
 """
 
@@ -21,7 +21,8 @@ from lrft.errors import LrftError
 from lrft.signals import handling
 from lrft.sweep.results import collect, top_points
 from lrft.sweep.spec import Sweep, load_sweep
-from lrft.sweep.study import failures, planned_points, work
+from lrft.sweep.storage import STORAGE_ENV, masked
+from lrft.sweep.study import failures, planned_points, stored_results, work
 
 
 def check_flags(*, plan: bool, report: bool, markdown: bool, json_out: bool, workers: int) -> None:
@@ -34,10 +35,11 @@ def check_flags(*, plan: bool, report: bool, markdown: bool, json_out: bool, wor
         raise LrftError("--markdown and --json: choose one")
 
 
-def load_sweeps(paths: list[Path]) -> list[Sweep]:
-    """Every spec loaded and checked before anything runs. Sweeps given together are reported together,
-    so they share a task and a metric; no two share a sweep dir."""
-    sweeps = [load_sweep(p) for p in paths]
+def load_sweeps(paths: list[Path], storage: str | None = None) -> list[Sweep]:
+    """Every spec loaded and checked before anything runs (their study in `storage`, a URL, if given).
+    Sweeps given together are reported together, so they share a task and a metric; no two share a
+    sweep dir."""
+    sweeps = [load_sweep(p, storage) for p in paths]
     first, seen = sweeps[0], {}
     for sweep in sweeps:
         other = seen.setdefault(sweep.dir.resolve(), sweep)
@@ -59,15 +61,18 @@ def run_sweeps(sweeps: list[Sweep]) -> None:
     that fails under the storage (SQLite: "database or disk is full") is a DiskError as a run's is: the
     trial stays RUNNING and the rerun takes it over, resuming its run."""
     for sweep in sweeps:
-        with disk_failures(sweep.dir, f"{sweep.storage.name} (the sweep's storage)"):
+        where = sweep.local_storage.name if sweep.local_storage else masked(sweep.storage)
+        with disk_failures(sweep.dir, f"{where} (the sweep's storage)"):
             work(sweep)
 
 
-def run_workers(paths: list[Path], workers: int) -> int:
+def run_workers(paths: list[Path], workers: int, storage: str | None) -> int:
     """`workers` processes of `lrft sweep PATHS` on the same storages, each with its share of the cores;
     a stop signal is passed on to each. The exit code: the first worker's that failed, else 0."""
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if storage:  # through the environment: a command line with a password shows in `ps`
+        env[STORAGE_ENV] = storage
     cmd = [sys.executable, "-m", "lrft", "sweep", *map(str, paths)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(workers)]
 
@@ -91,7 +96,7 @@ def plan_commands(sweeps: list[Sweep]) -> list[str]:
         confirm = sweep.spec.confirm
         if confirm is None:
             continue
-        results = {r.point.name: r for r in collect(sweep)}
+        results = {r.point.name: r for r in collect(sweep, stored_results(sweep))}
         settled = set(failures(sweep)) | {n for n, r in results.items() if r.searched(sweep) or r.pruned()}
         if all(p.name in settled for p in points):
             best = top_points(sweep, list(results.values()), confirm.top)

@@ -1,8 +1,9 @@
 """`lrft sweep --report`: a table of a sweep's points (several sweeps' together), the Pareto plot of the
 metric against trainable parameters, and the answer users ask for: the smallest adapter (fewest
 trainable parameters) within `--tolerance` points of the best, with its `lrft train` command; as
-text, JSON or a Markdown section. Everything comes from the run dirs (lrft.sweep.results), so the
-report of a sweep trained anywhere is the same; the storage only adds why a trial failed.
+text, JSON or a Markdown section. Everything comes from the runs (lrft.sweep.results: the run dirs
+here, and what the storage recorded of runs on other machines' disks), so the report of a sweep
+trained anywhere is the same; the storage also says why a trial failed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lrft.atomic_files import atomic_write_bytes
 from lrft.errors import LrftError
 from lrft.sweep.results import PointResult, collect
 from lrft.sweep.spec import Sweep, display_path
-from lrft.sweep.study import failures
+from lrft.sweep.study import failures, stored_results
 
 EPSILON = 1e-9  # a difference of exactly --tolerance points counts as within it, whatever the float rounding
 
@@ -84,7 +85,7 @@ def point_row(sweep: Sweep, result: PointResult, failure: str | None) -> Row:
 def sweep_rows(sweep: Sweep) -> list[Row]:
     """The sweep's points with run dirs (and failed trials without one), in the order the spec lists them."""
     failed = failures(sweep)
-    results = collect(sweep)
+    results = collect(sweep, stored_results(sweep))
     rows = [point_row(sweep, r, failed.get(r.point.name)) for r in results]
     have = {r.point.name for r in results}
     rows += [

@@ -1,6 +1,8 @@
-"""What a sweep's run dirs hold, read without its storage: each point's runs (one per seed), finished,
-pruned or not done, with the objective metric, trainable parameters and train time. A sweep whose
-runs were trained anywhere (its `--plan` commands on a cluster) reads like one trained here.
+"""What a sweep's runs hold: each point's runs (one per seed), finished, pruned or not done, with the
+objective metric, trainable parameters and train time, read from the run dirs here and, for runs
+whose dirs are on another machine's disk, from what the storage recorded when they ended
+(lrft.sweep.study.stored_results). A sweep whose runs were trained anywhere (its `--plan` commands on
+a cluster) reads like one trained here.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ class PointResult:
         return statistics.mean(r.value for r in self.finished(sweep.seeds))
 
 
-def collect(sweep: Sweep) -> list[PointResult]:
-    """The points that have run dirs in the sweep dir, grouped by the run name's point part."""
-    if not sweep.dir.is_dir():
-        return []
+def collect(sweep: Sweep, stored: dict[str, tuple[Point, RunResult]] | None = None) -> list[PointResult]:
+    """The points that have run dirs in the sweep dir, grouped by the run name's point part, and those
+    with runs only `stored` (run name → point, result) knows of."""
     listed = {p.name: p for p in sweep.grid_points()} if sweep.finite else {}
     points: dict[str, PointResult] = {}
-    for path in sorted(sweep.dir.iterdir()):
+    here = set()
+    for path in sorted(sweep.dir.iterdir()) if sweep.dir.is_dir() else ():
         match, run = RUN_NAME.match(path.name), RunDir(path)
         if not (match and path.is_dir() and run.is_run()):
             continue
@@ -68,6 +70,10 @@ def collect(sweep: Sweep) -> list[PointResult]:
             point = listed.get(name) or Point(name, {k: dotted_get(dump, k) for k in sweep.spec.search})
             points[name] = PointResult(point, [])
         points[name].runs.append(read_run(sweep, run, recipe.seed))
+        here.add(path.name)
+    for run_name, (point, result) in sorted((stored or {}).items()):
+        if run_name not in here:
+            points.setdefault(point.name, PointResult(point, [])).runs.append(result)
     return list(points.values())
 
 

@@ -33,8 +33,8 @@ from lrft.config.yaml_files import flow_yaml, parse_yaml
 from lrft.data import DATA_DIR_ENV, get_task
 from lrft.errors import ConfigError, LrftError, did_you_mean
 from lrft.recipe import Recipe, load_recipe
+from lrft.sweep.storage import DEFAULT_FILE, STORAGE_ENV, check_url
 
-STORAGE = "sweep.db"  # the optuna study (SQLite) in the sweep dir
 # Recipe keys a sweep sets itself for every run, and where a spec says what they should be.
 OWN_KEYS = {
     "seed": "list the seeds under seeds:",
@@ -120,6 +120,13 @@ class Confirm(Section):
     seeds: list[int] = Field(min_length=1, description="the seeds they train with besides the search's")
 
 
+class Heartbeat(Section):
+    interval: int = Field(10, gt=0, description="seconds between a worker's heartbeats while it trains a trial")
+    grace: int = Field(
+        60, gt=0, description="a trial whose last heartbeat is older than this is its dead worker's: it is retried"
+    )
+
+
 class SweepSpec(Section):
     name: str | None = Field(None, description="the sweep dir is <output.dir>/<name>/ (default: the spec file's stem)")
     recipe: str = Field(description="the base recipe, a path relative to the spec file")
@@ -133,6 +140,12 @@ class SweepSpec(Section):
     )
     budget: Budget = Field(default_factory=Budget)
     confirm: Confirm | None = Field(None, description="after the search: the best points again with more seeds")
+    storage: str | None = Field(
+        None,
+        description="the study's URL: postgresql://..., mysql+pymysql://..., sqlite:///PATH or journal:PATH "
+        f"(default: ${STORAGE_ENV}, else sqlite in the sweep dir)",
+    )
+    heartbeat: Heartbeat = Field(default_factory=Heartbeat, description="how a dead worker's trial is found")
 
     @field_validator("objective", "sampler", "pruner", mode="before")
     @classmethod
@@ -294,7 +307,7 @@ class Point:
 class Sweep:
     """A validated spec resolved against its base recipe: its dir, points, overrides and commands."""
 
-    def __init__(self, spec: SweepSpec, path: Path):
+    def __init__(self, spec: SweepSpec, path: Path, storage: str | None = None):
         self.spec, self.path = spec, Path(path)
         self.name = spec.name or self.path.stem
         self.recipe_path = self.path.parent / spec.recipe
@@ -317,6 +330,26 @@ class Sweep:
         self.labels = key_labels(list(spec.search))
         self.finite = all(d.values is not None for d in spec.search.values())  # every point can be listed
         self.max_trials = spec.budget.trials or (len(self.grid_points()) if self.sampler == "grid" else None)
+        self.storage = self.storage_url(storage)
+
+    def storage_url(self, given: str | None) -> str:
+        """The study's URL: --storage, else $LRFT_SWEEP_STORAGE, else the spec's, else SQLite in the sweep dir."""
+        for url, where in (
+            (given, "--storage"),
+            (os.environ.get(STORAGE_ENV), STORAGE_ENV),
+            (self.spec.storage, f"{self.path}: storage"),
+        ):
+            if url:
+                check_url(url, where)
+                return url
+        return f"sqlite:///{(self.dir / DEFAULT_FILE).resolve()}"
+
+    @property
+    def local_storage(self) -> Path | None:
+        """The file of a SQLite or journal storage (None for a server)."""
+        if self.storage.startswith("sqlite:///"):
+            return Path(self.storage[len("sqlite:///") :])
+        return Path(self.storage[len("journal:") :]) if self.storage.startswith("journal:") else None
 
     def load(self, overrides: list[str]) -> Recipe:
         """The base recipe with these overrides; a problem is the spec's, named with its file."""
@@ -324,10 +357,6 @@ class Sweep:
             return load_recipe(self.recipe_path, overrides)
         except LrftError as e:
             raise LrftError(f"{self.path}: {e}") from None
-
-    @property
-    def storage(self) -> Path:
-        return self.dir / STORAGE
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.direction == "max" else a < b
@@ -395,7 +424,9 @@ class Sweep:
         the sweep's first process) reduced the same way."""
         if recorded is None:
             recorded = {
-                "spec": self.spec.model_dump(mode="json", exclude={"budget", "confirm", "name"}),
+                "spec": self.spec.model_dump(
+                    mode="json", exclude={"budget", "confirm", "name", "storage", "heartbeat"}
+                ),
                 "recipe": self.base.model_dump(mode="json"),
             }
         recipe = copy.deepcopy(recorded["recipe"])  # cut keys from a copy
@@ -424,7 +455,7 @@ class Sweep:
             )
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, storage: str | None = None) -> Sweep:
     """Read, validate and resolve a spec file; every problem at once, as for recipes."""
     path = Path(path)
     if not path.is_file():
@@ -436,6 +467,6 @@ def load_sweep(path: str | Path) -> Sweep:
     spec = validated(SweepSpec, raw, str(path), whole="sweep spec")
     if problems := spec.problems():
         raise ConfigError(problems, str(path))
-    sweep = Sweep(spec, path)
+    sweep = Sweep(spec, path, storage)
     sweep.check()
     return sweep

@@ -1,47 +1,60 @@
-"""The search: an optuna study in `<sweep dir>/sweep.db` (SQLite), worked through by one or more
-`lrft sweep` processes, each trial a point trained once per seed through the ordinary `lrft train`
-path (lrft.training), in this process, into run dirs named by the point.
+"""The search: an optuna study (lrft.sweep.storage says where it lives) worked through by any number of
+`lrft sweep` processes on any machines, each trial a point trained once per seed through the ordinary
+`lrft train` path, in this process, into run dirs named by the point (on a filesystem every worker
+sees, as on clusters).
 
-- Claiming: one process at a time (a lock file in the sweep dir) first takes over a trial whose
-  worker is gone (RUNNING in the storage, its point's lock free), else asks the sampler for a new
-  one; the point's lock (lrft.run_lock.writer_lock) is held while its runs train, so no two workers
-  ever train the same point, and a worker killed mid-trial leaves it to the next one, which resumes
-  its run from its checkpoint (a run dir resumes by itself when trained again with the same recipe).
-- Pruning: each epoch-end evaluation of a point's first seed is reported to optuna at step = epoch;
-  when the pruner says so the run stops there (its checkpoint kept), `pruned.json` marks its run dir,
-  and the trial is PRUNED for good.
-- Determinism: a grid runs its points in the order optuna's GridSampler gives trial numbers; TPE is
-  seeded with the spec's seed plus the number of trials so far, so a resumed sweep asks what an
-  uninterrupted one would have.
+- Workers: `Study.optimize` asks, trains and tells. While a trial trains, its worker's heartbeat
+  thread beats in the storage; a trial whose beat is older than the grace period is marked FAILED by
+  the next worker that asks, and queued again with its params and reported epochs
+  (RetryHeartbeatStaleTrialCallback), so that worker resumes its run from the checkpoint. A trial
+  stopped by a signal or a full disk is queued again at once, the same way. The point's lock
+  (lrft.run_lock) is held while its runs train, so two trials of one point never train it at once.
+- Budget: a trial asked past budget.trials (two workers asked at once) is left untrained; trials that
+  were retried count once. A worker with nothing left to ask waits for the trials others still run
+  (any of them may be a dead worker's, to retry here), then confirms the best points.
+- Pruning: each epoch-end evaluation of a point's first seed is reported at step = epoch; when the
+  pruner says so the run stops there (its checkpoint kept), `pruned.json` marks its run dir, and the
+  trial is PRUNED for good.
+- Determinism: a grid's trial n is GridSampler's point n; trial n of TPE is seeded with the spec's
+  seed plus n, so a resumed sweep asks what an uninterrupted one would.
+- Reports: each run's result (lrft.sweep.results.RunResult) is stored with the trial (confirmation
+  runs: with the study), so a report needs the storage alone.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
 
 from lrft import console
 from lrft.atomic_files import atomic_write_json, read_jsonl
-from lrft.errors import LrftError
+from lrft.errors import DiskError, LrftError
 from lrft.recipe import Recipe
 from lrft.run_layout import RunDir
 from lrft.run_lock import Busy, writer_lock
-from lrft.sweep.results import collect, top_points
+from lrft.sweep.results import RunResult, collect, read_run, top_points
 from lrft.sweep.spec import Point, Sweep, three_digits
-from lrft.training import Diverged, Progress, train
+from lrft.sweep.storage import DEFAULT_FILE, masked, open_storage, retry_stale
+from lrft.training import Diverged, Progress, Stopped, train
 from lrft.training.session import recipe_diff
 
 POINT = "point"  # the trial's user attribute naming its point
 FAILED = "failed"  # ... saying why it failed
-LOCK_WAIT_S = 600  # how long a process waits for another one to finish claiming a trial
+RUNS = "runs"  # ... holding each seed's RunResult (the study's "confirm <point>" attribute: confirmation runs')
+OVER_BUDGET = "over budget"  # ... marking a trial asked past the budget, left untrained
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
 
 
-class Pruned(Exception):
+class Pruned(optuna.TrialPruned):
     """The pruner stopped a run; `record` is what pruned.json says."""
 
     def __init__(self, record: dict):
@@ -49,92 +62,79 @@ class Pruned(Exception):
         self.record = record
 
 
-@dataclass
-class Claim:
-    """A trial this process trains, its point, and the point's lock (held until `lock` is closed)."""
-
-    trial: optuna.Trial
-    point: Point
-    lock: ExitStack
+class OverBudget(Exception):
+    """A trial asked once the budget was used up (by two workers at once): left untrained."""
 
 
 # ------------------------------------------------------------------------------------------- study
 
 
-@contextmanager
-def claiming(sweep: Sweep):
-    """The sweep's claim lock: one process at a time creates the study or claims a trial."""
-    from filelock import FileLock, Timeout
-
-    sweep.dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(sweep.dir / ".claim.lock")
-    try:
-        lock.acquire(timeout=LOCK_WAIT_S)
-    except Timeout:
-        raise LrftError(
-            f"{sweep.dir}: another lrft sweep process has held the claim lock for {LOCK_WAIT_S} s; "
-            "is it stuck? stop it, or delete .claim.lock if no process uses this sweep"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # lrft says what happens, once
-
-
 def open_study(sweep: Sweep, create: bool = True) -> optuna.Study | None:
     """The sweep's study (created on first use); None without one when not `create`. A study begun with
     another spec or base recipe is refused, naming what changed."""
-    from optuna.storages import RDBStorage
-
-    quiet_optuna()
-    if not create and not sweep.storage.is_file():
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # lrft says what happens, once
+    local = sweep.local_storage
+    if not create and local is not None and not local.is_file():
+        return None  # a report reads no storage into being
+    if local == sweep.dir.resolve() / DEFAULT_FILE:
+        sweep.dir.mkdir(parents=True, exist_ok=True)  # a given path's directory must exist (a typo stays one)
+    storage = open_storage(sweep.storage, sweep.spec.heartbeat.interval, sweep.spec.heartbeat.grace)
+    if not create and sweep.name not in {s.study_name for s in storage.get_all_studies()}:
         return None
-    with claiming(sweep):
-        storage = RDBStorage(
-            f"sqlite:///{sweep.storage.resolve()}", engine_kwargs={"connect_args": {"timeout": LOCK_WAIT_S}}
+    study = optuna.create_study(
+        study_name=sweep.name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize" if sweep.direction == "max" else "minimize",
+        sampler=make_sampler(sweep),
+        pruner=make_pruner(sweep),
+    )
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", sweep.identity())
+    elif sweep.identity(stored) != sweep.identity():
+        changed = recipe_diff(sweep.identity(stored), sweep.identity())
+        raise LrftError(
+            f"{sweep.path}: the sweep {sweep.name} in {masked(sweep.storage)} was begun with another spec or base "
+            f"recipe ({', '.join(changed[:4])} changed); restore them, or name this sweep anew (name: ...)"
         )
-        if not create and sweep.name not in {s.study_name for s in storage.get_all_studies()}:
-            return None
-        study = optuna.create_study(
-            study_name=sweep.name,
-            storage=storage,
-            load_if_exists=True,
-            direction="maximize" if sweep.direction == "max" else "minimize",
-            sampler=make_sampler(sweep, 0),
-            pruner=make_pruner(sweep),
-        )
-        stored = study.user_attrs.get("identity")
-        if stored is None:
-            study.set_user_attr("identity", sweep.identity())
-        elif sweep.identity(stored) != sweep.identity():
-            changed = recipe_diff(sweep.identity(stored), sweep.identity())
-            raise LrftError(
-                f"{sweep.path}: the sweep in {sweep.dir} was begun with another spec or base recipe "
-                f"({', '.join(changed[:4])} changed); restore them, or name this sweep anew (name: ...)"
-            )
     return study
 
 
-class GridSampler(optuna.samplers.GridSampler):
-    """optuna's GridSampler, which stops the study when its grid is done; `Study.stop` only works inside
-    `Study.optimize` and this is an ask-and-tell loop, which stops by itself (`search_done`)."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
-
-
-def make_sampler(sweep: Sweep, trials_so_far: int) -> optuna.samplers.BaseSampler:
+def make_sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
     if sweep.sampler == "grid":
-        return GridSampler({k: d.labels() for k, d in sweep.spec.search.items()}, seed=sweep.spec.sampler.seed)
-    return optuna.samplers.TPESampler(
-        seed=sweep.spec.sampler.seed + trials_so_far,
-        constant_liar=True,
-        n_startup_trials=sweep.spec.sampler.startup_trials,
-    )
+        search_space = {k: d.labels() for k, d in sweep.spec.search.items()}
+        return optuna.samplers.GridSampler(search_space, seed=sweep.spec.sampler.seed)
+    return TrialSeededTPE(sweep.spec.sampler.seed, sweep.spec.sampler.startup_trials)
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """optuna's TPE (constant liar: the trials others run count as pending), seeded for each trial with
+    the spec's seed plus the trial's number: a resumed sweep asks what an uninterrupted one would, and
+    two workers asking at once draw apart."""
+
+    def __init__(self, seed: int, startup_trials: int):
+        self.seed, self.startup_trials = seed, startup_trials
+        self.tpe = self.seeded(seed)
+
+    def seeded(self, seed: int) -> optuna.samplers.TPESampler:
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=self.startup_trials)
+
+    def before_trial(self, study, trial):
+        self.tpe = self.seeded(self.seed + trial.number)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self.tpe.after_trial(study, trial, state, values)
 
 
 def make_pruner(sweep: Sweep) -> optuna.pruners.BasePruner:
@@ -151,20 +151,55 @@ def suggest(sweep: Sweep, trial: optuna.Trial) -> Point:
     settings = {}
     for key, dim in sweep.spec.search.items():
         if dim.values is not None:
-            labels = dim.labels()
-            settings[key] = dim.values[labels.index(trial.suggest_categorical(key, labels))]
+            settings[key] = trial.suggest_categorical(key, dim.labels())
         elif dim.integer:
             settings[key] = trial.suggest_int(key, dim.low, dim.high, step=dim.step or 1, log=dim.log)
         else:
-            settings[key] = three_digits(trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log))
+            settings[key] = trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
+    return point_of(sweep, settings)
+
+
+def point_of(sweep: Sweep, params: dict) -> Point:
+    """The point of a trial's params (a grid's value labels, a range's sampled numbers)."""
+    settings = {}
+    for key, dim in sweep.spec.search.items():
+        value = params[key]
+        if dim.values is not None:
+            settings[key] = dim.values[dim.labels().index(value)]
+        else:
+            settings[key] = value if dim.integer else three_digits(value)
     return sweep.point(settings)
 
 
 def grid_order(sweep: Sweep) -> list[Point]:
     """The grid's points in the order the sweep tries them (trial number i gets GridSampler's point i)."""
-    quiet_optuna()
-    study = optuna.create_study(sampler=make_sampler(sweep, 0))  # in memory: only the order is wanted
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=make_sampler(sweep))  # in memory: only the order is wanted
     return [suggest(sweep, study.ask()) for _ in range(min(sweep.max_trials, len(sweep.grid_points())))]
+
+
+# ------------------------------------------------------------------------------------------ trials
+
+
+def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """The trial as the storage holds it now."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials of the search: each retried trial once (its last retry), none asked past the budget."""
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return [t for t in trials if t.number not in retried and OVER_BUDGET not in t.user_attrs]
+
+
+def search_done(sweep: Sweep, study: optuna.Study) -> str | None:
+    """Why no new trial should be asked for, or None."""
+    search = counted(study.get_trials(deepcopy=False))
+    if sweep.max_trials is not None and len(search) >= sweep.max_trials:
+        return f"{len(search)} trials, the budget"
+    if sweep.finite and len({t.user_attrs.get(POINT) for t in search} - {None}) >= len(sweep.grid_points()):
+        return "every point of the search space has a trial"
+    return None
 
 
 def failures(sweep: Sweep) -> dict[str, str]:
@@ -173,93 +208,37 @@ def failures(sweep: Sweep) -> dict[str, str]:
     if study is None:
         return {}
     return {
-        t.user_attrs[POINT]: t.user_attrs.get(FAILED, "failed")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if POINT in t.user_attrs
+        t.user_attrs[POINT]: t.user_attrs.get(FAILED, "its worker stopped beating (killed?) every time it was tried")
+        for t in counted(study.get_trials(deepcopy=False))
+        if t.state == TrialState.FAIL and POINT in t.user_attrs
     }
 
 
-# ------------------------------------------------------------------------------------ claiming
+def stored_results(sweep: Sweep) -> dict[str, tuple[Point, RunResult]]:
+    """Run name → (point, result) of every run the storage recorded, wherever it trained."""
+    study = open_study(sweep, create=False)
+    if study is None:
+        return {}
+    out = {}
+    for t in counted(study.get_trials(deepcopy=False)):
+        if RUNS in t.user_attrs and set(t.params) == set(sweep.spec.search):
+            point = point_of(sweep, t.params)
+            for result in t.user_attrs[RUNS].values():
+                out[sweep.run_name(point, result["seed"])] = (point, stored_result(result))
+    for key, runs in study.user_attrs.items():
+        if key.startswith("confirm "):
+            point = sweep.point(runs["settings"])
+            for result in runs["results"].values():
+                out[sweep.run_name(point, result["seed"])] = (point, stored_result(result))
+    return out
 
 
-def search_done(sweep: Sweep, study: optuna.Study) -> str | None:
-    """Why no new trial should be asked for, or None."""
-    trials = study.get_trials(deepcopy=False)
-    if sweep.max_trials is not None and len(trials) >= sweep.max_trials:
-        return f"{len(trials)} trials, the budget"
-    if sweep.finite and len({t.user_attrs.get(POINT) for t in trials} - {None}) >= len(sweep.grid_points()):
-        return "every point of the search space has a trial"
-    return None
+def result_attr(sweep: Sweep, run: RunDir, seed: int) -> dict:
+    return {**asdict(read_run(sweep, run, seed)), "path": str(run.path)}
 
 
-def claim_next(sweep: Sweep, study: optuna.Study, skip: set[int]) -> Claim | None:
-    """A trial for this process: one left by a worker that is gone, else a new one; None when the search
-    has no more (`skip`: trials this process found busy elsewhere)."""
-    with claiming(sweep):
-        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen.number not in skip and (claim := adopt(sweep, study, frozen)):
-                return claim
-        while (reason := search_done(sweep, study)) is None:
-            study.sampler = make_sampler(sweep, len(study.get_trials(deepcopy=False)))
-            trial = study.ask()
-            if claim := take_new(sweep, study, trial, suggest(sweep, trial)):
-                return claim
-    console.log(f"sweep {sweep.name}: no new trial ({reason})")
-    return None
-
-
-def adopt(sweep: Sweep, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> Claim | None:
-    """Take over a RUNNING trial whose point nobody holds (its worker is gone, or --plan recorded it)."""
-    trial = optuna.Trial(study, frozen._trial_id)  # optuna has no public way to reopen a RUNNING trial
-    point = suggest(sweep, trial)  # its own values (one cut short before sampling draws the rest now)
-    lock = ExitStack()
-    try:
-        lock.enter_context(writer_lock(sweep.dir / point.name))
-    except Busy:
-        return None  # a live worker trains it
-    if frozen.number not in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
-        lock.close()  # its worker finished it just now (a worker tells optuna before it lets go of the point)
-        return None
-    trial.set_user_attr(POINT, point.name)
-    console.log(f"trial {trial.number} ({point.name}): taking it over (its worker is gone, or --plan recorded it)")
-    return Claim(trial, point, lock)
-
-
-def take_new(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, point: Point) -> Claim | None:
-    """The new trial's claim, None for a repeat of a point (it gets the earlier trial's outcome)."""
-    if settle_repeat(study, trial, point):
-        return None
-    lock = ExitStack()
-    try:
-        lock.enter_context(writer_lock(sweep.dir / point.name))
-    except Busy as e:
-        trial.set_user_attr(FAILED, str(e))
-        study.tell(trial, state=TrialState.FAIL)
-        return None
-    return Claim(trial, point, lock)
-
-
-def settle_repeat(study: optuna.Study, trial: optuna.Trial, point: Point) -> bool:
-    """Name the trial's point; a point an earlier trial has is not trained again: this trial gets that
-    trial's value (or is pruned or failed with it; failed while it runs). True for a repeat."""
-    earlier = next(
-        (
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get(POINT) == point.name and t.number != trial.number
-        ),
-        None,
-    )
-    trial.set_user_attr(POINT, point.name)
-    if earlier is None:
-        return False
-    if earlier.state == TrialState.COMPLETE:
-        study.tell(trial, earlier.value)
-    else:
-        trial.set_user_attr(FAILED, f"the same point as trial {earlier.number}")
-        study.tell(trial, state=TrialState.PRUNED if earlier.state == TrialState.PRUNED else TrialState.FAIL)
-    console.log(f"trial {trial.number} ({point.name}): the point of trial {earlier.number}, not trained again")
-    return True
+def stored_result(result: dict) -> RunResult:
+    return RunResult(**{**result, "path": Path(result["path"])})
 
 
 # ------------------------------------------------------------------------------------- training
@@ -268,13 +247,12 @@ def settle_repeat(study: optuna.Study, trial: optuna.Trial, point: Point) -> boo
 class EpochReporter:
     """Reports the epoch-end evaluations of a trial's first run to optuna (step = epoch) and stops the
     run when the pruner says so, but at its last epoch (nothing is left to save then); an epoch
-    already in the storage (a resumed run) is not reported twice."""
+    already in the storage (a resumed run, a retried trial) is not reported twice."""
 
     def __init__(self, sweep: Sweep, study: optuna.Study, trial: optuna.Trial, recipe: Recipe):
         self.sweep, self.trial = sweep, trial
         self.last_epoch = recipe.train.epochs if recipe.train.max_steps is None else None
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-        self.reported = set(frozen.intermediate_values)
+        self.reported = set(frozen(study, trial).intermediate_values)
 
     def __call__(self, record: dict, progress: Progress) -> None:
         at = epoch_value(record, self.sweep.metric)
@@ -314,45 +292,89 @@ def epoch_value(record: dict, metric: str) -> tuple[int, float] | None:
     return int(epoch), record[metric]
 
 
-def run_trial(sweep: Sweep, study: optuna.Study, claim: Claim) -> None:
-    """Train the point once per seed and tell optuna the mean of the metric, or that it was pruned or diverged."""
-    trial, point = claim.trial, claim.point
-    finals = []
+@contextmanager
+def holding(sweep: Sweep, point: Point, wait_s: float):
+    """The point's lock, waited for while another worker holds it (it trains the same point: once it is
+    done, its runs are complete here too)."""
+    with ExitStack() as lock:
+        while True:
+            try:
+                lock.enter_context(writer_lock(sweep.dir / point.name))
+                break
+            except Busy:
+                time.sleep(wait_s)
+        yield
+
+
+def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial) -> float:
+    """The objective: train the trial's point once per seed; the mean of the metric, or Pruned / Diverged."""
+    if len([t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]) >= (
+        sweep.max_trials or float("inf")
+    ):
+        trial.set_user_attr(OVER_BUDGET, True)
+        study.stop()
+        raise OverBudget()
+    point = suggest(sweep, trial)
+    trial.set_user_attr(POINT, point.name)
+    if (first := RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen(study, trial))) is not None:
+        console.log(f"trial {trial.number} ({point.name}): trial {first} again (its worker stopped), resuming its runs")
+    with holding(sweep, point, sweep.spec.heartbeat.interval):
+        try:
+            return train_point(sweep, study, trial, point)
+        except (Stopped, DiskError, KeyboardInterrupt):
+            retry_stale()(study, frozen(study, trial))  # the next ask (any worker's) resumes it
+            raise
+
+
+def train_point(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, point: Point) -> float:
+    results, finals = {}, []
     for index, seed in enumerate(sweep.seeds):
         run = RunDir(sweep.run_dir(point, seed))
         if run.pruned.is_file() and not run.summary.is_file():  # pruned by a worker killed before it told optuna
-            study.tell(trial, state=TrialState.PRUNED)
-            return
+            raise optuna.TrialPruned(f"pruned at epoch {read_run(sweep, run, seed).epoch}")
         recipe = sweep.recipe(point, seed)
         reporter = EpochReporter(sweep, study, trial, recipe) if index == 0 else None
         console.log(f"trial {trial.number} ({point.name}): training seed {seed} in {run.path}")
         try:
-            summary = train(recipe, on_evaluate=reporter)
+            summary = train_waiting(recipe, reporter, sweep.spec.heartbeat.interval)
         except Pruned as pruned:
             atomic_write_json(run.pruned, pruned.record)
-            study.tell(trial, state=TrialState.PRUNED)
+            trial.set_user_attr(RUNS, {**results, str(seed): result_attr(sweep, run, seed)})
             console.log(
                 f"trial {trial.number} ({point.name}): pruned at epoch {pruned.record['epoch']} "
                 f"({sweep.metric} {pruned.record['value']:.4f})"
             )
-            return
+            raise
         except Diverged as e:
             trial.set_user_attr(FAILED, str(e))
-            study.tell(trial, state=TrialState.FAIL)
             console.warn(f"trial {trial.number} ({point.name}): failed: {e}")
-            return
+            raise
         if reporter is not None:
             reporter.catch_up(run)
         finals.append(summary["final"][sweep.metric])
-    study.tell(trial, statistics.mean(finals))
+        results[str(seed)] = result_attr(sweep, run, seed)
+        trial.set_user_attr(RUNS, results)
+    mean = statistics.mean(finals)
     console.log(
-        f"trial {trial.number} ({point.name}): {sweep.metric} {statistics.mean(finals):.4f} "
+        f"trial {trial.number} ({point.name}): {sweep.metric} {mean:.4f} "
         f"(mean of {len(finals)} seed{'s' * (len(finals) > 1)})"
     )
+    return mean
+
+
+def train_waiting(recipe: Recipe, reporter, wait_s: float) -> dict:
+    """`train`, waited for while an `lrft train` elsewhere (a --plan command) holds the run dir."""
+    while True:
+        try:
+            return train(recipe, on_evaluate=reporter)
+        except Busy as e:
+            console.log(f"{e}; waiting for it")
+            time.sleep(wait_s)
 
 
 def confirm(sweep: Sweep, study: optuna.Study) -> None:
-    """The best points trained again with the confirmation seeds, once no trial runs anywhere."""
+    """The best points trained again with the confirmation seeds, once no trial runs anywhere; their
+    results stored with the study."""
     if sweep.spec.confirm is None:
         return
     if running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -361,43 +383,61 @@ def confirm(sweep: Sweep, study: optuna.Study) -> None:
             f"finish: rerun this command then to confirm it with seeds {sweep.spec.confirm.seeds}"
         )
         return
-    for point in top_points(sweep, collect(sweep), sweep.spec.confirm.top):
-        with ExitStack() as lock:
-            try:
-                lock.enter_context(writer_lock(sweep.dir / point.name))
-            except Busy:
-                continue  # another worker confirms it
+    for point in top_points(sweep, collect(sweep, stored_results(sweep)), sweep.spec.confirm.top):
+        results = {}
+        with holding(sweep, point, sweep.spec.heartbeat.interval):
             for seed in sweep.spec.confirm.seeds:
                 console.log(f"confirm {point.name}: training seed {seed} in {sweep.run_dir(point, seed)}")
                 try:
-                    train(sweep.recipe(point, seed))
+                    train_waiting(sweep.recipe(point, seed), None, sweep.spec.heartbeat.interval)
                 except Diverged as e:
                     console.warn(f"confirm {point.name}: seed {seed} failed: {e}")
+                results[str(seed)] = result_attr(sweep, RunDir(sweep.run_dir(point, seed)), seed)
+        study.set_user_attr(f"confirm {point.name}", {"settings": point.settings, "results": results})
 
 
 def work(sweep: Sweep) -> None:
-    """One worker: claim and train trials until the search is done or the time budget is spent, then confirm."""
+    """One worker: ask and train trials until the search is done or the time budget is spent, wait for
+    the trials other workers run (retrying a dead worker's), then confirm."""
     study = open_study(sweep)
+    hb = sweep.spec.heartbeat
     console.log(
         f"sweep {sweep.name}: {sweep.sampler} sampler, {sweep.max_trials or 'unbounded'} trials × "
         f"{len(sweep.seeds)} seed(s), {sweep.metric} ({sweep.direction}), pruner {sweep.spec.pruner.type}; "
-        f"runs and storage in {sweep.dir}"
+        f"runs in {sweep.dir}, study in {masked(sweep.storage)} (heartbeat {hb.interval} s, grace {hb.grace} s)"
     )
-    started, skip = time.monotonic(), set()
+
+    def has_work() -> bool:  # a queued trial (a retry, a planned one) is asked whatever the budget says
+        return search_done(sweep, study) is None or bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def after_trial(study: optuna.Study, _: FrozenTrial) -> None:
+        if not has_work():
+            study.stop()
+
+    minutes, started, waiting = sweep.spec.budget.minutes, time.monotonic(), False
     while True:
-        minutes = sweep.spec.budget.minutes
-        if minutes is not None and time.monotonic() - started >= 60 * minutes:
+        left = None if minutes is None else 60 * minutes - (time.monotonic() - started)
+        if left is not None and left <= 0:
             console.log(f"sweep {sweep.name}: the time budget ({minutes:g} min) is spent; no new trial")
             break
-        claim = claim_next(sweep, study, skip)
-        if claim is None:
+        if has_work():
+            study.optimize(
+                partial(run_trial, sweep, study), timeout=left, catch=(Diverged, OverBudget), callbacks=[after_trial]
+            )
+            waiting = False
+            continue
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            console.log(f"sweep {sweep.name}: no new trial ({search_done(sweep, study)})")
             break
-        with claim.lock:
-            try:
-                run_trial(sweep, study, claim)
-            except Busy as e:  # its run is being trained by an `lrft train` (a --plan command) right now
-                console.warn(f"trial {claim.trial.number} ({claim.point.name}): {e}; leaving it")
-                skip.add(claim.trial.number)
+        if not waiting:
+            console.log(
+                f"sweep {sweep.name}: waiting for {len(running)} trial(s) other workers run (one whose worker "
+                f"is gone is retried here once its heartbeat is {hb.grace} s old)"
+            )
+            waiting = True
+        time.sleep(hb.interval)
+        fail_stale_trials(study)
     confirm(sweep, study)
 
 
@@ -406,22 +446,27 @@ def work(sweep: Sweep) -> None:
 
 def planned_points(sweep: Sweep) -> list[Point]:
     """The points --plan prints: a grid's, in the order the sweep tries them; a sampled sweep's trials,
-    the next suggestions (up to budget.trials) asked now, without results, and recorded in the
-    storage as RUNNING trials nobody holds, so a later `lrft sweep` takes them over (or finds their
-    runs done) and the next --plan continues after them."""
+    the next suggestions (up to budget.trials) asked now, without results, and queued in the storage as
+    a dead worker's trial is (told FAILED, queued again), so a later `lrft sweep` asks them first (or
+    finds their runs done) and the next --plan continues after them."""
     if sweep.sampler == "grid":
         return grid_order(sweep)
     if sweep.max_trials is None:
         raise LrftError(f"{sweep.path}: --plan of a tpe sweep needs budget.trials (how many suggestions to print)")
     study = open_study(sweep)
-    with claiming(sweep):
-        while search_done(sweep, study) is None:
-            study.sampler = make_sampler(sweep, len(study.get_trials(deepcopy=False)))
+    asked = []  # all asked before any is queued: an ask takes a queued trial first
+    while search_done(sweep, study) is None:
+        with warnings.catch_warnings():  # that heartbeats beat only inside optimize: these trials train elsewhere
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
             trial = study.ask()
-            settle_repeat(study, trial, suggest(sweep, trial))
+        trial.set_user_attr(POINT, suggest(sweep, trial).name)
+        asked.append(trial)
+    for trial in asked:
+        retry_stale(max_retry=None)(study, frozen(study, trial))  # always queued, however often planned
+        study.tell(trial, state=TrialState.FAIL)
     points = [
-        suggest(sweep, t)
-        for t in study.get_trials(deepcopy=False)
+        point_of(sweep, t.params)
+        for t in counted(study.get_trials(deepcopy=False))
         if FAILED not in t.user_attrs and set(t.params) == set(sweep.spec.search)
     ]
     return list({p.name: p for p in points}.values())
