@@ -26,7 +26,8 @@ from lrft.sweep.study import grid_order
 from tests.helpers import ROOT, lrft, make_sentences, recipe_dict, write_recipe, write_splits
 
 GOOD, BETTER, STUCK = 1e-2, 3e-2, 1e-9  # learning rates
-QUICK_HEARTBEAT = {"interval": 1, "grace": 2}  # a killed worker's trial is stale 2 s after its last beat
+# a killed worker's trial is stale 4 s after its last beat; a live one beats every second, loaded or not
+QUICK_HEARTBEAT = {"interval": 1, "grace": 4}
 VOLATILE = ("minutes", "command", "run_dir")  # report fields that differ between two copies of a sweep
 
 
