@@ -5,8 +5,9 @@ only the storage URL and the output dir with the others, as a job array's tasks 
 Checked on both storages: two workers finish a 6-point grid with pruning, each point trained once,
 to the table one worker makes; a worker SIGKILLed mid-trial has its trial retried by the other
 (heartbeats), which resumes the run; TPE with two workers loses and duplicates no trial; a report
-from the storage alone (no run dir here) equals the one from the run dirs. Bad storage URLs are one
-line each, the password masked.
+from the storage alone (no run dir here) equals the one from the run dirs, and no run dir or log holds
+the password. `--workers 2 --storage URL` shares one study; the URL's source order (flag, environment,
+spec, the sweep dir); bad storage URLs are one line each, the password masked.
 
 The PostgreSQL tests need a server: `.ci/postgres start DIR` prints a URL for $LRFT_TEST_POSTGRES
 (CI does this and sets LRFT_REQUIRE_POSTGRES=1, so there they fail rather than skip).
@@ -166,6 +167,8 @@ def test_two_workers_finish_a_pruned_grid_to_the_table_of_one(cli, base_recipe, 
         f"lr{lr}_log_every{n}": status for lr, status in (("1e-2", "done"), ("1e-9", "pruned")) for n in (100, 101, 102)
     }
     assert stable(shared["rows"]) == one_workers_rows(cli, spec, runs)
+    written = [f for d in (runs, tmp_path / "a", tmp_path / "b") for f in d.rglob("*") if f.is_file()]
+    assert not [f for f in written if PASSWORD.encode() in f.read_bytes()]  # no credential in a run dir or log
     # the storage alone reports the same table: the run dirs moved where this machine cannot see them
     shutil.move(runs, tmp_path / "elsewhere")
     assert stable(report(cli, spec, "--storage", storage)["rows"]) == stable(shared["rows"])
@@ -192,6 +195,23 @@ def test_a_killed_workers_trial_is_retried_by_the_other_which_resumes_it(cli, ba
     states = [t.state.name for t in counted(study_trials(spec, storage))]
     assert states == ["COMPLETE"] * 4, states
     assert stable(report(cli, spec, "--storage", storage)["rows"]) == one_workers_rows(cli, spec, runs)
+
+
+def test_workers_started_together_share_the_storage_given_on_the_command_line(tmp_path, base_recipe):
+    """`--workers 2 --storage URL`: the workers get the URL through the environment (not in `ps`)."""
+    spec = write_spec(
+        tmp_path / "pair.yaml",
+        base_recipe,
+        search={"train.lr": [GOOD, BETTER]},
+        **{**shared_fields(tmp_path / "runs"), "overrides": {"output.dir": str(tmp_path / "runs"), "train.epochs": 1}},
+    )
+    journal = f"journal:{tmp_path / 'pair.log'}"
+    done = subprocess.run(
+        lrft_command("sweep", spec, "--workers", "2", "--storage", journal), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "2 workers done: exit codes [0, 0]" in done.stderr, done.stderr[-3000:]
+    assert sorted(t.user_attrs["point"] for t in study_trials(spec, journal)) == ["lr1e-2", "lr3e-2"]
+    assert not (tmp_path / "runs" / "pair" / "sweep.db").exists()
 
 
 # --------------------------------------------------------------------------------------- TPE
