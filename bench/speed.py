@@ -14,6 +14,12 @@ median of those paired ratios, with its interquartile range (machine noise of a 
 moments cancels in the pairs; a ratio of medians over different moments does not). talora's calibration pass is timed on the same batches and reported as a fraction of an
 epoch of its own training. Peak RSS is the whole process's (all variants); on a GPU the peak GPU
 memory of each variant's steps is reported too.
+
+The distance to the hardware's limit: each variant's FLOPs per step (forward + backward, counted by
+torch's FlopCounterMode on the first batch: matmuls and attention, the work that dominates), the
+FLOP/s its median step achieves, and that as a share of the peak this device reaches on one large
+matmul at the model's dtype (measured here, the best of a few; a practical peak, below the data
+sheet's).
 """
 
 from __future__ import annotations
@@ -136,6 +142,32 @@ def step(model, opt, batch) -> float:
     return time.perf_counter() - t0
 
 
+def step_flops(model, batch) -> int:
+    """FLOPs of one forward + backward on `batch` (matmuls, convolutions, attention: FlopCounterMode's ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n×n matmuls at `dtype`: what this device reaches on the easiest work."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm-up: kernels, caches, the thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm")
@@ -192,12 +224,20 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 peak_gpu[name] = max(peak_gpu[name], torch.cuda.max_memory_allocated())
         cursor += args.steps
-    saved = {}
+    saved, flops = {}, {}
     for name, model in variants.items():
         with SavedBytes() as s:
             model(**batches[0]).loss.backward()
         model.zero_grad(set_to_none=True)
         saved[name] = s.bytes
+        by_shape: dict[tuple, int] = {}  # batches are padded to their longest: one count per shape
+        for b in batches[args.warmup : cursor]:
+            shape = tuple(b["input_ids"].shape)
+            if shape not in by_shape:
+                by_shape[shape] = step_flops(model, b)
+            flops[name] = flops.get(name, 0) + by_shape[shape]
+    dtype = next(base.parameters()).dtype
+    peak = matmul_peak(dtype, device)
     steps_per_epoch = math.ceil(train_size / args.batch_size)
     rows = []
     for name, ts in times.items():
@@ -212,6 +252,9 @@ def main(argv=None) -> dict:
             "ratio_to_peft_lora": to_peft[0],
             "ratio_to_peft_lora_iqr": to_peft[1],
             "ratio_to_lrft_lora": paired_ratio(ts, times["lora"])[0] if "lora" in times else None,
+            "gflop_per_step": round(flops[name] / len(ts) / 1e9, 2),
+            "achieved_gflops": round(flops[name] / sum(ts) / 1e9, 1),
+            "share_of_peak": round(flops[name] / sum(ts) / peak, 3),
         }
         if name in calibration:
             row["calibration_s"] = round(calibration[name], 2)
@@ -232,6 +275,8 @@ def main(argv=None) -> dict:
         "steps_per_round": args.steps,
         "steps_per_epoch": steps_per_epoch,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "matmul_peak_dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
     }
     if args.json:
@@ -243,13 +288,14 @@ def main(argv=None) -> dict:
         )
         print(
             f"{'variant':<18}{'median s/step':>14}{'tokens/s':>10}{'saved MiB':>10}{'trainable':>11}"
-            f"{'× PEFT':>8}{'(IQR)':>14}{'× lora':>8}"
+            f"{'× PEFT':>8}{'(IQR)':>14}{'× lora':>8}{'GFLOP/step':>11}{'GFLOP/s':>9}{'of peak':>8}"
         )
         for r in rows:
             iqr = "{:.3f}-{:.3f}".format(*r["ratio_to_peft_lora_iqr"])
             print(
                 f"{r['variant']:<18}{r['median_step_s']:>14.4f}{r['tokens_per_s']:>10.1f}{r['saved_for_backward_mib']:>10.1f}"
                 f"{r['trainable']:>11,}{r['ratio_to_peft_lora']:>8.3f}{iqr:>14}{r['ratio_to_lrft_lora'] or float('nan'):>8.3f}"
+                f"{r['gflop_per_step']:>11.2f}{r['achieved_gflops']:>9.1f}{100 * r['share_of_peak']:>7.1f}%"
                 + (
                     f"   calibration {r['calibration_s']} s = {100 * r['calibration_fraction_of_epoch']:.2f} % of an "
                     f"epoch"
@@ -257,7 +303,10 @@ def main(argv=None) -> dict:
                     else ""
                 )
             )
-        print(f"peak RSS of the process: {result['peak_rss_mib']} MiB")
+        print(
+            f"peak: {result['matmul_peak_gflops']} GFLOP/s on a 2048² {result['matmul_peak_dtype']} matmul here; "
+            f"peak RSS of the process: {result['peak_rss_mib']} MiB"
+        )
     return result
 
 

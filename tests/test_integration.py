@@ -213,6 +213,11 @@ def test_speed_suite_smoke(data_dir, monkeypatch):
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"peft-lora", *METHODS}
     assert all(r["ratio_to_peft_lora"] > 0 and r["trainable"] > 0 for r in rows.values())
+    assert result["matmul_peak_gflops"] > 0 and all(
+        r["gflop_per_step"] > 0 and r["achieved_gflops"] > 0 for r in rows.values()
+    )
+    # the same base and batches: the adapters change the step's FLOPs by a small share at most
+    assert all(abs(r["gflop_per_step"] / rows["peft-lora"]["gflop_per_step"] - 1) < 0.05 for r in rows.values())
     assert 0 < rows["talora"]["calibration_fraction_of_epoch"] < 1
 
 
