@@ -16,8 +16,8 @@ epoch of its own training. Peak RSS is the whole process's (all variants); on a 
 memory of each variant's steps is reported too.
 
 The distance to the hardware's limit: each variant's FLOPs per step (forward + backward, counted by
-torch's FlopCounterMode on the first batch: matmuls and attention, the work that dominates), the
-FLOP/s its median step achieves, and that as a share of the peak this device reaches on one large
+torch's FlopCounterMode once per timed batch shape: matmuls and attention, the work that dominates),
+the FLOP/s its timed steps achieve, and that as a share of the peak this device reaches on one large
 matmul at the model's dtype (measured here, the best of a few; a practical peak, below the data
 sheet's).
 """

@@ -22,7 +22,7 @@ import yaml
 
 from lrft.sweep.report import Row, smallest_within
 from lrft.sweep.spec import display_path, load_sweep
-from lrft.sweep.study import grid_order
+from lrft.sweep.study import grid_order, open_study
 from tests.helpers import ROOT, lrft, make_sentences, recipe_dict, write_recipe, write_splits
 
 GOOD, BETTER, STUCK = 1e-2, 3e-2, 1e-9  # learning rates
@@ -80,9 +80,11 @@ def trained(err: str) -> list[str]:
     return re.findall(r"trial \d+ \((\S+)\): training seed", err)
 
 
-def trials(spec: Path) -> list[optuna.trial.FrozenTrial]:
-    sweep = load_sweep(spec)
-    return optuna.load_study(study_name=sweep.name, storage=sweep.storage).get_trials()
+def trials(spec: Path, storage: str | None = None) -> list[optuna.trial.FrozenTrial]:
+    """Every trial of the spec's study, as lrft opens it (the sweep dir's SQLite, or `storage`)."""
+    study = open_study(load_sweep(spec, storage), create=False)
+    assert study is not None, f"{spec}: no study"
+    return study.get_trials()
 
 
 def ordered_spec(path: Path, base: Path, last: str, **fields) -> Path:

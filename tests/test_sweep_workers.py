@@ -22,7 +22,6 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import optuna
 import pytest
 
 from lrft.sweep.spec import load_sweep
@@ -37,6 +36,7 @@ from tests.test_sweep import (
     report,
     stable,
     trained,
+    trials,
     write_base_recipe,
     write_spec,
 )
@@ -101,17 +101,6 @@ def finish(*workers: subprocess.Popen, timeout: float = 300) -> list[int]:
 
 def log_of(home: Path) -> str:
     return (home / "stderr.log").read_text()
-
-
-def study_trials(spec: Path, storage: str) -> list[optuna.trial.FrozenTrial]:
-    sweep = load_sweep(spec, storage)
-    if storage.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        backend = JournalStorage(JournalFileBackend(storage[len("journal:") :]))
-        return optuna.load_study(study_name=sweep.name, storage=backend).get_trials()
-    return optuna.load_study(study_name=sweep.name, storage=storage).get_trials()
 
 
 def shared_fields(runs: Path) -> dict:
@@ -192,7 +181,7 @@ def test_a_killed_workers_trial_is_retried_by_the_other_which_resumes_it(cli, ba
     retry = re.search(rf"trial (\d+) \({killed[0]}\): trial \d+ again \(its worker stopped\)", log)
     assert retry and "resuming from step-000000004" in log, log
     assert sorted(trained(log)) == sorted(p.name for p in load_sweep(spec).grid_points())  # a's point again
-    states = [t.state.name for t in counted(study_trials(spec, storage))]
+    states = [t.state.name for t in counted(trials(spec, storage))]
     assert states == ["COMPLETE"] * 4, states
     assert stable(report(cli, spec, "--storage", storage)["rows"]) == one_workers_rows(cli, spec, runs)
 
@@ -210,7 +199,7 @@ def test_workers_started_together_share_the_storage_given_on_the_command_line(tm
         lrft_command("sweep", spec, "--workers", "2", "--storage", journal), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "2 workers done: exit codes [0, 0]" in done.stderr, done.stderr[-3000:]
-    assert sorted(t.user_attrs["point"] for t in study_trials(spec, journal)) == ["lr1e-2", "lr3e-2"]
+    assert sorted(t.user_attrs["point"] for t in trials(spec, journal)) == ["lr1e-2", "lr3e-2"]
     assert not (tmp_path / "runs" / "pair" / "sweep.db").exists()
 
 
@@ -229,7 +218,7 @@ def test_tpe_with_two_workers_loses_and_duplicates_no_trial(cli, base_recipe, tm
     )
     a, b = start_worker(spec, storage, tmp_path / "a"), start_worker(spec, storage, tmp_path / "b")
     assert finish(a, b) == [0, 0], log_of(tmp_path / "a")[-3000:] + log_of(tmp_path / "b")[-3000:]
-    everything = study_trials(spec, storage)
+    everything = trials(spec, storage)
     search = counted(everything)
     assert len(search) == 8 and {t.state.name for t in search} == {"COMPLETE"}, [t.state for t in everything]
     # asked past the budget by two workers at once: left untrained, never run

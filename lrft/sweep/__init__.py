@@ -3,8 +3,9 @@
 `spec` (what a sweep is: its base recipe, search space, objective, seeds, budget, pruner; its points'
 names, run dirs and `lrft train` commands) → `storage` (where the study lives, by URL) → `study` (the
 optuna study worked by any number of workers: training trials, pruning, retrying a dead worker's,
-plans) → `results` (what the run dirs hold, and what the storage recorded) → `report` (the table, the Pareto plot, the smallest adapter within a
-tolerance of the best; text, JSON, Markdown). This module is what the CLI calls.
+plans) → `results` (what the run dirs hold, and what the storage recorded) → `report` (the table,
+the Pareto plot, the smallest adapter within a tolerance of the best; text, JSON, Markdown). This
+module is what the CLI calls.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lrft.signals import handling
 from lrft.sweep.results import collect, top_points
 from lrft.sweep.spec import Sweep, load_sweep
 from lrft.sweep.storage import STORAGE_ENV, masked
-from lrft.sweep.study import failures, planned_points, stored_results, work
+from lrft.sweep.study import planned_points, recorded, work
 
 
 def check_flags(*, plan: bool, report: bool, markdown: bool, json_out: bool, workers: int) -> None:
@@ -58,8 +59,9 @@ def load_sweeps(paths: list[Path], storage: str | None = None) -> list[Sweep]:
 
 def run_sweeps(sweeps: list[Sweep]) -> None:
     """This process works through each sweep in turn (other processes may work on the same ones). A disk
-    that fails under the storage (SQLite: "database or disk is full") is a DiskError as a run's is: the
-    trial stays RUNNING and the rerun takes it over, resuming its run."""
+    that fails under a local storage (SQLite: "database or disk is full") is a DiskError as a run's is:
+    the trial is queued again (or, if the storage could not record that, found by its stale heartbeat)
+    and the rerun resumes its run."""
     for sweep in sweeps:
         where = sweep.local_storage.name if sweep.local_storage else masked(sweep.storage)
         with disk_failures(sweep.dir, f"{where} (the sweep's storage)"):
@@ -96,8 +98,9 @@ def plan_commands(sweeps: list[Sweep]) -> list[str]:
         confirm = sweep.spec.confirm
         if confirm is None:
             continue
-        results = {r.point.name: r for r in collect(sweep, stored_results(sweep))}
-        settled = set(failures(sweep)) | {n for n, r in results.items() if r.searched(sweep) or r.pruned()}
+        failed, stored = recorded(sweep)
+        results = {r.point.name: r for r in collect(sweep, stored)}
+        settled = set(failed) | {n for n, r in results.items() if r.searched(sweep) or r.pruned()}
         if all(p.name in settled for p in points):
             best = top_points(sweep, list(results.values()), confirm.top)
             commands += [sweep.job_command(p, seed) for p in best for seed in confirm.seeds]

@@ -21,7 +21,7 @@ from lrft.atomic_files import atomic_write_bytes
 from lrft.errors import LrftError
 from lrft.sweep.results import PointResult, collect
 from lrft.sweep.spec import Sweep, display_path
-from lrft.sweep.study import failures, stored_results
+from lrft.sweep.study import recorded
 
 EPSILON = 1e-9  # a difference of exactly --tolerance points counts as within it, whatever the float rounding
 
@@ -84,8 +84,8 @@ def point_row(sweep: Sweep, result: PointResult, failure: str | None) -> Row:
 
 def sweep_rows(sweep: Sweep) -> list[Row]:
     """The sweep's points with run dirs (and failed trials without one), in the order the spec lists them."""
-    failed = failures(sweep)
-    results = collect(sweep, stored_results(sweep))
+    failed, stored = recorded(sweep)
+    results = collect(sweep, stored)
     rows = [point_row(sweep, r, failed.get(r.point.name)) for r in results]
     have = {r.point.name for r in results}
     rows += [

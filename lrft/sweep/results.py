@@ -1,7 +1,7 @@
 """What a sweep's runs hold: each point's runs (one per seed), finished, pruned or not done, with the
 objective metric, trainable parameters and train time, read from the run dirs here and, for runs
 whose dirs are on another machine's disk, from what the storage recorded when they ended
-(lrft.sweep.study.stored_results). A sweep whose runs were trained anywhere (its `--plan` commands on
+(lrft.sweep.study.recorded). A sweep whose runs were trained anywhere (its `--plan` commands on
 a cluster) reads like one trained here.
 """
 

@@ -23,9 +23,9 @@ from lrft.errors import LrftError
 STORAGE_ENV = "LRFT_SWEEP_STORAGE"  # a job script's storage URL, for every sweep it runs
 DEFAULT_FILE = "sweep.db"  # the default study: SQLite in the sweep dir
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql")  # optuna's RDBStorage, through SQLAlchemy
-MAX_RETRIES = 2  # a trial whose worker dies this many times more fails for good (a point that kills its worker)
+MAX_RETRIES = 2  # retries of a trial whose worker died; one more death fails it for good (a point that kills it)
 DRIVERS = {
-    "postgresql": "psycopg2 (pip install 'lrft[postgres]')",
+    "postgresql": "psycopg (pip install 'lrft[postgres]')",
     "mysql": "PyMySQL (pip install pymysql; mysql+pymysql://...)",
 }
 URL_FORMS = "postgresql://USER:PASSWORD@HOST:PORT/DB, mysql+pymysql://..., sqlite:///PATH or journal:PATH"

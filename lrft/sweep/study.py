@@ -202,11 +202,15 @@ def search_done(sweep: Sweep, study: optuna.Study) -> str | None:
     return None
 
 
-def failures(sweep: Sweep) -> dict[str, str]:
-    """Point → why its trial failed, from the storage if there is one."""
+def recorded(sweep: Sweep) -> tuple[dict[str, str], dict[str, tuple[Point, RunResult]]]:
+    """What the storage says, read once: why each failed point failed, and every run it recorded (none
+    of either without a storage)."""
     study = open_study(sweep, create=False)
-    if study is None:
-        return {}
+    return ({}, {}) if study is None else (failures(study), stored_results(sweep, study))
+
+
+def failures(study: optuna.Study) -> dict[str, str]:
+    """Point → why its trial failed."""
     return {
         t.user_attrs[POINT]: t.user_attrs.get(FAILED, "its worker stopped beating (killed?) every time it was tried")
         for t in counted(study.get_trials(deepcopy=False))
@@ -214,11 +218,8 @@ def failures(sweep: Sweep) -> dict[str, str]:
     }
 
 
-def stored_results(sweep: Sweep) -> dict[str, tuple[Point, RunResult]]:
+def stored_results(sweep: Sweep, study: optuna.Study) -> dict[str, tuple[Point, RunResult]]:
     """Run name → (point, result) of every run the storage recorded, wherever it trained."""
-    study = open_study(sweep, create=False)
-    if study is None:
-        return {}
     out = {}
     for t in counted(study.get_trials(deepcopy=False)):
         if RUNS in t.user_attrs and set(t.params) == set(sweep.spec.search):
@@ -383,7 +384,7 @@ def confirm(sweep: Sweep, study: optuna.Study) -> None:
             f"finish: rerun this command then to confirm it with seeds {sweep.spec.confirm.seeds}"
         )
         return
-    for point in top_points(sweep, collect(sweep, stored_results(sweep)), sweep.spec.confirm.top):
+    for point in top_points(sweep, collect(sweep, stored_results(sweep, study)), sweep.spec.confirm.top):
         results = {}
         with holding(sweep, point, sweep.spec.heartbeat.interval):
             for seed in sweep.spec.confirm.seeds:
