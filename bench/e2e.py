@@ -140,8 +140,8 @@ def run_trainer(job: str, work: Path, smoke: bool) -> dict:
             task_type="CAUSAL_LM" if causal else "SEQ_CLS",
         ),
     )
-    train = features(task, data.train, tokenizer, recipe.data.max_length, "training examples")
-    dev = features(task, data.evals[""], tokenizer, recipe.data.max_length, "evaluation examples")
+    train = features(data.train, tokenizer, recipe.data.max_length, "training examples")
+    dev = features(data.evals[""], tokenizer, recipe.data.max_length, "evaluation examples")
     cfg = recipe.train
     steps = cfg.max_steps or cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     args = TrainingArguments(

@@ -11,7 +11,8 @@ The report also renders results/bench/*.json (bench/speed.py --json) and results
 - tuned: the `lrft sweep` reports of sweeps/*.yaml whose run dirs exist under results/sweeps;
 - e2e: whole jobs against HF Trainer + PEFT (`python bench/e2e.py --json > results/e2e.json`);
 - memory: the memory levers (`python bench/memory.py --json > results/memory.json`);
-- heads: the task head's defaults before and after issue 27 (run dirs under results/heads).
+- heads: the task head's defaults before and after issue 27 (run dirs under results/heads);
+- preference: DPO runs on the HH pairs (run dirs under results/runs) and `bench/dpo.py --json > results/dpo.json`.
 
 Every number in RESULTS.md comes from a run dir's summary.json, metrics.jsonl and recipe.yaml (or a
 bench/speed.py JSON), never from hand edits; each row lists the command that regenerates it.
@@ -98,6 +99,7 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
             rows += [Row(task, m, r, seed, recipe, tuple(o)) for m, r, recipe, o in configs]
             rows += [Row(task, m, r, seed, recipe, tuple(o), variant="6") for m, r, recipe, o in same_budget]
     rows += [Row("gsm8k", m, 8, seeds[0], f"recipes/gsm8k_{m}.yaml", ()) for m in ("lora", "talora", "lorta", "tlora")]
+    rows += [Row("preference", m, 8, seeds[0], f"recipes/dpo_hh_{m}.yaml", ()) for m in ("lora", "lorta")]
     return rows
 
 
@@ -447,6 +449,56 @@ def e2e_section() -> list[str]:
     return lines + [""]
 
 
+def preference_section() -> list[str]:
+    """DPO on the HH pairs: held-out rewards and log-probs before (step 0: the reference) and after, and
+    bench/dpo.py's step against TRL's (results/dpo.json) when measured."""
+    lines = [
+        "SmolLM2-135M-Instruct, sigmoid DPO (β 0.1) on 256 training pairs of `../shared/data/preference/hh_harmless`",
+        "(32 steps of 8), 128 held-out pairs, pairs cut to 256 tokens; 'before' is step 0, where the policy is its",
+        "reference (rewards 0 by definition: its log-prob accuracy is the comparable number).",
+        "",
+        "| method | rank | trainable | reward accuracy after | reward margin after | log-prob accuracy before → after "
+        "| chosen log-prob before → after | train time (min) | command |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in plan():
+        if row.task != "preference" or not (d := load(row)):
+            continue
+        summary, before = d["summary"], next(e for e in d["evals"] if e["step"] == 0)
+        after = summary["final"]
+        lines.append(
+            f"| {row.method} | {row.rank} | {summary['trainable_params']:,} | {100 * after['rewards/accuracy']:.1f} % | "
+            f"{after['rewards/margin']:.4f} | {100 * before['logps/accuracy']:.1f} % → {100 * after['logps/accuracy']:.1f} % | "
+            f"{before['logps/chosen']:.2f} → {after['logps/chosen']:.2f} | {summary['train_seconds'] / 60:.1f} | "
+            f"`{shlex.join(row.command())}` |"
+        )
+    bench = ROOT / "results" / "dpo.json"
+    if bench.is_file():
+        data = json.loads(bench.read_text())
+        lines += [
+            "",
+            "A DPO step against TRL's DPOTrainer + PEFT (`python bench/dpo.py --json > results/dpo.json`: the same "
+            "SmolLM2 batches, LoRA r8 on the seven projections, fp32, each variant in its own process):",
+            "",
+            "| variant | pairs per step | median step (s) | peak RSS (MiB) | first loss | step vs TRL | peak RSS vs TRL |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in data.items():
+            ratio = f"{r['step_vs_trl']:.2f}" if "step_vs_trl" in r else "—"
+            rss = f"{r['peak_rss_vs_trl']:.2f}" if "peak_rss_vs_trl" in r else "—"
+            lines.append(
+                f"| {name} | {r['pairs_per_step']} | {r['median_step_s']:.2f} | {r['peak_rss_mib']:,.0f} | "
+                f"{r['first_loss']:.6f} | {ratio} | {rss} |"
+            )
+        if "step_vs_trl_on_the_fly" in data.get("lrft_precomputed", {}):
+            lines += [
+                "",
+                f"lrft with the precomputed reference against TRL with its reference each step: "
+                f"{data['lrft_precomputed']['step_vs_trl_on_the_fly']:.2f}× the step time.",
+            ]
+    return lines + [""]
+
+
 def memory_section() -> list[str]:
     path = ROOT / "results" / "memory.json"
     if not path.is_file():
@@ -532,6 +584,7 @@ SECTIONS = {
     "tuned": ("## Tuned comparison (`lrft sweep`)", tuned_section),
     "e2e": ("## Whole jobs against HF Trainer + PEFT (`bench/e2e.py`)", e2e_section),
     "memory": ("## Memory levers (`bench/memory.py`)", memory_section),
+    "preference": ("## Preference optimization (DPO on Anthropic HH pairs)", preference_section),
 }
 
 

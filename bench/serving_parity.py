@@ -47,7 +47,7 @@ def check(run: Path, work: Path) -> dict:
     a, config, data_cfg, model_cfg = opened.adapted, opened.config, opened.data_cfg, opened.model_cfg
     task = a.task
     split = next(iter(load_task_data(task, data_cfg, need_train=False).evals.values())).head(EXAMPLES)
-    feats = features(task, split, a.tokenizer, data_cfg.max_length, "parity examples")
+    feats = features(split, a.tokenizer, data_cfg.max_length, "parity examples")
     collate = collator(task, a.tokenizer)
     batches = [{k: v for k, v in collate(feats[i : i + 32]).items() if k != "labels"} for i in range(0, len(feats), 32)]
     ours = logits(a.model, batches)

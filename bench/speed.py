@@ -52,7 +52,7 @@ ATTENTION = {"bert": "query,key,value,attention.output.dense", "llama": "q_proj,
 def real_batches(task, tokenizer, n_batches: int, batch_size: int, max_length: int):
     """The first n_batches·batch_size training examples, tokenized and collated as training does."""
     data = load_task_data(task, DataConfig(task=task.name))
-    feats = features(task, data.train.head(n_batches * batch_size), tokenizer, max_length, "benchmark examples")
+    feats = features(data.train.head(n_batches * batch_size), tokenizer, max_length, "benchmark examples")
     collate = collator(task, tokenizer)
     batches = [collate(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)][:n_batches]
     return batches, feats, collate, len(data.train)

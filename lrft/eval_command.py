@@ -15,9 +15,11 @@ from lrft.errors import LrftError
 from lrft.evaluation import eval_sets, evaluate
 from lrft.guard import check_output
 from lrft.models import load_model
-from lrft.open_runs import data_settings, merged_data_source, open_adapted
-from lrft.recipe import DataConfig, ModelConfig
+from lrft.open_runs import data_settings, merged_data_source, open_adapted, read_run_recipe
+from lrft.preference import PreferenceLoss
+from lrft.recipe import DataConfig, ModelConfig, TrainConfig
 from lrft.run_layout import RECIPE, RunDir
+from lrft.training.plan import make_objective
 
 
 def evaluate_target(
@@ -44,7 +46,9 @@ def evaluate_target(
     predictions_path = predictions_path or run_predictions
     data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
     data_cfg.max_length = max_length or data_cfg.max_length
-    evals = eval_sets(task, _load_eval_data(task, data_cfg).evals, tokenizer, data_cfg.max_length)
+    evals = eval_sets(
+        task, _load_eval_data(task, data_cfg).evals, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length
+    )
     model.eval()
     metrics, predictions = evaluate(
         model,
@@ -55,6 +59,7 @@ def evaluate_target(
         tokenizer=tokenizer,
         max_new_tokens=data_cfg.max_new_tokens,
         generation=True,
+        objective=_preference_objective(task, target),
     )
     if predictions and predictions_path:
         write_jsonl(Path(predictions_path), predictions)
@@ -69,6 +74,21 @@ def evaluate_target(
         "max_length": data_cfg.max_length,
         **metrics,
     }
+
+
+def _preference_objective(task, target: str | Path) -> PreferenceLoss | None:
+    """Preference pairs are scored by the run's own loss (train.dpo), else DPO's defaults, against the
+    reference of the adapters switched off: for a plain model, the model itself (its rewards are 0; its
+    log-probs are the "before" numbers)."""
+    if task.problem != "preference":
+        return None
+    recipe = read_run_recipe(Path(target)) if RunDir(Path(target)).is_run() else None
+    if recipe is not None and recipe.adapter.init_from:
+        console.warn(
+            f"{target} started from adapter.init_from: its rewards here are against the base model, not "
+            "against the policy it started from (the run's own evaluations are)"
+        )
+    return make_objective(task, recipe.train if recipe is not None else TrainConfig())
 
 
 def metric_lines(metrics: dict) -> list[str]:

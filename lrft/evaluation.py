@@ -1,4 +1,4 @@
-"""Evaluation: the task's metrics on its evaluation splits, for classifiers and causal LMs.
+"""Evaluation: the task's metrics on its evaluation splits, for classifiers, causal LMs and preference pairs.
 
 Classifiers: logits over the split, batched by length, scored with the task's metrics. Causal LMs:
 the response loss averaged over response tokens, its perplexity, and for generation tasks (gsm8k)
@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from lrft import console
-from lrft.data import Task, compute_metrics, features
+from lrft.data import Task, compute_metrics, example_length, features
 from lrft.data.causal import extract_answer, prompt_features
 from lrft.loss import batch_loss
+from lrft.preference import PreferenceLoss
 
 
 @dataclass
@@ -175,13 +176,13 @@ def evaluate(
     max_new_tokens: int = 256,
     generation: bool = False,
     shard: bool = True,
+    objective: PreferenceLoss | None = None,
 ) -> tuple[dict, list[dict]]:
     """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names.
-
     `generation` also scores greedy generations (tasks with `generate`); predictions are its records.
-    Processes share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs
-    every process to run the same forward passes.
-    """
+    Preference pairs are scored by `objective`, the run's DPO-family loss (pair_metrics). Processes
+    share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs every
+    process to run the same forward passes."""
     from accelerate.utils import gather_object
 
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -191,6 +192,10 @@ def evaluate(
     causal = task.problem == "causal_lm"
     results, predictions = {}, []
     for suffix, split in evals.items():
+        if task.problem == "preference":
+            metrics = pair_metrics(model, split.features, collate, objective, batch_size, device, rank, world, autocast)
+            results.update({f"{k}{suffix}": v for k, v in metrics.items()})
+            continue
         idx, logits, loss_sum, weight = predict(
             model, split.features, collate, batch_size, device, rank, world, autocast, keep_logits=not causal
         )
@@ -221,11 +226,42 @@ def evaluate(
     return results, predictions
 
 
-def eval_sets(task: Task, splits: dict, tokenizer, max_length: int) -> dict[str, EvalSet]:
+def pair_metrics(model, features, collate, objective, batch_size: int, device, rank, world, autocast) -> dict:
+    """The objective's loss and pair metrics (lrft.preference.pair_sums), their means over every pair."""
+    sums = pair_sums(model, features, collate, objective, batch_size, device, rank, world, autocast)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([sums])
+        sums = {k: sum(p[k] for p in parts) for k in sums}
+    pairs = sums.pop("pairs")
+    return {k: v / pairs for k, v in sums.items()}
+
+
+@torch.no_grad()
+def pair_sums(model, features, collate, objective, batch_size: int, device, rank, world, autocast) -> dict[str, float]:
+    """Sums over this process's shard of the pairs of the objective's metrics, its loss and the pair count."""
+    was_training = model.training
+    model.eval()
+    mine = sorted(range(rank, len(features), world), key=lambda i: example_length(features[i]))
+    sums: dict[str, float] = {}
+    for start in console.track(range(0, len(mine), batch_size), "evaluation", "batches"):
+        batch = {k: v.to(device) for k, v in collate([features[i] for i in mine[start : start + batch_size]]).items()}
+        with autocast() if autocast else nullcontext():
+            losses, _ = objective.pair_losses(model, unwrap(model), batch)
+        for k, v in {**objective.batch_sums(), "loss": float(losses.double().sum())}.items():
+            sums[k] = sums.get(k, 0.0) + v
+    model.train(was_training)
+    return sums or {"pairs": 0.0}
+
+
+def eval_sets(
+    task: Task, splits: dict, tokenizer, max_length: int, max_prompt_length: int | None = None
+) -> dict[str, EvalSet]:
     """EvalSets of a task's evaluation splits (prompts only for generation tasks)."""
     return {
         suffix: EvalSet(
-            features(task, split, tokenizer, max_length, "evaluation examples"),
+            features(split, tokenizer, max_length, "evaluation examples", max_prompt_length),
             prompt_features(split, tokenizer) if task.generate else [],
         )
         for suffix, split in splits.items()

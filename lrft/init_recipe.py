@@ -33,7 +33,7 @@ def init_recipe(method: str, task: str, model: str, output: Path | None = None, 
             "train": {"lr": m.suggested_lr},
         }
     )
-    if get_task(task).problem != "causal_lm":  # the head's own lr, written out so a changed lr leaves it be
+    if not get_task(task).causal:  # the head's own lr, written out so a changed lr leaves it be
         recipe.train.head_lr = recipe.train.head_learning_rate
     text = commented_yaml(
         recipe,

@@ -8,6 +8,8 @@ they train under DDP like any parameter and are saved once.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -28,6 +30,7 @@ class AdaptedLinear(nn.Module):
         self.base = base
         self.adapter = adapter
         self.transposed = transposed  # the base stores W0ᵀ (in × out), as Conv1D does
+        self.enabled = True  # False: the base layer alone (adapters_off)
 
     # Some model code reads these off its Linear layers.
     @property
@@ -48,9 +51,25 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if not self.enabled:
+            return out
         if x.dtype == ADAPTER_DTYPE:
             return out + self.adapter(x)
         return out + self.adapter(x.to(ADAPTER_DTYPE)).to(out.dtype)
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """The model without its adapters for the block: every AdaptedLinear computes its base layer alone
+    (a DPO reference at no memory cost: no second copy of the model)."""
+    wrappers = list(adapted(model).values())
+    for w in wrappers:
+        w.enabled = False
+    try:
+        yield model
+    finally:
+        for w in wrappers:
+            w.enabled = True
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -4,7 +4,7 @@ LM's full logits.
 The trainer asks its objective (chosen once, from the task's problem: `objective_for`) two things: what
 an example weighs in a step's mean loss, and the mean loss of a batch. Classifiers and regressors
 take their model's own loss (`ExampleLoss`); causal LMs the cross-entropy of their response tokens
-(`ResponseTokenLoss`). A new objective (a preference loss, say) is a class beside these.
+(`ResponseTokenLoss`); preference pairs a DPO-family loss (lrft.preference, from `sequence_logps`).
 
 A causal LM's output layer turns every position into a vocabulary-sized row of logits (SmolLM2:
 49,152 per token, 0.5 GB in fp32 for a training batch of 8 × 320 tokens, copied again by the
@@ -58,6 +58,11 @@ class Objective(ABC):
     def loss(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean loss of `batch` through `model` (which may wrap `core`, e.g. in DDP)."""
 
+    def batch_sums(self) -> dict[str, float]:
+        """Sums over the last `loss` batch's pairs of what training logs besides the loss (their count
+        under "pairs"); none but the loss by default."""
+        return {}
+
 
 class ExampleLoss(Objective):
     """Classification and regression: the model's own loss from its task head (cross-entropy, or the
@@ -104,6 +109,27 @@ def batch_loss(model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]
     return head.loss
 
 
+def sequence_logps(
+    model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts) of each row's labelled tokens (a response), in fp32: what
+    preference losses compare. Chunked as `batch_loss` is, so the vocabulary-sized logits never exist whole."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if chunkable(core, batch):
+        with loss_head(core, labels, per_sequence=True) as head:
+            model(**inputs, use_cache=False)
+        return head.sequence_logps, head.sequence_tokens
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    keep = targets != IGNORE
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * keep).sum(-1), keep.sum(-1)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what a batch of pairs hands the model
+
+
 def chunkable(core: nn.Module, batch: dict) -> bool:
     labels = batch.get("labels")
     return (
@@ -115,10 +141,10 @@ def chunkable(core: nn.Module, batch: dict) -> bool:
 
 
 @contextmanager
-def loss_head(core: nn.Module, labels: torch.Tensor):
+def loss_head(core: nn.Module, labels: torch.Tensor, per_sequence: bool = False):
     """`core`'s output layer replaced by a ChunkedLossHead for the block."""
     head = core.get_output_embeddings()
-    stand_in = ChunkedLossHead(head, labels, getattr(core.config, "final_logit_softcapping", None))
+    stand_in = ChunkedLossHead(head, labels, getattr(core.config, "final_logit_softcapping", None), per_sequence)
     core.set_output_embeddings(stand_in)
     try:
         yield stand_in
@@ -127,30 +153,38 @@ def loss_head(core: nn.Module, labels: torch.Tensor):
 
 
 class ChunkedLossHead(nn.Module):
-    """Stands in for a causal LM's output layer: computes the loss, returns a placeholder for the logits."""
+    """Stands in for a causal LM's output layer: computes the loss (the mean over labelled tokens, or with
+    `per_sequence` each row's summed log-probs and token count), returns a placeholder for the logits."""
 
-    def __init__(self, head: nn.Linear, labels: torch.Tensor, softcap: float | None):
+    def __init__(self, head: nn.Linear, labels: torch.Tensor, softcap: float | None, per_sequence: bool = False):
         super().__init__()
         object.__setattr__(self, "head", head)  # a reference: the model keeps owning its output layer
-        self.labels, self.softcap = labels, softcap
+        self.labels, self.softcap, self.per_sequence = labels, softcap, per_sequence
         self.loss: torch.Tensor | None = None
+        self.sequence_logps: torch.Tensor | None = None
+        self.sequence_tokens: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         targets = self.labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         keep = targets != IGNORE
         states, targets = hidden[:, :-1][keep], targets[keep]
-        total = hidden.new_zeros((), dtype=torch.float32)
+        chunks = []
         for start in range(0, len(targets), CHUNK_TOKENS):
             chunk = (states[start : start + CHUNK_TOKENS], targets[start : start + CHUNK_TOKENS])
             if torch.is_grad_enabled():
-                total = total + checkpoint(self.chunk_loss, *chunk, use_reentrant=False)
+                chunks.append(checkpoint(self.token_logps, *chunk, use_reentrant=False))
             else:
-                total = total + self.chunk_loss(*chunk)
-        self.loss = total / max(len(targets), 1)
+                chunks.append(self.token_logps(*chunk))
+        token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+        if self.per_sequence:
+            rows = keep.nonzero()[:, 0]
+            self.sequence_logps = token_logps.new_zeros(len(keep)).index_add(0, rows, token_logps)
+            self.sequence_tokens = keep.sum(-1)
+        self.loss = -token_logps.sum() / max(len(targets), 1)
         return hidden.new_zeros(hidden.shape[0], hidden.shape[1], 1)  # what the model returns as logits
 
-    def chunk_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def token_logps(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = F.linear(states, self.head.weight, self.head.bias).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return -F.cross_entropy(logits, targets, reduction="none")

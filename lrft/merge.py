@@ -25,7 +25,7 @@ import torch
 from lrft import console, peft_format
 from lrft.adapted_model import Opened
 from lrft.atomic_files import atomic_dir, check_writable
-from lrft.data import collator, features, load_task_data
+from lrft.data import PreferenceSplit, collator, features, get_task, load_task_data
 from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
 from lrft.guard import check_output
@@ -46,7 +46,7 @@ from lrft.run_lock import writer_lock
 # 2.7e-4 of it (one of its 210 modules left unmerged at ‖ΔW‖/‖W0‖ = 0.3%) to 8e-2 (ΔW added twice at 3%).
 PARITY_ROUNDING_FACTOR = 4.0
 UPDATE_KEPT_MIN = 0.5  # a bf16/fp16 merge warns when a module keeps less than half of its update
-PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4}
+PARITY_EXAMPLES = {"classification": 64, "regression": 64, "causal_lm": 4, "preference": 4}
 CAUSAL_PARITY_TOKENS = 128  # logits of a causal LM are (tokens × vocab): a short window suffices
 GENERATION_PROMPTS, GENERATION_TOKENS = 3, 24
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +137,7 @@ def _merge(
     opened = _open_to_merge(run_dir, out, task, base, force)
     a, config, data_cfg = opened.adapted, opened.config, data_settings(opened, data_path)
     model = a.model
-    causal = a.task.problem == "causal_lm"
+    causal = a.task.causal
     phase.advance(note=next(step))
     batch, prompts, data_source = _parity_inputs(data_cfg, a)
     before = _logits(model, batch)
@@ -372,13 +372,15 @@ def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict], str]:
     task = a.task
     data = load_task_data(task, data_cfg, need_train=False)
     split = next(iter(data.evals.values())).head(PARITY_EXAMPLES[task.problem])
-    feats = features(task, split, a.tokenizer, data_cfg.max_length, "parity examples")
-    if task.problem == "causal_lm":
+    if isinstance(split, PreferenceSplit):  # pairs: their prompts with the chosen responses
+        split, task = split.chosen_examples(), get_task("instruction")
+    feats = features(split, a.tokenizer, data_cfg.max_length, "parity examples")
+    if task.causal:
         feats = [{k: v[:CAUSAL_PARITY_TOKENS] for k, v in f.items()} for f in feats]
     batch = collator(task, a.tokenizer)(feats)
     batch.pop("labels", None)
     prompts = []
-    if task.problem == "causal_lm":
+    if task.causal:
         prompts = [p["prompt_ids"] for p in prompt_features(split.head(GENERATION_PROMPTS), a.tokenizer)]
     return dict(batch), prompts, data.source
 

@@ -245,7 +245,7 @@ def load_config(model_cfg, **overrides):
 
 def load_model(model_cfg, task, label_names: list[str] | None):
     """(model, tokenizer) with the head the task needs: a causal LM, or sequence classification."""
-    if task.problem == "causal_lm":
+    if task.causal:
         return load_for_causal_lm(model_cfg)
     num_labels = 1 if task.problem == "regression" else len(label_names)
     return load_for_classification(model_cfg, num_labels, label_names, task.problem == "regression")

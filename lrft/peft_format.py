@@ -59,7 +59,7 @@ PREFIX = "base_model.model."
 # on every tiny family × method at ‖ΔW‖/‖W0‖ of 0.3% and 3%: at most 0.8 · eps_fp32 · √fan-in of the
 # branch's max |output|; allowed: 16 times that, far below a wrong factor or scale (a share of 1).
 EXPORT_ROUNDING_FACTOR = 16.0
-TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "preference": "CAUSAL_LM"}
 
 
 def is_peft_dir(path: Path) -> bool:

@@ -29,6 +29,7 @@ from lrft.config.yaml_files import read_yaml_mapping
 from lrft.data import TASKS
 from lrft.errors import LrftError
 from lrft.methods import MethodParams
+from lrft.preference import LOSSES
 
 SEED_LIMIT = 2**32  # NumPy's seeds are 0 ≤ seed < 2**32 (accelerate's set_seed seeds NumPy too)
 TOKENS_LIMIT = 2**20  # more tokens than any model reads; tokenizers take lengths as C integers (2**64 overflows)
@@ -53,7 +54,9 @@ TRACKERS = tuple(tracking.PACKAGES)
 
 class DataConfig(Section):
     task: TaskName = Field(
-        description="glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k or instruction"
+        description=(
+            "glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k, instruction or preference"
+        )
     )
     path: str | None = Field(None, description="local dir with the task's files (else $LRFT_DATA_DIR, else the hub)")
     max_length: int = Field(128, ge=8, le=TOKENS_LIMIT, description="truncate examples to this many tokens")
@@ -63,6 +66,15 @@ class DataConfig(Section):
     text_pair_column: str | None = Field(None, description="text-classification: field of the second text, if any")
     label_column: str = Field("label", description="text-classification: field holding the label")
     label_names: list[str] | None = Field(None, description="text-classification: labels in order (default: sorted)")
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        le=TOKENS_LIMIT,
+        description="preference: a pair over max_length keeps this many of its prompt's last tokens (default: half)",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="preference: share of a single file's pairs held out (by a hash of each pair)"
+    )
     max_new_tokens: int = Field(
         256, gt=0, le=TOKENS_LIMIT, description="generation tasks (gsm8k): tokens generated per answer at evaluation"
     )
@@ -82,6 +94,15 @@ class DataConfig(Section):
             )
         return names
 
+    @model_validator(mode="after")
+    def _room_for_responses(self):
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length: {self.max_prompt_length} tokens of prompt leave no room for a response "
+                f"in data.max_length={self.max_length}; set it below data.max_length (or leave it out: half)"
+            )
+        return self
+
 
 class AdapterConfig(Section):
     """`adapter`: a method and its params. One subclass per registered method (`adapter_variant`)."""
@@ -92,6 +113,9 @@ class AdapterConfig(Section):
         description="Linear layers to adapt, matched by name suffix (default: the model family's query and value projections)",
     )
     params: MethodParams = Field(default_factory=MethodParams, description="the method's parameters (rank, ...)")
+    init_from: str | None = Field(
+        None, description="a finished run whose adapter the training starts from (DPO after SFT: the reference too)"
+    )
 
     @field_validator("params", mode="before")
     @classmethod
@@ -143,6 +167,22 @@ AnyAdapterConfig = Annotated[Union[tuple(ADAPTER_VARIANTS.values())], Field(disc
 HEAD_LR_MIN = 1e-2
 
 
+class DPOConfig(Section):
+    loss: Literal[tuple(LOSSES)] = Field(  # type: ignore[valid-type]
+        "sigmoid", description=f"preference loss: {', '.join(LOSSES)} (lrft/preference.py has each formula)"
+    )
+    beta: float = Field(0.1, gt=0, description="β: the strength of the reference's pull (orpo: the odds ratio's λ)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: the share of pairs assumed mislabelled (cDPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the reward margin γ")
+    reference: Literal["auto", "precomputed", "adapters_off"] = Field(
+        "auto",
+        description=(
+            "the reference's log-probs: precomputed once into the run dir, or each step with the adapters "
+            "switched off (auto: whichever runs fewer forward passes)"
+        ),
+    )
+
+
 class TrainConfig(Section):
     epochs: int = Field(3, gt=0, description="passes over the training data")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
@@ -192,6 +232,10 @@ class TrainConfig(Section):
         False,
         description="batch examples of similar length together (less padding); the same batches on any process count",
     )
+    objective: Literal["auto", "dpo"] = Field(
+        "auto", description="what training minimises: auto (the task's own loss; dpo for preference pairs) or dpo"
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="preference optimisation (train.objective: dpo)")
     report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
         default_factory=list, description="experiment trackers to log to: tensorboard, wandb, mlflow, trackio, ..."
     )
@@ -257,11 +301,26 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _head_fits_task(self):
-        needed = "causal_lm" if TASKS[self.data.task].problem == "causal_lm" else "classification"
+        needed = "causal_lm" if TASKS[self.data.task].causal else "classification"
         if self.model.type not in ("auto", needed):
             raise ValueError(
                 f"model.type: {self.model.type} does not fit data.task {self.data.task}, which needs "
                 f"{needed}; set model.type: {needed} or auto"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_task(self):
+        problem = TASKS[self.data.task].problem
+        if self.train.objective == "dpo" and problem != "preference":
+            raise ValueError(
+                f"train.objective: dpo trains preference pairs, and data.task {self.data.task} is {problem}; "
+                "set data.task: preference (pairs of chosen and rejected responses) or leave train.objective out"
+            )
+        if self.adapter.init_from and self.train.dpo.reference == "adapters_off" and problem == "preference":
+            raise ValueError(
+                "train.dpo.reference: adapters_off makes the base model the reference, not the adapter.init_from "
+                "policy; set train.dpo.reference: precomputed (or auto) to start from that run and refer to it"
             )
         return self
 

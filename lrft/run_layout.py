@@ -10,6 +10,7 @@ lrft.run_lock's.
       adapter/ best_adapter/ adapter.safetensors + adapter_config.json
       checkpoints/           resumable checkpoints (lrft.checkpoint)
       calibration/           statistics and plan of methods that calibrate (lrft.calibrate)
+      reference/             a preference run's precomputed reference log-probs (lrft.reference)
       analysis/              `lrft analyze` output
       comparisons/<other>/   `lrft analyze --against <other>` output, a dir per run compared with
       predictions.jsonl      generations of generation tasks (predictions_step0.jsonl before training)
@@ -29,6 +30,7 @@ ADAPTER = "adapter"
 BEST_ADAPTER = "best_adapter"
 CHECKPOINTS = "checkpoints"
 CALIBRATION = "calibration"
+REFERENCE = "reference"
 ANALYSIS = "analysis"
 COMPARISONS = "comparisons"
 PREDICTIONS = "predictions.jsonl"
@@ -46,6 +48,7 @@ LAYOUT = frozenset(
         BEST_ADAPTER,
         CHECKPOINTS,
         CALIBRATION,
+        REFERENCE,
         ANALYSIS,
         COMPARISONS,
         PREDICTIONS,
@@ -74,6 +77,7 @@ class RunDir:
     best_adapter = property(lambda self: self.path / BEST_ADAPTER)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     calibration = property(lambda self: self.path / CALIBRATION)
+    reference = property(lambda self: self.path / REFERENCE)
     analysis = property(lambda self: self.path / ANALYSIS)
     trackers = property(lambda self: self.path / TRACKERS)
     pruned = property(lambda self: self.path / PRUNED)

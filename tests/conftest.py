@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    make_pairs,
     make_problems,
     make_sentences,
     recipe_dict,
@@ -40,6 +41,11 @@ def tiny_gsm8k_dir(tmp_path_factory) -> Path:
     return write_splits(tmp_path_factory.mktemp("tiny-gsm8k"), make_problems, (("train", 48, 3), ("test", 12, 4)))
 
 
+@pytest.fixture(scope="session")
+def tiny_pairs_dir(tmp_path_factory) -> Path:
+    return write_splits(tmp_path_factory.mktemp("tiny-pairs"), make_pairs, (("train", 32, 1), ("test", 16, 2)))
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir, tiny_data_dir):
     """Writes the tiny classification recipe (runs under tmp_path/runs); a function of method, name and
@@ -58,6 +64,19 @@ def causal_recipe(tmp_path, tiny_llama_dir, tiny_gsm8k_dir):
 
     def write(method: str = "lora", name: str = "lm", **sections) -> Path:
         recipe = recipe_dict(tiny_llama_dir, tiny_gsm8k_dir, tmp_path / "runs", method, name, causal=True, **sections)
+        return write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+    return write
+
+
+@pytest.fixture
+def preference_recipe(tmp_path, tiny_llama_dir, tiny_pairs_dir):
+    """Writes the tiny preference recipe (DPO on the tiny Llama), like `tiny_recipe`."""
+
+    def write(method: str = "lora", name: str = "dpo", **sections) -> Path:
+        recipe = recipe_dict(
+            tiny_llama_dir, tiny_pairs_dir, tmp_path / "runs", method, name, causal="preference", **sections
+        )
         return write_recipe(tmp_path / f"{name}.yaml", recipe)
 
     return write

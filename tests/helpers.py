@@ -257,6 +257,23 @@ def make_problems(n: int, seed: int) -> list[dict]:
     return out
 
 
+def make_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs in the standard layout: the right sum chosen over a wrong one."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        wrong = (a + b + rng.randint(1, 3)) % 10
+        out.append(
+            {
+                "prompt": f"what is {a} plus {b}?",
+                "chosen": f"{a} plus {b} is {a + b}",
+                "rejected": f"{a} plus {b} is {wrong}",
+            }
+        )
+    return out
+
+
 MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 
 
@@ -293,6 +310,13 @@ CAUSAL = {
     "calibration": {"samples": 8, "batch_size": 4},
 }
 
+PREFERENCE = {
+    "data": {"task": "preference", "max_length": 32},
+    "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
+    "calibration": {"samples": 8, "batch_size": 4},
+}
+
 
 def recipe_dict(
     model_dir: Path,
@@ -300,12 +324,13 @@ def recipe_dict(
     out_dir: Path,
     method: str = "lora",
     name: str = "tiny",
-    causal: bool = False,
+    causal: bool | str = False,
     **sections,
 ) -> dict:
     """The tiny recipe: a classification task on the tiny BERT (or gsm8k on the tiny Llama with
-    `causal`), rank 4, seed 0; `sections` update its sections key by key (or replace a scalar)."""
-    shape = CAUSAL if causal else CLASSIFICATION
+    `causal`, preference pairs with causal="preference"), rank 4, seed 0; `sections` update its
+    sections key by key (or replace a scalar)."""
+    shape = PREFERENCE if causal == "preference" else CAUSAL if causal else CLASSIFICATION
     recipe = {
         "name": name,
         "seed": 0,

@@ -55,6 +55,17 @@ def _data_dir(
     return scratch / "d"
 
 
+PAIR = '{"prompt": "what is 1 plus 2?", "chosen": "1 plus 2 is 3", "rejected": "1 plus 2 is 4"}\n'
+
+
+def _preference_train(w: Path, s: Path, train: str, **changes) -> list:
+    """`lrft train` of a preference recipe on the tiny Llama, its pairs' train.jsonl `train`."""
+    data = _data_dir(s, train, PAIR, eval_stem="test")
+    changes = {"data.task": "preference", "data.max_length": 32, "data.path": str(data), **changes}
+    changes.setdefault("adapter.target_modules", ["q_proj", "v_proj"])
+    return ["train", _recipe_file(s, w, **changes), "model.name=" + str(s / "llama")]
+
+
 CASES = {
     # ------------------------------------------------------------------------------------ recipes
     "recipe missing": (lambda w, s: ["train", s / "none.yaml"], ["recipe: no file at", "lrft init"]),
@@ -382,6 +393,31 @@ CASES = {
             "model.name=" + str(s / "llama"),
         ],
         ["data.max_length: 8 tokens leave no response token to learn"],
+    ),
+    # ------------------------------------------------------------------------------- preference pairs
+    "pair without rejected": (
+        lambda w, s: _preference_train(w, s, '{"prompt": "what is 1 plus 2?", "chosen": "3"}\n'),
+        ["train.jsonl:1: no field 'rejected'", "a pair needs chosen and rejected"],
+    ),
+    "pairs all identical": (
+        lambda w, s: _preference_train(w, s, '{"prompt": "what is 1 plus 2?", "chosen": "3", "rejected": "3"}\n'),
+        ["train.jsonl: no usable preference pair"],
+    ),
+    "prompt leaves no room": (
+        lambda w, s: _preference_train(w, s, PAIR, **{"data.max_prompt_length": 32}),
+        ["data.max_prompt_length: 32 tokens of prompt leave no room", "data.max_length=32"],
+    ),
+    "dpo on a classifier": (
+        lambda w, s: ["train", _recipe_file(s, w, **{"train.objective": "dpo"})],
+        ["train.objective: dpo trains preference pairs", "data.task text-classification is classification"],
+    ),
+    "init_from another method": (
+        lambda w, s: _preference_train(w, s, PAIR, **{"adapter.init_from": str(w / "runs" / "ta")}),
+        ["adapter.init_from:", "was trained with method 'talora' and this recipe has 'lora'"],
+    ),
+    "init_from another base": (
+        lambda w, s: _preference_train(w, s, PAIR, **{"adapter.init_from": str(w / "runs" / "good")}),
+        ["adapter.init_from:", "was trained with targets", "same base model"],
     ),
     # ------------------------------------------------------------------------------------ model dirs
     "model dir without config": (
@@ -807,7 +843,16 @@ def _unrelated_tensors() -> bytes:
     return save({"unrelated": torch.zeros(3)})
 
 
-CAUSAL_CASES = {"gsm8k line without answer", "instruction layout", "nothing left to learn"}  # on a tiny Llama
+CAUSAL_CASES = {  # on a tiny Llama
+    "gsm8k line without answer",
+    "instruction layout",
+    "nothing left to learn",
+    "pair without rejected",
+    "pairs all identical",
+    "prompt leaves no room",
+    "init_from another method",
+    "init_from another base",
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

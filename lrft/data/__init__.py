@@ -2,7 +2,7 @@
 
 Layout: `tasks` (the registry and the example containers), `user_files` (reading users' files), one reader
 per family of tasks (`glue`, `text` for users' own labelled texts, `causal` for gsm8k and instruction
-data), `metrics`. This module is what the rest of lrft uses: load a task's splits, tokenize them,
+data, `preference` for pairs), `metrics`. This module is what the rest of lrft uses: load a task's splits, tokenize them,
 batch them, score predictions.
 """
 
@@ -10,15 +10,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrft.data import causal, glue, text
+from lrft.data import causal, glue, preference, text
 from lrft.data.metrics import compute_metrics
-from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, TASKS, PromptSplit, Split, Task, TaskData, get_task, local_source
+from lrft.data.tasks import (
+    DATA_DIR_ENV,
+    HUB_SOURCE,
+    TASKS,
+    PreferenceSplit,
+    PromptSplit,
+    Split,
+    Task,
+    TaskData,
+    get_task,
+    local_source,
+)
 from lrft.errors import LrftError
 
 __all__ = [
     "DATA_DIR_ENV",
     "HUB_SOURCE",
     "TASKS",
+    "PreferenceSplit",
     "PromptSplit",
     "Split",
     "Task",
@@ -26,6 +38,7 @@ __all__ = [
     "collator",
     "compute_metrics",
     "encode",
+    "example_length",
     "features",
     "get_task",
     "load_task_data",
@@ -37,6 +50,8 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     """Examples of `task` per the recipe's `data` section, from a local dir or the hub."""
     if task.problem == "causal_lm":
         data = causal.load(task, data_cfg, need_train)
+    elif task.problem == "preference":
+        data = preference.load(task, data_cfg, need_train)
     elif task.name == "text-classification":
         data = text.load(data_cfg, need_train)
     else:
@@ -59,18 +74,33 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     return data
 
 
-def features(task: Task, split, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
-    """Tokenized, unpadded features of a split for the task's model (the collator pads each batch)."""
-    if task.problem == "causal_lm":
+def features(
+    split, tokenizer, max_length: int, what: str = "examples", max_prompt_length: int | None = None
+) -> list[dict]:
+    """Tokenized, unpadded features of a split (the collator pads each batch): pairs of a preference
+    split (prompts cut to max_prompt_length, default half of max_length), prompt/response examples, or
+    texts to classify."""
+    if isinstance(split, PreferenceSplit):
+        prompt_room = max_prompt_length if max_prompt_length is not None else max_length // 2
+        return preference.encode_pairs(split, tokenizer, max_length, prompt_room, what)
+    if isinstance(split, PromptSplit):
         return causal.encode_prompts(split, tokenizer, max_length, what)
     return encode(split, tokenizer, max_length)
 
 
+def example_length(feature: dict) -> int:
+    """A feature's tokens in a batch (a pair's: its longer side)."""
+    return len(feature["input_ids"]) if "input_ids" in feature else preference.pair_length(feature)
+
+
 def collator(task: Task, tokenizer):
     """Pads a list of features into a batch of tensors (on the tokenizer's padding side, right for
-    training); causal-LM labels are padded with -100 so padding never counts in the loss."""
+    training); causal-LM labels are padded with -100 so padding never counts in the loss; pairs become
+    one batch of their chosen then their rejected sequences."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+    if task.problem == "preference":
+        return preference.PairCollator(tokenizer.pad_token_id)
     if task.problem == "causal_lm":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=causal.IGNORE, return_tensors="pt")
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")

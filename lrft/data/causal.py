@@ -160,18 +160,27 @@ def render(tokenizer, prompt: list[dict], response: str | None) -> str:
     return text if response is None else text + response + (tokenizer.eos_token or "")
 
 
-def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
-    """Training features: input ids of prompt + response, labels -100 on the prompt, cut to max_length."""
-    prompt_text = [render(tokenizer, p, None) for p in split.prompts]
-    full_text = [render(tokenizer, p, r) for p, r in zip(split.prompts, split.responses)]
+def prompt_response_ids(tokenizer, prompts: list[list[dict]], responses: list[str]) -> list[tuple[list, list]]:
+    """(prompt ids, response ids) per example, rendered as the model will read them: the response ids
+    are what follows the rendered prompt in the rendered dialogue (its end-of-turn tokens included)."""
+    prompt_text = [render(tokenizer, p, None) for p in prompts]
+    full_text = [render(tokenizer, p, r) for p, r in zip(prompts, responses)]
     special = not getattr(tokenizer, "chat_template", None)  # a template writes its own special tokens
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=special)["input_ids"]
-    features, cut, empty = [], 0, 0
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=special)["input_ids"] if prompts else []
+    full_ids = tokenizer(full_text, add_special_tokens=special)["input_ids"] if prompts else []
+    out = []
     for p_ids, f_ids, p_text, f_text in zip(prompt_ids, full_ids, prompt_text, full_text):
         if f_ids[: len(p_ids)] != p_ids:  # the boundary merged into one token: tokenize the response apart
             f_ids = p_ids + tokenizer(f_text[len(p_text) :], add_special_tokens=False)["input_ids"]
-        labels = [IGNORE] * len(p_ids) + f_ids[len(p_ids) :]
+        out.append((p_ids, f_ids[len(p_ids) :]))
+    return out
+
+
+def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
+    """Training features: input ids of prompt + response, labels -100 on the prompt, cut to max_length."""
+    features, cut, empty = [], 0, 0
+    for p_ids, r_ids in prompt_response_ids(tokenizer, split.prompts, split.responses):
+        f_ids, labels = p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
         if len(f_ids) > max_length:
             cut += 1
             f_ids, labels = f_ids[:max_length], labels[:max_length]
@@ -179,17 +188,23 @@ def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "
             empty += 1
             continue
         features.append({"input_ids": f_ids, "attention_mask": [1] * len(f_ids), "labels": labels})
-    if cut or empty:
-        console.warn(
-            f"{cut} of {len(split)} {what} were cut to data.max_length={max_length} tokens"
-            + (f"; {empty} kept no response token and were left out" if empty else "")
-        )
+    warn_cut(cut, empty, len(split), what, max_length, "kept no response token")
     if not features and len(split):
         raise LrftError(
             f"data.max_length: {max_length} tokens leave no response token to learn in any of the "
             f"{len(split)} {what}; raise data.max_length"
         )
     return features
+
+
+def warn_cut(cut: int, empty: int, total: int, what: str, max_length: int, why_empty: str) -> None:
+    """The one warning of a tokenized split: how many of its `total` examples data.max_length cut, and
+    how many were left out (`why_empty`)."""
+    if cut or empty:
+        console.warn(
+            f"{cut} of {total} {what} were cut to data.max_length={max_length} tokens"
+            + (f"; {empty} {why_empty} and were left out" if empty else "")
+        )
 
 
 def prompt_features(split: PromptSplit, tokenizer) -> list[dict]:

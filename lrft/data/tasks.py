@@ -36,7 +36,7 @@ class Columns:
 @dataclass(frozen=True)
 class Task:
     name: str
-    problem: str  # "classification", "regression" or "causal_lm"
+    problem: str  # "classification", "regression", "causal_lm" or "preference" (pairs for a causal LM)
     label_names: tuple[str, ...] | None  # None: regression, or learned from the data
     metrics: tuple[str, ...]
     main_metric: str  # what best-checkpoint tracking maximises
@@ -52,6 +52,11 @@ class Task:
     max_length: int = 128  # tokens per example when nothing says otherwise (`lrft eval` of a plain model)
 
     @property
+    def causal(self) -> bool:
+        """Whether the task's model is a causal LM (causal_lm and preference tasks)."""
+        return self.problem in ("causal_lm", "preference")
+
+    @property
     def num_labels(self) -> int:
         return 1 if self.problem == "regression" else len(self.label_names or ())
 
@@ -61,6 +66,15 @@ def _glue(name, problem, labels, metrics, main, hub_cols, local_cols, **kw) -> T
 
 
 ENTAIL2 = ("entailment", "not_entailment")
+PREFERENCE_METRICS = (
+    "rewards/accuracy",
+    "rewards/margin",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/accuracy",
+)
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -167,6 +181,17 @@ TASKS: dict[str, Task] = {
             max_length=320,
         ),
         Task("instruction", "causal_lm", None, ("perplexity",), "loss", max_length=512),
+        # Preference pairs (lrft.data.preference) for the DPO family (lrft.preference): scored by the
+        # implicit rewards of the policy against its reference on held-out pairs.
+        Task(
+            "preference",
+            "preference",
+            None,
+            PREFERENCE_METRICS,
+            "rewards/accuracy",
+            eval_splits=(EvalSplit("", "test", "test"),),
+            max_length=512,
+        ),
     ]
 }
 
@@ -213,10 +238,34 @@ class PromptSplit:
 
 
 @dataclass
+class PreferenceSplit:
+    """Preference pairs: the shared prompt as chat messages, the preferred and the dispreferred response."""
+
+    prompts: list[list[dict]]
+    chosen: list[str]
+    rejected: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int | None) -> PreferenceSplit:
+        if n is None or n >= len(self):
+            return self
+        return PreferenceSplit(self.prompts[:n], self.chosen[:n], self.rejected[:n])
+
+    def chosen_examples(self) -> PromptSplit:
+        """The pairs as causal-LM examples of their chosen responses (calibration, merge parity)."""
+        return PromptSplit(self.prompts, self.chosen, [None] * len(self))
+
+
+AnySplit = Split | PromptSplit | PreferenceSplit
+
+
+@dataclass
 class TaskData:
     task: Task
-    train: Split | PromptSplit
-    evals: dict[str, Split | PromptSplit]  # metric-name suffix → split
+    train: AnySplit
+    evals: dict[str, AnySplit]  # metric-name suffix → split
     label_names: list[str] | None
     source: str  # where the examples came from: an absolute dir, or HUB_SOURCE + the dataset; runs record it
 

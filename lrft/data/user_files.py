@@ -6,6 +6,7 @@ Every problem names the file and line and says what to do, so a bad file is one 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -15,10 +16,20 @@ TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def read_text(path: Path) -> str:
+    """A file's UTF-8 text; a `.gz` file decompressed first."""
     try:
+        if path.suffix == ".gz":
+            return gzip.decompress(path.read_bytes()).decode("utf-8-sig")
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise LrftError(f"{path}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise LrftError(f"{path}: not a readable gzip file ({e}); decompress or replace it") from None
+
+
+def record_format(path: Path) -> str:
+    """A data file's format suffix, a `.gz` compression set aside: data.jsonl.gz → .jsonl."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
 def find_split_file(path: Path, stems: tuple[str, ...], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Path | None:
@@ -52,8 +63,8 @@ def scalar_field(record: dict, column: str, path: Path, line_no: int):
 
 def read_records(path: Path) -> list[tuple[int, dict, Path]]:
     """(line number, record, file) for each example of a jsonl/json/csv/tsv file."""
-    text = read_text(path)
-    if path.suffix == ".jsonl":
+    text, suffix = read_text(path), record_format(path)
+    if suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -66,7 +77,7 @@ def read_records(path: Path) -> list[tuple[int, dict, Path]]:
                 raise LrftError(f"{path}:{n}: expected a JSON object per line")
             out.append((n, rec, path))
         return out
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             recs = json.loads(text)
         except json.JSONDecodeError as e:
@@ -74,6 +85,6 @@ def read_records(path: Path) -> list[tuple[int, dict, Path]]:
         if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
             raise LrftError(f"{path}: expected a JSON list of objects")
         return [(i + 1, r, path) for i, r in enumerate(recs)]
-    delimiter = "\t" if path.suffix == ".tsv" else ","
+    delimiter = "\t" if suffix == ".tsv" else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     return [(n + 2, dict(r), path) for n, r in enumerate(reader)]

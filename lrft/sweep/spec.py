@@ -41,7 +41,9 @@ OWN_KEYS = {
     "name": "the sweep names its runs <point>_s<seed>",
     "output.dir": "set output.dir under overrides: (runs go to <output.dir>/<sweep name>/)",
 }
-SCALELESS = ("loss", "perplexity")  # metrics shown as they are; the others (fractions) in points, ×100
+MINIMISED = ("loss", "perplexity")  # the metrics a sweep minimises by default; the others it maximises
+# metrics shown as they are; the others (fractions) in points, ×100
+SCALELESS = (*MINIMISED, "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "logps/rejected")
 RANGE_POINTS = 64  # how many points of a sampled space `check` validates (its corners)
 
 
@@ -324,8 +326,9 @@ class Sweep:
         self.seeds = spec.seeds or [self.base.seed]
         self.task = get_task(self.base.data.task)
         self.metric = spec.objective.metric
-        self.scale = 1.0 if self.metric.split("_")[0] in SCALELESS else 100.0
-        self.direction = spec.objective.direction or ("min" if self.scale == 1.0 else "max")
+        base_metric = self.metric.split("_")[0]
+        self.scale = 1.0 if base_metric in SCALELESS else 100.0
+        self.direction = spec.objective.direction or ("min" if base_metric in MINIMISED else "max")
         self.sampler = spec.sampler_type
         self.labels = key_labels(list(spec.search))
         self.finite = all(d.values is not None for d in spec.search.values())  # every point can be listed

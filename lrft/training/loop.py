@@ -25,15 +25,14 @@ from pathlib import Path
 
 import torch
 
-from lrft import calibrate, console, methods
-from lrft.adapted_model import Base, adapt, adapter_config, load_base
-from lrft.atomic_files import append_jsonl, atomic_write_json, atomic_write_text, write_jsonl
-from lrft.checkpoint import list_checkpoints, save_adapter, save_checkpoint
-from lrft.data import collator, features
+from lrft import calibrate, console, methods, reference
+from lrft.adapted_model import Adapted, Base, adapt, adapter_config, load_base
+from lrft.atomic_files import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, write_jsonl
+from lrft.checkpoint import ADAPTER_FILE, list_checkpoints, load_adapter, save_adapter, save_checkpoint
+from lrft.data import PreferenceSplit, TaskData, collator, features, get_task
 from lrft.errors import DiskError
 from lrft.evaluation import eval_sets, evaluate
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
-from lrft.loss import objective_for
 from lrft.parallel import Parallel
 from lrft.recipe import SEED_LIMIT, Recipe
 from lrft.run_layout import RunDir
@@ -46,7 +45,10 @@ from lrft.training.plan import (
     load_data,
     log_model,
     make_accelerator,
+    make_objective,
     make_optimizer,
+    reference_mode,
+    start_adapter,
     start_regression_head,
 )
 from lrft.training.session import (
@@ -110,6 +112,7 @@ class Trainer:
         self.nonfinite = NonFinitePolicy(self.cfg, self.run_dir.checkpoints)
         self.disk_failure: DiskError | None = None  # the main process's write the disk failed under (main_writes)
         self.window_losses: list[float] = []  # the finite losses of the steps since the last logged one
+        self.window_sums: dict[str, float] = {}  # the objective's metric sums since the last logged step (batch_sums)
         self.last_checkpoint = time.monotonic()  # when the last checkpoint was written (or fit began)
 
     def run(self) -> dict:
@@ -149,6 +152,7 @@ class Trainer:
         resume_from = None if self.restart else resume_point(self.run_dir, self.recipe)
         set_seed(self.recipe.seed)
         self.plan = self.make_plan()
+        self.prepare_reference()
         if self.world > 1:
             over = self.accelerator.distributed_type.value
             console.log(
@@ -171,13 +175,13 @@ class Trainer:
         )
         if task.problem == "regression" and cfg.train_head:
             start_regression_head(base.model, data)
-        train_features = features(task, data.train, base.tokenizer, recipe.data.max_length, "training examples")
-        evals = eval_sets(task, data.evals, base.tokenizer, recipe.data.max_length)
+        train_features = features(
+            data.train, base.tokenizer, recipe.data.max_length, "training examples", recipe.data.max_prompt_length
+        )
+        evals = eval_sets(task, data.evals, base.tokenizer, recipe.data.max_length, recipe.data.max_prompt_length)
         collate = collator(task, base.tokenizer)
-        objective = objective_for(task.problem)
-        with self.clock.phase("calibration"):
-            stats = self.calibration(base, train_features, collate)
-        adapted_model = adapt(base, recipe, calibration=stats)
+        objective = make_objective(task, cfg)
+        adapted_model, stats = self.adapters(base, data, train_features, collate)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(adapted_model.model)
         trainable = sum(p.numel() for p in adapter_parameters(adapted_model.model))
@@ -194,6 +198,8 @@ class Trainer:
             )
         steps_per_epoch = math.ceil(len(train_features) / cfg.batch_size)
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        eval_pairs = sum(len(e.features) for e in evals.values())
+        reference = reference_mode(recipe, task, len(train_features), eval_pairs, steps_per_epoch, total_steps)
         optimizer, scheduler = make_optimizer(cfg, adapted_model.model, head_params, total_steps)
         model, optimizer = self.parallel.prepare(adapted_model.model, optimizer)
         return Plan(
@@ -216,9 +222,32 @@ class Trainer:
             total_params=total_params,
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
+            reference=reference,
         )
 
-    def calibration(self, base: Base, train_features: list[dict], collate) -> calibrate.Statistics | None:
+    def adapters(
+        self, base: Base, data: TaskData, train_features: list[dict], train_collate
+    ) -> tuple[Adapted, calibrate.Statistics | None]:
+        """The recipe's adapters on the base (calibrated first, for methods that calibrate), or those of
+        the adapter.init_from run, rebuilt from its config and loaded, which need no calibration."""
+        recipe = self.recipe
+        if recipe.adapter.init_from:
+            config, adapter_dir = start_adapter(recipe, base)
+            adapted_model = adapt(base, recipe, saved_meta=config.get("meta"))
+            tensors, _ = load_adapter(adapter_dir)
+            load_saved_state(adapted_model.model, tensors, str(adapter_dir))
+            console.log(f"adapter: starts from {adapter_dir}")
+            return adapted_model, None
+        examples, collate = (lambda: train_features), train_collate
+        if isinstance(data.train, PreferenceSplit):  # pairs calibrate on their prompts and chosen responses
+            chosen = data.train.chosen_examples()
+            examples = lambda: features(chosen, base.tokenizer, recipe.data.max_length, "calibration examples")  # noqa: E731
+            collate = collator(get_task("instruction"), base.tokenizer)
+        with self.clock.phase("calibration"):
+            stats = self.calibration(base, examples, collate)
+        return adapt(base, recipe, calibration=stats), stats
+
+    def calibration(self, base: Base, train_features: Callable[[], list[dict]], collate) -> calibrate.Statistics | None:
         """Statistics for methods that calibrate, before any optimizer exists; None for the others."""
         recipe = self.recipe
         needs = methods.get(recipe.adapter.method).calibration(recipe.adapter.params)
@@ -234,7 +263,7 @@ class Trainer:
         return calibrate.obtain(
             base.model,
             base.targets,
-            train_features,
+            train_features(),
             collate,
             needs,
             cfg=recipe.calibration,
@@ -244,6 +273,56 @@ class Trainer:
             cache_dir=cache_dir,
             accelerator=self.accelerator,
         )
+
+    def prepare_reference(self) -> None:
+        """A preference run's precomputed reference log-probs: reused from the run dir's reference/ when
+        its fingerprint matches, else computed once now (lrft.reference) and saved there; every pair
+        carries them from here on."""
+        plan, recipe = self.plan, self.recipe
+        if plan.reference != "precomputed":
+            return
+        splits = {"train": plan.features, **{f"eval{k}": e.features for k, e in plan.evals.items()}}
+        start = RunDir(Path(recipe.adapter.init_from)).adapter if recipe.adapter.init_from else None
+        model_id = {"model": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype}
+        start_sha = file_sha256(start / ADAPTER_FILE) if start is not None else None
+        expected = reference.fingerprint(model_id, splits, start_sha, self.cfg.precision)
+        logps = reference.cached(self.run_dir.reference, list(splits), expected)
+        (missing,) = self.parallel.any_rank(logps is None)
+        pairs = sum(len(f) for f in splits.values())
+        if missing:
+            with self.clock.phase("reference"):
+                t0 = time.perf_counter()
+                logps = {name: self.reference_logps(f, with_adapters=start is not None) for name, f in splits.items()}
+            self.main_writes(lambda: reference.save(self.run_dir.reference, logps, expected))
+            what = "the adapter.init_from policy" if start else "the base model (adapters off)"
+            console.log(f"reference: log-probs of {pairs} pairs under {what}, {time.perf_counter() - t0:.1f} s")
+        else:
+            console.log(f"reference: log-probs of {pairs} pairs reused from {self.run_dir.reference}")
+        for name, f in splits.items():
+            reference.attach(f, logps[name])
+
+    def reference_logps(self, features: list[dict], with_adapters: bool) -> torch.Tensor:
+        """The reference's [chosen, rejected] log-probs of every pair, each process computing its share
+        (all of them under FSDP, whose processes run the same forward passes)."""
+        plan, acc = self.plan, self.accelerator
+        rank, world = (0, 1) if self.parallel.fsdp else (self.rank, self.world)
+        mine = reference.compute(
+            plan.model,
+            plan.core,
+            features,
+            plan.collate,
+            batch_size=self.cfg.eval_batch_size,
+            device=acc.device,
+            autocast=acc.autocast,
+            with_adapters=with_adapters,
+            rank=rank,
+            world=world,
+        )
+        parts = self.parallel.all_gather(mine) if world > 1 else [mine]
+        out = torch.zeros(len(features), 2, dtype=torch.float64)
+        for idx, values in parts:
+            out[idx] = values
+        return out
 
     def start(self) -> None:
         if self.main:
@@ -342,6 +421,9 @@ class Trainer:
                 # process, so all of them take the same decision (no rank skips a collective).
                 acc.backward(loss)
             loss_total += float(loss.detach())
+            if share:  # a process's stand-in example (share 0) is not counted
+                for k, v in plan.objective.batch_sums().items():
+                    self.window_sums[k] = self.window_sums.get(k, 0.0) + v
         loss_total = self.parallel.mean(loss_total)
         params = [p for g in plan.optimizer.param_groups for p in g["params"]]
         return loss_total, self.parallel.clip_grad_norm(params, self.cfg.max_grad_norm)
@@ -364,6 +446,7 @@ class Trainer:
                     "loss": mean,
                     "lr": lr,
                     "step_time_s": step_time,
+                    **self.window_means(),
                 }
             )
             self.write_adapter_stats()
@@ -373,6 +456,17 @@ class Trainer:
                     f"loss {mean if mean is None else round(mean, 4)} lr {lr:.2e} {step_time:.2f} s/step"
                 )
         shown.update(progress.step, note=f"loss {loss:.4f}")
+
+    def window_means(self) -> dict[str, float]:
+        """The means, over every process's examples since the last logged step, of what the objective
+        sums besides the loss (a preference loss's rewards and log-probs); every process calls it."""
+        if not self.window_sums and not self.plan.objective.batch_sums():
+            return {}
+        parts = self.parallel.all_gather(self.window_sums)
+        self.window_sums = {}
+        total = {k: sum(p.get(k, 0.0) for p in parts) for k in sorted({k for p in parts for k in p})}
+        count = total.pop("pairs", 0.0)
+        return {k: v / count for k, v in total.items()} if count else {}
 
     def record(self, record: dict) -> None:
         """A metrics record: a line of metrics.jsonl, and a point for the trackers."""
@@ -465,6 +559,7 @@ class Trainer:
                 max_new_tokens=self.recipe.data.max_new_tokens,
                 generation=generation,
                 shard=not self.parallel.fsdp,
+                objective=plan.objective if plan.task.problem == "preference" else None,
             )
         if predictions:
             self.main_writes(lambda: write_jsonl(self.run_dir.predictions(at_start=progress.step == 0), predictions))

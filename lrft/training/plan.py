@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lrft import calibrate, console
-from lrft.adapted_model import Adapted
+from lrft.adapted_model import Adapted, Base
 from lrft.data import Task, TaskData, get_task, load_task_data
 from lrft.errors import LrftError
 from lrft.evaluation import EvalSet
 from lrft.inject import adapter_parameters
-from lrft.loss import Objective
+from lrft.loss import Objective, objective_for
+from lrft.open_runs import trained_adapter_config
+from lrft.preference import REFERENCE_FREE, DPOSettings, PreferenceLoss
 from lrft.recipe import Recipe
 from lrft.run_layout import RunDir
 from lrft.targets import start_regression_head_at
@@ -51,6 +54,7 @@ class Plan:
     total_params: int
     steps_per_epoch: int
     total_steps: int
+    reference: str | None = None  # preference runs: "precomputed", "adapters_off" or "none" (a reference-free loss)
 
     def epoch_of(self, step: int) -> float:
         return round(step / self.steps_per_epoch, 4)
@@ -136,3 +140,53 @@ def make_optimizer(
         num_training_steps=total_steps,
     )
     return optimizer, scheduler
+
+
+def make_objective(task: Task, cfg) -> Objective:
+    """The task's own loss, or for preference pairs train.dpo's loss."""
+    if task.problem != "preference":
+        return objective_for(task.problem)
+    dpo = cfg.dpo
+    return PreferenceLoss(DPOSettings(dpo.loss, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma))
+
+
+def reference_mode(
+    recipe: Recipe, task: Task, train_pairs: int, eval_pairs: int, steps_per_epoch: int, total_steps: int
+) -> str | None:
+    """How a preference run gets its reference's log-probs (None for other tasks). `auto` precomputes
+    them when that runs fewer forward passes than the policy's steps and evaluations would run again
+    (always, when the reference is an adapter.init_from policy: switching the adapters off gives the base)."""
+    dpo, cfg = recipe.train.dpo, recipe.train
+    if task.problem != "preference":
+        return None
+    if dpo.loss in REFERENCE_FREE:
+        return "none"
+    if dpo.reference != "auto":
+        return dpo.reference
+    if recipe.adapter.init_from:
+        return "precomputed"
+    evaluations = (total_steps // cfg.eval_every if cfg.eval_every else math.ceil(total_steps / steps_per_epoch)) + 1
+    on_the_fly = total_steps * cfg.batch_size + evaluations * eval_pairs
+    return "precomputed" if train_pairs + eval_pairs <= on_the_fly else "adapters_off"
+
+
+def start_adapter(recipe: Recipe, base: Base) -> tuple[dict, Path]:
+    """The adapter config and dir of the adapter.init_from run, checked to fit this recipe: the same
+    method, params and target modules on the same base model (its target weights' fingerprint)."""
+    run_dir = Path(recipe.adapter.init_from)
+    config = trained_adapter_config(run_dir)
+    where = f"adapter.init_from: {run_dir}"
+    params = recipe.adapter.params.model_dump()
+    differ = (
+        ("method", config["method"], recipe.adapter.method),
+        ("targets", config["targets"], [t.name for t in base.targets]),
+        ("a base model of target-weights fingerprint", config["base_model"].get("fingerprint"), base.fingerprint),
+        *((f"adapter.params.{k}", config["params"].get(k), v) for k, v in params.items()),
+    )
+    for what, theirs, ours in differ:
+        if theirs != ours:
+            raise LrftError(
+                f"{where} was trained with {what} {theirs!r} and this recipe has {ours!r}; start from a run "
+                f"of the same base model, method and params (or leave adapter.init_from out)"
+            )
+    return config, RunDir(run_dir).adapter

@@ -23,7 +23,7 @@ from lrft.errors import LrftError
 
 # What a training checkpoint saves, and the container each part is: a resume checks them first.
 CHECKPOINT_PARTS = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": (list, dict), "progress": dict}
-PHASES = ("loading", "calibration", "training", "evaluation", "saving")  # where a run's wall time goes
+PHASES = ("loading", "calibration", "reference", "training", "evaluation", "saving")  # where a run's wall time goes
 
 
 @dataclass

@@ -40,7 +40,15 @@ def run_summary(recipe: Recipe, plan: Plan, progress: Progress, wall_seconds: fl
         "skipped_nonfinite": progress.skipped_nonfinite,
         "median_step_time_s": round(statistics.median(progress.step_times), 4) if progress.step_times else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **preference_settings(recipe, plan),
     }
+
+
+def preference_settings(recipe: Recipe, plan: Plan) -> dict:
+    """A preference run's loss and where its reference's log-probs came from; nothing for other tasks."""
+    if plan.reference is None:
+        return {}
+    return {"objective": {"dpo": recipe.train.dpo.model_dump(exclude={"reference"})}, "reference": plan.reference}
 
 
 def summary_lines(summary: dict, run_dir: Path) -> list[str]:
