@@ -99,6 +99,22 @@ def test_one_file_is_split_by_each_pair_s_content_not_its_place(tmp_path):
     assert held[0] == held[1] and 5 < len(held[0]) < 40  # about a tenth, the same pairs
 
 
+def test_a_run_on_one_file_of_pairs_is_evaluated_on_the_same_held_out_pairs(cli, preference_recipe, tmp_path):
+    pairs = _jsonl(tmp_path / "mine" / "pairs.jsonl.gz", [])
+    pairs.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in make_pairs(120, 3)).encode()))
+    _jsonl(tmp_path / "mine" / "other.jsonl", [{"unrelated": 1}])  # the file is named: other files stay unread
+    recipe = preference_recipe(name="file", data={"path": str(pairs)}, train={"max_steps": 2})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    run = tmp_path / "runs" / "file"
+    assert json.loads((run / "summary.json").read_text())["data_source"] == str(pairs.resolve())
+    code, out, err = cli("eval", run, "--json")
+    assert code == 0, err
+    final, evaluated = json.loads((run / "summary.json").read_text())["final"], json.loads(out)
+    assert 0 < evaluated["examples"] < 40  # about a tenth of 120 pairs held out
+    assert {k: evaluated[k] for k in final} == pytest.approx(final, rel=1e-5, abs=1e-6)
+
+
 def test_a_long_pair_keeps_the_end_of_its_prompt_and_the_start_of_its_responses(tmp_path):
     tok = save_lm_tokenizer(tmp_path / "tok")
     prompt = [{"role": "user", "content": " ".join(["good"] * 30) + " what is 1 plus 2?"}]

@@ -70,8 +70,7 @@ def load(task, data_cfg, need_train: bool) -> TaskData:
     else:
         train = read_pairs(train_file) if need_train else PreferenceSplit([], [], [])
         held_out = read_pairs(eval_file)
-    source = path if path.is_dir() else path.parent
-    return TaskData(task, train if need_train else PreferenceSplit([], [], []), {"": held_out}, None, str(source))
+    return TaskData(task, train if need_train else PreferenceSplit([], [], []), {"": held_out}, None, str(path))
 
 
 def _location(data_cfg) -> tuple[str, Path]:

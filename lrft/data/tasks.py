@@ -267,11 +267,12 @@ class TaskData:
     train: AnySplit
     evals: dict[str, AnySplit]  # metric-name suffix → split
     label_names: list[str] | None
-    source: str  # where the examples came from: an absolute dir, or HUB_SOURCE + the dataset; runs record it
+    source: str  # where the examples came from: an absolute dir (a file of pairs), or HUB_SOURCE + the dataset; runs record it
 
 
 def local_source(source: str | None) -> str | None:
-    """The dir a recorded data source names, if it is a dir that is still there (None for the hub)."""
+    """The dir (or, for preference pairs, the file) a recorded data source names, if it is still there
+    (None for the hub)."""
     if not source or source.startswith(HUB_SOURCE):
         return None
-    return source if Path(source).is_dir() else None
+    return source if Path(source).exists() else None
