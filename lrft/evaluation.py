@@ -31,6 +31,21 @@ class EvalSet:
     prompts: list[dict] = field(default_factory=list)
 
 
+def shard_batches(model, features: list[dict], collate, batch_size: int, device, rank: int, world: int, what: str):
+    """(example indices, batch on `device`) of this process's every world-th feature, shortest first
+    (similar lengths in a batch waste little on padding; callers restore the order by index), with the
+    model in evaluation mode until the last batch is done; progress shown as `what`."""
+    was_training = model.training
+    model.eval()
+    mine = sorted(range(rank, len(features), world), key=lambda i: example_length(features[i]))
+    try:
+        for start in console.track(range(0, len(mine), batch_size), what, "batches"):
+            idx = mine[start : start + batch_size]
+            yield idx, {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -48,15 +63,9 @@ def predict(
     The loss of a batch is weighted by its examples (classifiers) or its response tokens (causal LMs,
     whose logits are not kept), so the average is over the whole split whatever the batching.
     """
-    was_training = model.training
-    model.eval()
-    mine = list(range(rank, len(features), world))
-    # Similar lengths in a batch waste little on padding; order is restored by index afterwards.
-    mine.sort(key=lambda i: len(features[i]["input_ids"]))
-    logits, loss_sum, weight = [], 0.0, 0
-    for start in console.track(range(0, len(mine), batch_size), "evaluation", "batches"):
-        idx = mine[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
+    mine, logits, loss_sum, weight = [], [], 0.0, 0
+    for idx, batch in shard_batches(model, features, collate, batch_size, device, rank, world, "evaluation"):
+        mine += idx
         with autocast() if autocast else nullcontext():
             if keep_logits:
                 out = model(**batch)
@@ -68,7 +77,6 @@ def predict(
         loss_sum += float(loss) * n
         weight += n
         del batch, loss  # before the next batch is made, not after
-    model.train(was_training)
     stacked = torch.cat(logits).numpy() if logits else np.zeros((0, 1), dtype=np.float32)
     return np.asarray(mine, dtype=np.int64), stacked, loss_sum, weight
 
@@ -241,17 +249,12 @@ def pair_metrics(model, features, collate, objective, batch_size: int, device, r
 @torch.no_grad()
 def pair_sums(model, features, collate, objective, batch_size: int, device, rank, world, autocast) -> dict[str, float]:
     """Sums over this process's shard of the pairs of the objective's metrics, its loss and the pair count."""
-    was_training = model.training
-    model.eval()
-    mine = sorted(range(rank, len(features), world), key=lambda i: example_length(features[i]))
     sums: dict[str, float] = {}
-    for start in console.track(range(0, len(mine), batch_size), "evaluation", "batches"):
-        batch = {k: v.to(device) for k, v in collate([features[i] for i in mine[start : start + batch_size]]).items()}
+    for _, batch in shard_batches(model, features, collate, batch_size, device, rank, world, "evaluation"):
         with autocast() if autocast else nullcontext():
             losses, _ = objective.pair_losses(model, unwrap(model), batch)
         for k, v in {**objective.batch_sums(), "loss": float(losses.double().sum())}.items():
             sums[k] = sums.get(k, 0.0) + v
-    model.train(was_training)
     return sums or {"pairs": 0.0}
 
 

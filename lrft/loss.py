@@ -109,6 +109,9 @@ def batch_loss(model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]
     return head.loss
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what a batch of pairs hands the model
+
+
 def sequence_logps(
     model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +128,6 @@ def sequence_logps(
     keep = targets != IGNORE
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * keep).sum(-1), keep.sum(-1)
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what a batch of pairs hands the model
 
 
 def chunkable(core: nn.Module, batch: dict) -> bool:

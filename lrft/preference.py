@@ -128,7 +128,7 @@ REFERENCE_FREE = frozenset({"simpo", "orpo"})
 
 
 def pair_sums(pi: Logps, ref: Logps | None, rewards: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Sums over a batch's pairs of what PAIR_METRICS average, the same log-prob numbers of the
+    """Sums over a batch's pairs of the rewards and the policy's log-probs, the same log-prob numbers of the
     reference (`ref/logps/...`: before and after side by side), and the pair count under "pairs"."""
     rc, rr = (r.detach().double() for r in rewards)
     sums = {"rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(), "rewards/margin": (rc - rr).sum()}
@@ -160,21 +160,23 @@ class PreferenceLoss(Objective):
     def pair_losses(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]):
         """(each pair's loss, the policy's Logps); records the batch's metric sums."""
         pi = Logps.of_batch(*sequence_logps(model, core, batch))
-        ref = self.reference(model, core, batch) if self.needs_reference else None
+        ref = self.reference(model, core, batch, pi) if self.needs_reference else None
         losses, chosen_reward, rejected_reward = self.loss_fn(pi, ref, self.settings)
         self.last_sums = pair_sums(pi, ref, (chosen_reward, rejected_reward))
         return losses, pi
 
-    def reference(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> Logps:
-        tokens = (batch["labels"][:, 1:] != -100).sum(-1)
+    def reference(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor], pi: Logps) -> Logps:
+        """The reference's Logps of the batch (its token counts are the policy's: the same rows)."""
         if "ref_logps" in batch:
-            return Logps.of_batch(batch["ref_logps"].to(tokens.device, torch.float32), tokens)
-        was_training = model.training
-        model.eval()  # as a precomputed reference: no dropout
-        with torch.no_grad(), adapters_off(core):
-            sums, _ = sequence_logps(model, core, batch)
-        model.train(was_training)
-        return Logps.of_batch(sums, tokens)
+            sums = batch["ref_logps"].to(pi.chosen.device, torch.float32)
+        else:
+            was_training = model.training
+            model.eval()  # as a precomputed reference: no dropout
+            with torch.no_grad(), adapters_off(core):
+                sums, _ = sequence_logps(model, core, batch)
+            model.train(was_training)
+        n = len(sums) // 2
+        return Logps(sums[:n], sums[n:], pi.chosen_tokens, pi.rejected_tokens)
 
     def batch_sums(self) -> dict[str, float]:
         return self.last_sums

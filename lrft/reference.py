@@ -22,9 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lrft import console
 from lrft.atomic_files import atomic_dir
-from lrft.data import example_length
+from lrft.evaluation import shard_batches
 from lrft.inject import adapters_off
 from lrft.loss import sequence_logps
 
@@ -64,10 +63,11 @@ def cached(directory: Path, splits: list[str], expected: str) -> dict[str, torch
     return out
 
 
-def save(directory: Path, logps: dict[str, torch.Tensor], print_: str) -> None:
+def save(directory: Path, logps: dict[str, torch.Tensor], stamp: str) -> None:
+    """Every split's log-probs, with the fingerprint `stamp` they were computed under, in one atomic dir."""
     with atomic_dir(directory) as tmp:
         for split, values in logps.items():
-            save_file({LOGPS: values.contiguous()}, str(split_file(tmp, split)), metadata={"fingerprint": print_})
+            save_file({LOGPS: values.contiguous()}, str(split_file(tmp, split)), metadata={"fingerprint": stamp})
 
 
 @torch.no_grad()
@@ -85,20 +85,16 @@ def compute(
     world: int,
 ) -> tuple[list[int], torch.Tensor]:
     """(pair indices, their [chosen, rejected] log-probs) of this process's share of `features`."""
-    was_training = model.training
-    model.eval()
-    mine = sorted(range(rank, len(features), world), key=lambda i: example_length(features[i]))
-    out = []
+    mine, out = [], []
     with nullcontext() if with_adapters else adapters_off(core):
-        for start in console.track(range(0, len(mine), batch_size), "reference log-probs", "batches"):
-            batch = {
-                k: v.to(device) for k, v in collate([features[i] for i in mine[start : start + batch_size]]).items()
-            }
+        for idx, batch in shard_batches(
+            model, features, collate, batch_size, device, rank, world, "reference log-probs"
+        ):
             with autocast():
                 sums, _ = sequence_logps(model, core, batch)
             n = len(sums) // 2
+            mine += idx
             out.append(torch.stack([sums[:n], sums[n:]], dim=1).double().cpu())
-    model.train(was_training)
     return mine, torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
 
 

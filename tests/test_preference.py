@@ -206,6 +206,11 @@ def test_grad_accum_gives_the_step_of_the_whole_batch(cli, preference_recipe, tm
     assert_same_adapter(tmp_path / "runs" / "four", tmp_path / "runs" / "one", tol=1e-6)
 
 
+def test_pairs_group_by_their_longer_side(cli, preference_recipe, tmp_path):
+    code, _, err = cli("train", preference_recipe(train={"max_steps": 2, "group_by_length": True}))
+    assert code == 0, err
+
+
 def test_killed_mid_epoch_resumes_to_the_same_adapter_reusing_the_reference(preference_recipe, tmp_path):
     sections = {"train": {"epochs": 2, "save_every": 2, "lr": 2e-2, "log_every": 1}}
     assert lrft("train", preference_recipe(name="straight", **sections)).returncode == 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lrft.data import example_length
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch: a function of seed and epoch alone, so a resumed run sees the same."""
@@ -25,7 +27,7 @@ def epoch_batches(
     """The batches of an epoch (example indices), in the epoch's order or grouped by length."""
     order = epoch_order(len(features), seed, epoch)
     if group_by_length:
-        lengths = [len(f["input_ids"]) for f in features]
+        lengths = [example_length(f) for f in features]
         return length_grouped_batches(order, lengths, batch_size, seed, epoch)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
