@@ -205,7 +205,7 @@ def exact_match(model, tokenizer, split, batch_size: int, max_new_tokens: int) -
     """Greedy answers to the split's problems, batched and left-padded, scored on the final number."""
     import torch
 
-    from lrft.data.causal import extract_answer, prompt_features
+    from lrft.data.causal import prompt_features
 
     prompts = prompt_features(split, tokenizer)
     model.eval()
@@ -218,7 +218,7 @@ def exact_match(model, tokenizer, split, batch_size: int, max_new_tokens: int) -
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
         texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(extract_answer(t) == p["gold"] and p["gold"] is not None for t, p in zip(texts, chunk))
+        correct += sum(p["format"].correct(p["format"].extract(t), p["gold"]) for t, p in zip(texts, chunk))
     model.train()
     return correct / len(prompts)
 

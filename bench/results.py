@@ -100,6 +100,10 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
             rows += [Row(task, m, r, seed, recipe, tuple(o), variant="6") for m, r, recipe, o in same_budget]
     rows += [Row("gsm8k", m, 8, seeds[0], f"recipes/gsm8k_{m}.yaml", ()) for m in ("lora", "talora", "lorta", "tlora")]
     rows += [Row("preference", m, 8, seeds[0], f"recipes/dpo_hh_{m}.yaml", ()) for m in ("lora", "lorta")]
+    rows += [
+        Row("commonsense", m, 8, seeds[0], f"recipes/commonsense_{m}.yaml", ()) for m in SUITE_METHODS["commonsense"]
+    ]
+    rows += [Row("arithmetic", m, 8, seeds[0], f"recipes/arithmetic_{m}.yaml", ()) for m in SUITE_METHODS["arithmetic"]]
     return rows
 
 
@@ -499,6 +503,63 @@ def preference_section() -> list[str]:
     return lines + [""]
 
 
+SUITES = Path("results/suites")  # `lrft eval` of the base model per suite (the "before" rows), not committed
+SUITE_METHODS = {"commonsense": ("lora", "talora", "lorta"), "arithmetic": ("talora",)}
+BASE_EVALS = {  # suite: the command whose --json output is results/suites/<suite>_base.json
+    "commonsense": "lrft eval smollm2 --task commonsense --max-samples 100 --batch-size 50",
+    "arithmetic": "lrft eval smollm2 --task arithmetic --max-samples 50 --batch-size 25",
+    "humaneval": "lrft eval smollm2 --task humaneval --allow-code-execution --batch-size 16",
+}
+
+
+def suites_section() -> list[str]:
+    """The commonsense and arithmetic suites as the papers lay them out (a column per test set and their
+    average), before (the base model) and after each method; HumanEval pass@1 of the base model."""
+    lines = []
+    for suite, intro in (
+        ("commonsense", "trained on 512 examples of the mix (64 steps of 8), the first 100 test problems per set"),
+        ("arithmetic", "trained on 384 worked solutions of math_data.json (48 steps of 8), 50 test problems per set"),
+    ):
+        base_file = ROOT / SUITES / f"{suite}_base.json"
+        base = json.loads(base_file.read_text()) if base_file.is_file() else None
+        after = [(row, d) for row in plan() if row.task == suite and (d := load(row))]
+        if base is None and not after:
+            continue
+        first = base or after[0][1]["summary"]["final"]
+        sets = sorted(k.split("/")[0] for k in first if k.endswith("/accuracy"))
+        lines += [
+            f"**{suite}**: SmolLM2-135M-Instruct, {intro}; greedy answers, accuracy in % "
+            "(in brackets: generations with no valid answer). Before: "
+            f"`LRFT_DATA_DIR=../shared/data {BASE_EVALS[suite]}`.",
+            "",
+            f"| | trainable | {' | '.join(sets)} | avg | train (min) | command |",
+            f"| --- | ---: | {' | '.join('---:' for _ in sets)} | ---: | ---: | --- |",
+        ]
+        if base is not None:
+            lines.append(f"| before | — | {_set_cells(base, sets)} | {100 * base['accuracy']:.1f} | — | — |")
+        for row, d in after:
+            final, summary = d["summary"]["final"], d["summary"]
+            lines.append(
+                f"| {row.method} r{row.rank} | {summary['trainable_params']:,} | {_set_cells(final, sets)} | "
+                f"{100 * final['accuracy']:.1f} | {summary['train_seconds'] / 60:.1f} | `{shlex.join(row.command())}` |"
+            )
+        lines.append("")
+    code = ROOT / SUITES / "humaneval_base.json"
+    if code.is_file():
+        result = json.loads(code.read_text())
+        lines += [
+            f"**HumanEval**: SmolLM2-135M-Instruct, greedy, the {result['examples']} problems: pass@1 "
+            f"{100 * result['pass@1']:.1f} % (`{BASE_EVALS['humaneval']}`; every program in lrft's sandbox).",
+            "",
+        ]
+    return lines
+
+
+def _set_cells(metrics: dict, sets: list[str]) -> str:
+    """A suite row's cells: each set's accuracy in % and, in brackets, its count of missing answers."""
+    return " | ".join(f"{100 * metrics[f'{s}/accuracy']:.0f} ({metrics[f'{s}/no_answer']})" for s in sets)
+
+
 def memory_section() -> list[str]:
     path = ROOT / "results" / "memory.json"
     if not path.is_file():
@@ -585,6 +646,7 @@ SECTIONS = {
     "e2e": ("## Whole jobs against HF Trainer + PEFT (`bench/e2e.py`)", e2e_section),
     "memory": ("## Memory levers (`bench/memory.py`)", memory_section),
     "preference": ("## Preference optimization (DPO on Anthropic HH pairs)", preference_section),
+    "suites": ("## Evaluation suites: commonsense, arithmetic, HumanEval", suites_section),
 }
 
 

@@ -84,6 +84,66 @@ def train(
     emit(summary, json_out, lambda s: summary_lines(s, r.run_dir))
 
 
+# `lrft eval`'s options beyond the shared ones
+MaxLengthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        metavar="N",
+        min=8,
+        help="cut examples to N tokens (default: the run's data.max_length; for a "
+        "model, the task's: 128, gsm8k 320, instruction 512)",
+    ),
+]
+PredictionsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help=("generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)"),
+    ),
+]
+AllowCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-code-execution",
+        help="humaneval: run the generated programs (each in a sandboxed subprocess); also LRFT_ALLOW_CODE_EXECUTION=1",
+    ),
+]
+SamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples",
+        metavar="N",
+        min=1,
+        help="humaneval: sample N programs per problem for pass@k (default 1: greedy)",
+    ),
+]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", metavar="T", min=0.01, max=2.0, help="--samples: the sampling temperature")
+]
+HarnessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--harness",
+        metavar="TASKS",
+        help="run EleutherAI lm-eval's tasks (comma-separated, e.g. arc_easy,piqa) on the model in memory",
+    ),
+]
+FewshotOpt = Annotated[
+    int | None, typer.Option("--num-fewshot", metavar="N", min=0, help="--harness: few-shot examples per task")
+]
+HarnessIncludeOpt = Annotated[
+    Path | None,
+    typer.Option("--harness-include", metavar="DIR", help="--harness: a dir of local lm-eval task YAML files"),
+]
+ChatTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat-template/--no-chat-template", help="--harness: render requests with the tokenizer's chat template"
+    ),
+]
+
+
 @app.command("eval", cls=PlainHelp, short_help="evaluate a run, a PEFT adapter or a model on a task")
 @user_errors
 def eval_cmd(
@@ -101,36 +161,34 @@ def eval_cmd(
     max_samples: Annotated[
         int | None, typer.Option("--max-samples", metavar="N", min=1, help="evaluate the first N examples")
     ] = None,
-    max_length: Annotated[
-        int | None,
-        typer.Option(
-            "--max-length",
-            metavar="N",
-            min=8,
-            help="cut examples to N tokens (default: the run's data.max_length; for a "
-            "model, the task's: 128, gsm8k 320, instruction 512)",
-        ),
-    ] = None,
+    max_length: MaxLengthOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="examples per batch")] = 64,
     best: Annotated[
         bool, typer.Option("--best", help="use the run's best checkpoint instead of the final adapter")
     ] = False,
-    predictions: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            help=("generation tasks: write the generations here (default for a run dir: RUN_DIR/predictions.jsonl)"),
-        ),
-    ] = None,
+    predictions: PredictionsOpt = None,
     base: BaseOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="use a base model whose weights differ from the adapter's")
     ] = False,
+    allow_code_execution: AllowCodeOpt = False,
+    samples: SamplesOpt = None,
+    temperature: TemperatureOpt = 0.8,
+    harness: HarnessOpt = None,
+    num_fewshot: FewshotOpt = None,
+    harness_include: HarnessIncludeOpt = None,
+    chat_template: ChatTemplateOpt = True,
     json_out: JsonOpt = False,
 ):
     """Evaluate a trained run or PEFT LoRA dir (rebuilt on its base model), or a model (merged dir, alias, hub id)."""
-    from lrft.eval_command import evaluate_target, metric_lines
+    from lrft.eval_command import evaluate_target, harness_target, metric_lines
 
+    if harness is not None:
+        options = dict(num_fewshot=num_fewshot, include=harness_include, chat_template=chat_template)
+        common = dict(max_samples=max_samples, batch_size=batch_size, base=base, force=force, best=best)
+        result = harness_target(target, harness, **options, **common)
+        table = result.pop("table")
+        return emit(result, json_out, lambda _: [table])
     metrics = evaluate_target(
         target,
         task_name=task,
@@ -142,6 +200,9 @@ def eval_cmd(
         predictions_path=predictions,
         base=base,
         force=force,
+        allow_code_execution=allow_code_execution,
+        samples=samples,
+        temperature=temperature,
     )
     emit(metrics, json_out, metric_lines)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lrft import console
+from lrft import console, sandbox
 from lrft.adapted_model import Opened
 from lrft.atomic_files import check_writable, read_json, write_jsonl
 from lrft.data import collator, get_task, load_task_data
+from lrft.data.tasks import split_label
 from lrft.errors import LrftError
-from lrft.evaluation import eval_sets, evaluate
+from lrft.evaluation import eval_sets, evaluate, repeat_prompts
 from lrft.guard import check_output
 from lrft.models import load_model
 from lrft.open_runs import data_settings, merged_data_source, open_adapted, read_run_recipe
@@ -34,12 +35,17 @@ def evaluate_target(
     predictions_path: Path | None = None,
     base: str | None = None,
     force: bool = False,
+    allow_code_execution: bool = False,
+    samples: int | None = None,
+    temperature: float = 0.8,
 ) -> dict:
     """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
     (default for a run dir: its predictions.jsonl). A run, an export or a merged dir reads the data it
     was trained (or checked) on unless `data_path` says otherwise. Examples are cut at `max_length`
     tokens, by default the run's data.max_length, or for a model the task's (gsm8k: 320, as its recipes)."""
     started = time.perf_counter()
+    if task_name and get_task(task_name).executes_code:  # refused before anything loads
+        sandbox.require_permission(allow_code_execution, task_name)
     if predictions_path is not None:
         predictions_path = _checked_predictions(Path(predictions_path), target)
     model, tokenizer, task, data_cfg, run_predictions = _open_target(target, task_name, data_path, base, force, best)
@@ -49,6 +55,7 @@ def evaluate_target(
     evals = eval_sets(
         task, _load_eval_data(task, data_cfg).evals, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length
     )
+    temperature = _sampling(task, evals, samples, temperature)
     model.eval()
     metrics, predictions = evaluate(
         model,
@@ -59,6 +66,8 @@ def evaluate_target(
         tokenizer=tokenizer,
         max_new_tokens=data_cfg.max_new_tokens,
         generation=True,
+        allow_code_execution=allow_code_execution,
+        temperature=temperature,
         objective=_preference_objective(task, target),
     )
     if predictions and predictions_path:
@@ -74,6 +83,66 @@ def evaluate_target(
         "max_length": data_cfg.max_length,
         **metrics,
     }
+
+
+def _sampling(task, evals: dict, samples: int | None, temperature: float) -> float | None:
+    """The temperature programs are sampled at with --samples N > 1 (each prompt repeated N times), or
+    None: one greedy answer per prompt."""
+    if not samples or samples == 1:
+        return None
+    if not task.executes_code:
+        raise LrftError(f"--samples: {task.name} scores one greedy answer per problem; only humaneval samples programs")
+    repeat_prompts(evals, samples)
+    return temperature
+
+
+def harness_target(
+    target: str | Path,
+    task_names: str,
+    *,
+    num_fewshot: int | None = None,
+    include: Path | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 8,
+    chat_template: bool = True,
+    base: str | None = None,
+    force: bool = False,
+    best: bool = False,
+) -> dict:
+    """lm-eval's results of the comma-separated `task_names` on `target` (a causal LM's run or PEFT dir, on its base, or a causal
+    LM) in memory (lrft.harness): {"harness": its flat metrics, "table": its results table}. The chat
+    template, where the tokenizer has one, renders every request, as lrft's own tasks do."""
+    from lrft import harness
+
+    started = time.perf_counter()
+    tasks = [t.strip() for t in task_names.split(",") if t.strip()]
+    if not tasks:
+        raise LrftError("--harness: no task named; give lm-eval task names, e.g. --harness arc_easy,piqa")
+    opened = open_adapted(target, base=base, force=force, best=best)
+    if opened is not None and opened.adapted.task.problem not in ("causal_lm", "preference"):
+        raise LrftError(
+            f"--harness: lm-eval scores causal LMs; {target} adapts a {opened.adapted.task.problem} model "
+            f"({opened.adapted.task.name}); evaluate it with lrft eval {target}"
+        )
+    if opened is not None:
+        model, tokenizer = opened.adapted.model, opened.adapted.tokenizer
+    else:
+        model, tokenizer = load_model(ModelConfig(name=str(target)), get_task("instruction"), None)
+    console.log(f"eval {_what(target, opened, best)} with lm-eval")
+    chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    results = harness.run_harness(
+        model,
+        tokenizer,
+        tasks,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        include=include,
+        limit=max_samples,
+        chat_template=chat,
+    )
+    metrics = harness.metrics(results)
+    console.log(f"harness done in {console.duration(time.perf_counter() - started)}")
+    return {"harness": metrics, "chat_template": chat, "table": harness.table(results)}
 
 
 def _preference_objective(task, target: str | Path) -> PreferenceLoss | None:
@@ -114,7 +183,7 @@ def _load_eval_data(task, data_cfg: DataConfig):
     split_names = {s.suffix: s.local_file for s in task.eval_splits}
     console.log(
         f"data: {task.name} from {data.source}: "
-        + ", ".join(f"{len(s)} {split_names.get(k, f'eval{k}')}" for k, s in data.evals.items())
+        + ", ".join(f"{len(s)} {split_names.get(k, split_label(k))}" for k, s in data.evals.items())
         + f", max_length {data_cfg.max_length}"
     )
     return data
@@ -136,7 +205,10 @@ def _open_target(
     else:
         model, tokenizer, task, label_names = _open_model(target, task_name)
         data_cfg = DataConfig(
-            task=task.name, path=data_path or merged_data_source(Path(target), task.name), max_length=task.max_length
+            task=task.name,
+            path=data_path or merged_data_source(Path(target), task.name),
+            max_length=task.max_length,
+            max_new_tokens=task.max_new_tokens,
         )
     console.log(f"eval {_what(target, opened, best)} on {task.name}")
     if label_names and not task.label_names:  # labels learned from the training data: the data must use them

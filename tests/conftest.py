@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    make_choice_problems,
+    make_math_problems,
     make_pairs,
     make_problems,
     make_sentences,
@@ -18,6 +20,7 @@ from tests.helpers import (
     save_tiny_llama,
     write_recipe,
     write_splits,
+    write_suite,
 )
 
 
@@ -44,6 +47,39 @@ def tiny_gsm8k_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pairs_dir(tmp_path_factory) -> Path:
     return write_splits(tmp_path_factory.mktemp("tiny-pairs"), make_pairs, (("train", 32, 1), ("test", 16, 2)))
+
+
+@pytest.fixture(scope="session")
+def tiny_commonsense_dir(tmp_path_factory) -> Path:
+    """A commonsense suite: `yesno` (true/false; test and train) and `pick` (answer1..3; test only)."""
+    pick = make_choice_problems(8, 3, ("answer1", "answer2", "answer3"))
+    sets = {"yesno": (make_choice_problems(8, 1), make_choice_problems(40, 2)), "pick": (pick, None)}
+    return write_suite(tmp_path_factory.mktemp("tiny-commonsense"), sets)
+
+
+@pytest.fixture(scope="session")
+def tiny_arithmetic_dir(tmp_path_factory) -> Path:
+    """An arithmetic suite: one test set `add`, the training file math_data.json at the top."""
+    return write_suite(
+        tmp_path_factory.mktemp("tiny-arithmetic"),
+        {"add": (make_math_problems(8, 1), None)},
+        {"math_data.json": make_math_problems(40, 2)},
+    )
+
+
+@pytest.fixture
+def suite_recipe(tmp_path, tiny_llama_dir, tiny_commonsense_dir, tiny_arithmetic_dir):
+    """Writes a tiny commonsense (or arithmetic) recipe on the tiny Llama, like `tiny_recipe`."""
+
+    def write(method: str = "lora", task: str = "commonsense", name: str = "suite", **sections) -> Path:
+        data_dir = tiny_commonsense_dir if task == "commonsense" else tiny_arithmetic_dir
+        data = {"task": task, "max_length": 96, "max_new_tokens": 12, **sections.pop("data", {})}
+        recipe = recipe_dict(
+            tiny_llama_dir, data_dir, tmp_path / "runs", method, name, causal=True, data=data, **sections
+        )
+        return write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+    return write
 
 
 @pytest.fixture

@@ -289,6 +289,49 @@ def write_glue_mrpc(d: Path) -> Path:
     return d
 
 
+def make_choice_problems(n: int, seed: int, choices: tuple[str, ...] = ("true", "false")) -> list[dict]:
+    """LLM-Adapters-shaped commonsense records: a sum, right or wrong, and its answer among `choices`
+    (true/false: whether it holds; answer1…: which of the listed sums is right)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        if choices == ("true", "false"):
+            shown = a + b + rng.choice((0, 1))
+            question, answer = f"is {a} plus {b} {shown}?", "true" if shown == a + b else "false"
+        else:
+            right = rng.randrange(len(choices))
+            sums = [a + b if i == right else a + b + i + 1 for i in range(len(choices))]
+            listed = " ".join(f"{c.capitalize()}: {v}" for c, v in zip(choices, sums))
+            question, answer = f"what is {a} plus {b}? {listed}", choices[right]
+        instruction = f"{question}\n\nAnswer format: {'/'.join(choices)}"
+        out.append({"instruction": instruction, "input": "", "output": f"the answer is {answer}", "answer": answer})
+    return out
+
+
+def make_math_problems(n: int, seed: int) -> list[dict]:
+    """LLM-Adapters-shaped math records: a worked sum ending "The answer is N.", the gold as "N.0"."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        worked = f"{a} plus {b} is {a + b}. The answer is {a + b}."
+        out.append({"instruction": f"what is {a} plus {b}?", "input": "", "output": worked, "answer": f"{a + b}.0"})
+    return out
+
+
+def write_suite(d: Path, sets: dict[str, tuple[list[dict], list[dict] | None]], top: dict | None = None) -> Path:
+    """A suite dir: <set>/test.json (and train.json where given) per set, and top-level training files."""
+    for name, (test, train) in sets.items():
+        (d / name).mkdir(parents=True, exist_ok=True)
+        (d / name / "test.json").write_text(json.dumps(test))
+        if train is not None:
+            (d / name / "train.json").write_text(json.dumps(train))
+    for file, records in (top or {}).items():
+        (d / file).write_text(json.dumps(records))
+    return d
+
+
 def write_splits(d: Path, make, splits) -> Path:
     """`split.jsonl` files of make(n, seed) records, for each (split, n, seed)."""
     d.mkdir(parents=True, exist_ok=True)

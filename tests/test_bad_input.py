@@ -66,6 +66,19 @@ def _preference_train(w: Path, s: Path, train: str, **changes) -> list:
     return ["train", _recipe_file(s, w, **changes), "model.name=" + str(s / "llama")]
 
 
+def _suite_train(w: Path, s: Path, test: str) -> list:
+    """`lrft train` of a commonsense recipe on the tiny Llama, its one set's test.json `test`."""
+    train = '[{"instruction": "is 1 plus 2 3?", "output": "the answer is true", "answer": "true"}]'
+    _write(s / "cs" / "yesno" / "train.json", train)
+    _write(s / "cs" / "yesno" / "test.json", test)
+    changes = {"data.task": "commonsense", "data.max_length": 32, "data.path": str(s / "cs")}
+    return [
+        "train",
+        _recipe_file(s, w, **changes, **{"adapter.target_modules": ["q_proj"]}),
+        "model.name=" + str(s / "llama"),
+    ]
+
+
 CASES = {
     # ------------------------------------------------------------------------------------ recipes
     "recipe missing": (lambda w, s: ["train", s / "none.yaml"], ["recipe: no file at", "lrft init"]),
@@ -418,6 +431,19 @@ CASES = {
     "init_from another base": (
         lambda w, s: _preference_train(w, s, PAIR, **{"adapter.init_from": str(w / "runs" / "good")}),
         ["adapter.init_from:", "was trained with targets", "same base model"],
+    ),
+    # ------------------------------------------------------------------------------- evaluation suites
+    "suite test set without answer": (
+        lambda w, s: _suite_train(w, s, '[{"instruction": "is 1 plus 2 3?\\n\\nAnswer format: true/false"}]'),
+        ["yesno/test.json:1: no 'answer'", "every test record needs the gold answer"],
+    ),
+    "unknown harness task": (
+        lambda w, s: ["eval", str(s / "llama"), "--harness", "arc_esy"],
+        ["--harness: 'arc_esy' is not a task of lm-eval", "did you mean 'arc_easy'"],
+    ),
+    "code execution not allowed": (
+        lambda w, s: ["eval", str(s / "llama"), "--task", "humaneval"],
+        ["humaneval runs the code the model generates", "--allow-code-execution", "LRFT_ALLOW_CODE_EXECUTION=1"],
     ),
     # ------------------------------------------------------------------------------------ model dirs
     "model dir without config": (
@@ -844,6 +870,9 @@ def _unrelated_tensors() -> bytes:
 
 
 CAUSAL_CASES = {  # on a tiny Llama
+    "suite test set without answer",
+    "unknown harness task",
+    "code execution not allowed",
     "gsm8k line without answer",
     "instruction layout",
     "nothing left to learn",

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lrft.data import PromptSplit, get_task, load_task_data
-from lrft.data.causal import IGNORE, encode_prompts, extract_answer, gold_answer, render
+from lrft.data.answers import NUMBERS
+from lrft.data.causal import IGNORE, encode_prompts, gold_answer, render
 from lrft.errors import LrftError
 from lrft.recipe import DataConfig
 from tests.helpers import METHODS, assert_merge_parity, save_tiny_llama, tiny_llama
@@ -124,18 +125,19 @@ def test_truncation_is_counted_and_empty_examples_left_out(tokenizer, capsys):
 
 
 @pytest.mark.parametrize(
-    "text, answer",
+    "text, gold",
     [
         ("so 48 + 24 = 72\n#### 72", "72"),
         ("It costs $1,200.", "1200"),
         ("#### 3.50", "3.5"),
-        ("no number here", None),
         ("first 3 then 7", "7"),
         ("#### -4", "-4"),
+        ("#### 5\nthen 9 more", "5"),  # the number after the last marker, not the last number
     ],
 )
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
+def test_gsm8k_completions_are_read_by_the_shared_scorer(text, gold):
+    assert NUMBERS.correct(NUMBERS.extract(text), gold)
+    assert NUMBERS.extract("no number here") is None and not NUMBERS.correct(None, gold)
 
 
 def test_gold_answer():

@@ -2,7 +2,8 @@
 
 Layout: `tasks` (the registry and the example containers), `user_files` (reading users' files), one reader
 per family of tasks (`glue`, `text` for users' own labelled texts, `causal` for gsm8k and instruction
-data, `preference` for pairs), `metrics`. This module is what the rest of lrft uses: load a task's splits, tokenize them,
+data, `suites` for the commonsense and arithmetic suites, `code` for HumanEval, `preference` for pairs), `answers` (what a
+generation answers), `metrics`. This module is what the rest of lrft uses: load a task's splits, tokenize them,
 batch them, score predictions.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrft.data import causal, glue, preference, text
+from lrft.data import causal, code, glue, preference, suites, text
 from lrft.data.metrics import compute_metrics
 from lrft.data.tasks import (
     DATA_DIR_ENV,
@@ -48,7 +49,11 @@ __all__ = [
 
 def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     """Examples of `task` per the recipe's `data` section, from a local dir or the hub."""
-    if task.problem == "causal_lm":
+    if task.suite:
+        data = suites.load(task, data_cfg, need_train)
+    elif task.executes_code:
+        data = code.load(task, data_cfg, need_train)
+    elif task.problem == "causal_lm":
         data = causal.load(task, data_cfg, need_train)
     elif task.problem == "preference":
         data = preference.load(task, data_cfg, need_train)
@@ -68,7 +73,7 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     for suffix, split in data.evals.items():
         if len(split) == 0:
             raise LrftError(
-                f"data: the evaluation split{suffix or ''} of {task.name} from {data.source} is empty; "
+                f"data: the evaluation split {suffix or 'eval'} of {task.name} from {data.source} is empty; "
                 "add evaluation examples (or check data.max_eval_samples)"
             )
     return data

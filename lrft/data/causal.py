@@ -14,10 +14,10 @@ response token left is left out with a warning, never trained on as an empty seq
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from lrft import console, hub
+from lrft.data.answers import NUMBERS
 from lrft.data.tasks import DATA_DIR_ENV, HUB_SOURCE, PromptSplit, TaskData
 from lrft.data.user_files import find_split_file, read_records
 from lrft.errors import LrftError
@@ -208,38 +208,23 @@ def warn_cut(cut: int, empty: int, total: int, what: str, max_length: int, why_e
 
 
 def prompt_features(split: PromptSplit, tokenizer) -> list[dict]:
-    """Generation inputs: the rendered prompt's ids, the user's question and the gold answer."""
+    """Generation inputs: the rendered prompt's ids (the answer's prefill, if any, written after it), the
+    user's question, the gold answer and its format."""
     special = not getattr(tokenizer, "chat_template", None)
-    ids = tokenizer([render(tokenizer, p, None) for p in split.prompts], add_special_tokens=special)["input_ids"]
+    prefills = split.prefills or [""] * len(split)
+    texts = [render(tokenizer, p, None) + f for p, f in zip(split.prompts, prefills)]
+    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
     return [
-        {"prompt_ids": i, "prompt": p[-1]["content"], "gold": a} for i, p, a in zip(ids, split.prompts, split.answers)
+        {"prompt_ids": ids[n], "prompt": p[-1]["content"], "gold": a, "format": split.answer_format(n)}
+        | ({"prefill": prefills[n]} if prefills[n] else {})
+        for n, (p, a) in enumerate(zip(split.prompts, split.answers))
     ]
 
 
 # ----------------------------------------------------------------------------------------- answers
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-
-
-def _normalize(number: str) -> str:
-    text = number.replace(",", "").replace("$", "").rstrip(".")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text
-
 
 def gold_answer(answer: str) -> str | None:
-    """GSM8K's final answer: the number after '####'."""
+    """GSM8K's final answer: the number after '####' (None without one), read as completions are."""
     _, sep, tail = answer.rpartition("####")
-    found = re.search(_NUMBER, tail) if sep else None
-    return _normalize(found.group(0)) if found else None
-
-
-def extract_answer(completion: str) -> str | None:
-    """The number after '####' in a completion, else its last number."""
-    if "####" in completion:
-        answer = gold_answer(completion)
-        if answer is not None:
-            return answer
-    numbers = re.findall(_NUMBER, completion)
-    return _normalize(numbers[-1]) if numbers else None
+    return NUMBERS.extract(tail) if sep else None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrft.data.answers import NUMBERS, AnswerFormat
 from lrft.errors import unknown_choice
 
 DATA_DIR_ENV = "LRFT_DATA_DIR"
@@ -46,6 +47,12 @@ class Task:
     headerless: tuple[int, int | None, int] | None = None  # (text, pair, label) positions (CoLA)
     eval_splits: tuple[EvalSplit, ...] = (EvalSplit("", "dev", "validation"),)
     generate: bool = False  # scored on greedy generations (exact match) besides the response loss
+    generation_metric: str = "exact_match"  # the name of the share of generations answering correctly
+    # A suite (lrft.data.suites): its evaluation splits are the test sets found in its dir, each reported
+    # under its name ("boolq/accuracy"), with the unweighted mean of their accuracies and the pooled loss
+    suite: bool = False
+    executes_code: bool = False  # scored by running the generated programs (lrft.sandbox), only if allowed
+    max_new_tokens: int = 256  # tokens generated per answer when nothing says otherwise (`lrft eval` of a model)
     # A regex a completion matches once its answer is written (GSM8K: the `#### N` line): generation of
     # that sequence stops there instead of running on to EOS or max_new_tokens
     answer_written: str | None = None
@@ -56,9 +63,26 @@ class Task:
         """Whether the task's model is a causal LM (causal_lm and preference tasks)."""
         return self.problem in ("causal_lm", "preference")
 
+    def reported_metrics(self) -> list[str]:
+        """The metric names every evaluation of the task reports, whatever its data (a suite's per-set
+        names depend on the sets found, so only their aggregates are listed)."""
+        splits = [""] if self.suite else [s.suffix for s in self.eval_splits]
+        return [metric_name(m, s) for m in (*self.metrics, "loss") for s in splits]
+
     @property
     def num_labels(self) -> int:
         return 1 if self.problem == "regression" else len(self.label_names or ())
+
+
+def metric_name(metric: str, split: str) -> str:
+    """A split's metric as reported: as is for the main split, suffixed for a task's extra split
+    ("accuracy_mm"), under the set's name for a suite's test set ("boolq/accuracy")."""
+    return f"{metric}{split}" if not split or split.startswith("_") else f"{split}/{metric}"
+
+
+def split_label(split: str) -> str:
+    """How messages name an evaluation split: "eval", "eval_mm", or a suite's set ("boolq")."""
+    return f"eval{split}" if not split or split.startswith("_") else split
 
 
 def _glue(name, problem, labels, metrics, main, hub_cols, local_cols, **kw) -> Task:
@@ -181,6 +205,38 @@ TASKS: dict[str, Task] = {
             max_length=320,
         ),
         Task("instruction", "causal_lm", None, ("perplexity",), "loss", max_length=512),
+        # The LLM-Adapters suites (lrft.data.suites): train on the mix, score each test set's greedy answers
+        *(
+            Task(
+                name,
+                "causal_lm",
+                None,
+                ("accuracy", "perplexity"),
+                "loss",
+                eval_splits=(),
+                generate=True,
+                generation_metric="accuracy",
+                suite=True,
+                max_length=length,
+                max_new_tokens=new_tokens,
+            )
+            # the answer of a commonsense set is a word after "the correct answer is"; math's a worked solution
+            for name, length, new_tokens in (("commonsense", 256, 32), ("arithmetic", 384, 256))
+        ),
+        # Code (lrft.data.code): greedy programs run against each problem's tests in lrft.sandbox
+        Task(
+            "humaneval",
+            "causal_lm",
+            None,
+            ("pass@1", "perplexity"),
+            "loss",
+            eval_splits=(EvalSplit("", "test", "test"),),
+            generate=True,
+            generation_metric="pass@1",
+            executes_code=True,
+            max_length=1024,
+            max_new_tokens=384,
+        ),
         # Preference pairs (lrft.data.preference) for the DPO family (lrft.preference): scored by the
         # implicit rewards of the policy against its reference on held-out pairs.
         Task(
@@ -222,11 +278,14 @@ class Split:
 
 @dataclass
 class PromptSplit:
-    """Causal-LM examples: the prompt as chat messages, the response to learn, the gold answer if any."""
+    """Causal-LM examples: the prompt as chat messages, the response to learn, the gold answer if any
+    and its format (lrft.data.answers; None: numbers, as GSM8K's), and what the answer starts with."""
 
     prompts: list[list[dict]]
     responses: list[str]
     answers: list[str | None]
+    formats: list[AnswerFormat] | None = None
+    prefills: list[str] | None = None  # text each answer starts with, written into the prompt (HumanEval's code)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -234,7 +293,22 @@ class PromptSplit:
     def head(self, n: int | None) -> PromptSplit:
         if n is None or n >= len(self):
             return self
-        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n])
+        formats = None if self.formats is None else self.formats[:n]
+        prefills = None if self.prefills is None else self.prefills[:n]
+        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n], formats, prefills)
+
+    def with_responses(self) -> PromptSplit:
+        """The examples that have a response to score the loss of (a test set may give answers only)."""
+        keep = [i for i, r in enumerate(self.responses) if r.strip()]
+        if len(keep) == len(self):
+            return self
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        return PromptSplit(
+            pick(self.prompts), pick(self.responses), pick(self.answers), pick(self.formats), pick(self.prefills)
+        )
+
+    def answer_format(self, i: int) -> AnswerFormat:
+        return NUMBERS if self.formats is None else self.formats[i]
 
 
 @dataclass

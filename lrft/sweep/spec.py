@@ -450,7 +450,7 @@ class Sweep:
                 load_recipe(self.recipe_path, self.overrides(point, self.seeds[0]))
             except LrftError as e:
                 raise LrftError(f"{self.path}: point {point.shown(self.labels)}: {e}") from None
-        metrics = [f"{m}{s.suffix}" for m in (*self.task.metrics, "loss") for s in self.task.eval_splits]
+        metrics = self.task.reported_metrics()
         if self.metric not in metrics:
             raise LrftError(
                 f"{self.path}: objective.metric: {self.task.name} reports {', '.join(metrics)}, not "

@@ -19,6 +19,7 @@ from torch import nn
 from lrft import calibrate, console
 from lrft.adapted_model import Adapted, Base
 from lrft.data import Task, TaskData, get_task, load_task_data
+from lrft.data.tasks import split_label
 from lrft.errors import LrftError
 from lrft.evaluation import EvalSet
 from lrft.inject import adapter_parameters
@@ -90,7 +91,7 @@ def load_data(recipe: Recipe) -> tuple[Task, TaskData, str]:
         )
     console.log(
         f"data: {task.name} from {data.source}: {len(data.train)} train, "
-        + ", ".join(f"{len(s)} eval{k}" for k, s in data.evals.items())
+        + ", ".join(f"{len(s)} {split_label(k)}" for k, s in data.evals.items())
     )
     return task, data, metric_for_best
 
