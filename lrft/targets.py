@@ -22,7 +22,7 @@ from lrft.errors import LrftError
 
 QKV = ("q", "k", "v")
 # Module-name suffixes of the separate attention projections, by kind, in the families lrft knows
-# (BERT, RoBERTa, DeBERTa-v2, DistilBERT, ModernBERT, GPT-2, GPT-NeoX, Llama-style, T5).
+# (BERT, RoBERTa, DeBERTa, DistilBERT, ESM, ModernBERT, GPT-2, GPT-NeoX, OPT, Llama-style, T5).
 ATTENTION_NAMES = {
     "q": ("query", "q_proj", "q", "query_proj", "q_lin"),
     "k": ("key", "k_proj", "k", "key_proj", "k_lin"),
@@ -40,7 +40,8 @@ class Family:
     # How that projection packs its output rows, as read in transformers' attention code:
     #   "blocks": [q; k; v], each kind's heads in order (GPT-2 c_attn .split(d, dim=2); Phi-3 qkv_proj
     #             sliced at H·d_h and (H + H_kv)·d_h; ModernBERT Wqkv .view(3, H, d_h));
-    #   "heads":  per head [q_h; k_h; v_h] (GPT-NeoX query_key_value .view(H, 3·d_h).chunk(3)).
+    #   "heads":  per head [q_h; k_h; v_h] (GPT-NeoX query_key_value .view(H, 3·d_h).chunk(3); DeBERTa v1
+    #             in_proj, its scores' heads .chunk(3, dim=-1)).
     packing: str | None = None
 
 
@@ -49,11 +50,14 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "bert": Family(("query", "value")),
     "roberta": Family(("query", "value")),
+    "deberta": Family(("in_proj",), fused="in_proj", packing="heads"),  # DeBERTa v1: .chunk(3) per head
     "deberta-v2": Family(("query_proj", "value_proj")),
+    "esm": Family(("query", "value")),
     "distilbert": Family(("q_lin", "v_lin")),
     "modernbert": Family(("Wqkv",), fused="Wqkv", packing="blocks"),
     "gpt2": Family(("c_attn",), fused="c_attn", packing="blocks"),
     "gpt_neox": Family(("query_key_value",), fused="query_key_value", packing="heads"),
+    "opt": Family(("q_proj", "v_proj")),
     "phi3": Family(("qkv_proj",), fused="qkv_proj", packing="blocks"),
     "llama": Family(("q_proj", "v_proj")),
     "mistral": Family(("q_proj", "v_proj")),

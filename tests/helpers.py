@@ -127,6 +127,18 @@ FAMILIES = {
         ),
         ["query_proj", "key_proj", "value_proj", "attention.output.dense"],
     ),
+    "deberta": (  # DeBERTa v1 (microsoft/deberta-base): q, k, v fused in in_proj, per head
+        "DebertaConfig",
+        "DebertaForSequenceClassification",
+        dict(relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=16),
+        ["in_proj", "attention.output.dense"],
+    ),
+    "esm": (  # a protein language model (ESM-2), as LoRTA's protein experiment adapts
+        "EsmConfig",
+        "EsmForSequenceClassification",
+        dict(pad_token_id=0, mask_token_id=4, position_embedding_type="rotary"),
+        ["query", "key", "value", "attention.output.dense"],
+    ),
     "distilbert": (
         "DistilBertConfig",
         "DistilBertForSequenceClassification",
@@ -165,6 +177,12 @@ FAMILIES = {
         LLAMA_STYLE,
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", DECODER, ["qkv_proj", "o_proj"]),
+    "opt": (  # facebook/opt-125m's family
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+    ),
     "gpt_neox": (
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",

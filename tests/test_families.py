@@ -1,9 +1,9 @@
 """The model-family matrix: every registered method on a tiny model of every family people fine-tune.
 
-Families (tests/helpers.py FAMILIES): BERT, RoBERTa, DeBERTa-v2, DistilBERT, ModernBERT (sequence
-classification); GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, GPT-NeoX (causal LM).
-They cover separate and fused q, k, v projections (GPT-2 c_attn, Phi-3 qkv_proj, ModernBERT Wqkv in
-[q; k; v] blocks; GPT-NeoX query_key_value per head), Conv1D layers (GPT-2), grouped-query attention
+Families (tests/helpers.py FAMILIES): BERT, RoBERTa, DeBERTa (v1), DeBERTa-v2, ESM, DistilBERT,
+ModernBERT (sequence classification); GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3,
+OPT, GPT-NeoX (causal LM). They cover separate and fused q, k, v projections (GPT-2 c_attn, Phi-3
+qkv_proj, ModernBERT Wqkv in [q; k; v] blocks; GPT-NeoX query_key_value and DeBERTa in_proj per head), Conv1D layers (GPT-2), grouped-query attention
 and head_dim ≠ hidden / heads (Qwen3, Gemma 3). Per cell, on the family's attention projections: a
 few steps lower the loss; the PEFT export, loaded by PEFT alone, and the merged model both equal the
 adapted model; the built count is the closed-form one; talora's calibration measures every target.

@@ -135,12 +135,13 @@ def split_qkv(delta: torch.Tensor, family: str, cfg) -> dict[str, torch.Tensor]:
         )
     elif family == "modernbert":  # qkv.view(..., 3, -1, d_h).unbind(dim=-3)
         q, k, v = delta.view(3, -1, d).unbind(0)
-    else:  # gpt_neox: qkv.view(..., H, 3·d_h) per head, then .chunk(3, dim=-1)
+    else:  # gpt_neox: qkv.view(..., H, 3·d_h) per head, then .chunk(3, dim=-1); DeBERTa v1's in_proj too
+        # (transpose_for_scores(qp) views (…, H, 3·d_h), then .chunk(3, dim=-1))
         q, k, v = (part.reshape(-1, d) for part in delta.view(heads, 3 * head_dim, d).chunk(3, dim=1))
     return {kind: m.view(-1, head_dim, d) for kind, m in zip("qkv", (q, k, v))}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi3", "modernbert", "gpt_neox"])
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "modernbert", "gpt_neox", "deberta"])
 def test_fused_projection_holds_each_kinds_per_head_formula(family):
     """Every head's q, k and v rows of a fused projection, found as the model's own code finds them,
     are B diag(C_H[h] ⊙ C_L[l] ⊙ C_M[kind]) Aᵀ (C_KV for k, v under GQA, as Phi-3 here)."""
