@@ -555,6 +555,38 @@ def suites_section() -> list[str]:
     return lines
 
 
+TEXT_TO_TEXT_RUN = "mrpc_text_to_text_lora_r8_s42"
+TEXT_TO_TEXT_COMMANDS = {
+    "before": "lrft eval smollm2 --task glue/mrpc --text-to-text --batch-size 32",
+    "after": f"lrft train recipes/glue_mrpc_text_to_text.yaml seed=42 name={TEXT_TO_TEXT_RUN} output.dir={RUNS}",
+}
+
+
+def text_to_text_section() -> list[str]:
+    """GLUE MRPC as text on SmolLM2: rank-classification accuracy before (the base model) and after LoRA."""
+    base_file, run = ROOT / SUITES / "mrpc_text_to_text_base.json", ROOT / RUNS / TEXT_TO_TEXT_RUN / "summary.json"
+    if not base_file.is_file() and not run.is_file():
+        return []
+    lines = [
+        "SmolLM2-135M-Instruct on GLUE MRPC's 408 dev pairs as T5's prompts (\"mrpc sentence1: … sentence2: …\"),",
+        "scored by rank classification over the label words equivalent / not_equivalent (always answering the",
+        "majority class: 68.4 %). The loss is the mean over the gold word's tokens (and the end of the turn).",
+        "",
+        "| | trainable | accuracy | F1 | loss of the gold word | command |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for label, path in (("before", base_file), ("after (LoRA r8, 64 steps)", run)):
+        if path.is_file():
+            data = json.loads(path.read_text())
+            m, trainable = data.get("final", data), data.get("trainable_params")
+            command = TEXT_TO_TEXT_COMMANDS["after" if "final" in data else "before"]
+            lines.append(
+                f"| {label} | {f'{trainable:,}' if trainable else '—'} | {100 * m['accuracy']:.1f} % | "
+                f"{100 * m['f1']:.1f} | {m['loss']:.3f} | `{command}` |"
+            )
+    return lines + [""]
+
+
 def _set_cells(metrics: dict, sets: list[str]) -> str:
     """A suite row's cells: each set's accuracy in % and, in brackets, its count of missing answers."""
     return " | ".join(f"{100 * metrics[f'{s}/accuracy']:.0f} ({metrics[f'{s}/no_answer']})" for s in sets)
@@ -647,6 +679,7 @@ SECTIONS = {
     "memory": ("## Memory levers (`bench/memory.py`)", memory_section),
     "preference": ("## Preference optimization (DPO on Anthropic HH pairs)", preference_section),
     "suites": ("## Evaluation suites: commonsense, arithmetic, HumanEval", suites_section),
+    "text_to_text": ("## Text-to-text classification (rank classification)", text_to_text_section),
 }
 
 

@@ -121,6 +121,10 @@ SamplesOpt = Annotated[
 TemperatureOpt = Annotated[
     float, typer.Option("--temperature", metavar="T", min=0.01, max=2.0, help="--samples: the sampling temperature")
 ]
+TextToTextOpt = Annotated[
+    bool,
+    typer.Option("--text-to-text", help="a model on a classification task: as prompts and answer words, rank-scored"),
+]
 HarnessOpt = Annotated[
     str | None,
     typer.Option(
@@ -174,6 +178,7 @@ def eval_cmd(
     allow_code_execution: AllowCodeOpt = False,
     samples: SamplesOpt = None,
     temperature: TemperatureOpt = 0.8,
+    text_to_text: TextToTextOpt = False,
     harness: HarnessOpt = None,
     num_fewshot: FewshotOpt = None,
     harness_include: HarnessIncludeOpt = None,
@@ -181,7 +186,7 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ):
     """Evaluate a trained run or PEFT LoRA dir (rebuilt on its base model), or a model (merged dir, alias, hub id)."""
-    from lrft.eval_command import evaluate_target, harness_target, metric_lines
+    from lrft.eval_command import Scoring, evaluate_target, harness_target, metric_lines
 
     if harness is not None:
         options = dict(num_fewshot=num_fewshot, include=harness_include, chat_template=chat_template)
@@ -200,9 +205,7 @@ def eval_cmd(
         predictions_path=predictions,
         base=base,
         force=force,
-        allow_code_execution=allow_code_execution,
-        samples=samples,
-        temperature=temperature,
+        scoring=Scoring(allow_code_execution, samples, temperature, text_to_text),
     )
     emit(metrics, json_out, metric_lines)
 

@@ -5,6 +5,7 @@ on which data and splits, and the result are logged on stderr; the metrics go to
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lrft import console, sandbox
@@ -12,6 +13,7 @@ from lrft.adapted_model import Opened
 from lrft.atomic_files import check_writable, read_json, write_jsonl
 from lrft.data import collator, get_task, load_task_data
 from lrft.data.tasks import split_label
+from lrft.data.text_to_text import task_for
 from lrft.errors import LrftError
 from lrft.evaluation import eval_sets, evaluate, repeat_prompts
 from lrft.guard import check_output
@@ -20,7 +22,19 @@ from lrft.open_runs import data_settings, merged_data_source, open_adapted, read
 from lrft.preference import PreferenceLoss
 from lrft.recipe import DataConfig, ModelConfig, TrainConfig
 from lrft.run_layout import RECIPE, RunDir
+from lrft.targets import is_encoder_decoder
 from lrft.training.plan import make_objective
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How `lrft eval` scores beyond its data: running generated code, sampled programs per problem and
+    their temperature, a model on a classification task as text (text-to-text)."""
+
+    allow_code_execution: bool = False
+    samples: int | None = None
+    temperature: float = 0.8
+    text_to_text: bool = False
 
 
 def evaluate_target(
@@ -35,27 +49,26 @@ def evaluate_target(
     predictions_path: Path | None = None,
     base: str | None = None,
     force: bool = False,
-    allow_code_execution: bool = False,
-    samples: int | None = None,
-    temperature: float = 0.8,
+    scoring: Scoring | None = None,
 ) -> dict:
     """The metrics of `target` on the task's evaluation splits; generations go to `predictions_path`
     (default for a run dir: its predictions.jsonl). A run, an export or a merged dir reads the data it
     was trained (or checked) on unless `data_path` says otherwise. Examples are cut at `max_length`
     tokens, by default the run's data.max_length, or for a model the task's (gsm8k: 320, as its recipes)."""
-    started = time.perf_counter()
+    started, scoring = time.perf_counter(), scoring or Scoring()
     if task_name and get_task(task_name).executes_code:  # refused before anything loads
-        sandbox.require_permission(allow_code_execution, task_name)
+        sandbox.require_permission(scoring.allow_code_execution, task_name)
     if predictions_path is not None:
         predictions_path = _checked_predictions(Path(predictions_path), target)
-    model, tokenizer, task, data_cfg, run_predictions = _open_target(target, task_name, data_path, base, force, best)
+    fmt = "text-to-text" if scoring.text_to_text else "classifier"
+    model, tokenizer, task, data_cfg, run_predictions = _open_target(
+        target, task_name, data_path, base, force, best, fmt
+    )
     predictions_path = predictions_path or run_predictions
     data_cfg.max_eval_samples = max_samples or data_cfg.max_eval_samples
     data_cfg.max_length = max_length or data_cfg.max_length
-    evals = eval_sets(
-        task, _load_eval_data(task, data_cfg).evals, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length
-    )
-    temperature = _sampling(task, evals, samples, temperature)
+    evals = _evaluation_sets(task, data_cfg, model, tokenizer)
+    temperature = _sampling(task, evals, scoring.samples, scoring.temperature)
     model.eval()
     metrics, predictions = evaluate(
         model,
@@ -66,7 +79,7 @@ def evaluate_target(
         tokenizer=tokenizer,
         max_new_tokens=data_cfg.max_new_tokens,
         generation=True,
-        allow_code_execution=allow_code_execution,
+        allow_code_execution=scoring.allow_code_execution,
         temperature=temperature,
         objective=_preference_objective(task, target),
     )
@@ -83,6 +96,14 @@ def evaluate_target(
         "max_length": data_cfg.max_length,
         **metrics,
     }
+
+
+def _evaluation_sets(task, data_cfg: DataConfig, model, tokenizer) -> dict:
+    """The EvalSets of the task's splits under `data_cfg`, tokenized for `model` (an encoder-decoder's own way)."""
+    splits = _load_eval_data(task, data_cfg).evals
+    return eval_sets(
+        task, splits, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, is_encoder_decoder(model)
+    )
 
 
 def _sampling(task, evals: dict, samples: int | None, temperature: float) -> float | None:
@@ -190,7 +211,13 @@ def _load_eval_data(task, data_cfg: DataConfig):
 
 
 def _open_target(
-    target: str | Path, task_name: str | None, data_path: str | None, base: str | None, force: bool, best: bool
+    target: str | Path,
+    task_name: str | None,
+    data_path: str | None,
+    base: str | None,
+    force: bool,
+    best: bool,
+    fmt: str,
 ):
     """(model, tokenizer, task, data settings, the run's predictions file or None) of what `lrft eval`
     evaluates: a run or PEFT dir rebuilt on its base (its own data unless `data_path`), or a model."""
@@ -203,9 +230,10 @@ def _open_target(
         if opened.run_dir is not None:
             run_predictions = RunDir(opened.run_dir).predictions()
     else:
-        model, tokenizer, task, label_names = _open_model(target, task_name)
+        model, tokenizer, task, label_names = _open_model(target, task_name, fmt)
         data_cfg = DataConfig(
             task=task.name,
+            format=fmt,
             path=data_path or merged_data_source(Path(target), task.name),
             max_length=task.max_length,
             max_new_tokens=task.max_new_tokens,
@@ -226,14 +254,14 @@ def _what(target: str | Path, opened: Opened | None, best: bool) -> str:
     return f"the PEFT adapter dir {target} ({method} on {base})"
 
 
-def _open_model(target: str | Path, task_name: str | None):
+def _open_model(target: str | Path, task_name: str | None, fmt: str = "classifier"):
     """(model, tokenizer, task, label names) of a plain model dir, alias or hub id evaluated on `task_name`."""
     if not task_name:
         raise LrftError(
             f"--task: {target} is not an lrft run dir ({RECIPE}); to evaluate it as a model, "
             f"say which task, e.g. --task glue/mrpc"
         )
-    task = get_task(task_name)
+    task = task_for(task_name, fmt)
     label_names = _read_model_labels(target) or list(task.label_names or [])
     if not label_names and task.problem == "classification":
         raise LrftError(

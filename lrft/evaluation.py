@@ -19,10 +19,12 @@ import torch
 from lrft import console, sandbox
 from lrft.data import PromptSplit, Task, code, compute_metrics, example_length, features
 from lrft.data.answers import NUMBERS
-from lrft.data.causal import prompt_features
+from lrft.data.causal import choice_features, prompt_features
 from lrft.data.tasks import metric_name
-from lrft.loss import batch_loss
+from lrft.data.text_to_text import ChoiceSplit
+from lrft.loss import batch_loss, sequence_logps
 from lrft.preference import PreferenceLoss
+from lrft.targets import is_encoder_decoder
 
 SAMPLING_SEED = 1234  # sampled generations (pass@k) are the same on every run
 PASS_AT = (1, 10, 100)  # the k of pass@k reported, those up to the samples per problem
@@ -34,6 +36,10 @@ class EvalSet:
 
     features: list[dict]
     prompts: list[dict] = field(default_factory=list)
+    # text-to-text (rank classification): every example's prompt with each candidate word, and the gold
+    choices: list[dict] = field(default_factory=list)
+    choice_words: tuple[str, ...] = ()
+    gold: list = field(default_factory=list)
 
 
 def shard_batches(model, features: list[dict], collate, batch_size: int, device, rank: int, world: int, what: str):
@@ -78,7 +84,8 @@ def predict(
                 loss = out.loss
             else:  # a causal LM: the loss alone, never the whole batch's logits (lrft.loss)
                 loss = batch_loss(model, unwrap(model), batch)
-        n = len(idx) if keep_logits else int((batch["labels"][:, 1:] != -100).sum())
+        # a causal LM's first position is always prompt: its labelled tokens are those it predicts
+        n = len(idx) if keep_logits else int((batch["labels"] != -100).sum())
         loss_sum += float(loss) * n
         weight += n
         del batch, loss  # before the next batch is made, not after
@@ -105,6 +112,7 @@ def generate(
     matches `answer_written` (the task's regex) or, without it, its format's; a batch once all have.
     With a `temperature`, completions are sampled (top-p 0.95) from a seed of this process's own."""
     was_training = model.training
+    seq2seq = is_encoder_decoder(model)
     sampling = {"do_sample": False}
     if temperature is not None:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
@@ -116,11 +124,13 @@ def generate(
     with console.progress("generation", len(starts) * max_new_tokens, "token steps") as phase:
         for b, start in enumerate(starts):
             idx = mine[start : start + batch_size]
-            # left padding: every prompt ends where generation starts
+            # left padding: every prompt ends where generation starts; an encoder reads its prompt as it
+            # was trained (right-padded) and its decoder starts from its own start token (width 1)
+            side = "right" if seq2seq else "left"
             batch = tokenizer.pad(
-                {"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side="left", return_tensors="pt"
+                {"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side=side, return_tensors="pt"
             )
-            width = batch["input_ids"].shape[1]
+            width = 1 if seq2seq else batch["input_ids"].shape[1]
             stops = [answer_written or (prompts[i]["format"].written if "format" in prompts[i] else None) for i in idx]
             tokens = model.generate(
                 input_ids=batch["input_ids"].to(device),
@@ -134,8 +144,8 @@ def generate(
                 stopping_criteria=[stop_when_written(stops, tokenizer, width)] if any(stops) else None,
             )
             phase.update((b + 1) * max_new_tokens, note=f"batch {b + 1}/{len(starts)}")  # a batch may end early
-            for i, generated in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
-                fmt, completion = prompts[i].get("format", NUMBERS), prompts[i].get("prefill", "") + generated
+            for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
+                fmt = prompts[i].get("format", NUMBERS)
                 answer = fmt.extract(completion)
                 gold = prompts[i]["gold"]
                 record = {"index": i, "prompt": prompts[i]["prompt"], "completion": completion, "answer": answer}
@@ -205,8 +215,6 @@ def evaluate(
     Preference pairs are scored by `objective`, the run's DPO-family loss (pair_metrics). Processes
     share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs every
     process to run the same forward passes."""
-    from accelerate.utils import gather_object
-
     device = accelerator.device if accelerator else next(model.parameters()).device
     rank = accelerator.process_index if accelerator and shard else 0
     world = accelerator.num_processes if accelerator and shard else 1
@@ -220,15 +228,15 @@ def evaluate(
             metrics = pair_metrics(model, split.features, collate, objective, batch_size, device, rank, world, autocast)
             results.update({metric_name(k, key): v for k, v in metrics.items()})
             continue
-        idx, logits, loss_sum, weight = predict(
+        idx, logits, loss_sum, weight = predict_gathered(
             model, split.features, collate, batch_size, device, rank, world, autocast, keep_logits=not causal
         )
-        if world > 1:
-            idx, logits, loss_sum, weight = _gathered(gather_object([(idx, logits, loss_sum, weight)]))
         loss = loss_sum / max(weight, 1)
         if causal:  # a test set of answers alone (no response to score) has no loss
             metrics = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss} if weight else {}
             losses.update({key: (loss_sum, weight)} if weight else {})
+            if task.rendered is not None:
+                metrics |= rank_metrics(model, split, task, collate, batch_size, device, rank, world, autocast)
             if generation and task.generate:
                 core = accelerator.unwrap_model(model) if accelerator else model
                 scores, records = scored_generations(core, task, split.prompts, tokenizer, device, rank, world, **gen)
@@ -242,10 +250,19 @@ def evaluate(
     return (results | suite_summary(task, results, losses) if task.suite else results), predictions
 
 
-def _gathered(parts: list[tuple]) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """predict's results of every process as one."""
-    idx = np.concatenate([p[0] for p in parts])
-    logits = np.concatenate([p[1] for p in parts])
+def predict_gathered(
+    model, features, collate, batch_size: int, device, rank: int, world: int, autocast, keep_logits: bool
+):
+    """predict's results over every process's shard, as one."""
+    idx, logits, loss_sum, weight = predict(
+        model, features, collate, batch_size, device, rank, world, autocast, keep_logits
+    )
+    if world == 1:
+        return idx, logits, loss_sum, weight
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(idx, logits, loss_sum, weight)])
+    idx, logits = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     return idx, logits, sum(p[2] for p in parts), sum(p[3] for p in parts)
 
 
@@ -274,7 +291,8 @@ def scored_generations(
     args = (model, prompts, tokenizer, max_new_tokens, batch_size, device, rank, world, task.answer_written)
     records = generate(*args, temperature=temperature)
     if task.executes_code:
-        outcomes = sandbox.run_programs([code.program(r["answer"], r["gold"]) for r in records])
+        programs = [code.program(r["answer"], r["gold"], prompts[r["index"]]["context"]) for r in records]
+        outcomes = sandbox.run_programs(programs)
         records = [{**r, "correct": o == "passed", "outcome": o} for r, o in zip(records, outcomes)]
     if world > 1:
         records = [r for part in gather_object([records]) for r in part]
@@ -346,23 +364,53 @@ def pair_sums(model, features, collate, objective, batch_size: int, device, rank
 
 
 def eval_sets(
-    task: Task, splits: dict, tokenizer, max_length: int, max_prompt_length: int | None = None
+    task: Task,
+    splits: dict,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    encoder_decoder: bool = False,
 ) -> dict[str, EvalSet]:
     """EvalSets of a task's evaluation splits (prompts only for generation tasks; the loss only of the
-    examples that have a response)."""
-    return {
-        suffix: EvalSet(
-            features(
-                split.with_responses() if isinstance(split, PromptSplit) else split,
-                tokenizer,
-                max_length,
-                "evaluation examples",
-                max_prompt_length,
-            ),
-            prompt_features(split, tokenizer) if task.generate else [],
-        )
-        for suffix, split in splits.items()
-    }
+    examples that have a response; every candidate answer of text-to-text examples), for an
+    `encoder_decoder` the prompt in its encoder."""
+    out = {}
+    for key, split in splits.items():
+        scored = split.with_responses() if isinstance(split, PromptSplit) else split
+        feats = features(scored, tokenizer, max_length, "evaluation examples", max_prompt_length, encoder_decoder)
+        out[key] = EvalSet(feats, prompt_features(split, tokenizer, encoder_decoder) if task.generate else [])
+        if isinstance(split, ChoiceSplit):
+            k = len(split.choices)
+            prompts = [p for p in split.prompts for _ in range(k)]
+            candidates = PromptSplit(prompts, list(split.choices) * len(split), [None] * len(prompts))
+            out[key].choices = choice_features(candidates, tokenizer, max_length, encoder_decoder)
+            out[key].choice_words, out[key].gold = split.choices, list(split.gold)
+    return out
+
+
+@torch.no_grad()
+def rank_metrics(model, split: EvalSet, task: Task, collate, batch_size: int, device, rank, world, autocast) -> dict:
+    """Rank classification: each candidate word's summed log-likelihood after its prompt, the best one
+    the prediction, scored with the rendered task's metrics (a regression's: the chosen number)."""
+    mine, scores = [], []
+    for idx, batch in shard_batches(model, split.choices, collate, batch_size, device, rank, world, "choices"):
+        with autocast() if autocast else nullcontext():
+            logps, _ = sequence_logps(model, unwrap(model), batch)
+        mine += idx
+        scores.append(logps.double().cpu())
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(mine, scores)])
+        mine, scores = [i for p in parts for i in p[0]], [t for p in parts for t in p[1]]
+    ordered = torch.empty(len(split.choices), dtype=torch.float64)
+    ordered[torch.tensor(mine, dtype=torch.long)] = torch.cat(scores) if scores else ordered[:0]
+    table = ordered.view(len(split.gold), len(split.choice_words)).numpy()
+    rendered = task.rendered
+    if rendered.problem == "regression":  # the number of the best candidate, as a one-column output
+        values = np.asarray([float(w) for w in split.choice_words])
+        return compute_metrics(rendered, values[table.argmax(-1)][:, None], np.asarray(split.gold))
+    return compute_metrics(rendered, table, np.asarray(split.gold))
 
 
 def unwrap(model):

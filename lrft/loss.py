@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lrft.targets import is_encoder_decoder
+
 IGNORE = -100
 CHUNK_TOKENS = 512  # positions whose logits exist at once: 512 × 49,152 fp32 = 100 MB for SmolLM2
 # causal LMs whose logits are exactly lm_head(final hidden states), soft-capped where the config says
@@ -76,11 +78,13 @@ class ExampleLoss(Objective):
 
 
 class ResponseTokenLoss(Objective):
-    """Causal LMs: the cross-entropy of the tokens the model predicts (the labelled ones after the first
-    position, the response), their mean (`batch_loss`); an example weighs its response tokens."""
+    """Causal LMs (and encoder-decoders): the cross-entropy of the tokens the model predicts (the labelled
+    ones, the response), their mean (`batch_loss`); an example weighs its response tokens."""
 
     def example_weight(self, feature: dict) -> int:
-        return sum(t != IGNORE for t in feature["labels"][1:])
+        # every labelled token is predicted: a causal LM's first position is prompt (never labelled), an
+        # encoder-decoder's labels are its decoder's targets
+        return sum(t != IGNORE for t in feature["labels"])
 
     def loss(self, model: nn.Module, core: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch_loss(model, core, batch)
@@ -123,8 +127,13 @@ def sequence_logps(
         with loss_head(core, labels, per_sequence=True) as head:
             model(**inputs, use_cache=False)
         return head.sequence_logps, head.sequence_tokens
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
+    if is_encoder_decoder(core):  # the decoder reads the labels shifted right itself
+        inputs["decoder_input_ids"] = core.prepare_decoder_input_ids_from_labels(labels=labels)
+        logits = model(**inputs, use_cache=False).logits.float()
+        targets = labels.to(logits.device)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        targets = labels[:, 1:].to(logits.device)
     keep = targets != IGNORE
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * keep).sum(-1), keep.sum(-1)

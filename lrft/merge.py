@@ -33,6 +33,7 @@ from lrft.inject import adapted, merge
 from lrft.open_runs import data_settings, load_run, open_adapted
 from lrft.run_layout import MERGE_REPORT
 from lrft.run_lock import writer_lock
+from lrft.targets import is_encoder_decoder, stack_layers
 
 # An fp32 merge computes (W0 + ΔW)·x where the adapted model computed W0·x + ΔW·x: the same products
 # summed in another order, after W0 + ΔW was rounded once to fp32. Rounding errors of eps_fp32 relative
@@ -230,12 +231,12 @@ def _causal_checks(reloaded, model_dir: Path, prompts: list[list[int]], generate
 
 def rounding_growth(model) -> float:
     """√(depth · width): how far float32 rounding errors grow through `model`, depth its number of layers
-    (every Linear layer where the config does not say) and width its longest dot product (fan-in)."""
+    (an encoder-decoder's encoder and decoder layers; every Linear layer where the config does not say) and width its longest dot product (fan-in)."""
     from transformers.pytorch_utils import Conv1D
 
     fan_ins = [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
     fan_ins += [m.weight.shape[0] for m in model.modules() if isinstance(m, Conv1D)]  # stored in × out
-    depth = getattr(model.config, "num_hidden_layers", None) or len(fan_ins)
+    depth = sum(stack_layers(model.config)) or len(fan_ins)  # an encoder-decoder: both stacks
     return math.sqrt(depth * max(fan_ins, default=1))
 
 
@@ -374,14 +375,18 @@ def _parity_inputs(data_cfg, a) -> tuple[dict, list[dict], str]:
     split = next(iter(data.evals.values())).head(PARITY_EXAMPLES[task.problem])
     if isinstance(split, PreferenceSplit):  # pairs: their prompts with the chosen responses
         split, task = split.chosen_examples(), get_task("instruction")
-    feats = features(split, a.tokenizer, data_cfg.max_length, "parity examples")
+    seq2seq = is_encoder_decoder(a.model)
+    feats = features(split, a.tokenizer, data_cfg.max_length, "parity examples", encoder_decoder=seq2seq)
     if task.causal:
         feats = [{k: v[:CAUSAL_PARITY_TOKENS] for k, v in f.items()} for f in feats]
     batch = collator(task, a.tokenizer)(feats)
+    if seq2seq:  # the decoder reads the responses (its inputs made from them), not the loss
+        batch["decoder_input_ids"] = a.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     batch.pop("labels", None)
     prompts = []
     if task.causal:
-        prompts = [p["prompt_ids"] for p in prompt_features(split.head(GENERATION_PROMPTS), a.tokenizer)]
+        heads = prompt_features(split.head(GENERATION_PROMPTS), a.tokenizer, seq2seq)
+        prompts = [p["prompt_ids"] for p in heads]
     return dict(batch), prompts, data.source
 
 
@@ -407,7 +412,7 @@ def _greedy(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        out.append(tokens[0, len(ids) :].tolist())
+        out.append(tokens[0, 1 if is_encoder_decoder(model) else len(ids) :].tolist())  # a decoder starts at 1
     return out
 
 
@@ -416,9 +421,11 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _reload(path: Path, causal: bool, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    if causal and is_encoder_decoder(AutoConfig.from_pretrained(path)):
+        cls = AutoModelForSeq2SeqLM
     return cls.from_pretrained(path, dtype=dtype).eval()
 
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from lrft import console, hub, weight_files
 from lrft.atomic_files import atomic_dir, file_sha256
 from lrft.errors import LrftError
+from lrft.targets import is_encoder_decoder
 
 # What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
@@ -252,16 +253,21 @@ def load_model(model_cfg, task, label_names: list[str] | None):
 
 
 def load_for_causal_lm(model_cfg):
-    """(model, tokenizer) of a causal LM; the tokenizer pads with eos when it has no pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a language model answering prompts: a causal LM, or an encoder-decoder
+    (T5, BART: its config says so) whose encoder reads the prompt and decoder writes the response; the
+    tokenizer pads with eos when it has no pad token."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     quiet_transformers()
     source = resolve(model_cfg.name, model_cfg.gguf_file, model_cfg.revision)
+    seq2seq = model_cfg.type == "seq2seq_lm" or (
+        model_cfg.type == "auto" and is_encoder_decoder(load_config(model_cfg))
+    )
     check_weights(source)
     common = _common(model_cfg)
     try:
         # mismatched sizes loaded, not raised: check_loaded names the tensor (transformers' RuntimeError does not)
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(
             source,
             dtype=getattr(torch, model_cfg.dtype),
             use_safetensors=True,

@@ -14,6 +14,7 @@ from lrft.adapted_model import Opened, adapt, check_fingerprint, load_base
 from lrft.atomic_files import read_json
 from lrft.checkpoint import CONFIG_FILE, load_adapter, read_adapter_config
 from lrft.data import DATA_DIR_ENV, HUB_SOURCE, Task, get_task, local_source
+from lrft.data.text_to_text import task_for
 from lrft.errors import LrftError
 from lrft.inject import load_saved_state
 from lrft.models import ALIASES, looks_local
@@ -64,7 +65,7 @@ def load_run(run_dir: Path, *, best: bool = False, force: bool = False) -> Opene
     recipe.adapter.target_modules = config["target_modules"]
     base = load_base(
         recipe.model,
-        get_task(config["task"]),
+        task_for(config["task"], recipe.data.format),
         config.get("label_names"),
         recipe.adapter.target_modules,
         recipe.adapter.params.rank,

@@ -41,14 +41,14 @@ from lrft import console, methods
 from lrft.adapted_model import Opened, attach, check_fingerprint, load_base
 from lrft.atomic_files import atomic_dir, file_sha256, read_json
 from lrft.checkpoint import load_tensors
-from lrft.data import get_task
+from lrft.data.text_to_text import task_for
 from lrft.errors import LrftError
 from lrft.inject import adapted
 from lrft.methods import Built
 from lrft.methods.lora import LoRA
 from lrft.models import ALIASES, Alias, looks_local, resolve
 from lrft.recipe import DataConfig, ModelConfig
-from lrft.targets import OUTPUT_HEADS, head_modules
+from lrft.targets import OUTPUT_HEADS, head_modules, is_encoder_decoder
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -80,7 +80,7 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
     base_name, alias = export_base(opened.model_cfg)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": TASK_TYPES[a.task.problem],
+        "task_type": "SEQ_2_SEQ_LM" if is_encoder_decoder(a.model) else TASK_TYPES[a.task.problem],
         "base_model_name_or_path": base_name,
         "revision": base.get("revision"),
         **lora_config,
@@ -111,6 +111,7 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
                 **({"alias": alias} if alias else {}),
             },
             "task": config["task"],
+            "format": opened.data_cfg.format,  # text-to-text: the task as prompts and answer words
             "label_names": config.get("label_names"),
             "data_source": config.get("data_source"),
         }
@@ -290,7 +291,8 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
         raise LrftError(f"--task: {path} is a PEFT adapter; say which task it is for, e.g. --task glue/mrpc")
     model_cfg = ModelConfig(**{"revision": config.get("revision"), **base_model(path, config, provenance, base_name)})
     factors, heads = _read_weights(path / WEIGHTS)
-    task = get_task(task_name)
+    fmt = provenance.get("format", "classifier") if task_name == provenance.get("task") else "classifier"
+    task = task_for(task_name, fmt)
     label_names = provenance.get("label_names") or (list(task.label_names) if task.label_names else None)
     if label_names is None and task.problem == "classification":  # users' own labels: as many as the head has
         rows = [
@@ -321,7 +323,7 @@ def load_peft(path: Path, task_name: str | None, base_name: str | None = None, f
         "base_model": {"name": model_cfg.name},
         "data_source": provenance.get("data_source") if provenance.get("task") == task.name else None,
     }
-    return Opened(a, config, model_cfg, DataConfig(task=task.name))
+    return Opened(a, config, model_cfg, DataConfig(task=task.name, format=fmt))
 
 
 def _lora_adapters(path: Path, config: dict, targets: list, factors: dict[str, dict[str, torch.Tensor]]) -> dict:

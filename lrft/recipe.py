@@ -37,8 +37,9 @@ TOKENS_LIMIT = 2**20  # more tokens than any model reads; tokenizers take length
 
 class ModelConfig(Section):
     name: str = Field(description="packaged alias (minilm, smollm2), a local model dir, or a hub id")
-    type: Literal["auto", "classification", "causal_lm"] = Field(
-        "auto", description="head: sequence classification or causal LM (auto: what the task needs)"
+    type: Literal["auto", "classification", "causal_lm", "seq2seq_lm"] = Field(
+        "auto",
+        description="head: sequence classification, causal LM or encoder-decoder LM (auto: what the task and model need)",
     )
     gguf_file: str | None = Field(None, description="a GGUF file in model.name (dir or hub repo), dequantised to train")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) to load")
@@ -79,6 +80,12 @@ class DataConfig(Section):
     max_new_tokens: int = Field(
         256, gt=0, le=TOKENS_LIMIT, description="generation tasks (gsm8k): tokens generated per answer at evaluation"
     )
+    format: Literal["classifier", "text-to-text"] = Field(
+        "classifier",
+        description="a classification task through a classifier head, or as prompts and answer words (rank-scored)",
+    )
+    prompt: str | None = Field(None, description="text-to-text: the prompt template, with {text} and {pair}")
+    label_words: list[str] | None = Field(None, description="text-to-text: the answer word of each label, in order")
     eval_sets: list[str] | None = Field(
         None, min_length=1, description="commonsense/arithmetic: the test sets to score (default: every one in the dir)"
     )
@@ -308,8 +315,15 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _head_fits_task(self):
-        needed = "causal_lm" if TASKS[self.data.task].causal else "classification"
-        if self.model.type not in ("auto", needed):
+        task = TASKS[self.data.task]
+        if self.data.format == "text-to-text" and task.problem not in ("classification", "regression"):
+            raise ValueError(
+                f"data.format: text-to-text renders a classification or regression task, and {task.name} is "
+                f"{task.problem}; leave data.format out"
+            )
+        needed = "causal_lm" if task.causal or self.data.format == "text-to-text" else "classification"
+        fits = ("auto", needed, "seq2seq_lm") if needed == "causal_lm" else ("auto", needed)  # prompt → response
+        if self.model.type not in fits:
             raise ValueError(
                 f"model.type: {self.model.type} does not fit data.task {self.data.task}, which needs "
                 f"{needed}; set model.type: {needed} or auto"

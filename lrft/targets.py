@@ -65,7 +65,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(("q_proj", "v_proj")),
     "gemma2": Family(("q_proj", "v_proj")),
     "gemma3_text": Family(("q_proj", "v_proj")),
-    "t5": Family(("q", "v")),
+    "t5": Family(("q", "v")),  # T5, T5 v1.1 and Flan-T5 (their gated feed-forward: wi_0, wi_1, wo)
+    "bart": Family(("q_proj", "v_proj")),
 }
 UNKNOWN_FAMILY = Family(("query", "value"))
 
@@ -132,6 +133,41 @@ def attention_kinds(name: str, config) -> tuple[str, ...] | None:
     if fam.fused and _ends_with(name, fam.fused):
         return QKV
     return next(((kind,) for kind, names in ATTENTION_NAMES.items() if any(_ends_with(name, n) for n in names)), None)
+
+
+# The attention modules of an encoder-decoder model's decoder that read the encoder's output (T5, BART)
+CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention")
+
+
+def is_encoder_decoder(model_or_config) -> bool:
+    """Whether a model (or its config) is an encoder-decoder: the prompt in its encoder, the answer from its decoder."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def stack_layers(config) -> tuple[int, int]:
+    """(encoder layers, decoder layers) of an encoder-decoder config; (layers, 0) for any other model."""
+    if not is_encoder_decoder(config):
+        return getattr(config, "num_hidden_layers", 0) or 0, 0
+    encoder = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", 0)
+    decoder = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or encoder
+    return encoder, decoder
+
+
+def attention_block(name: str, config) -> str:
+    """Which attention module `name` sits in: "" for self-attention of an encoder or a decoder-only
+    model, "decoder" for an encoder-decoder's decoder self-attention, "cross" for its cross-attention."""
+    if not is_encoder_decoder(config) or not re.search(r"(^|\.)decoder\.", name):
+        return ""
+    return "cross" if any(f".{c}." in f".{name}." for c in CROSS_ATTENTION) else "decoder"
+
+
+def stack_layer(t: Target, config) -> int | None:
+    """The target's layer counted over the whole model: an encoder-decoder's decoder layers come after
+    its encoder layers."""
+    if t.layer is None or not is_encoder_decoder(config):
+        return t.layer
+    return t.layer + (stack_layers(config)[0] if re.search(r"(^|\.)decoder\.", t.name) else 0)
 
 
 def fused_rows(packing: str, heads: list[int], head_dim: int) -> torch.Tensor | None:

@@ -105,6 +105,9 @@ SHARED = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64
 )
 DECODER = dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+T5_SHAPE = dict(
+    d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0
+)
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FAMILIES = {
     "bert": ("BertConfig", "BertForSequenceClassification", {}, ["query", "key", "value", "attention.output.dense"]),
@@ -181,6 +184,33 @@ FAMILIES = {
         "OPTConfig",
         "OPTForCausalLM",
         dict(ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2, eos_token_id=3),
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
+    ),
+    # encoder-decoder (seq2seq LMs): T5 (relu), T5 v1.1 / Flan-T5 (gated-gelu: wi_0, wi_1), BART
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(T5_SHAPE), ["q", "k", "v", "o"]),
+    "t5-gated": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(T5_SHAPE, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        ["q", "k", "v", "o"],
+    ),
+    "bart": (
+        "BartConfig",
+        "BartForConditionalGeneration",
+        dict(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            decoder_start_token_id=3,
+            forced_eos_token_id=None,
+        ),
         ["q_proj", "k_proj", "v_proj", "out_proj"],
     ),
     "gpt_neox": (
@@ -478,7 +508,12 @@ def pad_collate(features: list[dict], causal: bool = False) -> dict:
 
 
 def is_causal(model) -> bool:
+    """Whether the model generates text (a causal LM, or an encoder-decoder: is_seq2seq)."""
     return model.can_generate()
+
+
+def is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def calibration_for(model, targets, needs):
@@ -534,6 +569,11 @@ def batch(seed: int = 0, n: int = 3, length: int = 7) -> dict:
 
 
 def labeled(model, b: dict) -> dict:
+    """The batch with the labels the model's loss takes: the next tokens (a causal LM), a target text
+    for the decoder (an encoder-decoder: the inputs' first 5 tokens), or a class."""
+    if is_seq2seq(model):
+        target = b["input_ids"][:, :5]
+        return {**b, "labels": target.masked_fill(b["attention_mask"][:, :5] == 0, -100)}
     if is_causal(model):
         return {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
     return {**b, "labels": torch.tensor([0, 1, 1])}
@@ -554,6 +594,8 @@ def outputs(model, b: dict) -> dict[str, torch.Tensor]:
     hidden states (layer-normed, of order 1) are what shows a difference of 1e-5."""
     with torch.no_grad():
         out = model.eval()(**b, output_hidden_states=True)
+    if is_seq2seq(model):  # the decoder's last states, which every adapted projection feeds
+        return {"logits": out.logits, "hidden": out.decoder_hidden_states[-1], "encoder": out.encoder_last_hidden_state}
     return {"logits": out.logits, "hidden": out.hidden_states[-1]}
 
 

@@ -432,6 +432,20 @@ CASES = {
         lambda w, s: _preference_train(w, s, PAIR, **{"adapter.init_from": str(w / "runs" / "good")}),
         ["adapter.init_from:", "was trained with targets", "same base model"],
     ),
+    # -------------------------------------------------------------------------------- text-to-text
+    "text-to-text of a causal task": (
+        lambda w, s: ["train", _recipe_file(s, w, **{"data.task": "gsm8k", "data.format": "text-to-text"})],
+        ["data.format: text-to-text renders a classification or regression task", "gsm8k is causal_lm"],
+    ),
+    "label words miscounted": (
+        lambda w, s: [
+            "train",
+            _recipe_file(s, w, **{"data.format": "text-to-text", "data.label_words": ["yes"]}),
+            "model.name=" + str(s / "llama"),
+            "adapter.target_modules=[q_proj]",
+        ],
+        ["data.label_words: ['yes'] are not 2 distinct words", "one word for each, in label order"],
+    ),
     # ------------------------------------------------------------------------------- evaluation suites
     "suite test set without answer": (
         lambda w, s: _suite_train(w, s, '[{"instruction": "is 1 plus 2 3?\\n\\nAnswer format: true/false"}]'),
@@ -870,6 +884,7 @@ def _unrelated_tensors() -> bytes:
 
 
 CAUSAL_CASES = {  # on a tiny Llama
+    "label words miscounted",
     "suite test set without answer",
     "unknown harness task",
     "code execution not allowed",

@@ -24,13 +24,14 @@ from lrft import methods
 from lrft.count_params import count_params
 from lrft.errors import LrftError
 from lrft.inject import adapted, adapter_parameters, merge, set_head_trainable
-from lrft.targets import default_targets, head_modules
+from lrft.targets import default_targets, head_modules, stack_layers
 from tests.helpers import (
     FAMILIES,
     METHODS,
     assert_merge_parity,
     batch,
     build,
+    is_seq2seq,
     labeled,
     outputs,
     recipe_dict,
@@ -73,7 +74,7 @@ def served_by_peft(base, model, tmp_path):
     from lrft.peft_format import CONFIG, WEIGHTS, lora_adapter
 
     state, config, _ = lora_adapter(model, heads=list(head_modules(model)))  # PEFT's SEQ_CLS loads a head
-    task_type = "CAUSAL_LM" if model.can_generate() else "SEQ_CLS"
+    task_type = "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM" if model.can_generate() else "SEQ_CLS"
     save_file(state, str(tmp_path / WEIGHTS))
     (tmp_path / CONFIG).write_text(json.dumps({"peft_type": "LORA", "task_type": task_type, **config}))
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path), config
@@ -122,7 +123,8 @@ def test_default_targets_resolve_and_count_params_matches(family, method, config
     model = tiny_family(family)
     names = default_targets(model.config)
     model, found, *_, built = build(method, model=model, targets=names)
-    assert {t.kind for t in found} == set(names) and len(found) == len(names) * model.config.num_hidden_layers
+    encoder, decoder = stack_layers(model.config)  # an encoder-decoder's decoder layers hold two attention blocks
+    assert {t.kind for t in found} == set(names) and len(found) == len(names) * (encoder + 2 * decoder)
     counts = count_params(method, 4, model=str(config_dirs / family), saved_meta=built.meta)
     assert counts["targets"] == names and counts["modules"] == len(found)
     assert counts["trainable"] == sum(t.numel() for t in adapter_parameters(model))

@@ -19,7 +19,7 @@ import torch
 
 from lrft.inject import adapted, adapter_parameters, merge
 from lrft.merge import check_fp32_parity, logit_parity, rounding_growth
-from tests.helpers import FAMILIES, METHODS, batch, build, tiny_family
+from tests.helpers import FAMILIES, METHODS, batch, build, is_seq2seq, labeled, tiny_family
 
 MATRIX = [(f, m) for f in FAMILIES for m in METHODS]
 UPDATE_SHARE = 0.03  # ‖ΔW‖/‖W0‖ of the largest module: a few percent, as after real training
@@ -80,7 +80,7 @@ def merged_without_the_last_module(model):
 def test_fp32_merge_of_a_grown_adapter_passes_and_wrong_merges_fail(family, method):
     model, *_ = build(method, model=tiny_family(family), targets=FAMILIES[family][3])
     share = grow_update(model, UPDATE_SHARE)
-    b = batch()
+    b = labeled(model, batch()) if is_seq2seq(model) else batch()  # a decoder reads the labels
     want = logits(model, b)
     merged = merge(copy.deepcopy(model))
     parity = logit_parity(merged, want, logits(merged, b))

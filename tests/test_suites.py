@@ -120,7 +120,33 @@ def test_each_format_says_when_its_answer_is_written():
     assert not written.search("the correct answer is answer2")  # the next character decides: answer21?
     numbers = re.compile(NUMBERS.written)
     assert numbers.search("3 + 4 = 7. The answer is 7. ") and not numbers.search("The answer is 7")
-    assert re.search(CODE.written, "    return x\n```") and CODE.extract("```python\ndef f():\n    return 1\n```\nok")
+    assert re.search(CODE.written, "so:\n```python\n    return x\n```") and not re.search(
+        CODE.written, "```python\nx = 1"
+    )
+
+
+@pytest.mark.parametrize(
+    "completion, code",
+    [
+        ("Sure:\n```python\ndef f(x):\n    return x\n```\nThat is all.", "def f(x):\n    return x"),
+        ("```\ndef f(x):\n    return x\n\nassert f(1) == 1\nprint(f(2))\n```", "def f(x):\n    return x"),
+        ("    return x + 1\n", "    return x + 1"),  # a body, continuing the prompt's stub
+        ("```python\ndef f(x):\n    return x\n\nif __name__ == '__main__':\n    f(3)\n```", "def f(x):\n    return x"),
+        ("```python\n```", None),
+    ],
+)
+def test_code_is_extracted_as_the_published_pipelines_do(completion, code):
+    assert CODE.extract(completion) == code
+
+
+def test_a_program_continues_or_redefines_the_problems_stub():
+    from lrft.data.code import program
+
+    stub, tests = 'def f(x):\n    """Add one."""\n', "def check(c):\n    assert c(1) == 2\n\ncheck(f)\n"
+    outcomes = run_programs(
+        [program("    return x + 1", tests, stub), program("def f(x):\n    return x + 1", tests, stub)]
+    )
+    assert outcomes == ["passed", "passed"]
 
 
 # -------------------------------------------------------------------------------------------- suites
@@ -311,7 +337,7 @@ def test_humaneval_canonical_solutions_pass_and_a_wrong_one_fails():
     data = load_task_data(get_task("humaneval"), data_cfg(), need_train=False)
     split = data.evals[""]
     assert len(split) == 164
-    programs = [program(CODE.extract(r), t) for r, t in zip(split.responses, split.answers)]
+    programs = [program(CODE.extract(r), t, c) for r, t, c in zip(split.responses, split.answers, split.contexts)]
     wrong = programs[0].replace("return True", "return False", 1)
     outcomes = run_programs(programs + [wrong])
     assert outcomes[:-1] == ["passed"] * 164 and outcomes[-1] == "failed: AssertionError"
@@ -330,7 +356,7 @@ def test_humaneval_runs_generated_code_only_when_allowed(cli, tiny_llama_dir, tm
     records = [json.loads(line) for line in predictions.open()]
     assert len(records) == 2 and result["pass@1"] == sum(r["correct"] for r in records) / 2
     assert all(r["outcome"] == "passed" or r["outcome"].startswith(("failed", "timed out")) for r in records)
-    assert records[0]["completion"].startswith("```python\nfrom typing import List")  # the prefilled prompt
+    assert "```python\nfrom typing import List" in records[0]["prompt"]  # the problem's code, in a block
     monkeypatch.setenv("LRFT_ALLOW_CODE_EXECUTION", "1")
     code, out, err = cli(*args, "--samples", "3", "--predictions", predictions, "--json")
     assert code == 0, err

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lrft.data import causal, code, glue, preference, suites, text
+from lrft.data import causal, code, glue, preference, suites, text, text_to_text
 from lrft.data.metrics import compute_metrics
 from lrft.data.tasks import (
     DATA_DIR_ENV,
@@ -49,6 +49,8 @@ __all__ = [
 
 def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
     """Examples of `task` per the recipe's `data` section, from a local dir or the hub."""
+    if task.rendered is not None:  # text-to-text: the classification task's examples, as prompts and words
+        return text_to_text.convert(load_task_data(task.rendered, data_cfg, need_train), task, data_cfg)
     if task.suite:
         data = suites.load(task, data_cfg, need_train)
     elif task.executes_code:
@@ -80,14 +82,21 @@ def load_task_data(task: Task, data_cfg, need_train: bool = True) -> TaskData:
 
 
 def features(
-    split, tokenizer, max_length: int, what: str = "examples", max_prompt_length: int | None = None
+    split,
+    tokenizer,
+    max_length: int,
+    what: str = "examples",
+    max_prompt_length: int | None = None,
+    encoder_decoder: bool = False,
 ) -> list[dict]:
     """Tokenized, unpadded features of a split (the collator pads each batch): pairs of a preference
-    split (prompts cut to max_prompt_length, default half of max_length), prompt/response examples, or
-    texts to classify."""
+    split (prompts cut to max_prompt_length, default half of max_length), prompt/response examples (for
+    an `encoder_decoder`: the prompt its encoder's input, the response its labels), or texts to classify."""
     if isinstance(split, PreferenceSplit):
         prompt_room = max_prompt_length if max_prompt_length is not None else max_length // 2
         return preference.encode_pairs(split, tokenizer, max_length, prompt_room, what)
+    if isinstance(split, PromptSplit) and encoder_decoder:
+        return causal.encode_seq2seq(split, tokenizer, max_length, what)
     if isinstance(split, PromptSplit):
         return causal.encode_prompts(split, tokenizer, max_length, what)
     return encode(split, tokenizer, max_length)

@@ -12,8 +12,9 @@ An example's answer format is read from its data, never from its set's name:
   whole completion). It is correct when math-verify verifies it against the gold or the two differ by at
   most 1e-3 of the gold's magnitude (1e-3 at least): mawps's gold 1.8333333333333335 accepts 1.8333.
 
-- **code** (HumanEval): the completion's program, the ```python block it starts with up to its closing
-  fence; whether it is correct is decided by running it against the tests (lrft.sandbox), not here.
+- **code** (HumanEval): the completion's first code block (or the completion, if it has none), its
+  `if __name__` block and top-level example asserts and prints dropped; whether it is correct is
+  decided by running it against the tests (lrft.sandbox), not here.
 
 Each format also says when its answer is written (a regex over the completion), so generation stops
 there instead of running on to max_new_tokens.
@@ -39,8 +40,7 @@ class AnswerFormat:
         """The answer a completion gives, normalised (a choice in the data's spelling, a number as
         math-verify writes it), or None when it gives none."""
         if self.kind == "code":
-            body = re.sub(r"^\s*```[\w+-]*\n", "", completion, count=1)
-            return body.split("```", 1)[0].rstrip() or None
+            return code_answer(completion)
         if self.kind == "choices":
             found = _words(self.choices).search(completion)
             return next(c for c in self.choices if c.lower() == found.group(0).lower()) if found else None
@@ -65,7 +65,7 @@ class AnswerFormat:
     def written(self) -> str:
         """A regex the completion matches once its answer is complete (the character after it seen)."""
         if self.kind == "code":
-            return r"```"
+            return r"```[\w+-]*\n[\s\S]*?```"  # the first code block closed
         if self.kind == "choices":
             return _words(self.choices).pattern + r"(?=\W)"
         if self.kind == "letters":
@@ -87,6 +87,15 @@ def answer_format(instruction: str, golds: list[str | None]) -> AnswerFormat:
     if golds and all(g is not None and g.strip() in LETTERS for g in golds):
         return AnswerFormat("letters", LETTERS)
     return NUMBERS
+
+
+def code_answer(completion: str) -> str | None:
+    """The code a completion answers with, as the published pipelines extract it."""
+    block = re.search(r"```[\w+-]*\n([\s\S]*?)(?:```|$)", completion)
+    code = block.group(1) if block else completion
+    code = re.split(r"^if __name__\s*==", code, maxsplit=1, flags=re.M)[0]
+    kept = [line for line in code.split("\n") if not re.match(r"(assert|print)\b", line)]
+    return "\n".join(kept).rstrip() or None
 
 
 def numbers_agree(answer: str, gold: str) -> bool:

@@ -197,6 +197,48 @@ def encode_prompts(split: PromptSplit, tokenizer, max_length: int, what: str = "
     return features
 
 
+def encoder_text(tokenizer, prompt: list[dict]) -> str:
+    """What an encoder-decoder's encoder reads of a prompt: the rendered chat if the tokenizer has a
+    template, else the turns' texts as they are (as T5 and BART read their inputs)."""
+    if getattr(tokenizer, "chat_template", None):
+        return render(tokenizer, prompt, None)
+    return "\n\n".join(m["content"] for m in prompt)
+
+
+def encode_seq2seq(split: PromptSplit, tokenizer, max_length: int, what: str = "examples") -> list[dict]:
+    """Features of an encoder-decoder: the prompt's ids for the encoder, the response's (with the
+    tokenizer's end token) as the decoder's labels, each cut to max_length."""
+    sources = tokenizer([encoder_text(tokenizer, p) for p in split.prompts])["input_ids"] if len(split) else []
+    targets = tokenizer(text_target=split.responses)["input_ids"] if len(split) else []
+    features, cut = [], 0
+    for ids, labels in zip(sources, targets):
+        cut += len(ids) > max_length or len(labels) > max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    warn_cut(cut, 0, len(split), what, max_length, "")
+    return features
+
+
+def choice_features(split: PromptSplit, tokenizer, max_length: int, encoder_decoder: bool = False) -> list[dict]:
+    """Features of every example's prompt with each of its candidate answers (split.responses), one per
+    pair and never left out: a prompt too long keeps its last tokens, so the answer always fits."""
+    if encoder_decoder:
+        return encode_seq2seq(split, tokenizer, max_length, "candidate answers")
+    features, cut = [], 0
+    for p_ids, r_ids in prompt_response_ids(tokenizer, split.prompts, split.responses):
+        r_ids = r_ids[: max_length - 1]
+        room = max_length - len(r_ids)
+        cut += len(p_ids) > room
+        p_ids = p_ids[-room:]
+        ids, labels = p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if cut:
+        console.warn(
+            f"{cut} prompts of {len(split)} candidate answers were cut to their last tokens to fit data.max_length"
+        )
+    return features
+
+
 def warn_cut(cut: int, empty: int, total: int, what: str, max_length: int, why_empty: str) -> None:
     """The one warning of a tokenized split: how many of its `total` examples data.max_length cut, and
     how many were left out (`why_empty`)."""
@@ -207,16 +249,18 @@ def warn_cut(cut: int, empty: int, total: int, what: str, max_length: int, why_e
         )
 
 
-def prompt_features(split: PromptSplit, tokenizer) -> list[dict]:
-    """Generation inputs: the rendered prompt's ids (the answer's prefill, if any, written after it), the
-    user's question, the gold answer and its format."""
+def prompt_features(split: PromptSplit, tokenizer, encoder_decoder: bool = False) -> list[dict]:
+    """Generation inputs: the rendered prompt's ids, the user's question, the gold answer, its format and
+    the context the answer is read with (if any)."""
     special = not getattr(tokenizer, "chat_template", None)
-    prefills = split.prefills or [""] * len(split)
-    texts = [render(tokenizer, p, None) + f for p, f in zip(split.prompts, prefills)]
-    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    if encoder_decoder:  # the encoder reads the prompt with the tokenizer's own special tokens
+        ids = tokenizer([encoder_text(tokenizer, p) for p in split.prompts])["input_ids"]
+    else:
+        texts = [render(tokenizer, p, None) for p in split.prompts]
+        ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
     return [
         {"prompt_ids": ids[n], "prompt": p[-1]["content"], "gold": a, "format": split.answer_format(n)}
-        | ({"prefill": prefills[n]} if prefills[n] else {})
+        | ({"context": split.contexts[n]} if split.contexts else {})
         for n, (p, a) in enumerate(zip(split.prompts, split.answers))
     ]
 

@@ -53,6 +53,9 @@ class Task:
     suite: bool = False
     executes_code: bool = False  # scored by running the generated programs (lrft.sandbox), only if allowed
     max_new_tokens: int = 256  # tokens generated per answer when nothing says otherwise (`lrft eval` of a model)
+    # data.format text-to-text (lrft.data.text_to_text): the classification task this one renders as
+    # prompts and answer words, scored by rank classification with that task's metrics
+    rendered: Task | None = None
     # A regex a completion matches once its answer is written (GSM8K: the `#### N` line): generation of
     # that sequence stops there instead of running on to EOS or max_new_tokens
     answer_written: str | None = None
@@ -279,13 +282,13 @@ class Split:
 @dataclass
 class PromptSplit:
     """Causal-LM examples: the prompt as chat messages, the response to learn, the gold answer if any
-    and its format (lrft.data.answers; None: numbers, as GSM8K's), and what the answer starts with."""
+    and its format (lrft.data.answers; None: numbers, as GSM8K's), and what the answer is read with."""
 
     prompts: list[list[dict]]
     responses: list[str]
     answers: list[str | None]
     formats: list[AnswerFormat] | None = None
-    prefills: list[str] | None = None  # text each answer starts with, written into the prompt (HumanEval's code)
+    contexts: list[str] | None = None  # what an answer is read with, not shown to the model (HumanEval's code)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -294,8 +297,8 @@ class PromptSplit:
         if n is None or n >= len(self):
             return self
         formats = None if self.formats is None else self.formats[:n]
-        prefills = None if self.prefills is None else self.prefills[:n]
-        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n], formats, prefills)
+        contexts = None if self.contexts is None else self.contexts[:n]
+        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n], formats, contexts)
 
     def with_responses(self) -> PromptSplit:
         """The examples that have a response to score the loss of (a test set may give answers only)."""
@@ -304,7 +307,7 @@ class PromptSplit:
             return self
         pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
         return PromptSplit(
-            pick(self.prompts), pick(self.responses), pick(self.answers), pick(self.formats), pick(self.prefills)
+            pick(self.prompts), pick(self.responses), pick(self.answers), pick(self.formats), pick(self.contexts)
         )
 
     def answer_format(self, i: int) -> AnswerFormat:

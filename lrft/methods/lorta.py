@@ -17,6 +17,10 @@ slice is exactly the update of a separate projection of that kind, and the forwa
 Separate q, k and v projections of a layer read the same input and share A: the first of them to run
 computes x·A once and all their outputs in one matmul against [S_q; S_k; S_v] (`SharedInput`); the
 others take their part (unless branch dropout gives each its own input).
+Encoder-decoder models (T5, BART) hold three attention blocks: the encoder's, the decoder's and the
+decoder's cross-attention. C_L indexes the encoder's layers then the decoder's (L = L_enc + L_dec) and
+C_M each block's kinds (encoder q, k, v, o, then decoder.q …, then cross.q …), so every projection has
+its own (layer, kind) slice and count-params is the same formula; A, B and C_H stay shared by all.
 Init as the official PEFT LoRTA code: A and every C Kaiming-uniform (a=√5), B zero (model unchanged).
 Trainable: (d + d_h + H + L + M)·r, plus H_kv·r when k or v is targeted under GQA.
 """
@@ -32,9 +36,21 @@ from torch import nn
 
 from lrft.errors import LrftError
 from lrft.methods.base import Adapter, BuildContext, Built, Dropout, Method, MethodParams, seeded_generator
-from lrft.targets import ATTENTION_NAMES, FAMILIES, QKV, Target, attention_kinds, family, fused_rows
+from lrft.targets import (
+    ATTENTION_NAMES,
+    FAMILIES,
+    QKV,
+    Target,
+    attention_block,
+    attention_kinds,
+    family,
+    fused_rows,
+    stack_layer,
+    stack_layers,
+)
 
 KINDS = ("q", "k", "v", "o")
+BLOCKS = ("", "decoder", "cross")  # attention blocks: self (encoder, decoder-only), decoder self, cross
 SUPPORTED = "; ".join(f"{k}: {', '.join(v)}" for k, v in ATTENTION_NAMES.items())
 FUSED = ", ".join(f"{t} {f.fused}" for t, f in FAMILIES.items() if f.fused)
 
@@ -75,7 +91,7 @@ class Factors(nn.Module):
 
     def head_stack(self, layer: int, kind: str) -> torch.Tensor:
         """S_lm (heads·d_h × r): row h·d_h + i is B[i] ⊙ C_H[h] ⊙ C_L[l] ⊙ C_M[m]."""
-        heads = self.C_KV if kind in ("k", "v") and self.C_KV is not None else self.C_H
+        heads = self.C_KV if matrix_of(kind) in ("k", "v") and self.C_KV is not None else self.C_H
         c = heads * (self.C_L[layer] * self.C_M[self.kinds.index(kind)])
         return (c[:, None, :] * self.B[None, :, :]).reshape(-1, self.B.shape[1])
 
@@ -95,7 +111,8 @@ class Branch(Adapter):
         super().__init__()
         object.__setattr__(self, "factors", factors)  # a reference, not a submodule: lrft_shared owns it
         self.layer, self.kinds, self.scale = layer, kinds, scale
-        self.kind = "".join(kinds)  # "q", "k", "v", "o", or "qkv" for a fused projection
+        self.kind = "".join(kinds)  # "q", "k", "v", "o", "qkv" for a fused projection; "cross.q" …
+        self.matrix = "".join(matrix_of(k) for k in kinds)  # the kind without its attention block
         self.register_buffer("rows", rows, persistent=False)  # a fused projection's row order (None: as stacked)
         self.dropout = Dropout(dropout)
         object.__setattr__(self, "shared_input", None)  # the layer's SharedInput, if q/k/v share x·A
@@ -109,13 +126,13 @@ class Branch(Adapter):
         if self.shared_input is not None and not self.dropout.active:
             return self.shared_input.output(self, x)
         f, x, S = self.factors, self.dropout(x), self.stack()
-        if self.kind == "o":  # ΔW = s·A Sᵀ; the scale rides on a small d×r factor, not on the output
+        if self.matrix == "o":  # ΔW = s·A Sᵀ; the scale rides on a small d×r factor, not on the output
             return F.linear(F.linear(x, S.T), f.A * self.scale)
         return F.linear(F.linear(x, f.A.T), S * self.scale)  # ΔW = s·S Aᵀ
 
     def lora_factors(self):
         A, S = self.factors.A.float(), self.stack().float()
-        return (S.T, A * self.scale) if self.kind == "o" else (A.T, S * self.scale)
+        return (S.T, A * self.scale) if self.matrix == "o" else (A.T, S * self.scale)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, kind={self.kind}, scale={self.scale:g}"
@@ -142,7 +159,14 @@ class SharedInput:
         return part
 
 
+def matrix_of(kind: str) -> str:
+    """q, k, v or o of a kind, without the attention block it may name ("cross.k" → "k")."""
+    return kind.rsplit(".", 1)[-1]
+
+
 def kinds_of(t: Target, config) -> tuple[str, ...]:
+    """The target's kinds: q, k, v, o (or all three of a fused projection), prefixed with the attention
+    block for an encoder-decoder's decoder ("decoder.q", "cross.q"; the encoder's are plain)."""
     kinds = attention_kinds(t.name, config)
     if kinds is None:
         raise LrftError(
@@ -150,45 +174,52 @@ def kinds_of(t: Target, config) -> tuple[str, ...]:
             f"supported kinds ({SUPPORTED}), fused q,k,v in {FUSED}; lora, tlora and talora adapt any "
             f"Linear layer"
         )
-    return kinds
+    block = attention_block(t.name, config)
+    return tuple(f"{block}.{k}" if block else k for k in kinds)
 
 
 def geometry(targets: list[Target], config, saved: dict | None = None) -> dict:
     """Layer, head and kind layout of the targets, checked against the model config. A fused projection's
-    packing is a saved adapter's record (`saved`, its meta) when there is one, else the family table's."""
+    packing is a saved adapter's record (`saved`, its meta) when there is one, else the family table's.
+    An encoder-decoder's layers are its encoder's then its decoder's (C_L has a row for each), and its
+    kinds are those of each attention block (C_M: encoder q, k, v, o, then the decoder's, then the
+    cross-attention's), so no two projections share a slice of the tensor."""
     heads = getattr(config, "num_attention_heads", None)
-    layers = getattr(config, "num_hidden_layers", None)
+    layers = sum(stack_layers(config))
     if not heads or not layers:
         raise LrftError("adapter.method: lorta needs num_attention_heads and num_hidden_layers in the model config")
+    if getattr(config, "decoder_attention_heads", heads) != heads:
+        raise LrftError(
+            f"adapter.method: lorta shares one head factor across the model, and this encoder has {heads} "
+            f"heads, its decoder {config.decoder_attention_heads}; use lora, tlora or talora"
+        )
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     d = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or d // heads
     seen: dict[tuple[int, str], str] = {}
     fused = False
     for t in targets:
-        kinds = kinds_of(t, config)
+        kinds, layer = kinds_of(t, config), stack_layer(t, config)
         fused |= len(kinds) > 1
-        if t.layer is None or t.layer >= layers:
+        if layer is None or layer >= layers:
             raise LrftError(
                 f"adapter.target_modules: {t.name} is not inside one of the model's {layers} numbered layers"
             )
         for kind in kinds:
-            if (t.layer, kind) in seen:
+            if (layer, kind) in seen:
                 raise LrftError(
-                    f"adapter.target_modules: {seen[(t.layer, kind)]} and {t.name} are both layer {t.layer} "
-                    f"kind {kind}; lorta needs one attention block per layer (encoder-decoder models are "
-                    f"not supported)"
+                    f"adapter.target_modules: {seen[(layer, kind)]} and {t.name} are both layer {layer} "
+                    f"kind {kind}; lorta needs one projection of each kind per attention block"
                 )
-            seen[(t.layer, kind)] = t.name
-        out_rows = sum(kv_heads if kind in ("k", "v") else heads for kind in kinds) * head_dim
-        want = (d, heads * head_dim) if kinds == ("o",) else (out_rows, d)
-        if t.shape != want:
-            raise LrftError(
-                f"adapter.target_modules: {t.name} is {t.shape[0]}×{t.shape[1]}, but the config's {heads} "
-                f"heads ({kv_heads} for k and v) × {head_dim} dims and hidden size {d} say {want[0]}×{want[1]}"
-            )
-    kinds = [k for k in KINDS if any(k == key[1] for key in seen)]
-    gqa = kv_heads != heads and any(k in ("k", "v") for k in kinds)
+            seen[(layer, kind)] = t.name
+        _check_shape(t, [matrix_of(k) for k in kinds], d, heads, kv_heads, head_dim)
+    kinds = [
+        k
+        for block in BLOCKS
+        for k in (f"{block}.{m}" if block else m for m in KINDS)
+        if any(k == key[1] for key in seen)
+    ]
+    gqa = kv_heads != heads and any(matrix_of(k) in ("k", "v") for k in kinds)
     fam = family(config)
     recorded = (saved or {}).get("fused") or {}
     return {
@@ -203,6 +234,16 @@ def geometry(targets: list[Target], config, saved: dict | None = None) -> dict:
         if fused
         else None,
     }
+
+
+def _check_shape(t: Target, matrices: list[str], d: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    out_rows = sum(kv_heads if m in ("k", "v") else heads for m in matrices) * head_dim
+    want = (d, heads * head_dim) if matrices == ["o"] else (out_rows, d)
+    if t.shape != want:
+        raise LrftError(
+            f"adapter.target_modules: {t.name} is {t.shape[0]}×{t.shape[1]}, but the config's {heads} "
+            f"heads ({kv_heads} for k and v) × {head_dim} dims and hidden size {d} say {want[0]}×{want[1]}"
+        )
 
 
 def build(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> Built:
@@ -220,11 +261,18 @@ def build(targets: list[Target], p: LoRTAParams, ctx: BuildContext) -> Built:
     adapters = {}
     for t in targets:
         kinds = kinds_of(t, ctx.model_config)
-        heads = [g["kv_heads"] or g["heads"] if k in ("k", "v") else g["heads"] for k in kinds]
+        heads = [g["kv_heads"] or g["heads"] if matrix_of(k) in ("k", "v") else g["heads"] for k in kinds]
         rows = fused_rows(g["fused"]["packing"], heads, g["head_dim"]) if len(kinds) > 1 else None
-        adapters[t.name] = Branch(factors, t.layer, kinds, rows, p.alpha / p.rank, p.dropout)
-    for layer in {b.layer for b in adapters.values()}:
-        readers = [b for b in adapters.values() if b.layer == layer and b.kind in ("q", "k", "v")]
+        layer = stack_layer(t, ctx.model_config)
+        adapters[t.name] = Branch(factors, layer, kinds, rows, p.alpha / p.rank, p.dropout)
+    # the separate projections of one attention block that read the same input: q, k, v of
+    # self-attention; only k and v of cross-attention (its q reads the decoder, k and v the encoder)
+    groups: dict[tuple[int, str], list[Branch]] = {}
+    for b in adapters.values():
+        block = b.kinds[0].rpartition(".")[0]
+        if b.matrix in ("k", "v") or (b.matrix == "q" and block != "cross"):
+            groups.setdefault((b.layer, block), []).append(b)
+    for readers in groups.values():
         if len(readers) > 1:
             group = SharedInput(readers)
             for b in readers:

@@ -31,7 +31,7 @@ from lrft.atomic_files import append_jsonl, atomic_write_json, atomic_write_text
 from lrft.checkpoint import ADAPTER_FILE, list_checkpoints, load_adapter, save_adapter, save_checkpoint
 from lrft.data import PreferenceSplit, TaskData, collator, features, get_task
 from lrft.errors import DiskError
-from lrft.evaluation import eval_sets, evaluate
+from lrft.evaluation import evaluate
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
 from lrft.parallel import Parallel
 from lrft.recipe import SEED_LIMIT, Recipe
@@ -50,6 +50,7 @@ from lrft.training.plan import (
     reference_mode,
     start_adapter,
     start_regression_head,
+    tokenized,
 )
 from lrft.training.session import (
     check_run_dir,
@@ -175,10 +176,7 @@ class Trainer:
         )
         if task.problem == "regression" and cfg.train_head:
             start_regression_head(base.model, data)
-        train_features = features(
-            data.train, base.tokenizer, recipe.data.max_length, "training examples", recipe.data.max_prompt_length
-        )
-        evals = eval_sets(task, data.evals, base.tokenizer, recipe.data.max_length, recipe.data.max_prompt_length)
+        train_features, evals = tokenized(recipe, task, data, base)
         collate = collator(task, base.tokenizer)
         objective = make_objective(task, cfg)
         adapted_model, stats = self.adapters(base, data, train_features, collate)

@@ -18,17 +18,18 @@ from torch import nn
 
 from lrft import calibrate, console
 from lrft.adapted_model import Adapted, Base
-from lrft.data import Task, TaskData, get_task, load_task_data
+from lrft.data import Task, TaskData, features, load_task_data
 from lrft.data.tasks import split_label
+from lrft.data.text_to_text import task_for
 from lrft.errors import LrftError
-from lrft.evaluation import EvalSet
+from lrft.evaluation import EvalSet, eval_sets
 from lrft.inject import adapter_parameters
 from lrft.loss import Objective, objective_for
 from lrft.open_runs import trained_adapter_config
 from lrft.preference import REFERENCE_FREE, DPOSettings, PreferenceLoss
 from lrft.recipe import Recipe
 from lrft.run_layout import RunDir
-from lrft.targets import start_regression_head_at
+from lrft.targets import is_encoder_decoder, start_regression_head_at
 from lrft.tracking import check_installed
 
 
@@ -82,7 +83,7 @@ def make_accelerator(cfg, run: RunDir):
 
 def load_data(recipe: Recipe) -> tuple[Task, TaskData, str]:
     """The task, its examples, and the metric best_adapter/ keeps the best of (checked against the task's)."""
-    task = get_task(recipe.data.task)
+    task = task_for(recipe.data.task, recipe.data.format)
     data = load_task_data(task, recipe.data)
     metric_for_best = recipe.train.metric_for_best or task.main_metric
     if metric_for_best not in task.metrics and metric_for_best != "loss":
@@ -141,6 +142,14 @@ def make_optimizer(
         num_training_steps=total_steps,
     )
     return optimizer, scheduler
+
+
+def tokenized(recipe: Recipe, task: Task, data: TaskData, base: Base) -> tuple[list[dict], dict[str, EvalSet]]:
+    """The training features and the evaluation sets, tokenized for the base model (an encoder-decoder:
+    prompts in its encoder, responses its labels)."""
+    seq2seq, d = is_encoder_decoder(base.model), recipe.data
+    train = features(data.train, base.tokenizer, d.max_length, "training examples", d.max_prompt_length, seq2seq)
+    return train, eval_sets(task, data.evals, base.tokenizer, d.max_length, d.max_prompt_length, seq2seq)
 
 
 def make_objective(task: Task, cfg) -> Objective:
