@@ -157,9 +157,13 @@ def stack_layers(config) -> tuple[int, int]:
 def attention_block(name: str, config) -> str:
     """Which attention module `name` sits in: "" for self-attention of an encoder or a decoder-only
     model, "decoder" for an encoder-decoder's decoder self-attention, "cross" for its cross-attention."""
-    if not is_encoder_decoder(config) or not re.search(r"(^|\.)decoder\.", name):
+    if not is_encoder_decoder(config) or not _in_decoder(name):
         return ""
     return "cross" if any(f".{c}." in f".{name}." for c in CROSS_ATTENTION) else "decoder"
+
+
+def _in_decoder(name: str) -> bool:
+    return re.search(r"(^|\.)decoder\.", name) is not None
 
 
 def stack_layer(t: Target, config) -> int | None:
@@ -167,7 +171,7 @@ def stack_layer(t: Target, config) -> int | None:
     its encoder layers."""
     if t.layer is None or not is_encoder_decoder(config):
         return t.layer
-    return t.layer + (stack_layers(config)[0] if re.search(r"(^|\.)decoder\.", t.name) else 0)
+    return t.layer + (stack_layers(config)[0] if _in_decoder(t.name) else 0)
 
 
 def fused_rows(packing: str, heads: list[int], head_dim: int) -> torch.Tensor | None:

@@ -7,9 +7,9 @@ a task is one entry in TASKS (and, for a new file layout, a reader in this packa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lrft.data.answers import NUMBERS, AnswerFormat
 from lrft.errors import unknown_choice
@@ -293,21 +293,22 @@ class PromptSplit:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    PER_SPLIT: ClassVar[tuple[str, ...]] = ()  # fields holding one value for the whole split, not one per example
+
     def head(self, n: int | None) -> PromptSplit:
-        if n is None or n >= len(self):
-            return self
-        formats = None if self.formats is None else self.formats[:n]
-        contexts = None if self.contexts is None else self.contexts[:n]
-        return PromptSplit(self.prompts[:n], self.responses[:n], self.answers[:n], formats, contexts)
+        return self if n is None or n >= len(self) else self.pick(range(n))
 
     def with_responses(self) -> PromptSplit:
         """The examples that have a response to score the loss of (a test set may give answers only)."""
         keep = [i for i, r in enumerate(self.responses) if r.strip()]
-        if len(keep) == len(self):
-            return self
-        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
-        return PromptSplit(
-            pick(self.prompts), pick(self.responses), pick(self.answers), pick(self.formats), pick(self.contexts)
+        return self if len(keep) == len(self) else self.pick(keep)
+
+    def pick(self, keep) -> PromptSplit:
+        """The split of the examples at indices `keep` (a subclass's own type and per-split fields kept)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(
+            self,
+            **{k: v if v is None or k in self.PER_SPLIT else [v[i] for i in keep] for k, v in values.items()},
         )
 
     def answer_format(self, i: int) -> AnswerFormat:

@@ -13,6 +13,7 @@ metrics (accuracy, F1, Matthews correlation; Pearson and Spearman of the chosen 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from lrft.data.tasks import PromptSplit, Split, Task, TaskData, get_task
 from lrft.errors import LrftError
@@ -28,16 +29,7 @@ class ChoiceSplit(PromptSplit):
 
     choices: tuple[str, ...] = ()
     gold: list = field(default_factory=list)
-
-    def head(self, n: int | None) -> ChoiceSplit:
-        if n is None or n >= len(self):
-            return self
-        return ChoiceSplit(
-            self.prompts[:n], self.responses[:n], self.answers[:n], choices=self.choices, gold=self.gold[:n]
-        )
-
-    def with_responses(self) -> ChoiceSplit:
-        return self
+    PER_SPLIT: ClassVar[tuple[str, ...]] = ("choices",)
 
 
 def task_for(name: str, fmt: str = "classifier") -> Task:
@@ -77,14 +69,14 @@ def default_prompt(task: Task, has_pair: bool) -> str:
 def _label_words(task: Task, label_names, given) -> tuple[str, ...]:
     if task.problem == "regression":
         return STSB_VALUES
-    names = tuple(given or label_names or task.label_names or ())
-    wanted = len(label_names or task.label_names or ())
-    if len(names) != wanted or len(set(names)) != len(names):
+    labels = tuple(label_names or task.label_names or ())
+    words = tuple(given or labels)
+    if len(words) != len(labels) or len(set(words)) != len(words):
         raise LrftError(
-            f"data.label_words: {list(names)} are not {wanted} distinct words, one per label "
-            f"({', '.join(label_names or task.label_names or ())}); give one word for each, in label order"
+            f"data.label_words: {list(words)} are not {len(labels)} distinct words, one per label "
+            f"({', '.join(labels)}); give one word for each, in label order"
         )
-    return names
+    return words
 
 
 def _choices(split: Split, template: str, words: tuple[str, ...], task: Task) -> ChoiceSplit:
