@@ -18,6 +18,10 @@ and the report gives each side's median wall-clock, quality and peak RSS, and th
   batch 8, length 320, cosine schedule), evaluated before and after (response perplexity on the first
   50 test problems, greedy generation with exact match); the Trainer side evaluates with
   `trainer.evaluate` and generates with `model.generate`, batch 25, left padding.
+
+Each job runs in comparisons (`--compare`): both sides at their defaults (lrft's `train.precision:
+auto`, bf16 autocast on hardware that computes it, against the Trainer's fp32), both at bf16 (the
+Trainer's `bf16=True`), or both at fp32.
 """
 
 from __future__ import annotations
@@ -58,11 +62,19 @@ SMOKE = {
     "gsm8k": ["train.max_steps=2", "data.max_train_samples=16", "data.max_eval_samples=4", "data.max_new_tokens=8"],
 }
 SMOKE["mrpc-grouped"] = SMOKE["mrpc"]
+# (lrft's overrides, the Trainer's bf16) of each comparison: both at their defaults (lrft's precision
+# auto: bf16 autocast where the hardware computes it; the Trainer's fp32), both bf16, both fp32
+COMPARISONS = {
+    "defaults": ([], False),
+    "bf16": (["train.precision=bf16"], True),
+    "fp32": (["train.precision=fp32"], False),
+}
 
 
-def lrft_job(job: str, work: Path, smoke: bool) -> dict:
+def lrft_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
     """`lrft train` of the job in a process of its own; its summary gives quality and peak RSS."""
     overrides = [*JOBS[job]["overrides"], *(SMOKE[job] if smoke else []), f"output.dir={work}", f"name=lrft_{job}"]
+    overrides += COMPARISONS[compare][0]
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "lrft", "train", JOBS[job]["recipe"], *overrides, "--json"],
@@ -77,7 +89,8 @@ def lrft_job(job: str, work: Path, smoke: bool) -> dict:
     summary = json.loads(done.stdout)
     out = {
         "side": "lrft",
-        "job": job,
+        "job": f"{job} [{compare}]",
+        "precision": summary["precision"]["train"],
         "wall_s": wall,
         "peak_rss_mib": summary["peak_rss_mib"],
         **summary["final"],
@@ -89,11 +102,14 @@ def lrft_job(job: str, work: Path, smoke: bool) -> dict:
     return out
 
 
-def trainer_job(job: str, work: Path, smoke: bool) -> dict:
+def trainer_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
     """The same job with HF Trainer + PEFT, in a process of its own (this file with --trainer)."""
+    bf16 = COMPARISONS[compare][1]
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, "--trainer", job, "--work", str(work)] + (["--smoke"] if smoke else []),
+        [sys.executable, __file__, "--trainer", job, "--work", str(work)]
+        + (["--smoke"] if smoke else [])
+        + (["--bf16"] if bf16 else []),
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -102,7 +118,14 @@ def trainer_job(job: str, work: Path, smoke: bool) -> dict:
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"Trainer {job} failed:\n{done.stderr[-3000:]}")
-    return {"side": "trainer", "job": job, "wall_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "side": "trainer",
+        "job": f"{job} [{compare}]",
+        "precision": "bf16" if bf16 else "fp32",
+        "wall_s": wall,
+        **result,
+    }
 
 
 # ------------------------------------------------------------------------- the Trainer + PEFT side
@@ -115,7 +138,7 @@ def settings(job: str, smoke: bool):
     return load_recipe(ROOT / JOBS[job]["recipe"], [*JOBS[job]["overrides"], *(SMOKE[job] if smoke else [])])
 
 
-def run_trainer(job: str, work: Path, smoke: bool) -> dict:
+def run_trainer(job: str, work: Path, smoke: bool, bf16: bool) -> dict:
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
@@ -164,6 +187,7 @@ def run_trainer(job: str, work: Path, smoke: bool) -> dict:
         seed=recipe.seed,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
+        bf16=bf16,  # autocast, as lrft's train.precision bf16
         disable_tqdm=True,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -234,11 +258,12 @@ def summarise(rows: list[dict]) -> list[dict]:
             side: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "peak_rss_mib")}
             for side, rs in sides.items()
         }
-        quality = "perplexity" if job == "gsm8k" else "accuracy"
+        quality = "perplexity" if job.startswith("gsm8k") else "accuracy"
         out.append(
             {
                 "job": job,
                 "runs": len(sides["lrft"]),
+                "precision": {side: rs[0]["precision"] for side, rs in sides.items()},
                 "quality": quality,
                 "lrft": {**med["lrft"], quality: statistics.median(r[quality] for r in sides["lrft"])},
                 "trainer": {**med["trainer"], quality: statistics.median(r[quality] for r in sides["trainer"])},
@@ -254,25 +279,34 @@ def main() -> dict:
     ap.add_argument("--job", choices=list(JOBS), help="one job (default: all)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of lrft and Trainer per job")
     ap.add_argument("--smoke", action="store_true", help="a few steps of each job on small subsets")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        choices=list(COMPARISONS),
+        help="defaults (each at its own), bf16 or fp32 (both so); repeatable (default: defaults and bf16)",
+    )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trainer", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trainer:
-        print(json.dumps(run_trainer(args.trainer, Path(args.work), args.smoke)))
+        print(json.dumps(run_trainer(args.trainer, Path(args.work), args.smoke, args.bf16)))
         return {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for job in [args.job] if args.job else list(JOBS):
-            for rnd in range(args.rounds):
-                for side, run in (("lrft", lrft_job), ("trainer", trainer_job)):
-                    rows.append(run(job, Path(tmp) / f"{side}{rnd}", args.smoke))
-                    print(
-                        f"[e2e] {job} round {rnd} {side}: {rows[-1]['wall_s']:.0f} s, "
-                        f"{rows[-1]['peak_rss_mib']:.0f} MiB",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            for compare in args.compare or ["defaults", "bf16"]:
+                for rnd in range(args.rounds):
+                    for side, run in (("lrft", lrft_job), ("trainer", trainer_job)):
+                        rows.append(run(job, Path(tmp) / f"{side}{rnd}{compare}", args.smoke, compare))
+                        print(
+                            f"[e2e] {job} [{compare}] round {rnd} {side} ({rows[-1]['precision']}): "
+                            f"{rows[-1]['wall_s']:.0f} s, "
+                            f"{rows[-1]['peak_rss_mib']:.0f} MiB",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     result = {"smoke": args.smoke, "rows": rows, "summary": summarise(rows)}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -3,6 +3,8 @@ and `train.group_by_length`, each variant in a process of its own (peak RSS is p
 
     LRFT_DATA_DIR=../shared/data python bench/memory.py                 # MiniLM on MRPC, SmolLM2 at 1024 tokens
     LRFT_DATA_DIR=../shared/data python bench/memory.py --only minilm --steps 8 --json
+    LRFT_DATA_DIR=../shared/data python bench/memory.py --only smollm2-gsm8k --variant plain --variant fp32 \
+        --variant nf4 --variant nf4_fp32 --json          # precision and QLoRA on the GSM8K recipe
 
 Each variant runs lrft's own training path (`Trainer.setup`, then `optimizer_step` on the first
 batches of an epoch) and reports its peak RSS (on a GPU also the peak allocated memory), the median
@@ -36,11 +38,18 @@ WORKLOADS = {
         ["data.task=instruction", "data.max_length=1024", "train.batch_size=2", "train.eval_on_start=false"],
     ),
 }
+WORKLOADS["smollm2-gsm8k"] = ("recipes/gsm8k_lora.yaml", ["train.eval_on_start=false"])  # the recipe as it is
 LEVERS = {
     "plain": [],
     "gradient_checkpointing": ["train.gradient_checkpointing=true"],
     "group_by_length": ["train.group_by_length=true"],
+    # precision and QLoRA (`--variant fp32 --variant nf4 ...`); "plain" is train.precision's default, auto
+    "fp32": ["train.precision=fp32"],
+    "nf4": ["model.quantize=nf4"],
+    "nf4_fp32": ["model.quantize=nf4", "train.precision=fp32"],
+    "nf4_checkpointing": ["model.quantize=nf4", "train.gradient_checkpointing=true"],
 }
+DEFAULT_VARIANTS = ("plain", "gradient_checkpointing", "group_by_length")
 
 
 def long_instructions(directory: Path, examples: int = 64, per_example: int = 6) -> Path:
@@ -95,7 +104,7 @@ def child(spec: dict) -> dict:
 def run_variant(workload: str, variant: str, steps: int, work: Path) -> dict:
     recipe, overrides = WORKLOADS[workload]
     overrides = [*overrides, *LEVERS[variant], f"output.dir={work / 'runs'}", f"name={workload}_{variant}"]
-    if workload.startswith("smollm2"):
+    if workload == "smollm2-1024":
         overrides.append(f"data.path={long_instructions(work / 'long')}")
     spec = {"workload": workload, "variant": variant, "recipe": recipe, "overrides": overrides, "steps": steps}
     done = subprocess.run(
@@ -114,6 +123,9 @@ def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=list(WORKLOADS), help="one workload")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant (the first is warm-up)")
+    ap.add_argument(
+        "--variant", action="append", choices=list(LEVERS), help=f"repeatable (default: {', '.join(DEFAULT_VARIANTS)})"
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -123,7 +135,7 @@ def main() -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for workload in [args.only] if args.only else list(WORKLOADS):
-            for variant in LEVERS:
+            for variant in args.variant or DEFAULT_VARIANTS:
                 rows.append(run_variant(workload, variant, args.steps, Path(tmp)))
                 print(
                     f"[memory] {workload} {variant}: {rows[-1]['peak_rss_mib']:.0f} MiB, "
@@ -132,7 +144,8 @@ def main() -> dict:
                     flush=True,
                 )
     for row in rows:
-        plain = next(r for r in rows if r["workload"] == row["workload"] and r["variant"] == "plain")
+        same = [r for r in rows if r["workload"] == row["workload"]]
+        plain = next((r for r in same if r["variant"] == "plain"), same[0])  # the ratios' reference
         row["rss_ratio_to_plain"] = row["peak_rss_mib"] / plain["peak_rss_mib"]
         row["step_time_ratio_to_plain"] = row["median_step_s"] / plain["median_step_s"]
     result = {"threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(), "rows": rows}

@@ -12,7 +12,8 @@ The report also renders results/bench/*.json (bench/speed.py --json) and results
 - e2e: whole jobs against HF Trainer + PEFT (`python bench/e2e.py --json > results/e2e.json`);
 - memory: the memory levers (`python bench/memory.py --json > results/memory.json`);
 - heads: the task head's defaults before and after issue 27 (run dirs under results/heads);
-- preference: DPO runs on the HH pairs (run dirs under results/runs) and `bench/dpo.py --json > results/dpo.json`.
+- preference: DPO runs on the HH pairs (run dirs under results/runs) and `bench/dpo.py --json > results/dpo.json`;
+- precision: MRPC at fp32 and at train.precision auto, every method, three seeds (`run --only 1ep_`).
 
 Every number in RESULTS.md comes from a run dir's summary.json, metrics.jsonl and recipe.yaml (or a
 bench/speed.py JSON), never from hand edits; each row lists the command that regenerates it.
@@ -79,18 +80,8 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
     rows = []
     for task in ("glue/mrpc", "glue/rte", "glue/sst2"):
         t = task.split("/")[-1]
-        sub = ("data.max_train_samples=8000",) if t == "sst2" else ()
-        quick = ("recipes/quickstart.yaml", (f"data.task={task}", *sub))
         talora = f"recipes/glue_{t}_talora.yaml"
-        configs = [
-            ("lora", 8, quick[0], (*quick[1], *LORA_MINILM)),
-            ("tlora", 8, quick[0], (*quick[1], "train.lr=3e-2")),  # the quickstart's lr when these rows ran
-            ("tlora", 32, quick[0], (*quick[1], "adapter.params.rank=32", "train.lr=1e-2")),
-            ("talora", 8, talora, ("adapter.params.rank=8", "adapter.params.alpha=8")),
-            ("talora", 32, talora, ()),
-            ("lorta", 4, f"recipes/glue_{t}_lorta.yaml", ("adapter.params.rank=4",)),
-            ("lorta", 8, f"recipes/glue_{t}_lorta.yaml", ()),
-        ]
+        configs = glue_configs(task)
         # LoRA at talora's budget: its recipe (six kinds of Linear, α/r = 1, lr, schedule), only the method differs
         same_budget = [
             ("lora", r, talora, ("adapter.method=lora", f"adapter.params={{rank: {r}, alpha: {r}}}")) for r in (8, 32)
@@ -104,7 +95,39 @@ def plan(seeds: tuple[int, ...] = SEEDS) -> list[Row]:
         Row("commonsense", m, 8, seeds[0], f"recipes/commonsense_{m}.yaml", ()) for m in SUITE_METHODS["commonsense"]
     ]
     rows += [Row("arithmetic", m, 8, seeds[0], f"recipes/arithmetic_{m}.yaml", ()) for m in SUITE_METHODS["arithmetic"]]
-    return rows
+    return rows + precision_rows(seeds)
+
+
+def glue_configs(task: str) -> list[tuple[str, int, str, tuple[str, ...]]]:
+    """(method, rank, recipe, overrides) of each MiniLM row of a GLUE task."""
+    t = task.split("/")[-1]
+    sub = ("data.max_train_samples=8000",) if t == "sst2" else ()
+    quick = ("recipes/quickstart.yaml", (f"data.task={task}", *sub))
+    talora = f"recipes/glue_{t}_talora.yaml"
+    return [
+        ("lora", 8, quick[0], (*quick[1], *LORA_MINILM)),
+        ("tlora", 8, quick[0], (*quick[1], "train.lr=3e-2")),  # the quickstart's lr when these rows ran
+        ("tlora", 32, quick[0], (*quick[1], "adapter.params.rank=32", "train.lr=1e-2")),
+        ("talora", 8, talora, ("adapter.params.rank=8", "adapter.params.alpha=8")),
+        ("talora", 32, talora, ()),
+        ("lorta", 4, f"recipes/glue_{t}_lorta.yaml", ("adapter.params.rank=4",)),
+        ("lorta", 8, f"recipes/glue_{t}_lorta.yaml", ()),
+    ]
+
+
+PRECISIONS = ("fp32", "auto")
+
+
+def precision_rows(seeds: tuple[int, ...]) -> list[Row]:
+    """MRPC, every method at rank 8, one epoch, each seed at fp32 and at train.precision auto (bf16 on
+    a CPU with AVX-512 BF16): the quality check of the auto default."""
+    return [
+        Row(f"mrpc_1ep_{precision}", m, r, seed, recipe, (*o, "train.epochs=1", f"train.precision={precision}"))
+        for seed in seeds
+        for m, r, recipe, o in glue_configs("glue/mrpc")
+        if r == 8
+        for precision in PRECISIONS
+    ]
 
 
 def run(rows: list[Row]) -> None:
@@ -423,22 +446,26 @@ def claims_section(reports: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
-def e2e_section() -> list[str]:
-    path = ROOT / "results" / "e2e.json"
+def e2e_section(file: str = "e2e.json", command: str = "python bench/e2e.py --json") -> list[str]:
+    """bench/e2e.py's whole jobs, lrft against HF Trainer + PEFT: wall time, peak RSS, quality, ratios."""
+    path = ROOT / "results" / file
     if not path.is_file():
-        return ["(not measured yet: `python bench/e2e.py --json > results/e2e.json`)", ""]
+        return [f"(not measured yet: `{command} > results/{file}`)", ""]
     data = json.loads(path.read_text())
     lines = [
-        "| job | runs | lrft wall (s) | Trainer + PEFT wall (s) | lrft / Trainer | lrft peak RSS (MiB) | "
-        "Trainer peak RSS (MiB) | lrft / Trainer | quality lrft | quality Trainer |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"`{command}`",
+        "",
+        "| job | precision lrft / Trainer | runs | lrft wall (s) | Trainer + PEFT wall (s) | lrft / Trainer | "
+        "lrft peak RSS (MiB) | Trainer peak RSS (MiB) | lrft / Trainer | quality lrft | quality Trainer |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in data["summary"]:
-        q = s["quality"]
+        q, precision = s["quality"], s.get("precision", {"lrft": "fp32", "trainer": "fp32"})
         lines.append(
-            f"| {s['job']} | {s['runs']} | {s['lrft']['wall_s']:.0f} | {s['trainer']['wall_s']:.0f} | "
-            f"{s['wall_ratio']:.2f} | {s['lrft']['peak_rss_mib']:,.0f} | {s['trainer']['peak_rss_mib']:,.0f} | "
-            f"{s['rss_ratio']:.2f} | {q} {s['lrft'][q]:.4f} | {q} {s['trainer'][q]:.4f} |"
+            f"| {s['job']} | {precision['lrft']} / {precision['trainer']} | {s['runs']} | {s['lrft']['wall_s']:.0f} | "
+            f"{s['trainer']['wall_s']:.0f} | {s['wall_ratio']:.2f} | {s['lrft']['peak_rss_mib']:,.0f} | "
+            f"{s['trainer']['peak_rss_mib']:,.0f} | {s['rss_ratio']:.2f} | {q} {s['lrft'][q]:.4f} | "
+            f"{q} {s['trainer'][q]:.4f} |"
         )
     lines += [
         "",
@@ -451,6 +478,11 @@ def e2e_section() -> list[str]:
         + ".",
     ]
     return lines + [""]
+
+
+def e2e_precision_section() -> list[str]:
+    """The whole MRPC job at each side's defaults (lrft auto, Trainer fp32) and both at bf16."""
+    return e2e_section("e2e_precision.json", "python bench/e2e.py --job mrpc --rounds 1 --json")
 
 
 def preference_section() -> list[str]:
@@ -587,15 +619,60 @@ def text_to_text_section() -> list[str]:
     return lines + [""]
 
 
+def precision_section() -> list[str]:
+    """MRPC at fp32 and at train.precision auto, every method, three seeds: the quality of the default."""
+    rows = precision_rows(SEEDS)
+    done = {r.name: d for r in rows if (d := load(r))}
+    if not done:
+        return ["(not run yet: `python bench/results.py run --only 1ep_`)", ""]
+    auto = next((d["summary"]["precision"] for r in rows if r.task.endswith("auto") and (d := done.get(r.name))), {})
+    lines = [
+        "MiniLM on MRPC (408 dev pairs), one epoch, seeds 42, 1, 2; the same recipe once with "
+        f"`train.precision=fp32` and once with `auto` (here: {auto.get('train', '?')}, {auto.get('auto', '')}). "
+        "Evaluation is fp32 in both (`train.eval_precision` default). Accuracy and F1 in %, mean ± sample std; "
+        "the verdict compares the difference of the means with the larger of the two spreads.",
+        "",
+        "| method | trainable | fp32 accuracy | auto accuracy | difference | fp32 F1 | auto F1 | fp32 loss | auto loss "
+        "| median step fp32 (s) | auto (s) | auto / fp32 | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for method in ("lora", "tlora", "talora", "lorta"):
+        runs = {
+            p: [done[r.name]["summary"] for r in rows if r.method == method and r.task.endswith(p) and r.name in done]
+            for p in PRECISIONS
+        }
+        if not all(runs.values()):
+            continue
+        acc = {p: [s["final"]["accuracy"] for s in runs[p]] for p in PRECISIONS}
+        spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in acc.values())
+        diff = statistics.mean(acc["auto"]) - statistics.mean(acc["fp32"])
+        step = {p: statistics.median(s["median_step_time_s"] for s in runs[p]) for p in PRECISIONS}
+        cells = [
+            f"{runs['fp32'][0]['trainable_params']:,}",
+            mean_std(acc["fp32"]),
+            mean_std(acc["auto"]),
+            f"{100 * diff:+.1f}",
+            *(mean_std([s["final"]["f1"] for s in runs[p]]) for p in PRECISIONS),
+            *(mean_std([s["final"]["loss"] for s in runs[p]], scale=1, digits=4) for p in PRECISIONS),
+            f"{step['fp32']:.3f}",
+            f"{step['auto']:.3f}",
+            f"{step['auto'] / step['fp32']:.2f}",
+            "within the seeds' spread" if abs(diff) <= spread else f"outside the spread ({100 * spread:.1f})",
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    command = shlex.join(replace(rows[1], seed="N").command())
+    return lines + ["", f"Command of a row (auto; fp32 with `train.precision=fp32`): `{command}`", ""]
+
+
 def _set_cells(metrics: dict, sets: list[str]) -> str:
     """A suite row's cells: each set's accuracy in % and, in brackets, its count of missing answers."""
     return " | ".join(f"{100 * metrics[f'{s}/accuracy']:.0f} ({metrics[f'{s}/no_answer']})" for s in sets)
 
 
-def memory_section() -> list[str]:
-    path = ROOT / "results" / "memory.json"
+def memory_section(file: str = "memory.json", command: str = "python bench/memory.py --json") -> list[str]:
+    path = ROOT / "results" / file
     if not path.is_file():
-        return ["(not measured yet: `python bench/memory.py --json > results/memory.json`)", ""]
+        return [f"(not measured yet: `{command} > results/{file}`)", ""]
     data = json.loads(path.read_text())
     lines = [
         "| workload | variant | peak RSS (MiB) | × plain | median step (s) | × plain | padding share of the batches |",
@@ -607,6 +684,48 @@ def memory_section() -> list[str]:
         for r in data["rows"]
     ]
     return lines + [""]
+
+
+def eval_speed_section() -> list[str]:
+    """bench/eval_speed.py: GSM8K generation by model.generate against lrft's shrinking batch."""
+    command = "python bench/eval_speed.py --rounds 2 --json"
+    path = ROOT / "results" / "eval_speed.json"
+    if not path.is_file():
+        return [f"(not measured yet: `{command} > results/eval_speed.json`)", ""]
+    d = json.loads(path.read_text())
+    m = d["median_s"]
+    return [
+        f"{d['model']} answering the first {d['problems']} GSM8K test problems greedily, batch 25, up to 256 new "
+        f"tokens, stopping at EOS or the `#### N` line; rounds alternate the two; `{command}`.",
+        "",
+        "| generation | seconds (median of rounds) | ratio | identical completions | correct | completion tokens |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| model.generate (every row until the batch's last stops) | {m['generate']:.1f} | 1.00 | — | "
+        f"{d['correct']['generate']} | — |",
+        f"| lrft.decoding (finished rows leave the batch) | {m['shrinking']:.1f} | {d['ratio']:.2f} | "
+        f"{d['identical_completions']}/{d['problems']} | {d['correct']['shrinking']} | {d['completion_tokens']:,} |",
+        "",
+    ]
+
+
+def qlora_section() -> list[str]:
+    """The GSM8K recipe's training steps at fp32, auto, and on an nf4 base: peak RSS and step time."""
+    command = (
+        "python bench/memory.py --only smollm2-gsm8k --steps 4 --variant plain --variant fp32 --variant nf4 "
+        "--variant nf4_fp32 --variant nf4_checkpointing --json"
+    )
+    lines = memory_section("memory_qlora.json", command)
+    if len(lines) > 2:
+        lines = [
+            "recipes/gsm8k_lora.yaml (SmolLM2-135M, LoRA r8 on all seven projections, batch 8, length 320), "
+            "each variant in a process of its own, its first optimizer steps timed; `plain` is the defaults "
+            "(precision auto), the ratios are against it.",
+            "",
+            f"`{command}`",
+            "",
+            *lines,
+        ]
+    return lines
 
 
 # The task head's defaults (issue 27): the same jobs on lrft before the change (2c9738f: the head at the
@@ -676,10 +795,17 @@ SECTIONS = {
     "heads": ("## Task-head defaults: before and after", heads_section),
     "tuned": ("## Tuned comparison (`lrft sweep`)", tuned_section),
     "e2e": ("## Whole jobs against HF Trainer + PEFT (`bench/e2e.py`)", e2e_section),
+    "e2e_precision": (
+        "## Whole jobs at each side's defaults, and both at bf16 (`bench/e2e.py`)",
+        e2e_precision_section,
+    ),
     "memory": ("## Memory levers (`bench/memory.py`)", memory_section),
+    "qlora": ("## QLoRA: the GSM8K recipe on an nf4 base (`bench/memory.py`)", qlora_section),
+    "eval_speed": ("## Generation in evaluation (`bench/eval_speed.py`)", eval_speed_section),
     "preference": ("## Preference optimization (DPO on Anthropic HH pairs)", preference_section),
     "suites": ("## Evaluation suites: commonsense, arithmetic, HumanEval", suites_section),
     "text_to_text": ("## Text-to-text classification (rank classification)", text_to_text_section),
+    "precision": ("## Precision: fp32 against the auto default (bf16 where the CPU computes it)", precision_section),
 }
 
 

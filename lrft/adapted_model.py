@@ -118,6 +118,7 @@ def adapter_config(recipe, a: Adapted, trainable: int, data_source: str) -> dict
             "gguf_file": recipe.model.gguf_file,
             "model_type": a.model.config.model_type,
             "dtype": recipe.model.dtype,
+            "quantize": recipe.model.quantize,  # the fingerprint is of the quantized weights
             "fingerprint": a.fingerprint,
         },
         "task": a.task.name,

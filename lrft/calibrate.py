@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lrft import console
+from lrft import console, quantize
 from lrft.atomic_files import atomic_dir, atomic_write_json
 from lrft.errors import LrftError
 from lrft.loss import batch_loss
@@ -159,6 +159,7 @@ class Sums:
         )
         self.tokens = {t.name: 0 for t in targets}
         self.importance = {t.name: 0.0 for t in targets}
+        self.weight_grads: dict[str, torch.Tensor] = {}  # quantized layers' ∂L/∂W of the batch being run
         self.mask: torch.Tensor | None = None  # the attention mask of the batch being run
 
     def hook(self, name: str):
@@ -178,10 +179,30 @@ class Sums:
 
     def add_importance(self, targets: list[Target]) -> None:
         for t in targets:
-            w = t.module.weight
-            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            if quantize.is_quantized(t.module):  # no .grad on packed weights: ∂L/∂W from weight_grad_hook
+                w = t.weight
+                grad = self.weight_grads.pop(t.name, torch.zeros_like(w))
+            else:
+                w, grad = t.module.weight, t.module.weight.grad
+                grad = grad if grad is not None else torch.zeros_like(w)
+                t.module.weight.grad = None
             self.importance[t.name] += float((w.detach().float() * grad.float()).abs().mean())
-            w.grad = None
+
+    def weight_grad_hook(self, name: str):
+        """A forward hook adding up ∂L/∂W = Σ_tokens (∂L/∂y)ᵀ x of a quantized layer, whose weight has no grad."""
+
+        def record(module, args, output):
+            x = args[0].detach()
+            if not output.requires_grad:
+                return
+
+            def add(grad_out: torch.Tensor) -> None:
+                g = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                self.weight_grads[name] = self.weight_grads.get(name, 0) + g
+
+            output.register_hook(add)
+
+        return record
 
     def all_reduce(self, targets: list[Target], device) -> None:
         """Sum over processes, module by module (each tensor visits the accelerator device once)."""
@@ -225,8 +246,16 @@ def calibration_mode(model, targets: list[Target], want_grad: bool, sums: Sums):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        quantized = {t.name for t in targets if quantize.is_quantized(t.module)}
         for t in targets:
-            t.module.weight.requires_grad_(want_grad)
+            if t.name in quantized:
+                handles.append(t.module.register_forward_hook(sums.weight_grad_hook(t.name)))
+            else:
+                t.module.weight.requires_grad_(want_grad)
+        # nothing upstream of a quantized layer needs a gradient: the embeddings' output is made to
+        if want_grad and quantized:
+            embeddings = model.get_input_embeddings()
+            handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         yield
     finally:
         for h in handles:

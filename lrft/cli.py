@@ -279,12 +279,18 @@ def count_params_cmd(
             help=("a finished run dir: its exact count (talora's calibrated per-module ranks)"),
         ),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize", metavar="KIND", help="nf4, fp4 or int8: also the base weights' memory quantized so (QLoRA)"
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ):
     """Count trainable parameters of a method on a model, from its config alone (no weights)."""
     from lrft.count_params import count_command, render
 
-    counts = count_command(method, rank, model, targets, num_labels, calibrated)
+    counts = count_command(method, rank, model, targets, num_labels, calibrated, quantize)
     emit(counts, json_out, lambda c: [render(c)])
 
 

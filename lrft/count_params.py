@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from lrft import methods
+from lrft import quantize as quantize_weights  # `quantize` is the argument naming the kind
 from lrft.errors import LrftError
 from lrft.methods import BuildContext
 from lrft.models import quiet_transformers, resolve
 from lrft.open_runs import read_run_recipe, trained_adapter_config
-from lrft.targets import default_targets, find_targets
+from lrft.targets import HEAD_NAMES, default_targets, find_targets
 
 # Public config values of the papers' models (../shared/DESIGN.md §5), so counts work offline.
 PRESETS: dict[str, tuple[str, str, dict]] = {
@@ -111,8 +112,10 @@ def count_params(
     num_labels: int = 2,
     params: dict | None = None,
     saved_meta: dict | None = None,
+    quantize: str | None = None,
 ) -> dict:
-    """Counts of the method, of LoRA at the same rank, and of full fine-tuning.
+    """Counts of the method, of LoRA at the same rank, and of full fine-tuning (and with `quantize`, the
+    base weights' memory quantized so and in float32).
 
     `params` are the method's other parameters; `saved_meta` a trained adapter's meta (talora's
     calibrated per-module ranks), which makes the count exact for that run.
@@ -141,19 +144,50 @@ def count_params(
         "trainable": trainable,
         "lora": lora_count,
         "full": total,
+        **({"weights_memory": weights_memory(net, quantize, trainable)} if quantize else {}),
+    }
+
+
+def weights_memory(net, kind: str, trainable: int) -> dict:
+    """Bytes of the base's weights with its Linear layers quantized to `kind` (bitsandbytes leaves the
+    output layer and task heads as they are; everything else stays float32), next to float32 and bf16,
+    and of the float32 adapter."""
+    skipped = ("lm_head", *HEAD_NAMES)
+    linears = [
+        (m.out_features, m.in_features)
+        for name, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(part in skipped for part in name.split("."))
+    ]
+    total = sum(p.numel() for p in net.parameters())
+    rest = total - sum(o * i for o, i in linears)
+    return {
+        "quantize": kind,
+        "bytes": quantize_weights.weight_bytes(linears, kind) + 4 * rest,
+        "float32_bytes": 4 * total,
+        "bfloat16_bytes": 2 * total,
+        "adapter_bytes": 4 * trainable,
     }
 
 
 def count_command(
-    method: str, rank: int, model: str, targets: str | None, num_labels: int, calibrated: Path | None
+    method: str,
+    rank: int,
+    model: str,
+    targets: str | None,
+    num_labels: int,
+    calibrated: Path | None,
+    quantize: str | None = None,
 ) -> dict:
     """`lrft count-params`: the counts of a method on a model (`targets` comma-separated), or with
-    `calibrated` the exact count of that finished run, which must be of `method`."""
+    `calibrated` the exact count of that finished run, which must be of `method`; with `quantize`, the
+    weights' memory too."""
     if method != "full":
         methods.get(method)
+    if quantize is not None and quantize not in quantize_weights.KINDS:
+        raise LrftError(f"--quantize: unknown {quantize!r}; choose one of: {', '.join(quantize_weights.KINDS)}")
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     if calibrated is None:
-        return count_params(method, rank, model, names, num_labels)
+        return count_params(method, rank, model, names, num_labels, quantize=quantize)
     counts = count_run(calibrated)
     if counts["method"] != method:
         raise LrftError(
@@ -190,12 +224,18 @@ def render(counts: dict) -> str:
             return f"same as {what}"
         return f"{other / n:,.1f}× fewer than {what}" if n < other else f"{n / other:,.1f}× more than {what}"
 
-    return "\n".join(
-        [
-            f"model    {counts['model']} ({counts['architecture']}), {full:,} parameters",
-            f"targets  {', '.join(counts['targets'])} ({counts['modules']} modules)",
-            f"full FT  {full:>14,}",
-            f"lora     {lora:>14,}  (rank {counts['rank']})",
-            f"{counts['method']:<8} {n:>14,}  ({100 * n / full:.4f} % of the model; {vs(lora, 'LoRA')}; {vs(full, 'full FT')})",
-        ]
-    )
+    lines = [
+        f"model    {counts['model']} ({counts['architecture']}), {full:,} parameters",
+        f"targets  {', '.join(counts['targets'])} ({counts['modules']} modules)",
+        f"full FT  {full:>14,}",
+        f"lora     {lora:>14,}  (rank {counts['rank']})",
+        f"{counts['method']:<8} {n:>14,}  ({100 * n / full:.4f} % of the model; {vs(lora, 'LoRA')}; {vs(full, 'full FT')})",
+    ]
+    if memory := counts.get("weights_memory"):
+        mib = 2**20
+        lines.append(
+            f"weights  {memory['bytes'] / mib:>11,.1f} MiB {memory['quantize']} base "
+            f"(float32 {memory['float32_bytes'] / mib:,.1f} MiB, {memory['float32_bytes'] / memory['bytes']:.1f}× more; "
+            f"bf16 {memory['bfloat16_bytes'] / mib:,.1f} MiB) + {memory['adapter_bytes'] / mib:,.2f} MiB float32 adapter"
+        )
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lrft import console, sandbox
+from lrft import console, decoding, sandbox
 from lrft.data import PromptSplit, Task, code, compute_metrics, example_length, features
 from lrft.data.answers import NUMBERS
 from lrft.data.causal import choice_features, prompt_features
@@ -130,21 +130,11 @@ def generate(
             batch = tokenizer.pad(
                 {"input_ids": [prompts[i]["prompt_ids"] for i in idx]}, padding_side=side, return_tensors="pt"
             )
-            width = 1 if seq2seq else batch["input_ids"].shape[1]
             stops = [answer_written or (prompts[i]["format"].written if "format" in prompts[i] else None) for i in idx]
-            tokens = model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                **sampling,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                streamer=StepCounter(phase),
-                stopping_criteria=[stop_when_written(stops, tokenizer, width)] if any(stops) else None,
-            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            completions = batch_completions(model, batch, tokenizer, stops, max_new_tokens, sampling, phase)
             phase.update((b + 1) * max_new_tokens, note=f"batch {b + 1}/{len(starts)}")  # a batch may end early
-            for i, completion in zip(idx, tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)):
+            for i, completion in zip(idx, completions):
                 fmt = prompts[i].get("format", NUMBERS)
                 answer = fmt.extract(completion)
                 gold = prompts[i]["gold"]
@@ -154,16 +144,60 @@ def generate(
     return out
 
 
+def batch_completions(
+    model, batch: dict, tokenizer, stops: list[str | None], max_new_tokens: int, sampling: dict, phase
+) -> list[str]:
+    """The completions of one padded batch: greedy ones by lrft.decoding (finished rows leave the
+    batch), sampled ones and an encoder-decoder's by `model.generate`; each stops at EOS or once its
+    row's `stops` pattern matches."""
+    if not sampling["do_sample"] and decoding.shrinks(model):
+        answers = written_patterns(stops)
+
+        def finished(row: int, tokens: list[int]) -> bool:
+            pattern = answers[row]
+            return (
+                pattern is not None and pattern.search(tokenizer.decode(tokens, skip_special_tokens=True)) is not None
+            )
+
+        token_lists = decoding.greedy_completions(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            finished,
+            phase.advance,
+        )
+        return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+    width = 1 if is_encoder_decoder(model) else batch["input_ids"].shape[1]
+    tokens = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        **sampling,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=StepCounter(phase),
+        stopping_criteria=[stop_when_written(stops, tokenizer, width)] if any(stops) else None,
+    )
+    return tokenizer.batch_decode(tokens[:, width:], skip_special_tokens=True)
+
+
+def written_patterns(patterns: str | list[str | None]) -> list:
+    """The compiled answer patterns of a batch's rows (one for all rows, or one per row; None: none)."""
+    import re
+
+    return [None if p is None else re.compile(p) for p in ([patterns] if isinstance(patterns, str) else patterns)]
+
+
 def stop_when_written(patterns: str | list[str | None], tokenizer, width: int):
     """A stopping criterion for `model.generate`: done, per sequence, once the completion (the tokens
     after the `width` prompt columns) matches its row's pattern (one for all rows, or one per row; None:
     never). Greedy decoding makes the same tokens up to there as without it, so what is cut off is text
     after the answer."""
-    import re
-
     from transformers import StoppingCriteria
 
-    answers = [None if p is None else re.compile(p) for p in ([patterns] if isinstance(patterns, str) else patterns)]
+    answers = written_patterns(patterns)
 
     class AnswerWritten(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -199,6 +233,7 @@ def evaluate(
     *,
     batch_size: int,
     accelerator=None,
+    autocast=None,
     tokenizer=None,
     max_new_tokens: int = 256,
     generation: bool = False,
@@ -211,14 +246,13 @@ def evaluate(
     test sets their own (lrft.data.tasks.metric_name) and the suite its aggregates (suite_summary).
     `generation` also scores greedy generations (tasks with `generate`; code only with
     `allow_code_execution`, run in lrft.sandbox; sampled at a `temperature`, else greedy); predictions
-    are its records.
+    are its records; all run under `autocast` (a context factory, lrft.precision) where one is given.
     Preference pairs are scored by `objective`, the run's DPO-family loss (pair_metrics). Processes
     share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs every
     process to run the same forward passes."""
     device = accelerator.device if accelerator else next(model.parameters()).device
     rank = accelerator.process_index if accelerator and shard else 0
     world = accelerator.num_processes if accelerator and shard else 1
-    autocast = accelerator.autocast if accelerator else None
     causal = task.problem == "causal_lm"
     gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "temperature": temperature}
     gen["allow_code_execution"] = allow_code_execution  # refused, for code, before anything is generated
@@ -239,7 +273,10 @@ def evaluate(
                 metrics |= rank_metrics(model, split, task, collate, batch_size, device, rank, world, autocast)
             if generation and task.generate:
                 core = accelerator.unwrap_model(model) if accelerator else model
-                scores, records = scored_generations(core, task, split.prompts, tokenizer, device, rank, world, **gen)
+                with autocast() if autocast else nullcontext():
+                    scores, records = scored_generations(
+                        core, task, split.prompts, tokenizer, device, rank, world, **gen
+                    )
                 metrics.update(scores)
                 predictions += [{"split": key or "main", **r} for r in records]
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lrft import console, peft_format
+from lrft import console, peft_format, quantize
 from lrft.adapted_model import Opened
 from lrft.atomic_files import atomic_dir, check_writable
 from lrft.data import PreferenceSplit, collator, features, get_task, load_task_data
@@ -30,10 +30,11 @@ from lrft.data.causal import prompt_features
 from lrft.errors import LrftError
 from lrft.guard import check_output
 from lrft.inject import adapted, merge
+from lrft.models import load_model
 from lrft.open_runs import data_settings, load_run, open_adapted
 from lrft.run_layout import MERGE_REPORT
 from lrft.run_lock import writer_lock
-from lrft.targets import is_encoder_decoder, stack_layers
+from lrft.targets import head_modules, is_encoder_decoder, stack_layers
 
 # An fp32 merge computes (W0 + ΔW)·x where the adapted model computed W0·x + ΔW·x: the same products
 # summed in another order, after W0 + ΔW was rounded once to fp32. Rounding errors of eps_fp32 relative
@@ -143,6 +144,7 @@ def _merge(
     batch, prompts, data_source = _parity_inputs(data_cfg, a)
     before = _logits(model, batch)
     generated = _greedy(model, a.tokenizer, prompts) if causal else None
+    quantization = _dequantize_to_merge(opened, batch, before)
     base_dtype = next(model.parameters()).dtype
     target = DTYPES[dtype] if dtype else DTYPES[opened.model_cfg.dtype]
     phase.advance(note=next(step))
@@ -156,6 +158,7 @@ def _merge(
         "data_source": data_source,
         "dtype": str(target).removeprefix("torch."),
         "parity_examples": int(batch["input_ids"].shape[0]),
+        **({"quantization": quantization} if quantization else {}),
     }
     phase.advance(note=next(step))
     merged = _merged_logits(model, batch, before, base_dtype, target, kept, report)
@@ -314,6 +317,11 @@ def parity_lines(report: dict) -> list[str]:
                 else f"not all identical to the adapted model's ({dtype} rounding)"
             )
         )
+    if q := report.get("quantization"):
+        lines.append(
+            f"{q['base']} base: merged onto its dequantized weights (the adapter trained on them); merged onto "
+            f"the original weights instead it would differ by {q['max_abs_logit_diff_merged_onto_original_weights']:.3g}"
+        )
     return lines
 
 
@@ -414,6 +422,42 @@ def _greedy(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
         )
         out.append(tokens[0, 1 if is_encoder_decoder(model) else len(ids) :].tolist())  # a decoder starts at 1
     return out
+
+
+def _dequantize_to_merge(opened: Opened, batch: dict, adapted_logits: torch.Tensor) -> dict | None:
+    """A quantized base merges onto its dequantized weights, those the adapter trained against: the
+    model dequantized in place, and the report's entry (None for a base that is not quantized)."""
+    config = quantize.model_quantization(opened.adapted.model)
+    if config is None:
+        return None
+    gap = _original_weights_gap(opened, batch, adapted_logits)
+    quantize.dequantize(opened.adapted.model)
+    return {
+        "base": opened.model_cfg.quantize,
+        "merged_onto": "the dequantized weights",
+        "max_abs_logit_diff_merged_onto_original_weights": gap,
+        "config": config,
+    }
+
+
+@torch.no_grad()
+def _original_weights_gap(opened: Opened, batch: dict, adapted_logits: torch.Tensor) -> float:
+    """Max |logit diff| against the adapted (quantized) model of the base at its original weights plus
+    the same ΔW and head: the gap of a merge onto the weights before quantization, which lrft does not do."""
+    from transformers.pytorch_utils import Conv1D
+
+    a = opened.adapted
+    plain, _ = load_model(opened.model_cfg.model_copy(update={"quantize": None}), a.task, a.label_names)
+    heads = {k: v for k, v in a.model.state_dict().items() if k.split(".")[0] in head_modules(a.model)}
+    plain.load_state_dict(heads, strict=False)  # the trained head, where the task has one
+    for name, wrapper in adapted(a.model).items():
+        layer = plain.get_submodule(name)
+        delta = wrapper.adapter.delta_weight().to(layer.weight.device)
+        layer.weight += (delta.T if isinstance(layer, Conv1D) else delta).to(layer.weight.dtype)
+    gap = _maxdiff(_logits(plain, batch), adapted_logits)
+    del plain
+    gc.collect()
+    return gap
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:

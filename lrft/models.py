@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from lrft import console, hub, weight_files
+from lrft import console, hub, quantize, weight_files
 from lrft.atomic_files import atomic_dir, file_sha256
 from lrft.errors import LrftError
-from lrft.targets import is_encoder_decoder
+from lrft.targets import HEAD_NAMES, is_encoder_decoder
 
 # What a broken or incomplete model dir raises from from_pretrained: a user problem, reported in one line.
 LOAD_ERRORS = (OSError, ValueError, SafetensorError)
@@ -89,13 +89,16 @@ CACHE_ENV = "LRFT_CACHE_DIR"  # where GGUF models are dequantised once (default 
 
 
 def quiet_transformers() -> None:
-    """Keep transformers' load reports and progress bars off stderr; lrft logs what matters."""
+    """Keep transformers' (and bitsandbytes') load reports and progress bars off stderr; lrft logs what matters."""
     import transformers
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # bitsandbytes (imported by PEFT and by model.quantize) says on import that an optional kernels
+    # package is missing from its CPU backend, which falls back to its own
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def resolve(name: str, gguf_file: str | None = None, revision: str | None = None) -> str:
@@ -274,6 +277,7 @@ def load_for_causal_lm(model_cfg):
             ignore_mismatched_sizes=True,
             output_loading_info=True,
             **common,
+            **quantize.load_options(model_cfg.quantize, getattr(torch, model_cfg.dtype)),
         )
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
@@ -281,6 +285,7 @@ def load_for_causal_lm(model_cfg):
             f"model.name: could not load {model_cfg.name!r} as a causal LM: {_load_problem(e, model_cfg.name)}"
         ) from None
     check_loaded(model, info, source, head_prefixes=())
+    quantize.prepare(model)
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -314,11 +319,14 @@ def load_for_classification(model_cfg, num_labels: int, label_names: list[str] |
             ignore_mismatched_sizes=True,
             output_loading_info=True,
             **common,
+            # the task head trains whole: never quantized
+            **quantize.load_options(model_cfg.quantize, getattr(torch, model_cfg.dtype), skip=HEAD_NAMES),
         )
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except LOAD_ERRORS as e:
         raise LrftError(f"model.name: could not load {model_cfg.name!r}: {_load_problem(e, model_cfg.name)}") from None
     check_loaded(model, info, source, head_prefixes=outside_backbone(model))
+    quantize.prepare(model)
     _check_tokenizer(tokenizer, model_cfg.name)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder backbones (Llama) have no pad token

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lrft import console, methods
+from lrft import console, methods, quantize
 from lrft.adapted_model import Opened, attach, check_fingerprint, load_base
 from lrft.atomic_files import atomic_dir, file_sha256, read_json
 from lrft.checkpoint import load_tensors
@@ -97,6 +97,7 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
         "max_abs_branch_diff": worst,
         "base_model_name_or_path": base_name,
         **({"base_model_note": alias["note"]} if alias and "note" in alias else {}),
+        **({"quantized_base": opened.model_cfg.quantize} if opened.model_cfg.quantize else {}),
     }
     with atomic_dir(out, overwrite=force, flag="--out") as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -114,6 +115,8 @@ def export(opened: Opened, out: Path, force: bool = False) -> dict:
             "format": opened.data_cfg.format,  # text-to-text: the task as prompts and answer words
             "label_names": config.get("label_names"),
             "data_source": config.get("data_source"),
+            # serve on the base quantized as it trained (its BitsAndBytesConfig), or merge with lrft merge
+            "quantization": quantize.model_quantization(a.model),
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return report
@@ -128,6 +131,14 @@ def export_lines(report: dict) -> list[str]:
         f"base model {report['base_model_name_or_path']}",
         *note,
         f"exported factors match the lrft branches to {report['max_abs_branch_diff']:.2g}",
+        *(
+            [
+                f"trained on a {report['quantized_base']} base: serve it on the base quantized the same way "
+                f"(the BitsAndBytesConfig in {PROVENANCE}), or on the model `lrft merge` writes"
+            ]
+            if report.get("quantized_base")
+            else []
+        ),
     ]
 
 
@@ -376,7 +387,7 @@ def base_model(path: Path, config: dict, provenance: dict, given: str | None) ->
     if name in ALIASES and ALIASES[name].files_dir() is None and trained.get("gguf_file") in (None, ALIASES[name].gguf):
         return hub_source(ALIASES[name])  # the fingerprint check then tells whether they are the weights trained on
     if name and (not looks_local(name) or Path(name).expanduser().exists()):
-        return {"name": name, "gguf_file": trained.get("gguf_file")}
+        return {"name": name, "gguf_file": trained.get("gguf_file"), "quantize": trained.get("quantize")}
     if not config.get("base_model_name_or_path"):
         raise LrftError(f"--base: {path} names no base model (base_model_name_or_path); give one with --base")
     hub_id = config["base_model_name_or_path"]

@@ -47,6 +47,13 @@ class ModelConfig(Section):
         "float32", description="dtype of the frozen base weights (adapters always train in float32)"
     )
     trust_remote_code: bool = Field(False, description="run the model repo's own code (only if you trust it)")
+    quantize: Literal["nf4", "fp4", "int8"] | None = Field(
+        None,
+        description=(
+            "QLoRA: load the frozen base's Linear layers quantized by bitsandbytes (4-bit NF4 or FP4, 8-bit); "
+            "adapters stay float32 (needs `pip install 'lrft[qlora]'`)"
+        ),
+    )
 
 
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
@@ -222,7 +229,17 @@ class TrainConfig(Section):
     skip_nonfinite: bool = Field(
         False, description="skip batches whose loss or gradients are NaN/Inf (counted) instead of stopping"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description=(
+            "autocast precision of training's forward pass (auto: bf16 where the device computes it natively, "
+            "a CUDA GPU with bf16 or a CPU with AVX-512 BF16 or AMX, else fp32); adapters and optimizer stay fp32"
+        ),
+    )
+    eval_precision: Literal["fp32", "auto", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast precision of evaluation (fp32: metrics that do not depend on the training hardware)",
+    )
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end of each epoch)")
     eval_on_start: bool = Field(
         False, description="evaluate the base model before the first step (a before/after baseline)"

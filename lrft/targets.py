@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lrft import quantize
 from lrft.errors import LrftError
 
 QKV = ("q", "k", "v")
@@ -100,7 +101,9 @@ class Target:
 
     @property
     def weight(self) -> torch.Tensor:
-        """W0 as (out, in), a view of the module's weight."""
+        """W0 as (out, in): a view of the module's weight, or a quantized layer's dequantized weight."""
+        if quantize.is_quantized(self.module):
+            return quantize.dequantized_weight(self.module)
         return self.module.weight.T if self.transposed else self.module.weight
 
     @property

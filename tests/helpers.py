@@ -392,19 +392,19 @@ def write_splits(d: Path, make, splits) -> Path:
 
 CLASSIFICATION = {
     "data": {"task": "text-classification", "max_length": 16},
-    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1},
+    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 16, "log_every": 1, "precision": "fp32"},
 }
 CAUSAL = {
     "data": {"task": "gsm8k", "max_length": 48, "max_new_tokens": 8},
     "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
+    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4, "precision": "fp32"},
     "calibration": {"samples": 8, "batch_size": 4},
 }
 
 PREFERENCE = {
     "data": {"task": "preference", "max_length": 32},
     "adapter": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4},
+    "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8, "log_every": 1, "eval_batch_size": 4, "precision": "fp32"},
     "calibration": {"samples": 8, "batch_size": 4},
 }
 
@@ -419,8 +419,8 @@ def recipe_dict(
     **sections,
 ) -> dict:
     """The tiny recipe: a classification task on the tiny BERT (or gsm8k on the tiny Llama with
-    `causal`, preference pairs with causal="preference"), rank 4, seed 0; `sections` update its
-    sections key by key (or replace a scalar)."""
+    `causal`, preference pairs with causal="preference"), rank 4, seed 0, fp32 (numbers that do not
+    depend on the CPU's bf16); `sections` update its sections key by key (or replace a scalar)."""
     shape = PREFERENCE if causal == "preference" else CAUSAL if causal else CLASSIFICATION
     recipe = {
         "name": name,
@@ -731,6 +731,16 @@ def launch(
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def assert_killed_run_resumes_exactly(write, runs: Path, sections: dict, kill_after_step: int = 5) -> None:
+    """A run killed (SIGKILL) after an optimizer step and run again ends with the adapter of one never
+    killed; `write(method, name=..., **sections)` writes the recipes (a fixture's writer)."""
+    assert lrft("train", write("lora", name="straight", **sections)).returncode == 0
+    recipe = write("lora", name="killed", **sections)
+    assert lrft("train", recipe, patch=("sigkill", kill_after_step)).returncode == -9
+    assert lrft("train", recipe).returncode == 0
+    assert_same_adapter(runs / "killed", runs / "straight")
 
 
 def assert_same_adapter(a: Path, b: Path, tol: float = 1e-6) -> None:

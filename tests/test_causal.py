@@ -14,7 +14,7 @@ from lrft.data.answers import NUMBERS
 from lrft.data.causal import IGNORE, encode_prompts, gold_answer, render
 from lrft.errors import LrftError
 from lrft.recipe import DataConfig
-from tests.helpers import METHODS, assert_merge_parity, save_tiny_llama, tiny_llama
+from tests.helpers import METHODS, assert_merge_parity, save_tiny_llama, tiny_family, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +280,53 @@ def test_gsm8k_generation_stops_after_the_answer_line():
     pattern = re.compile(get_task("gsm8k").answer_written)
     assert pattern.search("3 + 4 = 7\n#### 7\n") and pattern.search("so $1,250.\n#### $1,250\n")
     assert not pattern.search("3 + 4 = 7\n#### 7") and not pattern.search("#### \n") and not pattern.search("7\n")
+
+
+def scrambled(model, seed: int = 1):
+    """The model with every matrix drawn at std 0.5: varied greedy tokens (a fresh tiny model repeats one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_decoding_drops_finished_rows_and_makes_generates_tokens(family):
+    """Rows finishing at other steps (their answer written, or EOS) leave the batch; every row's tokens
+    are model.generate's greedy ones up to where it stopped, EOS included."""
+    from lrft import decoding
+
+    model = scrambled(tiny_llama(seed=3) if family == "llama" else tiny_family("gpt2"))
+    assert decoding.shrinks(model)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (3, 7, 5, 9, 4)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    full = full[:, width:].tolist()
+    eos = full[2][4]  # a token row 2 makes: it (and any row making it earlier) ends there
+    got = decoding.greedy_completions(model, ids, mask, 12, eos, lambda row, tokens: len(tokens) >= 3 + 2 * row)
+    for row, (want, tokens) in enumerate(zip(full, got)):
+        end = min(3 + 2 * row, want.index(eos) + 1 if eos in want else 12)
+        assert tokens == want[:end], (row, tokens, want)
+    assert len(got[2]) <= 5  # EOS at its fifth token at the latest
+
+
+def test_generation_is_the_same_through_generate_and_the_shrinking_batch(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from lrft import decoding
+    from lrft.evaluation import generate
+
+    tok = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "lm"))
+    model = scrambled(tiny_llama(seed=3, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id))
+    texts = ("what is", "9 plus 9 is", "what is 9 plus", "is")
+    prompts = [{"prompt_ids": tok(p)["input_ids"][:-1], "prompt": p, "gold": "18"} for p in texts]
+    kw = {"max_new_tokens": 10, "batch_size": 3, "device": "cpu", "answer_written": r"\w+ \w+ "}
+    shrinking = generate(model, prompts, tok, **kw)
+    monkeypatch.setattr(decoding, "shrinks", lambda model: False)  # model.generate and its stopping criterion
+    assert generate(model, prompts, tok, **kw) == shrinking
+    assert len({r["completion"] for r in shrinking}) > 1

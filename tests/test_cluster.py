@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from lrft import precision
 from lrft.checkpoint import list_checkpoints, load_tree
 from tests.helpers import (
     ROOT,
     assert_close_scaled,
+    assert_killed_run_resumes_exactly,
     assert_merge_parity,
     assert_same_adapter,
     launch,
@@ -366,11 +369,7 @@ def test_length_grouped_batches_are_deterministic_and_cover_the_epoch():
 
 def test_group_by_length_trains_and_resumes_exactly(tiny_recipe, tmp_path):
     sections = {"train": {"epochs": 2, "save_every": 3, "lr": 2e-2, "batch_size": 8, "group_by_length": True}}
-    assert lrft("train", tiny_recipe("lora", name="straight", **sections)).returncode == 0
-    recipe = tiny_recipe("lora", name="killed", **sections)
-    assert lrft("train", recipe, patch=("sigkill", 5)).returncode == -9
-    assert lrft("train", recipe).returncode == 0
-    assert_same_adapter(tmp_path / "runs" / "killed", tmp_path / "runs" / "straight")
+    assert_killed_run_resumes_exactly(tiny_recipe, tmp_path / "runs", sections)
 
 
 # -------------------------------------------------------------------------------------- precision
@@ -381,8 +380,71 @@ def test_fp16_on_the_cpu_is_refused(cli, tiny_recipe):
     assert code == 2 and "train.precision: fp16 needs a GPU and this run is on the CPU; use bf16" in err
 
 
+def fake_cpuinfo(monkeypatch, tmp_path, flags: str | None) -> None:
+    path = tmp_path / "cpuinfo"
+    if flags is not None:
+        path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(precision, "CPUINFO", path)
+
+
+@pytest.mark.parametrize(
+    "flags, want, why",
+    [
+        ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", "bf16", "the CPU has avx512_bf16"),
+        ("fpu sse avx2 amx_tile amx_bf16 amx_int8", "bf16", "the CPU has amx_bf16"),
+        ("fpu sse avx2 avx512f avx512_vnni", "fp32", "no AVX-512 BF16 or AMX"),  # AVX-512 without BF16
+        (None, "fp32", "no AVX-512 BF16 or AMX"),  # no /proc/cpuinfo (macOS)
+    ],
+)
+def test_auto_precision_on_the_cpu_follows_its_bf16_flags(monkeypatch, tmp_path, flags, want, why):
+    fake_cpuinfo(monkeypatch, tmp_path, flags)
+    chosen = precision.resolve("auto", "fp32", "cpu")
+    assert (chosen.train, chosen.eval) == (want, "fp32") and why in chosen.reason  # evaluation fp32 unless asked
+    assert precision.resolve("auto", "auto", "cpu").eval == want
+    assert precision.resolve("fp32", "bf16", "cpu") == precision.Precision("fp32", "bf16", "")  # nothing auto
+
+
+@pytest.mark.parametrize("supported, want", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch, supported, want):
+    asked = []
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(including_emulation) or supported
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    chosen = precision.resolve("auto", "fp32", "cuda")
+    assert chosen.train == want and "Fake GPU" in chosen.reason
+    assert asked == [False]  # emulated bf16 (a V100's) is slower than fp32: native only
+    assert precision.resolve("auto", "fp32", "mps").train == "fp32"
+
+
+def test_the_default_precision_is_auto_and_recorded(tiny_recipe, tmp_path):
+    recipe = yaml.safe_load(tiny_recipe("lora", name="auto").read_text())
+    del recipe["train"]["precision"]  # the default
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(recipe))
+    done = lrft("train", tmp_path / "auto.yaml", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = "bf16" if precision.cpu_bf16_flags() else "fp32"  # this machine's CPU, both branches faked above
+    assert json.loads(done.stdout)["precision"]["train"] == want
+    assert json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())["precision"]["eval"] == "fp32"
+    assert f"precision: training {want}, evaluation fp32 (auto: the CPU has" in done.stderr
+
+
+def test_fp16_evaluation_on_the_cpu_is_refused(cli, tiny_recipe):
+    code, _, err = cli("train", tiny_recipe("lora", name="fp16e", train={"eval_precision": "fp16", "device": "cpu"}))
+    assert code == 2 and "train.eval_precision: fp16 needs a GPU and this run is on the CPU" in err
+
+
+def test_runs_at_other_precisions_follow_each_other_in_one_process(cli, tiny_recipe, tmp_path):
+    # accelerate keeps one precision per process: a sweep's trials or a Python caller's runs must not
+    # inherit (or be refused) the previous run's
+    for name, chosen in (("p32", "fp32"), ("p16", "bf16"), ("p32b", "fp32")):
+        code, out, err = cli("train", tiny_recipe("lora", name=name, train={"precision": chosen}), "--json")
+        assert code == 0, err
+        assert json.loads(out)["precision"]["train"] == chosen
+    assert_same_adapter(tmp_path / "runs" / "p32", tmp_path / "runs" / "p32b", tol=0.0)  # fp32 again, not bf16
+
+
 def test_bf16_on_the_cpu_trains(tiny_recipe, tmp_path):
-    # a process of its own: accelerate's precision is set once per process
     done = lrft("train", tiny_recipe("lora", name="bf16", train={"precision": "bf16", "device": "cpu"}), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout

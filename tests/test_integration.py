@@ -7,13 +7,14 @@ real model and data go through every stage and that eval and merge agree with tr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import METHODS, assert_merge_parity
+from tests.helpers import METHODS, assert_merge_parity, lrft
 
 pytestmark = pytest.mark.integration
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
@@ -136,6 +137,43 @@ def test_smollm2_gsm8k_talora_train_eval_merge(smollm2, cli, data_dir, tmp_path,
     assert report["reload_matches_memory"] and report["verdict"] == "ok", report
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs lrft[qlora]")
+def test_smollm2_on_an_nf4_base_trains_resumes_and_merges_with_its_parity(
+    smollm2, cli, data_dir, tmp_path, monkeypatch
+):
+    """QLoRA on the real SmolLM2: talora calibrated on the nf4 base (its SVD of the dequantized W0), three
+    steps checkpointed after each, killed after the second, resumed from the first's checkpoint, and the merge onto the
+    dequantized weights: the adapted model's logits, not those of a merge onto the original weights."""
+    monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
+    recipe = Path(__file__).parents[1] / "recipes" / "gsm8k_talora.yaml"
+    common = [
+        f"output.dir={tmp_path / 'runs'}",
+        "model.quantize=nf4",
+        "train.batch_size=2",
+        "train.save_every=1",
+        "data.max_train_samples=4",
+        "data.max_eval_samples=2",
+        "data.max_new_tokens=8",
+        "data.max_length=128",
+        "calibration.samples=4",
+        "calibration.batch_size=4",
+        "train.eval_on_start=false",
+        "train.precision=fp32",
+        "train.max_steps=3",
+    ]
+    assert lrft("train", recipe, *common, patch=("sigkill", 2)).returncode == -9  # after step 2, before its save
+    run = tmp_path / "runs" / "gsm8k_talora"
+    code, out, err = cli("train", recipe, *common, "--json")
+    assert code == 0 and "resuming from step-000000001" in err, err
+    assert json.loads(out)["steps"] == 3
+    code, out, err = cli("merge", run, "--out", tmp_path / "merged", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert_merge_parity(report, rtol=1e-4)
+    gap = report["quantization"]["max_abs_logit_diff_merged_onto_original_weights"]
+    assert gap > 100 * report["max_abs_logit_diff"], report  # nf4's error is far above the merge's rounding
+
+
 def test_smollm2_dequantisation_writes_no_bar_into_a_log(smollm2, tmp_path):
     """The GGUF is dequantised (a fresh cache) by a process whose stderr is a file, as on a cluster:
     lrft's log line, and none of transformers' tqdm bar."""
@@ -222,16 +260,18 @@ def test_speed_suite_smoke(data_dir, monkeypatch):
 
 
 def test_whole_job_bench_smoke(data_dir, monkeypatch):
-    """bench/e2e.py for a few steps of the MRPC job: lrft and HF Trainer + PEFT both run it to the end."""
+    """bench/e2e.py for a few steps of the MRPC job, both at bf16: lrft and HF Trainer + PEFT run it to the end."""
     import runpy
     import sys
 
     monkeypatch.setenv("LRFT_DATA_DIR", str(data_dir))
-    monkeypatch.setattr(sys, "argv", ["e2e.py", "--job", "mrpc", "--smoke", "--rounds", "1", "--json"])
+    argv = ["e2e.py", "--job", "mrpc", "--smoke", "--rounds", "1", "--compare", "bf16", "--json"]
+    monkeypatch.setattr(sys, "argv", argv)
     e2e = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "e2e.py"), run_name="bench")
     result = e2e["main"]()
     assert {r["side"] for r in result["rows"]} == {"lrft", "trainer"}
     for r in result["rows"]:  # both evaluated the same 64 dev pairs
         assert r["accuracy"] * 64 == pytest.approx(round(r["accuracy"] * 64)) and r["peak_rss_mib"] > 100
     (summary,) = result["summary"]
-    assert summary["job"] == "mrpc" and summary["wall_ratio"] > 0 and summary["rss_ratio"] > 0
+    assert summary["job"] == "mrpc [bf16]" and summary["wall_ratio"] > 0 and summary["rss_ratio"] > 0
+    assert summary["precision"] == {"lrft": "bf16", "trainer": "bf16"}  # the Trainer's bf16=True, lrft's bf16

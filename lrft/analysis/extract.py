@@ -154,7 +154,7 @@ def adapter_tensor_groups(wrappers: dict, model) -> dict[str, list[torch.Tensor]
 
 
 def weight_histograms(targets: list, wrappers: dict, model) -> dict[str, Histogram]:
-    hists = {"W0": streaming_histogram(lambda: (t.module.weight for t in targets))}
+    hists = {"W0": streaming_histogram(lambda: (t.weight for t in targets))}
     for tname, tensors in adapter_tensor_groups(wrappers, model).items():
         hists[tname] = streaming_histogram(lambda ts=tensors: iter(ts))
     return {k: v for k, v in hists.items() if v is not None}

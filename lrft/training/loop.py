@@ -30,10 +30,11 @@ from lrft.adapted_model import Adapted, Base, adapt, adapter_config, load_base
 from lrft.atomic_files import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, write_jsonl
 from lrft.checkpoint import ADAPTER_FILE, list_checkpoints, load_adapter, save_adapter, save_checkpoint
 from lrft.data import PreferenceSplit, TaskData, collator, features, get_task
-from lrft.errors import DiskError
+from lrft.errors import DiskError, LrftError
 from lrft.evaluation import evaluate
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
 from lrft.parallel import Parallel
+from lrft.precision import autocast_for
 from lrft.recipe import SEED_LIMIT, Recipe
 from lrft.run_layout import RunDir
 from lrft.targets import head_modules
@@ -102,7 +103,8 @@ class Trainer:
         self.started = time.perf_counter() if started is None else started
         self.wall_before = 0.0  # wall time of earlier sessions of a resumed run
         self.run_dir = RunDir(recipe.run_dir)
-        self.accelerator = make_accelerator(self.cfg, self.run_dir)
+        self.accelerator, self.precision = make_accelerator(self.cfg, self.run_dir)
+        self.eval_autocast = autocast_for(self.precision.eval, self.accelerator.device.type)
         console.set_main_process(self.accelerator.is_main_process)
         self.parallel = Parallel(self.accelerator)
         self.main, self.world, self.rank = self.parallel.main, self.parallel.world, self.parallel.rank
@@ -152,6 +154,12 @@ class Trainer:
 
         resume_from = None if self.restart else resume_point(self.run_dir, self.recipe)
         set_seed(self.recipe.seed)
+        if self.parallel.fsdp and self.recipe.model.quantize:  # FSDP2 shards float parameters, not packed ones
+            raise LrftError(
+                f"model.quantize: {self.recipe.model.quantize} bases train on one process or under DDP, not FSDP; "
+                "drop the FSDP launch config (or model.quantize)"
+            )
+        console.log(self.precision.describe())
         self.plan = self.make_plan()
         self.prepare_reference()
         if self.world > 1:
@@ -283,7 +291,7 @@ class Trainer:
         start = RunDir(Path(recipe.adapter.init_from)).adapter if recipe.adapter.init_from else None
         model_id = {"model": recipe.model.name, "revision": recipe.model.revision, "dtype": recipe.model.dtype}
         start_sha = file_sha256(start / ADAPTER_FILE) if start is not None else None
-        expected = reference.fingerprint(model_id, splits, start_sha, self.cfg.precision)
+        expected = reference.fingerprint(model_id, splits, start_sha, self.precision.train)
         logps = reference.cached(self.run_dir.reference, list(splits), expected)
         (missing,) = self.parallel.any_rank(logps is None)
         pairs = sum(len(f) for f in splits.values())
@@ -553,6 +561,7 @@ class Trainer:
                 plan.collate,
                 batch_size=self.cfg.eval_batch_size,
                 accelerator=self.accelerator,
+                autocast=self.eval_autocast,
                 tokenizer=plan.adapted.tokenizer,
                 max_new_tokens=self.recipe.data.max_new_tokens,
                 generation=generation,
@@ -618,7 +627,7 @@ class Trainer:
         if progress.last_eval_step != progress.step:
             self.evaluate(generation=self.plan.task.generate)
         self.main_writes(lambda: self.save_adapter(self.run_dir.adapter))
-        summary = run_summary(self.recipe, self.plan, progress, self.wall_seconds())
+        summary = run_summary(self.recipe, self.plan, progress, self.precision, self.wall_seconds())
         self.main_writes(lambda: atomic_write_json(self.run_dir.summary, summary))
         self.stop_if_disk_failed()  # every process waits for the main one's writes, and learns how they went
         return summary

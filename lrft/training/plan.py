@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,11 +27,15 @@ from lrft.evaluation import EvalSet, eval_sets
 from lrft.inject import adapter_parameters
 from lrft.loss import Objective, objective_for
 from lrft.open_runs import trained_adapter_config
+from lrft.precision import Precision, resolve
 from lrft.preference import REFERENCE_FREE, DPOSettings, PreferenceLoss
 from lrft.recipe import Recipe
 from lrft.run_layout import RunDir
 from lrft.targets import is_encoder_decoder, start_regression_head_at
 from lrft.tracking import check_installed
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass(frozen=True)
@@ -62,23 +67,41 @@ class Plan:
         return round(step / self.steps_per_epoch, 4)
 
 
-def make_accelerator(cfg, run: RunDir):
-    """accelerate's Accelerator for train.device and train.precision, its trackers in the run dir."""
+def make_accelerator(cfg, run: RunDir) -> tuple[Accelerator, Precision]:
+    """accelerate's Accelerator for train.device and train.precision (auto resolved for the device), its
+    trackers in the run dir; and the run's precisions."""
     from accelerate import Accelerator
 
     # On a machine without an accelerator, cpu=True is also what lets several processes (torchrun, or
     # `accelerate launch --multi_gpu`) form a gloo process group instead of each training alone.
     no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and no_accelerator)
-    if on_cpu and cfg.precision == "fp16":  # accelerate would silently train in fp32 there
-        raise LrftError("train.precision: fp16 needs a GPU and this run is on the CPU; use bf16 (or fp32) on the CPU")
+    device_type = "cpu" if on_cpu else "cuda" if torch.cuda.is_available() and cfg.device != "mps" else "mps"
+    for key, value in (("precision", cfg.precision), ("eval_precision", cfg.eval_precision)):
+        if on_cpu and value == "fp16":  # accelerate would silently train in fp32 there
+            raise LrftError(f"train.{key}: fp16 needs a GPU and this run is on the CPU; use bf16 (or fp32) on the CPU")
+    precision = resolve(cfg.precision, cfg.eval_precision, device_type)
     check_installed(cfg.report_to)
-    return Accelerator(
+    mixed_precision = {"fp32": "no"}.get(precision.train, precision.train)
+    reset_for(mixed_precision)
+    accelerator = Accelerator(
         cpu=on_cpu,
-        mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+        mixed_precision=mixed_precision,
         log_with=cfg.report_to or None,
         project_dir=str(run.trackers),
     )
+    return accelerator, precision
+
+
+def reset_for(mixed_precision: str) -> None:
+    """Let this process's next Accelerator take `mixed_precision` when an earlier run in it (a sweep's
+    trials, a Python caller's runs) set another: accelerate keeps one precision per process and refuses
+    a change. Its process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier is not None and earlier != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 def load_data(recipe: Recipe) -> tuple[Task, TaskData, str]:

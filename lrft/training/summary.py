@@ -8,15 +8,19 @@ import resource
 import statistics
 from pathlib import Path
 
+import torch
+
 from lrft import console
+from lrft.precision import Precision
 from lrft.recipe import Recipe
 from lrft.run_layout import RunDir
 from lrft.training.plan import Plan
 from lrft.training.state import PHASES, Progress
 
 
-def run_summary(recipe: Recipe, plan: Plan, progress: Progress, wall_seconds: float) -> dict:
-    """summary.json: what ran, the final and best metrics, the counts, where the wall time went, peak memory."""
+def run_summary(recipe: Recipe, plan: Plan, progress: Progress, precision: Precision, wall_seconds: float) -> dict:
+    """summary.json: what ran (at which precision), the final and best metrics, the counts, where the wall
+    time went, peak memory."""
     stats = plan.calibration
     return {
         "name": recipe.name,
@@ -24,6 +28,7 @@ def run_summary(recipe: Recipe, plan: Plan, progress: Progress, wall_seconds: fl
         "method": plan.adapted.method.name,
         "model": recipe.model.name,
         "data_source": plan.data.source,
+        "precision": precision.record(),
         "final": progress.last_eval,
         "best": {"step": progress.best_step, plan.metric_for_best: progress.best_metric},
         "metric_for_best": plan.metric_for_best,
@@ -40,6 +45,7 @@ def run_summary(recipe: Recipe, plan: Plan, progress: Progress, wall_seconds: fl
         "skipped_nonfinite": progress.skipped_nonfinite,
         "median_step_time_s": round(statistics.median(progress.step_times), 4) if progress.step_times else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         **preference_settings(recipe, plan),
     }
 
