@@ -866,7 +866,9 @@ def report(rows: list[Row]) -> Path:
             "evaluations during it included) on the same shared 2-core machine, so it is indicative only. MiniLM is the packaged `minilm` "
             "(sentence-transformers/all-MiniLM-L6-v2, 22.7 M parameters), trained 3 epochs with each method's recipe "
             "(the papers' models need a GPU: see each recipe's comments). Trainable counts are adapter parameters; "
-            "every method also trains the 770-parameter classifier head.",
+            "every method also trains the 770-parameter classifier head. The GLUE and GSM8K quality rows ran at "
+            "fp32, lrft's default precision until `train.precision: auto` (see the Precision section for what "
+            "auto changes).",
             "",
             "## Quality",
             "",
