@@ -19,6 +19,11 @@ and the report gives each side's median wall-clock, quality and peak RSS, and th
   50 test problems, greedy generation with exact match); the Trainer side evaluates with
   `trainer.evaluate` and generates with `model.generate`, batch 25, left padding.
 
+Time to accuracy: each side prints a line per evaluation (lrft's `eval step N: ...` log, a Trainer
+callback's line of the same form), timed as it arrives; a classification job reports the minutes until
+the dev accuracy first reaches `--target-accuracy` (default 0.734: LoRA r8's 3-epoch fp32 mean over
+seeds 42, 1, 2 in docs/RESULTS.md's GLUE table), or that it never does.
+
 Each job runs in comparisons (`--compare`): both sides at their defaults (lrft's `train.precision:
 auto`, bf16 autocast on hardware that computes it, against the Trainer's fp32), both at bf16 (the
 Trainer's `bf16=True`), or both at fp32.
@@ -30,11 +35,13 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,19 +78,43 @@ COMPARISONS = {
 }
 
 
-def lrft_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
-    """`lrft train` of the job in a process of its own; its summary gives quality and peak RSS."""
-    overrides = [*JOBS[job]["overrides"], *(SMOKE[job] if smoke else []), f"output.dir={work}", f"name=lrft_{job}"]
-    overrides += COMPARISONS[compare][0]
+EVAL_LINE = re.compile(r"eval step (\d+): .*?\baccuracy ([0-9.]+)")
+
+
+def timed_run(command: list[str]) -> tuple[subprocess.CompletedProcess, float, list[dict]]:
+    """(the finished process, its wall seconds, its evaluations: the seconds since the start at which
+    each `eval step N: ... accuracy A` line reached its stderr, with N and A)."""
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "lrft", "train", JOBS[job]["recipe"], *overrides, "--json"],
-        capture_output=True,
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+    err_lines, evals = [], []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            err_lines.append(line)
+            if m := EVAL_LINE.search(line):
+                evals.append({"s": time.perf_counter() - t0, "step": int(m[1]), "accuracy": float(m[2])})
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
     wall = time.perf_counter() - t0
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, "".join(err_lines)), wall, evals
+
+
+def lrft_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
+    """`lrft train` of the job in a process of its own; its summary gives quality and peak RSS."""
+    overrides = [*JOBS[job]["overrides"], *(SMOKE[job] if smoke else []), f"output.dir={work}", f"name=lrft_{job}"]
+    overrides += COMPARISONS[compare][0]
+    done, wall, evals = timed_run([sys.executable, "-m", "lrft", "train", JOBS[job]["recipe"], *overrides, "--json"])
     if done.returncode != 0:
         raise SystemExit(f"lrft {job} failed:\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout)
@@ -92,6 +123,7 @@ def lrft_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
         "job": f"{job} [{compare}]",
         "precision": summary["precision"]["train"],
         "wall_s": wall,
+        "evals": evals,
         "peak_rss_mib": summary["peak_rss_mib"],
         **summary["final"],
         "phases_s": summary.get("seconds"),
@@ -105,17 +137,11 @@ def lrft_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
 def trainer_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
     """The same job with HF Trainer + PEFT, in a process of its own (this file with --trainer)."""
     bf16 = COMPARISONS[compare][1]
-    t0 = time.perf_counter()
-    done = subprocess.run(
+    done, wall, evals = timed_run(
         [sys.executable, __file__, "--trainer", job, "--work", str(work)]
         + (["--smoke"] if smoke else [])
-        + (["--bf16"] if bf16 else []),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        + (["--bf16"] if bf16 else [])
     )
-    wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"Trainer {job} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -124,6 +150,7 @@ def trainer_job(job: str, work: Path, smoke: bool, compare: str) -> dict:
         "job": f"{job} [{compare}]",
         "precision": "bf16" if bf16 else "fp32",
         "wall_s": wall,
+        "evals": evals,
         **result,
     }
 
@@ -142,7 +169,7 @@ def run_trainer(job: str, work: Path, smoke: bool, bf16: bool) -> dict:
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from lrft.data import collator, features, get_task, load_task_data
     from lrft.models import load_model
@@ -196,6 +223,13 @@ def run_trainer(job: str, work: Path, smoke: bool, bf16: bool) -> dict:
     def accuracy(pred) -> dict:
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
+    class EvalLines(TrainerCallback):
+        """A line per evaluation on stderr, as lrft logs it: the bench times each as it arrives."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in (metrics or {}).items())
+            print(f"eval step {state.global_step}: {shown}", file=sys.stderr, flush=True)
+
     trainer = Trainer(
         model=model,
         args=args,
@@ -203,6 +237,7 @@ def run_trainer(job: str, work: Path, smoke: bool, bf16: bool) -> dict:
         eval_dataset=dev,
         data_collator=collator(task, tokenizer),
         compute_metrics=None if causal else accuracy,
+        callbacks=[EvalLines()],
     )
     out = {}
     if causal:
@@ -250,7 +285,12 @@ def exact_match(model, tokenizer, split, batch_size: int, max_new_tokens: int) -
 # --------------------------------------------------------------------------------------- the report
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def time_to_accuracy(evals: list[dict], target: float) -> float | None:
+    """Seconds until the first evaluation at or above `target` (None: none reached it)."""
+    return next((e["s"] for e in evals if e["accuracy"] >= target), None)
+
+
+def summarise(rows: list[dict], target: float) -> list[dict]:
     out = []
     for job in dict.fromkeys(r["job"] for r in rows):
         sides = {side: [r for r in rows if r["job"] == job and r["side"] == side] for side in ("lrft", "trainer")}
@@ -271,6 +311,14 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "rss_ratio": med["lrft"]["peak_rss_mib"] / med["trainer"]["peak_rss_mib"],
             }
         )
+        if quality == "perplexity":  # and the answers' exact match, before and after training
+            for side, rs in sides.items():
+                for key in ("exact_match_before", "exact_match"):
+                    out[-1][side][key] = statistics.median(r[key] for r in rs)
+        if quality == "accuracy":  # each round's time to the target (None: never reached), per side
+            out[-1]["target_accuracy"] = target
+            for side, rs in sides.items():
+                out[-1][side]["time_to_accuracy_s"] = [time_to_accuracy(r["evals"], target) for r in rs]
     return out
 
 
@@ -284,6 +332,9 @@ def main() -> dict:
         action="append",
         choices=list(COMPARISONS),
         help="defaults (each at its own), bf16 or fp32 (both so); repeatable (default: defaults and bf16)",
+    )
+    ap.add_argument(
+        "--target-accuracy", type=float, default=0.734, help="time-to-accuracy target (LoRA r8's 3-epoch fp32 mean)"
     )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
@@ -307,7 +358,7 @@ def main() -> dict:
                             file=sys.stderr,
                             flush=True,
                         )
-    result = {"smoke": args.smoke, "rows": rows, "summary": summarise(rows)}
+    result = {"smoke": args.smoke, "rows": rows, "summary": summarise(rows, args.target_accuracy)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -318,6 +369,14 @@ def main() -> dict:
                 f"{s['lrft'][q]:.4f} | Trainer+PEFT {s['trainer']['wall_s']:.0f} s, {s['trainer']['peak_rss_mib']:.0f} "
                 f"MiB, {q} {s['trainer'][q]:.4f} | wall ×{s['wall_ratio']:.2f}, memory ×{s['rss_ratio']:.2f}"
             )
+            if "target_accuracy" in s:
+                shown = {
+                    side: ", ".join("never" if t is None else f"{t:.0f} s" for t in s[side]["time_to_accuracy_s"])
+                    for side in ("lrft", "trainer")
+                }
+                print(
+                    f"  to {s['target_accuracy']:.3f} accuracy: lrft {shown['lrft']} | Trainer+PEFT {shown['trainer']}"
+                )
     return result
 
 

@@ -1,12 +1,15 @@
-"""Generation in evaluation, before and after lrft.decoding: the same GSM8K problems answered greedily by
-`model.generate` (every row of a batch computed until the last one stops) and by the shrinking batch
-(finished rows leave it), alternating round by round; seconds of each, their ratio, and whether the
-completions are identical.
+"""The GSM8K recipe's evaluation (response loss plus greedy generation of its 50 test problems), timed
+whole, as it was and as it is: `model.generate` in batches of eval_batch_size (every row computed until
+the batch's last one stops, the cache concatenated anew each step), lrft.decoding in the same batches
+(finished rows leave the batch, the cache filled in place), and lrft.decoding in the recipe's
+generation_batch_size, at fp32 (the eval_precision default) and under bf16 autocast (eval_precision
+auto where the device computes bf16, or bf16). Paths alternate round by round; seconds of each,
+ratios to the first, and how many completions are identical to its.
 
-    LRFT_DATA_DIR=../shared/data python bench/eval_speed.py [--model smollm2] [--problems 50] [--rounds 2] [--json]
+    LRFT_DATA_DIR=../shared/data python bench/eval_speed.py [--recipe recipes/gsm8k_lora.yaml] [--rounds 2] [--json]
 
-The settings are recipes/gsm8k_lora.yaml's: batch 25, up to 256 new tokens, prompts sorted by length,
-stopping at EOS or once the `#### N` answer line is written.
+Everything else is the recipe's: model, problems, max_length, up to max_new_tokens new tokens, stopping at
+EOS or once the `#### N` answer line is written.
 """
 
 from __future__ import annotations
@@ -24,62 +27,80 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--problems", type=int, default=50)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "gsm8k_lora.yaml"))
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=25)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from lrft import decoding
-    from lrft.data import get_task, load_task_data
-    from lrft.data.causal import prompt_features
-    from lrft.evaluation import generate
-    from lrft.models import load_for_causal_lm
-    from lrft.recipe import DataConfig, ModelConfig
+    import torch
 
-    task = get_task("gsm8k")
-    data = load_task_data(task, DataConfig(task="gsm8k", max_eval_samples=args.problems))
-    model, tokenizer = load_for_causal_lm(ModelConfig(name=args.model))
-    prompts = prompt_features(data.evals[""], tokenizer)
+    from lrft import decoding
+    from lrft.data import collator, get_task, load_task_data
+    from lrft.evaluation import eval_sets, evaluate
+    from lrft.models import load_for_causal_lm
+    from lrft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    train = recipe.train
+    task = get_task(recipe.data.task)
+    data = load_task_data(task, recipe.data, need_train=False)
+    model, tokenizer = load_for_causal_lm(recipe.model)
+    evals = eval_sets(task, data.evals, tokenizer, recipe.data.max_length)
     shrinks = decoding.shrinks
-    seconds: dict[str, list[float]] = {"generate": [], "shrinking": []}
-    records = {}
+    generation_batch = train.generation_batch_size or train.eval_batch_size
+    paths = {  # name: (decoder, generation batch, bf16 autocast)
+        "generate": (lambda model: False, train.eval_batch_size, False),
+        "decoding": (shrinks, train.eval_batch_size, False),
+        "decoding_recipe_batch": (shrinks, generation_batch, False),
+        "decoding_recipe_batch_bf16": (shrinks, generation_batch, True),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    outputs = {}
     for _ in range(args.rounds):
-        for path in seconds:
-            decoding.shrinks = shrinks if path == "shrinking" else (lambda model: False)
+        for name, (decoder, batch, bf16) in paths.items():
+            decoding.shrinks = decoder
             t0 = time.perf_counter()
-            records[path] = generate(
+            outputs[name] = evaluate(
                 model,
-                prompts,
-                tokenizer,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                device="cpu",
-                answer_written=task.answer_written,
+                evals,
+                task,
+                collator(task, tokenizer),
+                batch_size=train.eval_batch_size,
+                generation_batch_size=batch,
+                autocast=(lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else None,
+                tokenizer=tokenizer,
+                max_new_tokens=recipe.data.max_new_tokens,
+                generation=True,
             )
-            seconds[path].append(time.perf_counter() - t0)
-    same = [a["completion"] == b["completion"] for a, b in zip(records["generate"], records["shrinking"])]
+            seconds[name].append(time.perf_counter() - t0)
+    decoding.shrinks = shrinks
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    before_metrics, before_records = outputs["generate"]
     result = {
-        "model": args.model,
-        "problems": len(prompts),
+        "model": recipe.model.name,
+        "recipe": Path(args.recipe).name,
+        "problems": len(before_records),
+        "batches": {name: batch for name, (_, batch, _) in paths.items()},
+        "bf16": {name: bf16 for name, (_, _, bf16) in paths.items()},
         "seconds": seconds,
-        "median_s": {k: statistics.median(v) for k, v in seconds.items()},
-        "ratio": statistics.median(seconds["shrinking"]) / statistics.median(seconds["generate"]),
-        "identical_completions": sum(same),
-        "correct": {k: sum(r["correct"] for r in v) for k, v in records.items()},
-        "completion_tokens": sum(len(tokenizer(r["completion"])["input_ids"]) for r in records["shrinking"]),
+        "median_s": median,
+        "ratio": {k: v / median["generate"] for k, v in median.items()},
+        "identical_completions": {
+            name: sum(a["completion"] == b["completion"] for a, b in zip(before_records, records))
+            for name, (_, records) in outputs.items()
+        },
+        "metrics": {name: metrics for name, (metrics, _) in outputs.items()},
+        "completion_tokens": sum(len(tokenizer(r["completion"])["input_ids"]) for r in before_records),
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        m = result["median_s"]
-        print(
-            f"{result['problems']} problems: model.generate {m['generate']:.1f} s, shrinking batch "
-            f"{m['shrinking']:.1f} s (×{result['ratio']:.2f}); identical completions "
-            f"{result['identical_completions']}/{result['problems']}"
-        )
+        for name in paths:
+            print(
+                f"{name} (batch {result['batches'][name]}): {median[name]:.1f} s (×{result['ratio'][name]:.2f}), "
+                f"identical completions {result['identical_completions'][name]}/{result['problems']}, "
+                f"{result['metrics'][name]}"
+            )
     return result
 
 

@@ -477,7 +477,37 @@ def e2e_section(file: str = "e2e.json", command: str = "python bench/e2e.py --js
         )
         + ".",
     ]
+    answered = [s for s in data["summary"] if "exact_match" in s["lrft"]]
+    if answered:
+        lines += ["", "Exact match of the greedy answers before → after training (median of rounds):", ""]
+        lines += [
+            f"- {s['job']}: lrft {100 * s['lrft']['exact_match_before']:.0f} % → {100 * s['lrft']['exact_match']:.0f} %, "
+            f"Trainer + PEFT {100 * s['trainer']['exact_match_before']:.0f} % → {100 * s['trainer']['exact_match']:.0f} %"
+            for s in answered
+        ]
+    timed = [s for s in data["summary"] if "target_accuracy" in s]
+    if timed:
+        lines += [
+            "",
+            f"Time to accuracy: minutes from the command until the first dev evaluation (after each epoch) at or "
+            f"above {100 * timed[0]['target_accuracy']:.1f} % accuracy, LoRA r8's 3-epoch fp32 mean (GLUE table), "
+            "each round; — never reached.",
+            "",
+            "| job | lrft (min) | Trainer + PEFT (min) |",
+            "| --- | ---: | ---: |",
+        ]
+        for s in timed:
+            shown = {
+                side: ", ".join("—" if t is None else f"{t / 60:.1f}" for t in s[side]["time_to_accuracy_s"])
+                for side in ("lrft", "trainer")
+            }
+            lines.append(f"| {s['job']} | {shown['lrft']} | {shown['trainer']} |")
     return lines + [""]
+
+
+def e2e_gsm8k_section() -> list[str]:
+    """The whole GSM8K recipe at each side's defaults (lrft auto, Trainer fp32)."""
+    return e2e_section("e2e_gsm8k.json", "python bench/e2e.py --job gsm8k --rounds 1 --compare defaults --json")
 
 
 def e2e_precision_section() -> list[str]:
@@ -687,25 +717,71 @@ def memory_section(file: str = "memory.json", command: str = "python bench/memor
 
 
 def eval_speed_section() -> list[str]:
-    """bench/eval_speed.py: GSM8K generation by model.generate against lrft's shrinking batch."""
+    """bench/eval_speed.py: the GSM8K recipe's whole evaluation as it was (model.generate) and as it is."""
     command = "python bench/eval_speed.py --rounds 2 --json"
     path = ROOT / "results" / "eval_speed.json"
     if not path.is_file():
         return [f"(not measured yet: `{command} > results/eval_speed.json`)", ""]
     d = json.loads(path.read_text())
-    m = d["median_s"]
-    return [
-        f"{d['model']} answering the first {d['problems']} GSM8K test problems greedily, batch 25, up to 256 new "
-        f"tokens, stopping at EOS or the `#### N` line; rounds alternate the two; `{command}`.",
+    what = {
+        "generate": "model.generate (every row until the batch's last stops; the cache concatenated each step)",
+        "decoding": "lrft.decoding (finished rows leave the batch; the cache filled in place)",
+        "decoding_recipe_batch": "lrft.decoding, the recipe's generation_batch_size",
+        "decoding_recipe_batch_bf16": "the same under bf16 autocast (`train.eval_precision: auto` on this CPU)",
+    }
+    lines = [
+        f"{d['recipe']}'s evaluation of {d['model']} before training, timed whole (response loss over "
+        f"the {d['problems']} test problems, then their greedy generations, up to 256 new tokens, stopping at EOS "
+        f"or the `#### N` line; fp32, the eval_precision default, unless the row says bf16); rounds alternate "
+        f"the paths; completions compared with model.generate's; `{command}`. "
+        f"Completions of model.generate: {d['completion_tokens']:,} tokens.",
         "",
-        "| generation | seconds (median of rounds) | ratio | identical completions | correct | completion tokens |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        f"| model.generate (every row until the batch's last stops) | {m['generate']:.1f} | 1.00 | — | "
-        f"{d['correct']['generate']} | — |",
-        f"| lrft.decoding (finished rows leave the batch) | {m['shrinking']:.1f} | {d['ratio']:.2f} | "
-        f"{d['identical_completions']}/{d['problems']} | {d['correct']['shrinking']} | {d['completion_tokens']:,} |",
-        "",
+        "| path | generation batch | seconds (median of rounds) | each round | ratio | identical completions | "
+        "exact match | loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    for name, label in what.items():
+        if name not in d["metrics"]:
+            continue
+        m = d["metrics"][name]
+        lines.append(
+            f"| {label} | {d['batches'][name]} | {d['median_s'][name]:.1f} | "
+            f"{', '.join(f'{x:.1f}' for x in d['seconds'][name])} | {d['ratio'][name]:.2f} | "
+            f"{d['identical_completions'][name]}/{d['problems']} | {100 * m['exact_match']:.0f} % | {m['loss']:.4f} |"
+        )
+    return [*lines, ""]
+
+
+def speed_precision_section() -> list[str]:
+    """bench/speed.py at fp32 and under bf16 autocast: step times against PEFT and the share of the
+    matmul peak at the steps' dtype."""
+    paths = sorted((ROOT / "results" / "speed_precision").glob("*.json"))
+    if not paths:
+        return [
+            "(not measured yet: `python bench/speed.py --precision fp32|bf16 --json > results/speed_precision/NAME.json`)",
+            "",
+        ]
+    lines = [
+        "Every variant's training steps on the same real batches (forward, backward, AdamW), at fp32 and "
+        "under bf16 autocast; FLOPs counted by torch's FlopCounterMode; the peak is the best of a few 2048² "
+        "matmuls at the steps' dtype, measured in the same run.",
+        "",
+        "| job (command) | variant | median s/step | × PEFT LoRA | GFLOP/step | GFLOP/s | share of the matmul peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for path in paths:
+        b = json.loads(path.read_text())
+        job = (
+            f"{b['model']}, {b['task']} batch {b['batch_size']}, {b['precision']} (`{b['command']}`; peak "
+            f"{b['matmul_peak_gflops']:.0f} GFLOP/s {b['matmul_peak_dtype']})"
+        )
+        for r in b["rows"]:
+            lines.append(
+                f"| {job} | {r['variant']} | {r['median_step_s']:.3f} | {r['ratio_to_peft_lora']:.3f} | "
+                f"{r['gflop_per_step']:.1f} | {r['achieved_gflops']:.1f} | {100 * r['share_of_peak']:.1f} % |"
+            )
+            job = ""
+    return [*lines, ""]
 
 
 def qlora_section() -> list[str]:
@@ -799,9 +875,14 @@ SECTIONS = {
         "## Whole jobs at each side's defaults, and both at bf16 (`bench/e2e.py`)",
         e2e_precision_section,
     ),
+    "e2e_gsm8k": ("## The GSM8K recipe whole, at each side's defaults (`bench/e2e.py`)", e2e_gsm8k_section),
     "memory": ("## Memory levers (`bench/memory.py`)", memory_section),
     "qlora": ("## QLoRA: the GSM8K recipe on an nf4 base (`bench/memory.py`)", qlora_section),
-    "eval_speed": ("## Generation in evaluation (`bench/eval_speed.py`)", eval_speed_section),
+    "eval_speed": ("## Evaluation of the GSM8K recipe (`bench/eval_speed.py`)", eval_speed_section),
+    "speed_precision": (
+        "## Step time and the hardware's limit, fp32 and bf16 (`bench/speed.py`)",
+        speed_precision_section,
+    ),
     "preference": ("## Preference optimization (DPO on Anthropic HH pairs)", preference_section),
     "suites": ("## Evaluation suites: commonsense, arithmetic, HumanEval", suites_section),
     "text_to_text": ("## Text-to-text classification (rank classification)", text_to_text_section),

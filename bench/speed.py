@@ -3,6 +3,7 @@
     LRFT_DATA_DIR=../shared/data python bench/speed.py                            # MiniLM, MRPC batches, rank 8
     LRFT_DATA_DIR=../shared/data python bench/speed.py --model smollm2 --task gsm8k --batch-size 8 --rounds 3
     python bench/speed.py --methods lora,tlora --rank 8 --rounds 5 --steps 4 --json
+    LRFT_DATA_DIR=../shared/data python bench/speed.py --precision bf16           # the steps under bf16 autocast
 
 Each variant gets its own copy of the base model and an AdamW optimizer over its trainable params.
 Variants run in rounds, alternating, so drifts of the machine (thermal, other load) hit all alike.
@@ -18,8 +19,9 @@ memory of each variant's steps is reported too.
 The distance to the hardware's limit: each variant's FLOPs per step (forward + backward, counted by
 torch's FlopCounterMode once per timed batch shape: matmuls and attention, the work that dominates),
 the FLOP/s its timed steps achieve, and that as a share of the peak this device reaches on one large
-matmul at the model's dtype (measured here, the best of a few; a practical peak, below the data
-sheet's).
+matmul at the steps' dtype (measured here, the best of a few; a practical peak, below the data
+sheet's). `--precision bf16` runs every variant's forward under bf16 autocast (what train.precision
+auto picks where the device computes bf16 natively) and measures the peak on a bf16 matmul.
 """
 
 from __future__ import annotations
@@ -129,11 +131,12 @@ def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, lis
     return round(statistics.median(ratios), 3), [round(q[0], 3), round(q[2], 3)]
 
 
-def step(model, opt, batch) -> float:
+def step(model, opt, batch, autocast) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss = model(**batch).loss
+    with autocast():
+        loss = model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -142,12 +145,14 @@ def step(model, opt, batch) -> float:
     return time.perf_counter() - t0
 
 
-def step_flops(model, batch) -> int:
+def step_flops(model, batch, autocast) -> int:
     """FLOPs of one forward + backward on `batch` (matmuls, convolutions, attention: FlopCounterMode's ops)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -185,12 +190,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the first round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast of every variant's forward")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = args.precision == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     task = get_task(args.task)
     causal = task.problem == "causal_lm"
     base, tok = load_model(ModelConfig(name=args.model), task, list(task.label_names or ["0", "1"]))
@@ -212,14 +220,14 @@ def main(argv=None) -> dict:
     timed_tokens: dict[str, int] = {k: 0 for k in variants}
     for name, model in variants.items():  # warm-up: allocator, kernels, optimizer state
         for b in batches[: args.warmup]:
-            step(model, opts[name], b)
+            step(model, opts[name], b, autocast)
     cursor = args.warmup
     for _ in range(args.rounds):
         for name, model in variants.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             for j in range(args.steps):
-                times[name].append(step(model, opts[name], batches[cursor + j]))
+                times[name].append(step(model, opts[name], batches[cursor + j], autocast))
                 timed_tokens[name] += tokens[cursor + j]
             if device.type == "cuda":
                 peak_gpu[name] = max(peak_gpu[name], torch.cuda.max_memory_allocated())
@@ -227,16 +235,18 @@ def main(argv=None) -> dict:
     saved, flops = {}, {}
     for name, model in variants.items():
         with SavedBytes() as s:
-            model(**batches[0]).loss.backward()
+            with autocast():
+                loss = model(**batches[0]).loss
+            loss.backward()
         model.zero_grad(set_to_none=True)
         saved[name] = s.bytes
         by_shape: dict[tuple, int] = {}  # batches are padded to their longest: one count per shape
         for b in batches[args.warmup : cursor]:
             shape = tuple(b["input_ids"].shape)
             if shape not in by_shape:
-                by_shape[shape] = step_flops(model, b)
+                by_shape[shape] = step_flops(model, b, autocast)
             flops[name] = flops.get(name, 0) + by_shape[shape]
-    dtype = next(base.parameters()).dtype
+    dtype = torch.bfloat16 if bf16 else next(base.parameters()).dtype
     peak = matmul_peak(dtype, device)
     steps_per_epoch = math.ceil(train_size / args.batch_size)
     rows = []
@@ -271,6 +281,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "precision": args.precision,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "steps_per_epoch": steps_per_epoch,
@@ -284,7 +295,8 @@ def main(argv=None) -> dict:
     else:
         print(
             f"{args.model} on {args.task}, rank {args.rank}, targets {','.join(targets)}, batch {args.batch_size}, "
-            f"{device}, {torch.get_num_threads()} threads, {args.rounds}×{args.steps} timed steps per variant"
+            f"{device}, {torch.get_num_threads()} threads, {args.precision}, {args.rounds}×{args.steps} timed steps "
+            "per variant"
         )
         print(
             f"{'variant':<18}{'median s/step':>14}{'tokens/s':>10}{'saved MiB':>10}{'trainable':>11}"

@@ -232,6 +232,7 @@ def evaluate(
     collate,
     *,
     batch_size: int,
+    generation_batch_size: int | None = None,
     accelerator=None,
     autocast=None,
     tokenizer=None,
@@ -245,17 +246,16 @@ def evaluate(
     """(metrics, predictions) on every evaluation split; extra splits get suffixed metric names, a suite's
     test sets their own (lrft.data.tasks.metric_name) and the suite its aggregates (suite_summary).
     `generation` also scores greedy generations (tasks with `generate`; code only with
-    `allow_code_execution`, run in lrft.sandbox; sampled at a `temperature`, else greedy); predictions
-    are its records; all run under `autocast` (a context factory, lrft.precision) where one is given.
-    Preference pairs are scored by `objective`, the run's DPO-family loss (pair_metrics). Processes
-    share the examples (`shard`), or each evaluates all of them: a sharded model (FSDP) needs every
-    process to run the same forward passes."""
+    `allow_code_execution`, run in lrft.sandbox; sampled at a `temperature`, else greedy; batches of
+    `generation_batch_size`, else `batch_size`): predictions are its records; all under `autocast` (a
+    context factory). Preference pairs are scored by `objective`, the run's DPO-family loss. Processes
+    share the examples (`shard`), or each evaluates all: a sharded model (FSDP) needs all to run alike."""
     device = accelerator.device if accelerator else next(model.parameters()).device
     rank = accelerator.process_index if accelerator and shard else 0
     world = accelerator.num_processes if accelerator and shard else 1
     causal = task.problem == "causal_lm"
-    gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "temperature": temperature}
-    gen["allow_code_execution"] = allow_code_execution  # refused, for code, before anything is generated
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": generation_batch_size or batch_size}
+    gen |= {"temperature": temperature, "allow_code_execution": allow_code_execution}  # code: refused up front
     results, predictions, losses = {}, [], {}
     for key, split in evals.items():
         if task.problem == "preference":

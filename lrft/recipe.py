@@ -218,6 +218,14 @@ class TrainConfig(Section):
     train_head: bool = Field(True, description="train the task head (classifier) along with the adapter")
     batch_size: int = Field(32, gt=0, description="examples per optimizer step (all processes together)")
     eval_batch_size: int = Field(64, gt=0, description="examples per evaluation batch")
+    generation_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "prompts per batch of evaluation's generations (default: eval_batch_size); a decoding step reads "
+            "every weight whatever the batch, so larger batches cost less per token"
+        ),
+    )
     grad_accum: int = Field(1, gt=0, description="split each batch into this many accumulated micro-batches")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the adapter parameters")
     scheduler: Literal["linear", "cosine", "constant"] = Field(

@@ -292,19 +292,23 @@ def scrambled(model, seed: int = 1):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_greedy_decoding_drops_finished_rows_and_makes_generates_tokens(family):
+@pytest.mark.parametrize(
+    ("family", "lengths"), [("llama", (3, 7, 5, 9, 4)), ("gpt2", (3, 7, 5, 9, 4)), ("llama", (4, 4, 4, 5, 9, 9, 10))]
+)
+def test_greedy_decoding_drops_finished_rows_and_makes_generates_tokens(family, lengths):
     """Rows finishing at other steps (their answer written, or EOS) leave the batch; every row's tokens
-    are model.generate's greedy ones up to where it stopped, EOS included."""
+    are model.generate's greedy ones up to where it stopped, EOS included, whether the prompts are read
+    one by one or in groups with padding of their own (sorted lengths: [4, 4, 4], [5], [9, 9, 10])."""
     from lrft import decoding
 
     model = scrambled(tiny_llama(seed=3) if family == "llama" else tiny_family("gpt2"))
     assert decoding.shrinks(model)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (3, 7, 5, 9, 4)]
+    prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in lengths]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model.generation_config.eos_token_id = None  # generate runs every row 12 tokens; `eos` is the test's
     full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     full = full[:, width:].tolist()
     eos = full[2][4]  # a token row 2 makes: it (and any row making it earlier) ends there
@@ -313,6 +317,70 @@ def test_greedy_decoding_drops_finished_rows_and_makes_generates_tokens(family):
         end = min(3 + 2 * row, want.index(eos) + 1 if eos in want else 12)
         assert tokens == want[:end], (row, tokens, want)
     assert len(got[2]) <= 5  # EOS at its fifth token at the latest
+
+
+def test_prompts_are_read_in_groups_that_waste_little_padding():
+    from lrft.decoding import length_groups
+
+    assert length_groups([4, 4, 4, 5, 9, 9, 10]) == [slice(0, 3), slice(3, 4), slice(4, 7)]
+    assert length_groups([90] * 5) == [slice(0, 5)]
+    assert length_groups([3, 7]) == [slice(0, 1), slice(1, 2)]  # 2 × 7 = 14 > 1.1 × 10
+    assert length_groups([10, 11]) == [slice(0, 2)]  # 22 ≤ 1.1 × 21
+
+
+def test_preallocated_cache_holds_what_dynamic_cache_holds():
+    """Filled in place, the cache's keys and values are DynamicCache's concatenations, after a prefill,
+    decoding steps and rows leaving; a write past its capacity is refused."""
+    from transformers import DynamicCache
+
+    from lrft import decoding
+
+    model = scrambled(tiny_llama(seed=3))
+    ids = torch.randint(3, 60, (4, 6), generator=torch.Generator().manual_seed(0))
+    filled, grown = decoding.preallocated_cache(model.config, 9), DynamicCache(config=model.config)
+    assert all(isinstance(layer, decoding.PreallocatedLayer) for layer in filled.layers)
+    with torch.no_grad():
+        for cache in (filled, grown):
+            model(input_ids=ids, cache=cache, use_cache=True)
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+            cache.batch_select_indices(torch.tensor([0, 2]))
+            model(input_ids=ids[[0, 2], :2], cache=cache, use_cache=True)
+    for a, b in zip(filled.layers, grown.layers):
+        assert a.keys.shape == b.keys.shape == (2, a.keys.shape[1], 9, a.keys.shape[3])
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+    with pytest.raises(ValueError, match="cache of 9 positions"), torch.no_grad():
+        model(input_ids=ids[[0, 2], :1], cache=filled, use_cache=True)
+
+
+def test_generations_come_in_batches_of_generation_batch_size(tmp_path, monkeypatch):
+    """The loss is computed in batches of batch_size, the generations in generation_batch_size's."""
+    from transformers import AutoTokenizer
+
+    from lrft import evaluation
+    from lrft.data import collator
+    from lrft.evaluation import EvalSet, evaluate
+
+    tok = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "lm"))
+    model = scrambled(tiny_llama(seed=3, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id))
+    prompts = [{"prompt_ids": tok(f"{n} plus {n}")["input_ids"][:-1], "prompt": "", "gold": "2"} for n in range(7)]
+    feats = [{"input_ids": p["prompt_ids"], "labels": p["prompt_ids"]} for p in prompts]
+    widths = []
+    batch_completions = evaluation.batch_completions
+    monkeypatch.setattr(
+        evaluation,
+        "batch_completions",
+        lambda m, b, *a: widths.append(len(b["input_ids"])) or batch_completions(m, b, *a),
+    )
+    gsm8k = get_task("gsm8k")
+    kw = {"tokenizer": tok, "max_new_tokens": 3, "generation": True}
+    evaluate(
+        model, {"": EvalSet(feats, prompts)}, gsm8k, collator(gsm8k, tok), batch_size=2, generation_batch_size=5, **kw
+    )
+    assert widths == [5, 2]
+    widths.clear()
+    evaluate(model, {"": EvalSet(feats, prompts)}, gsm8k, collator(gsm8k, tok), batch_size=3, **kw)
+    assert widths == [3, 3, 1]
 
 
 def test_generation_is_the_same_through_generate_and_the_shrinking_batch(tmp_path, monkeypatch):

@@ -560,6 +560,7 @@ class Trainer:
                 plan.task,
                 plan.collate,
                 batch_size=self.cfg.eval_batch_size,
+                generation_batch_size=self.cfg.generation_batch_size,
                 accelerator=self.accelerator,
                 autocast=self.eval_autocast,
                 tokenizer=plan.adapted.tokenizer,

@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = {
     "train.device",
     "train.save_every_minutes",
     "train.report_to",
+    "train.generation_batch_size",  # how evaluation's generations are batched, not what is trained
 }
 LENGTH_KEYS = {"train.epochs", "train.max_steps"}
 
