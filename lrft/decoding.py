@@ -32,27 +32,19 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity = capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            shape = (*key_states.shape[:2], self.capacity, key_states.shape[3])
-            self.key_buffer, self.value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
-        start = self.get_seq_length()
-        end = start + key_states.shape[-2]
-        if end > self.capacity:  # a caller's bug: more positions than the completion was sized for
-            raise ValueError(f"cache of {self.capacity} positions asked for {end}")
-        self.key_buffer[:, :, start:end] = key_states
-        self.value_buffer[:, :, start:end] = value_states
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        self.place(slice(None), self.get_seq_length(), key_states, value_states, key_states.shape[0])
         return self.keys, self.values
 
     def place(self, rows: slice, start: int, keys: torch.Tensor, values: torch.Tensor, batch_size: int) -> None:
-        """Write one group's prefilled keys and values at `rows`, from position `start` (before it: the
-        group's padding, zeros, which the attention mask hides)."""
+        """Write `keys` and `values` of `rows` from position `start` (a decoding step: every row at the
+        end; a prefill group: its rows after their padding, zeros the attention mask hides)."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
             shape = (batch_size, keys.shape[1], self.capacity, keys.shape[3])
             self.key_buffer, self.value_buffer = keys.new_zeros(shape), values.new_zeros(shape)
         end = start + keys.shape[-2]
+        if end > self.capacity:  # a caller's bug: more positions than the completion was sized for
+            raise ValueError(f"cache of {self.capacity} positions asked for {end}")
         self.key_buffer[rows, :, start:end] = keys
         self.value_buffer[rows, :, start:end] = values
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
