@@ -25,8 +25,9 @@ the dev accuracy first reaches `--target-accuracy` (default 0.734: LoRA r8's 3-e
 seeds 42, 1, 2 in docs/RESULTS.md's GLUE table), or that it never does.
 
 Each job runs in comparisons (`--compare`): both sides at their defaults (lrft's `train.precision:
-auto`, bf16 autocast on hardware that computes it, against the Trainer's fp32), both at bf16 (the
-Trainer's `bf16=True`), or both at fp32.
+auto`, bf16 autocast on hardware that computes it, and fp32 evaluation, against the Trainer's fp32),
+both at bf16 (the Trainer's `bf16=True`, which evaluates under bf16 autocast too; lrft's
+`train.eval_precision=bf16` as well), or both at fp32.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ SMOKE["mrpc-grouped"] = SMOKE["mrpc"]
 # auto: bf16 autocast where the hardware computes it; the Trainer's fp32), both bf16, both fp32
 COMPARISONS = {
     "defaults": ([], False),
-    "bf16": (["train.precision=bf16"], True),
+    # the Trainer's bf16=True evaluates under bf16 autocast too (accelerate wraps its model's forward)
+    "bf16": (["train.precision=bf16", "train.eval_precision=bf16"], True),
     "fp32": (["train.precision=fp32"], False),
 }
 

@@ -1,12 +1,13 @@
 """The floating-point precision a run computes in: `train.precision: auto` resolved from what the device
 computes natively (bf16 autocast on a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX; fp32
-elsewhere), and the autocast of evaluation, its own setting (`train.eval_precision`)."""
+elsewhere), and the autocast of evaluation, its own setting (`train.eval_precision`), which the
+training autocast accelerate wraps around a prepared model's forward must not override."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,22 @@ def autocast_for(precision: str, device_type: str) -> Callable[[], AbstractConte
     if precision == "fp32":
         return nullcontext
     return lambda: torch.autocast(device_type, dtype=DTYPES[precision])
+
+
+@contextmanager
+def own_autocast(model: torch.nn.Module) -> Iterator[None]:
+    """For the block, `model` (or the module inside its DDP wrapper) runs the forward accelerate's
+    `prepare` wrapped in the training precision's autocast: evaluation then computes in its own
+    precision, as its caller's autocast (or none, fp32) says. An autocast disabled around the call
+    would not do: the wrapped forward enters its own inside."""
+    core = getattr(model, "module", model)
+    unwrapped = core.__dict__.get("_original_forward")  # where accelerate keeps the forward it wrapped
+    if unwrapped is None:  # not prepared, or prepared at fp32
+        yield
+        return
+    wrapped = core.__dict__["forward"]
+    core.forward = unwrapped
+    try:
+        yield
+    finally:
+        core.forward = wrapped

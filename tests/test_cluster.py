@@ -455,3 +455,40 @@ def test_bf16_on_the_cpu_trains(tiny_recipe, tmp_path):
     state = load_file(tmp_path / "runs" / "bf16" / "adapter" / "adapter.safetensors")
     assert all(v.dtype == torch.float32 for v in state.values())  # adapters train in fp32 under bf16 autocast
     assert any(k.endswith(".B") and v.abs().max() > 0 for k, v in state.items())  # and they trained
+
+
+def test_evaluation_computes_at_its_own_precision_after_bf16_training(cli, tiny_recipe, tmp_path):
+    # accelerate wraps the prepared model's forward in the training precision's autocast: the run's
+    # evaluations at fp32 must give what a fresh fp32 evaluation of the saved adapter gives, not bf16's
+    train = {"precision": "bf16", "eval_precision": "fp32", "device": "cpu"}
+    code, out, err = cli("train", tiny_recipe("lora", name="bf16t", train=train), "--json")
+    assert code == 0, err
+    final = json.loads(out)["final"]
+    code, out, err = cli("eval", tmp_path / "runs" / "bf16t", "--json")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-6)
+
+
+def test_own_autocast_runs_the_forward_accelerate_wrapped():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        fp32 = model(input_ids=ids).logits
+        AcceleratorState._reset_state()
+        try:
+            prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+            wrapped = prepared.forward
+            in_bf16 = prepared(input_ids=ids).logits
+            with precision.own_autocast(prepared):
+                own = prepared(input_ids=ids).logits
+        finally:
+            AcceleratorState._reset_state()
+    assert torch.equal(own, fp32)
+    assert not torch.allclose(in_bf16, fp32, rtol=1e-4, atol=1e-4 * fp32.abs().max())  # what it did before
+    assert prepared.forward == wrapped  # the training autocast back after the block

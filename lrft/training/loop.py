@@ -34,7 +34,7 @@ from lrft.errors import DiskError, LrftError
 from lrft.evaluation import evaluate
 from lrft.inject import adapted, adapter_parameters, load_saved_state, saved_state
 from lrft.parallel import Parallel
-from lrft.precision import autocast_for
+from lrft.precision import autocast_for, own_autocast
 from lrft.recipe import SEED_LIMIT, Recipe
 from lrft.run_layout import RunDir
 from lrft.targets import head_modules
@@ -553,7 +553,8 @@ class Trainer:
         """Metrics on the evaluation splits (and, with `generation`, scored generations: the first and
         last evaluation of a generation task); the best adapter so far is kept in best_adapter/."""
         plan, progress = self.plan, self.progress
-        with self.clock.phase("evaluation"):
+        # at train.eval_precision, not the training autocast accelerate wrapped the model's forward in
+        with self.clock.phase("evaluation"), own_autocast(plan.model):
             metrics, predictions = evaluate(
                 plan.model,
                 plan.evals,
