@@ -45,6 +45,7 @@ from lrft.data import collator, features, get_task, load_task_data  # noqa: E402
 from lrft.inject import inject, set_head_trainable  # noqa: E402
 from lrft.methods.base import BuildContext  # noqa: E402
 from lrft.models import load_model  # noqa: E402
+from lrft.precision import autocast_for  # noqa: E402
 from lrft.recipe import CalibrationConfig, DataConfig, ModelConfig  # noqa: E402
 from lrft.targets import find_targets  # noqa: E402
 
@@ -198,7 +199,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = autocast_for(args.precision, device.type)  # what a run at this train.precision computes under
     task = get_task(args.task)
     causal = task.problem == "causal_lm"
     base, tok = load_model(ModelConfig(name=args.model), task, list(task.label_names or ["0", "1"]))
